@@ -1,0 +1,23 @@
+"""gptoss-convert: gpt-oss checkpoints (MXFP4 safetensors) to HF BF16 and MaxText Orbax, verified.
+
+Every CLI command is a function here; imports are lazy so `import gptoss_convert` is cheap.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_API = {
+    "dequantize": "gptoss_convert.converters.dequantize",
+    "to_orbax": "gptoss_convert.converters.to_orbax",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'gptoss_convert' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_API]

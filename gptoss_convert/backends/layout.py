@@ -1,0 +1,57 @@
+"""Scanned vs unscanned parameter layouts: where per-layer leaves land in the decoder tree.
+
+Applied after the name mapping, so mapping rules never mention scanning. Unscanned: layer i's
+leaves live under `decoder/layers_{i}/`. Scanned (MaxText, `param_scan_axis: 1`): layers are
+grouped by their position in the repeating attention pattern of length `period` — layer i goes
+to `decoder/layers/layers_{i % period}/`, stack slot i // period, inserted at axis 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SCAN_AXIS = 1  # MaxText param_scan_axis
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one layer's leaf goes: target path, stack slot (None = whole leaf), full shape."""
+
+    path: str
+    slot: int | None
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    scanned: bool
+    num_layers: int
+    period: int = 2
+
+    def __post_init__(self):
+        if self.scanned and self.num_layers % self.period:
+            raise ValueError(f"num_layers={self.num_layers} is not a multiple of the scan period {self.period}")
+
+    @property
+    def name(self) -> str:
+        return "scanned" if self.scanned else "unscanned"
+
+    @property
+    def stack_size(self) -> int:
+        return self.num_layers // self.period
+
+    def place(self, layer: int, rel_path: str, layer_shape: tuple[int, ...]) -> Placement:
+        """Target of leaf `rel_path` (e.g. 'GptOssMlp/wi_0') of HF layer `layer`."""
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        if not self.scanned:
+            return Placement(f"decoder/layers_{layer}/{rel_path}", None, tuple(layer_shape))
+        shape = tuple(layer_shape[:SCAN_AXIS]) + (self.stack_size,) + tuple(layer_shape[SCAN_AXIS:])
+        return Placement(f"decoder/layers/layers_{layer % self.period}/{rel_path}", layer // self.period, shape)
+
+    def layer_of(self, path: str, slot: int | None) -> int:
+        """Inverse of `place` for the layer index (used by readers of a checkpoint)."""
+        parts = path.split("/")
+        if not self.scanned:
+            return int(parts[1].removeprefix("layers_"))
+        return slot * self.period + int(parts[2].removeprefix("layers_"))

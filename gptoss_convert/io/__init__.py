@@ -1,0 +1,1 @@
+"""File formats: safetensors (read/write, streaming), HF checkpoint directories, Orbax output."""

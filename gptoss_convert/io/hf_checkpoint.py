@@ -1,0 +1,214 @@
+"""An HF checkpoint directory (or hub repo) as a set of lazily read tensors.
+
+MXFP4 pairs `X_blocks` [E, out, G, 16] + `X_scales` [E, out, G] are presented as one virtual
+tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized on read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gptoss_convert import mxfp4
+from gptoss_convert.errors import InputError, CorruptTensorError
+from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Files copied next to converted weights; everything else in SRC (original/, metal/) is ignored.
+SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "chat_template.jinja")
+HUB_PATTERNS = ["config.json", INDEX, "model*.safetensors", *SIDECAR_FILES]
+SUPPORTED_QUANT = {"mxfp4"}
+BLOCKS, SCALES = "_blocks", "_scales"
+
+
+@dataclasses.dataclass(frozen=True)
+class VirtualTensor:
+    """A tensor as the model sees it: stored directly, or an MXFP4 blocks+scales pair."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str                        # "BF16", ... for stored; "MXFP4" for pairs
+    stored: TensorInfo | None = None
+    blocks: TensorInfo | None = None
+    scales: TensorInfo | None = None
+
+    @property
+    def is_mxfp4(self) -> bool:
+        return self.blocks is not None
+
+    @property
+    def sources(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for t in (self.stored, self.blocks, self.scales) if t is not None)
+
+
+def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub repo id fetched (or found in the HF cache).
+
+    Only the files a conversion needs are fetched: never `original/` or `metal/`.
+    HF_HUB_OFFLINE and HF_HUB_CACHE / HF_HOME are honoured by huggingface_hub itself.
+    """
+    p = Path(src)
+    if p.is_dir():
+        return p
+    if p.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") != 1:
+        raise InputError(f"{src}: not a directory and not a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(str(src), revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise InputError(f"{src}: not in the local HF cache and the hub cannot be reached ({type(e).__name__}); "
+                         "download it first or unset HF_HUB_OFFLINE") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise InputError(f"{src}: could not fetch from the hub: {e}") from None
+
+
+class HFCheckpoint:
+    """The tensors of an HF safetensors checkpoint directory, validated, read lazily."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        self.config_raw = self._read_config()
+        self.files = self._shard_files()
+        self.stored: dict[str, TensorInfo] = {}
+        self.file_metadata: dict[str, dict[str, str]] = {}
+        for f in self.files:
+            tensors, meta = read_header(self.dir / f)
+            self.file_metadata[f] = meta
+            for name, info in tensors.items():
+                if name in self.stored:
+                    raise CorruptTensorError(f"{self.dir}: tensor {name!r} is stored in both {self.stored[name].file.name} and {f}")
+                self.stored[name] = info
+        self._check_index()
+        self.tensors = self._virtual_tensors()
+
+    # -- loading and validation -------------------------------------------------------------
+    def _read_config(self) -> dict:
+        path = self.dir / "config.json"
+        if not path.is_file():
+            raise InputError(f"{path}: missing; a checkpoint directory must contain config.json")
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: must hold a JSON object")
+        q = raw.get("quantization_config")
+        if q is not None:
+            method = q.get("quant_method") if isinstance(q, dict) else q
+            if method not in SUPPORTED_QUANT:
+                raise InputError(f"{path}: quant_method {method!r} is not supported (supported: {sorted(SUPPORTED_QUANT)})")
+        return raw
+
+    def _inside(self, name: str, what: str) -> Path:
+        """`name` as a file inside the directory; refuses absolute paths, '..' and symlink escapes."""
+        if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise InputError(f"{self.dir / INDEX}: {what} {name!r} points outside the checkpoint directory")
+        path = self.dir / name
+        root = self.dir.resolve()
+        if path.exists() and root not in path.resolve().parents:
+            raise InputError(f"{path}: is a link pointing outside the checkpoint directory ({path.resolve()})")
+        return path
+
+    def _shard_files(self) -> list[str]:
+        index = self.dir / INDEX
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text())
+                weight_map = data["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (ValueError, KeyError, AssertionError, UnicodeDecodeError, TypeError):
+                raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+            self.weight_map: dict[str, str] | None = weight_map
+            files = sorted(set(weight_map.values()), key=str)
+            missing = [f for f in files if not self._inside(f, "shard").is_file()]
+            if missing:
+                raise InputError(f"{index}: lists shard(s) {missing} that do not exist in {self.dir}")
+            return files
+        self.weight_map = None
+        if (self.dir / SINGLE).is_file():
+            self._inside(SINGLE, "shard")
+            return [SINGLE]
+        raise InputError(f"{self.dir}: no {INDEX} and no {SINGLE}; is this a safetensors checkpoint?")
+
+    def _check_index(self) -> None:
+        if self.weight_map is None:
+            return
+        problems = [f"{n!r} listed in {f} but not stored there" for n, f in self.weight_map.items()
+                    if n not in self.stored or self.stored[n].file.name != Path(f).name]
+        problems += [f"{n!r} stored in {t.file.name} but missing from the index" for n, t in self.stored.items()
+                     if n not in self.weight_map]
+        if problems:
+            raise InputError(f"{self.dir / INDEX}: disagrees with the shards: " + "; ".join(problems[:20])
+                             + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
+
+    def _virtual_tensors(self) -> dict[str, VirtualTensor]:
+        out: dict[str, VirtualTensor] = {}
+        problems: list[str] = []
+        for name, info in self.stored.items():
+            if name.endswith(SCALES) and name[:-len(SCALES)] + BLOCKS in self.stored:
+                continue
+            if name.endswith(BLOCKS):
+                base = name[:-len(BLOCKS)]
+                scales = self.stored.get(base + SCALES)
+                vt = self._pair(base, info, scales, problems)
+                if vt:
+                    out[base] = vt
+            elif name.endswith(SCALES):
+                problems.append(f"{name!r} has no matching {name[:-len(SCALES)] + BLOCKS!r}")
+            else:
+                out[name] = VirtualTensor(name, info.shape, info.dtype, stored=info)
+        if problems:
+            raise CorruptTensorError(f"{self.dir}: incomplete or inconsistent MXFP4 tensors: " + "; ".join(problems))
+        return out
+
+    def _pair(self, base: str, blocks: TensorInfo, scales: TensorInfo | None, problems: list[str]):
+        if scales is None:
+            problems.append(f"{blocks.name!r} has no matching {base + SCALES!r}")
+            return None
+        if blocks.dtype != "U8" or scales.dtype != "U8":
+            problems.append(f"{blocks.name!r}/{scales.name!r} must be U8, got {blocks.dtype}/{scales.dtype}")
+            return None
+        if len(blocks.shape) < 3 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+            problems.append(f"{blocks.name!r} {list(blocks.shape)} and {scales.name!r} {list(scales.shape)} do not pair as [..., out, G, 16] / [..., out, G]")
+            return None
+        *lead, out_dim, groups, _ = blocks.shape
+        return VirtualTensor(base, (*lead, groups * 32, out_dim), "MXFP4", blocks=blocks, scales=scales)
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def is_mxfp4(self) -> bool:
+        return any(t.is_mxfp4 for t in self.tensors.values())
+
+    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16) -> np.ndarray:
+        """Tensor `name` in HF orientation, or rows `rows` of its first axis (e.g. experts).
+
+        Stored tensors come back in their stored dtype (bit for bit); MXFP4 pairs are
+        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out].
+        """
+        vt = self.tensors[name]
+        if not vt.is_mxfp4:
+            return read_tensor(vt.stored, rows)
+        blocks = read_tensor(vt.blocks, rows)
+        scales = read_tensor(vt.scales, rows)
+        deq = mxfp4.dequantize(blocks, scales, dtype, name=name)       # [e, out, in]
+        return np.ascontiguousarray(np.swapaxes(deq, -1, -2))          # [e, in, out]
+
+    def nbytes(self, name: str, itemsize: int = 2) -> int:
+        return math.prod(self.tensors[name].shape) * itemsize
+
+    def sidecar_files(self) -> list[Path]:
+        return [self.dir / f for f in SIDECAR_FILES if (self.dir / f).is_file()]
+
+
+def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> HFCheckpoint:
+    """Resolve `src` (directory or hub id) and open it."""
+    return HFCheckpoint(resolve_source(src, revision))

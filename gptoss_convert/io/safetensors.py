@@ -1,0 +1,185 @@
+"""Streaming safetensors: a validating header parser, lazy reads, and a writer that streams.
+
+Written here rather than through `safetensors.safe_open` because we need (a) every malformed
+header reported as an error naming the file, (b) reads of a row range of one tensor (one expert)
+without mapping the rest, and (c) a writer that emits a shard tensor by tensor with bounded memory
+(safetensors' own `save_file` takes the whole dict in memory). The format is small: an 8-byte
+little-endian header length, a JSON header, then the raw little-endian data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import ml_dtypes
+import numpy as np
+
+from gptoss_convert.errors import CorruptTensorError
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
+    "I16": np.dtype("<i2"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"), "U64": np.dtype("<u8"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one stored tensor's bytes are."""
+
+    name: str
+    dtype: str          # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int         # absolute byte offset in `file`
+    nbytes: int
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+
+def _dup_check(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"duplicate tensor names {dup}")
+    return dict(pairs)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a shard's header; every inconsistency raises CorruptTensorError."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CorruptTensorError(f"{path}: file is {size} bytes, too short for a safetensors header; the shard is truncated, re-download it")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise CorruptTensorError(f"{path}: header length {n} exceeds the file size {size}; the shard is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n), object_pairs_hook=_dup_check)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptTensorError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptTensorError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    data_start, data_size = 8 + n, size - 8 - n
+    tensors = {name: _tensor_info(path, name, entry, data_start, data_size) for name, entry in header.items()}
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptTensorError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    return tensors, meta if isinstance(meta, dict) else {}
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CorruptTensorError(f"{where}: header entry must have dtype, shape and data_offsets")
+    dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CorruptTensorError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CorruptTensorError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]):
+        raise CorruptTensorError(f"{where}: data_offsets {offs!r} are not [begin, end] with 0 <= begin <= end")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offs[1] - offs[0] != nbytes:
+        raise CorruptTensorError(f"{where}: data_offsets span {offs[1] - offs[0]} bytes but shape {shape} x {dtype} needs {nbytes}")
+    if offs[1] > data_size:
+        raise CorruptTensorError(f"{where}: data ends at byte {offs[1]} but the file holds {data_size} data bytes; the shard is truncated, re-download it")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], nbytes)
+
+
+def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
+    """Read a tensor, or only rows `rows` (a unit-step slice) of its first axis."""
+    shape = info.shape
+    start, stop = 0, (shape[0] if shape else 1)
+    if rows is not None:
+        start, stop, step = rows.indices(shape[0])
+        if step != 1:
+            raise ValueError("rows must be a contiguous slice")
+        shape = (max(stop - start, 0),) + shape[1:]
+    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    count = math.prod(shape)
+    out = np.empty(shape, dtype=info.np_dtype)
+    with open(info.file, "rb") as f:
+        f.seek(info.offset + start * row_bytes)
+        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    if got != count * info.np_dtype.itemsize:
+        raise CorruptTensorError(f"{info.file}: tensor {info.name!r} is cut short ({got} of {count * info.np_dtype.itemsize} bytes); the shard is truncated, re-download it")
+    return out
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """Header bytes (padded to 8) for tensors written back to back in `entries` order.
+
+    Returns (prefix to write before the data, byte offset of each tensor within the data).
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets, pos = [], 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets.append(pos)
+        pos += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob, offsets
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensor list is known up front, tensor by tensor."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        prefix, _ = build_header(entries, metadata)
+        self._f: BinaryIO = open(self.path, "wb")
+        self._f.write(prefix)
+        self._order = [e[0] for e in entries]
+        self._next = 0
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append `name`'s data; tensors must come in the order given to the constructor."""
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            raise ValueError(f"{self.path}: expected tensor {self._order[self._next] if self._next < len(self._order) else None!r}, got {name!r}")
+        dtype, shape = self.entries[name]
+        arr = np.ascontiguousarray(array)
+        if arr.dtype != DTYPES[dtype] or arr.shape != shape:
+            raise ValueError(f"{self.path}: tensor {name!r} is {arr.dtype}{arr.shape}, header says {dtype}{shape}")
+        self._f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self._next += 1
+
+    def close(self, fsync: bool = True) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+        self._f.flush()
+        if fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a small dict of arrays as one safetensors file (used by tests and the demo)."""
+    entries = [(n, DTYPE_NAMES[np.dtype(a.dtype)], tuple(a.shape)) for n, a in tensors.items()]
+    w = ShardWriter(path, entries, metadata)
+    for n, a in tensors.items():
+        w.write(n, a)
+    w.close(fsync=False)
