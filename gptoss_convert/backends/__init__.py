@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from typing import Any, Callable
 
 from gptoss_convert.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """What a model family provides to the converters and the verifier."""
+
+    model_type: str
+    config_from_dict: Callable[[dict, str], Any]     # HF config.json -> typed config (allowlist)
+    flat_shapes: Callable[[Any, bool], dict]         # (cfg, scanned) -> {target path: shape}
+    layout_for: Callable[[Any, bool], Any]           # (cfg, scanned) -> backends.layout.Layout
+    rules: Callable[[Any], list]                     # cfg -> mapping table (converters.plan.Rule)
 
 # model_type -> module exposing BACKEND. One line per family.
 _BACKENDS = {

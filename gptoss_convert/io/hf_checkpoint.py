@@ -76,6 +76,7 @@ class HFCheckpoint:
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
+        self.workers: int | None = None       # threads for MXFP4 decoding (None = all cores)
         self.config_raw = self._read_config()
         self.files = self._shard_files()
         self.stored: dict[str, TensorInfo] = {}
@@ -199,7 +200,7 @@ class HFCheckpoint:
             return read_tensor(vt.stored, rows)
         blocks = read_tensor(vt.blocks, rows)
         scales = read_tensor(vt.scales, rows)
-        deq = mxfp4.dequantize(blocks, scales, dtype, name=name)       # [e, out, in]
+        deq = mxfp4.dequantize(blocks, scales, dtype, name=name, workers=self.workers)       # [e, out, in]
         return np.ascontiguousarray(np.swapaxes(deq, -1, -2))          # [e, in, out]
 
     def nbytes(self, name: str, itemsize: int = 2) -> int:

@@ -10,6 +10,7 @@ little-endian header length, a JSON header, then the raw little-endian data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -142,35 +143,59 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
 
 
 class ShardWriter:
-    """Writes one safetensors file whose tensor list is known up front, tensor by tensor."""
+    """Writes one safetensors file whose tensor list is known up front, streaming row blocks.
+
+    Tensors must arrive in the order given; each may come whole (`write`) or as consecutive
+    blocks of rows along axis 0 (`append`). The file's sha256 is computed on the way out.
+    """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
         self.path = Path(path)
-        self.entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
         prefix, _ = build_header(entries, metadata)
+        self._todo = [(n, DTYPES[d], tuple(s), math.prod(s) * DTYPES[d].itemsize) for n, d, s in entries]
+        self._i, self._left = 0, self._todo[0][3] if self._todo else 0
+        self.sha = hashlib.sha256()
         self._f: BinaryIO = open(self.path, "wb")
-        self._f.write(prefix)
-        self._order = [e[0] for e in entries]
-        self._next = 0
+        self._emit(memoryview(prefix))
+        self._skip_empty()
+
+    def _emit(self, mv: memoryview) -> None:
+        self._f.write(mv)
+        self.sha.update(mv)
+
+    def _skip_empty(self) -> None:
+        while self._i < len(self._todo) and self._left == 0:
+            self._i += 1
+            self._left = self._todo[self._i][3] if self._i < len(self._todo) else 0
+
+    def append(self, name: str, rows: np.ndarray) -> None:
+        """Append the next block of rows (axis 0) of tensor `name`."""
+        if self._i >= len(self._todo) or self._todo[self._i][0] != name:
+            expected = self._todo[self._i][0] if self._i < len(self._todo) else None
+            raise ValueError(f"{self.path}: expected data of tensor {expected!r}, got {name!r}")
+        _, dtype, shape, _ = self._todo[self._i]
+        arr = np.ascontiguousarray(rows)
+        if arr.dtype != dtype or arr.shape[1:] != shape[1:] or arr.nbytes > self._left:
+            raise ValueError(f"{self.path}: block {arr.dtype}{arr.shape} does not fit tensor {name!r} {dtype}{shape}")
+        self._emit(memoryview(arr.reshape(-1).view(np.uint8)))
+        self._left -= arr.nbytes
+        self._skip_empty()
 
     def write(self, name: str, array: np.ndarray) -> None:
-        """Append `name`'s data; tensors must come in the order given to the constructor."""
-        if self._next >= len(self._order) or self._order[self._next] != name:
-            raise ValueError(f"{self.path}: expected tensor {self._order[self._next] if self._next < len(self._order) else None!r}, got {name!r}")
-        dtype, shape = self.entries[name]
-        arr = np.ascontiguousarray(array)
-        if arr.dtype != DTYPES[dtype] or arr.shape != shape:
-            raise ValueError(f"{self.path}: tensor {name!r} is {arr.dtype}{arr.shape}, header says {dtype}{shape}")
-        self._f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        self._next += 1
+        """Write tensor `name` whole."""
+        if self._i < len(self._todo) and np.shape(array) != self._todo[self._i][2]:
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {np.shape(array)}, header says {self._todo[self._i][2]}")
+        self.append(name, np.atleast_1d(array))
 
-    def close(self, fsync: bool = True) -> None:
-        if self._next != len(self._order):
-            raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
+    def close(self, fsync: bool = True) -> str:
+        """Finish the file; returns its sha256."""
+        if self._i != len(self._todo):
+            raise ValueError(f"{self.path}: closed with tensor {self._todo[self._i][0]!r} incomplete")
         self._f.flush()
         if fsync:
             os.fsync(self._f.fileno())
         self._f.close()
+        return self.sha.hexdigest()
 
     def abort(self) -> None:
         self._f.close()

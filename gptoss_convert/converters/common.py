@@ -1,0 +1,70 @@
+"""Helpers shared by the converting commands: options, validation against the backend, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+from gptoss_convert.backends import get_backend
+from gptoss_convert.converters.plan import Plan, build_plan, edges_from_rules
+from gptoss_convert.errors import ConvertError, InputError
+from gptoss_convert.io.hf_checkpoint import HFCheckpoint
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def resolve_dtype(dtype: str) -> str:
+    """'bf16'/'bfloat16' -> 'bfloat16', 'fp32'/'float32' -> 'float32'."""
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ConvertError(f"dtype {dtype!r} is not supported; use bf16 or fp32") from None
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500*2**20; ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConvertError(f"size {size!r} not understood; write e.g. 5GB or 500MiB")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ConvertError(f"size {size!r} must be positive")
+    return value
+
+
+def source_shapes(ck: HFCheckpoint) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {n: (t.shape, t.dtype) for n, t in ck.tensors.items()}
+
+
+def plan_for(ck: HFCheckpoint, *, scanned: bool, itemsize: int, block_bytes: int | None = None):
+    """(backend, config, checked Plan) for converting `ck` to the backend's parameter tree."""
+    model_type = ck.config_raw.get("model_type")
+    backend = get_backend(model_type)
+    cfg = backend.config_from_dict(ck.config_raw, str(ck.dir / "config.json"))
+    edges = edges_from_rules(backend.rules(cfg), cfg.L, backend.layout_for(cfg, scanned))
+    kw = {} if block_bytes is None else {"block_bytes": block_bytes}
+    plan: Plan = build_plan(source_shapes(ck), backend.flat_shapes(cfg, scanned), edges, itemsize=itemsize, **kw)
+    return backend, cfg, plan
+
+
+def check_against_backend(ck: HFCheckpoint) -> None:
+    """Validate every tensor of `ck` against its config (the to-orbax plan, never executed)."""
+    plan_for(ck, scanned=False, itemsize=2)
+    float_kinds = {"BF16", "F16", "F32", "MXFP4"}
+    bad = [f"{n!r} is {t.dtype}" for n, t in ck.tensors.items() if t.dtype not in float_kinds]
+    if bad:
+        raise InputError(f"{ck.dir}: tensors with non-float dtypes: {', '.join(bad)}")
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar over bytes (shows B/s scaled to GB/s); a no-op when disabled."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not enabled,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        yield bar

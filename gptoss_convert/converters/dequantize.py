@@ -1,0 +1,157 @@
+"""`gptoss-convert dequantize`: published MXFP4 safetensors -> an HF BF16 (or FP32) checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gptoss_convert import faults
+from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype
+from gptoss_convert.converters.output import StagedOutput
+from gptoss_convert.converters.provenance import write_record
+from gptoss_convert.converters.stream import prefetch
+from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
+from gptoss_convert.io.safetensors import DTYPE_NAMES, ShardWriter
+
+FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str                                  # safetensors dtype written
+    shape: tuple[int, ...]
+    rows_per_block: int | None                  # None = whole tensor at once
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * (4 if self.dtype == "F32" else 2 if self.dtype in ("BF16", "F16") else 1)
+
+
+def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTensor]:
+    out = []
+    for name, vt in sorted(ck.tensors.items(), key=lambda kv: (kv[1].sources[0].file.name, kv[1].sources[0].offset)):
+        if vt.is_mxfp4 or (dtype == "F32" and vt.dtype in FLOAT_DTYPES):
+            dt = dtype
+        else:
+            dt = vt.dtype                       # copied bit for bit
+        t = OutTensor(name, dt, vt.shape, None)
+        if vt.shape and vt.shape[0] > 1:
+            row = t.nbytes // vt.shape[0]
+            rows = 1 if vt.is_mxfp4 else max(1, block_bytes // max(row, 1))
+            if rows < vt.shape[0]:
+                t = dataclasses.replace(t, rows_per_block=rows)
+        out.append(t)
+    return out
+
+
+def _shards(tensors: list[OutTensor], max_shard: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None) -> np.ndarray:
+    np_dtype = np.float32 if t.dtype == "F32" else ml_dtypes.bfloat16
+    arr = ck.read(t.name, rows, dtype=np_dtype)
+    return arr if DTYPE_NAMES[arr.dtype] == t.dtype else arr.astype(np_dtype)
+
+
+def _row_slices(t: OutTensor):
+    if t.rows_per_block is None:
+        return [None]
+    return [slice(r, min(r + t.rows_per_block, t.shape[0])) for r in range(0, t.shape[0], t.rows_per_block)]
+
+
+def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
+    """Write one output shard, streaming row blocks; returns its sha256."""
+    w = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], {"format": "pt"})
+    try:
+        items = [(t, rows) for t in tensors for rows in _row_slices(t)]
+        for (t, _), arr in prefetch(items, lambda it: _read(ck, *it)):
+            w.append(t.name, arr)
+            faults.point("write")
+            bar.update(arr.nbytes)
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def _out_config(ck: HFCheckpoint, dtype: str) -> dict:
+    conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"}
+    name = "float32" if dtype == "F32" else "bfloat16"
+    conf["dtype"] = name
+    if "torch_dtype" in conf:
+        conf["torch_dtype"] = name
+    return conf
+
+
+def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
+               max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
+               resume: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
+               log=print) -> Path:
+    """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
+
+    Expert matrices are dequantized (bit-exact) into HF orientation; every other tensor is
+    copied bit for bit (or cast to float32 with dtype="fp32"). Memory stays bounded by a few
+    blocks (one expert / `block_bytes`), whatever the model size. Output appears atomically;
+    `resume=True` continues an interrupted run. Returns the output path.
+    """
+    t0 = time.perf_counter()
+    st_dtype = {"bfloat16": "BF16", "float32": "F32"}[resolve_dtype(dtype)]
+    ck = open_checkpoint(src)
+    ck.workers = workers
+    check_against_backend(ck)
+    tensors = _out_tensors(ck, st_dtype, block_bytes)
+    shards = _shards(tensors, parse_size(max_shard_size))
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    fingerprint = {"command": "dequantize", "dtype": st_dtype, "shards": [[t.name for t in s] for s in shards],
+                   "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
+    total = sum(t.nbytes for t in tensors)
+    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, log=log) as staged:
+        hashes = {}
+        with progress_bar(total, "dequantize", progress) as bar:
+            for fname, shard in zip(names, shards):
+                if staged.is_done(fname):
+                    bar.update(sum(t.nbytes for t in shard))
+                    continue
+                tmp = staged.path / (fname + ".tmp")
+                hashes[fname] = _write_shard(ck, tmp, shard, bar)
+                os.replace(tmp, staged.path / fname)
+                staged.mark_done(fname)
+        _write_metadata(ck, staged.path, names, shards, st_dtype)
+        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=ck.files,
+                     options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},
+                     output_hashes=hashes)
+        result = staged.commit()
+    dt = time.perf_counter() - t0
+    log(f"dequantize: wrote {total / 1e9:.2f} GB in {len(names)} shard(s) to {result} in {dt:.1f} s "
+        f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {sum(ck.tensors[t.name].is_mxfp4 for t in tensors)} MXFP4 tensors "
+        f"dequantized to {st_dtype}, the rest copied; load it with transformers.AutoModelForCausalLM.from_pretrained('{result}').")
+    return result
+
+
+def _write_metadata(ck: HFCheckpoint, out: Path, names: list[str], shards, st_dtype: str) -> None:
+    (out / "config.json").write_text(json.dumps(_out_config(ck, st_dtype), indent=2))
+    if len(names) > 1:
+        weight_map = {t.name: f for f, s in zip(names, shards) for t in s}
+        total = sum(t.nbytes for s in shards for t in s)
+        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    for f in ck.sidecar_files():
+        shutil.copyfile(f, out / f.name)

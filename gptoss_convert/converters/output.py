@@ -1,0 +1,140 @@
+"""Atomic, resumable, locked output directories.
+
+OUT is built in a hidden sibling `.OUT.partial/` and renamed into place only when complete, so
+OUT either does not exist or is whole. A journal inside the staging directory records finished
+units of work; `resume=True` continues a staging directory whose plan fingerprint matches. A lock
+file `.OUT.lock` beside OUT keeps two processes from writing the same OUT at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from gptoss_convert import faults
+from gptoss_convert.converters.provenance import PROGRESS
+from gptoss_convert.errors import OutputError
+
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StagedOutput:
+    """Context manager around one output directory; `path` is where to write meanwhile."""
+
+    def __init__(self, out: str | os.PathLike, *, fingerprint: dict, overwrite: bool = False,
+                 resume: bool = False, log=print):
+        self.out = Path(out).absolute()
+        self.staging = self.out.parent / f".{self.out.name}.partial"
+        self.lockfile = self.out.parent / f".{self.out.name}.lock"
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.overwrite, self.resume, self.log = overwrite, resume, log
+        self.resumed = False
+        self._done: set[str] = set()
+        self._lock_fd = None
+
+    @property
+    def path(self) -> Path:
+        return self.staging
+
+    def __enter__(self) -> "StagedOutput":
+        parent = self.out.parent
+        if not parent.is_dir():
+            raise OutputError(f"{self.out}: parent directory {parent} does not exist; create it first")
+        if self.out.exists() and not self.overwrite:
+            raise OutputError(f"{self.out}: already exists; pass --overwrite to replace it")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{self.out}: cannot write in {parent} (read-only or no permission); choose another OUT")
+        self._lock()
+        try:
+            self._prepare_staging()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _lock(self) -> None:
+        try:
+            fd = os.open(self.lockfile, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot create lock file {self.lockfile} ({e.strerror}); choose another OUT") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); wait for it to finish") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _prepare_staging(self) -> None:
+        plan_file = self.staging / PROGRESS / "plan.json"
+        if self.staging.exists():
+            old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+            if self.resume and old == self.fingerprint:
+                journal = self.staging / PROGRESS / "journal"
+                self._done = set(journal.read_text().split("\n")) - {""} if journal.is_file() else set()
+                self.resumed = True
+                self.log(f"resuming {self.out}: {len(self._done)} unit(s) already done")
+                return
+            if self.resume:
+                self.log(f"note: {self.staging} was made with other inputs or options; starting over")
+            else:
+                self.log(f"note: removing {self.staging} left by an interrupted run (use --resume to continue one)")
+            shutil.rmtree(self.staging)
+        elif self.resume:
+            self.log(f"note: nothing to resume for {self.out}; starting from scratch")
+        try:
+            (self.staging / PROGRESS).mkdir(parents=True)
+            plan_file.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot create {self.staging} ({e.strerror}); choose another OUT") from None
+
+    def is_done(self, key: str) -> bool:
+        return key in self._done
+
+    def mark_done(self, key: str) -> None:
+        """Record a finished unit durably (after its data has been flushed)."""
+        with open(self.staging / PROGRESS / "journal", "a") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._done.add(key)
+        faults.point("journal")
+
+    def commit(self) -> Path:
+        """Make the staging directory OUT (atomically replacing an old OUT with --overwrite)."""
+        faults.point("commit")
+        shutil.rmtree(self.staging / PROGRESS)
+        _fsync_dir(self.staging)
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+        os.rename(self.staging, self.out)
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        return self.out
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            try:
+                self.lockfile.unlink()
+            except OSError:
+                pass
+        self._unlock()

@@ -1,0 +1,212 @@
+"""The conversion plan: every target block with its source rows and transforms, checked whole
+before a single tensor byte is read (STYLE.md: target-driven, strict, all problems at once)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Iterable
+
+from gptoss_convert.backends.layout import SCAN_AXIS, Layout
+from gptoss_convert.converters.transforms import TakeInterleaved, Transform, out_axis, out_shape
+from gptoss_convert.errors import PlanError
+
+DEFAULT_BLOCK_BYTES = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One line of a backend's mapping table (see backends/*/mapping.py)."""
+
+    hf: str                                  # HF tensor name; "{i}" = layer index
+    target: str                              # target path (relative to layers_{i} when per-layer)
+    transforms: tuple[Transform, ...] = ()
+    rows_per_block: int | None = None        # stream axis 0 this many rows at a time (1 = per expert)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """One source tensor feeding one target leaf (or one stack slot of it)."""
+
+    source: str
+    target: str
+    transforms: tuple[Transform, ...] = ()
+    slot: int | None = None
+    rows_per_block: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Emit:
+    target: str
+    index: tuple[slice, ...]
+    transforms: tuple[Transform, ...]
+    slot: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadBlock:
+    """Rows `rows` of source `source` (None = whole tensor), written to every emit."""
+
+    source: str
+    rows: slice | None
+    emits: tuple[Emit, ...]
+    nbytes: int                               # of the source block at the output itemsize
+
+    @property
+    def key(self) -> str:
+        r = "all" if self.rows is None else f"{self.rows.start}:{self.rows.stop}"
+        return f"{self.source}[{r}]"
+
+
+@dataclasses.dataclass
+class Plan:
+    targets: dict[str, tuple[int, ...]]
+    edges: list[Edge]
+    blocks: list[ReadBlock]
+    itemsize: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(math.prod(s) for s in self.targets.values()) * self.itemsize
+
+    def chunk_shape(self, target: str) -> tuple[int, ...]:
+        """The shape of the largest block written to `target` (a natural storage chunk)."""
+        best = None
+        for b in self.blocks:
+            for e in b.emits:
+                if e.target == target:
+                    shape = tuple((s.stop - s.start) for s in e.index)
+                    if best is None or math.prod(shape) > math.prod(best):
+                        best = shape
+        return best
+
+    def describe(self, sources: dict[str, tuple[tuple[int, ...], str]]) -> str:
+        """Human-readable plan: target <- source, transforms, shape, bytes."""
+        by_target: dict[str, list[Edge]] = collections.defaultdict(list)
+        for e in self.edges:
+            by_target[e.target].append(e)
+        nblocks = collections.Counter(em.target for b in self.blocks for em in b.emits)
+        lines = []
+        for t, shape in self.targets.items():
+            es = by_target[t]
+            src = es[0]
+            ops = ", ".join(map(str, src.transforms)) or "copy"
+            more = f" (+{len(es) - 1} more layers, stacked at axis {SCAN_AXIS})" if len(es) > 1 else ""
+            lines.append(f"{t} {list(shape)} {math.prod(shape) * self.itemsize:,} B <- {src.source} "
+                         f"{list(sources[src.source][0])} {sources[src.source][1]} | {ops}{more} | {nblocks[t]} block(s)")
+        lines.append(f"{len(self.targets)} target leaves, {len(self.blocks)} read blocks, {self.total_bytes:,} bytes to write")
+        return "\n".join(lines)
+
+
+def edges_from_rules(rules: Iterable[Rule], num_layers: int, layout: Layout | None) -> list[Edge]:
+    """Expand a mapping table over layers and place each layer's leaf with `layout`."""
+    edges = []
+    for r in rules:
+        if not r.per_layer:
+            edges.append(Edge(r.hf, r.target, r.transforms, None, r.rows_per_block))
+            continue
+        for i in range(num_layers):
+            if layout is None:
+                edges.append(Edge(r.hf.format(i=i), r.target.format(i=i), r.transforms, None, r.rows_per_block))
+            else:
+                p = layout.place(i, r.target, ())
+                edges.append(Edge(r.hf.format(i=i), p.path, r.transforms, p.slot, r.rows_per_block))
+    return edges
+
+
+def _leaf_axis(axis: int, slot: int | None) -> int:
+    return axis if slot is None or axis < SCAN_AXIS else axis + 1
+
+
+def _unstacked(shape: tuple[int, ...], slot: int | None) -> tuple[int, ...]:
+    return shape if slot is None else shape[:SCAN_AXIS] + shape[SCAN_AXIS + 1:]
+
+
+def _check(sources, targets, edges) -> list[str]:
+    problems = []
+    used: dict[str, list[Edge]] = collections.defaultdict(list)
+    filled: collections.Counter = collections.Counter()
+    for e in edges:
+        used[e.source].append(e)
+        filled[(e.target, e.slot)] += 1
+        if e.source not in sources:
+            problems.append(f"HF tensor {e.source!r} is missing (needed for {e.target}{'' if e.slot is None else f' slot {e.slot}'})")
+            continue
+        if e.target not in targets:
+            problems.append(f"{e.target} (from {e.source!r}) is not a leaf of the parameter tree")
+            continue
+        want = targets[e.target]
+        if e.slot is not None and not (len(want) > SCAN_AXIS and 0 <= e.slot < want[SCAN_AXIS]):
+            problems.append(f"{e.target}: stack slot {e.slot} out of range for shape {list(want)}")
+            continue
+        try:
+            got = out_shape(e.transforms, sources[e.source][0])
+        except ValueError as err:
+            problems.append(f"HF tensor {e.source!r} {list(sources[e.source][0])} cannot map to {e.target}: {err}")
+            continue
+        if got != _unstacked(want, e.slot):
+            problems.append(f"HF tensor {e.source!r} {list(sources[e.source][0])} gives {list(got)} but {e.target} "
+                            f"needs {list(_unstacked(want, e.slot))}{'' if e.slot is None else f' per stack slot'} "
+                            "(shapes disagree with config.json)")
+    problems += [f"HF tensor {s!r} is not used by any target (unexpected tensor)" for s in sources if s not in used]
+    for s, es in used.items():
+        parts = sorted((t.part, t.parts) for e in es for t in e.transforms if isinstance(t, TakeInterleaved))
+        if len(es) > 1 and parts != [(p, len(es)) for p in range(len(es))]:
+            problems.append(f"HF tensor {s!r} is used {len(es)} times ({', '.join(e.target for e in es)}) without splitting it into disjoint parts")
+    for t, shape in targets.items():
+        slots = [None] if not any(e.target == t and e.slot is not None for e in edges) else range(shape[SCAN_AXIS])
+        for slot in slots:
+            n = filled[(t, slot)]
+            if n != 1:
+                where = t if slot is None else f"{t} slot {slot}"
+                problems.append(f"{where} is filled {n} times (must be exactly once)")
+    return problems
+
+
+def build_plan(sources: dict[str, tuple[tuple[int, ...], str]], targets: dict[str, tuple[int, ...]],
+               edges: list[Edge], *, itemsize: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Plan:
+    """Check `edges` against `sources` ({name: (shape, dtype)}) and `targets` ({path: shape}),
+    then cut each source into read blocks. Raises PlanError listing every problem."""
+    problems = _check(sources, targets, edges)
+    if problems:
+        raise PlanError(problems)
+    by_source: dict[str, list[Edge]] = collections.defaultdict(list)
+    for e in edges:
+        by_source[e.source].append(e)
+    blocks = []
+    for s, es in by_source.items():
+        blocks += _blocks(s, sources[s][0], es, targets, itemsize, block_bytes)
+    return Plan(dict(targets), list(edges), blocks, itemsize)
+
+
+def _blocks(source, shape, edges, targets, itemsize, block_bytes) -> list[ReadBlock]:
+    row_axes = [out_axis(e.transforms, 0, shape) if shape else None for e in edges]
+    nbytes = math.prod(shape) * itemsize
+    if not shape or None in row_axes or shape[0] <= 1:
+        rows_per = None
+    else:
+        declared = [e.rows_per_block for e in edges if e.rows_per_block]
+        rows_per = min(declared) if declared else max(1, block_bytes // max(1, nbytes // shape[0]))
+        if rows_per >= shape[0]:
+            rows_per = None
+    starts = [None] if rows_per is None else range(0, shape[0], rows_per)
+    out = []
+    for r0 in starts:
+        rows = None if r0 is None else slice(r0, min(r0 + rows_per, shape[0]))
+        emits = []
+        for e, ax in zip(edges, row_axes):
+            full = targets[e.target]
+            index = [slice(0, d) for d in full]
+            if e.slot is not None:
+                index[SCAN_AXIS] = slice(e.slot, e.slot + 1)
+            if rows is not None:
+                index[_leaf_axis(ax, e.slot)] = slice(rows.start, rows.stop)
+            emits.append(Emit(e.target, tuple(index), e.transforms, e.slot))
+        n = nbytes if rows is None else nbytes // shape[0] * (rows.stop - rows.start)
+        out.append(ReadBlock(source, rows, tuple(emits), n))
+    return out

@@ -1,0 +1,33 @@
+"""Bounded read-ahead: compute the next blocks in a worker thread while the caller writes."""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetch(items: Iterable[T], fn: Callable[[T], R], depth: int = 2) -> Iterator[tuple[T, R]]:
+    """Yield (item, fn(item)) in order with at most `depth` results computed ahead.
+
+    Memory is bounded by `depth` + 1 results; numpy and file reads release the GIL, so reading
+    and decoding overlap with the caller's writes.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-read") as pool:
+        queue: collections.deque = collections.deque()
+        it = iter(items)
+        for item in it:
+            queue.append((item, pool.submit(fn, item)))
+            if len(queue) > depth:
+                break
+        while queue:
+            item, fut = queue.popleft()
+            result = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(fn, nxt)))
+            yield item, result
+            del result

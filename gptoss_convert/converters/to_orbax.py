@@ -1,0 +1,97 @@
+"""`gptoss-convert to-orbax`: MXFP4 or BF16 HF checkpoint -> MaxText Orbax checkpoint, streamed.
+
+One pass, no intermediate files: each source block (one expert of one layer, or a row range of
+a dense tensor) is read, dequantized if MXFP4, transformed by the mapping table and written
+straight into its place in the target leaf. Peak memory is a few blocks, not the model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gptoss_convert import faults
+from gptoss_convert.backends.layout import SCAN_AXIS
+from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
+from gptoss_convert.converters.output import StagedOutput
+from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
+from gptoss_convert.converters.provenance import write_record
+from gptoss_convert.converters.stream import prefetch
+from gptoss_convert.converters.transforms import apply
+from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
+
+STEP = "0"
+ITEM = "items"
+_NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
+
+
+def _write_block(writer, block: ReadBlock, x: np.ndarray, dtype: np.dtype) -> None:
+    for e in block.emits:
+        y = apply(e.transforms, x)
+        if e.slot is not None:
+            y = np.expand_dims(y, SCAN_AXIS)
+        writer.write(e.target, e.index, y.astype(dtype, copy=False))
+
+
+def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
+    name = KNOWN_MODELS.get((cfg.L, cfg.E))
+    flags = f"load_parameters_path={out}/{STEP}/{ITEM} scan_layers={str(scanned).lower()}"
+    return (f"model_name={name} " if name else "") + flags
+
+
+def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
+             dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
+             progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, log=print) -> Path | Plan:
+    """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
+
+    The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
+    plus `out/0/_CHECKPOINT_METADATA` recording `scan_layers`. The plan is checked before any
+    tensor byte is read; `dry_run=True` prints it and returns it without writing anything.
+    """
+    t0 = time.perf_counter()
+    np_dtype = _NP[resolve_dtype(dtype)]
+    ck = open_checkpoint(src)
+    ck.workers = workers
+    backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize, block_bytes=block_bytes)
+    if dry_run:
+        log(plan.describe(source_shapes(ck)))
+        return plan
+    from gptoss_convert.io.orbax_writer import OrbaxWriter
+
+    layout = "scanned" if scanned else "unscanned"
+    fingerprint = {"command": "to-orbax", "layout": layout, "dtype": np_dtype.name, "block_bytes": block_bytes,
+                   "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
+    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, log=log) as staged:
+        step = staged.path / STEP
+        meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
+        writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},
+                             chunk_shapes={p: plan.chunk_shape(p) for p in plan.targets}, custom_metadata=meta)
+        writer.create()
+        _stream(ck, plan, writer, staged, np_dtype, progress)
+        writer.finalize()
+        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=ck.files,
+                     options={"layout": layout, "dtype": np_dtype.name},
+                     extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"})
+        result = staged.commit()
+    dt = time.perf_counter() - t0
+    log(f"to-orbax: wrote {len(plan.targets)} {layout} leaves ({plan.total_bytes / 1e9:.2f} GB {np_dtype.name}) "
+        f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
+        f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
+    return result
+
+
+def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> None:
+    todo = [b for b in plan.blocks if not staged.is_done(b.key)]
+    with progress_bar(plan.total_bytes, "to-orbax", progress) as bar:
+        bar.update(sum(b.nbytes for b in plan.blocks if staged.is_done(b.key)))
+        for block, x in prefetch(todo, lambda b: ck.read(b.source, b.rows, dtype=dtype)):
+            faults.point("read")
+            _write_block(writer, block, x, dtype)
+            faults.point("write")
+            staged.mark_done(block.key)
+            bar.update(block.nbytes)
