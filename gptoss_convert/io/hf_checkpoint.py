@@ -200,7 +200,16 @@ class HFCheckpoint:
             return read_tensor(vt.stored, rows)
         blocks = read_tensor(vt.blocks, rows)
         scales = read_tensor(vt.scales, rows)
-        deq = mxfp4.dequantize(blocks, scales, dtype, name=name, workers=self.workers)       # [e, out, in]
+        try:
+            deq = mxfp4.dequantize(blocks, scales, dtype, name=name, workers=self.workers)   # [e, out, in]
+        except CorruptTensorError:
+            bad = np.argwhere(scales == 255)
+            if not len(bad):
+                raise
+            idx = tuple(int(i) for i in bad[0])
+            idx = (idx[0] + (rows.start if rows is not None else 0),) + idx[1:]
+            raise CorruptTensorError(f"{vt.scales.file}: tensor {vt.scales.name!r} has scale byte 255 (NaN in MXFP4) at "
+                                     f"index {idx}; the checkpoint is corrupt, re-download it") from None
         return np.ascontiguousarray(np.swapaxes(deq, -1, -2))          # [e, in, out]
 
     def nbytes(self, name: str, itemsize: int = 2) -> int:

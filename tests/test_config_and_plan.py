@@ -1,0 +1,131 @@
+"""Config allowlist, the abstract tree vs MaxText's own, the mapping table and the plan checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptoss_convert.backends import get_backend
+from gptoss_convert.backends.gpt_oss.config import config_from_dict
+from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten
+from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
+from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
+from gptoss_convert.errors import ConfigError, InputError, PlanError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REAL_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                num_local_experts=32, num_experts_per_tok=4, experts_per_token=4, num_attention_heads=64,
+                num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, sliding_window=128,
+                layer_types=["sliding_attention", "full_attention"] * 12, rope_theta=150000,
+                rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                              "original_max_position_embeddings": 4096, "truncate": False},
+                swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=131072,
+                eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16", hidden_act="silu",
+                quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": []})
+
+
+def _reference_tree(kind: str) -> dict[str, tuple[int, ...]]:
+    ref = {}
+    for line in (SHARED / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            path, shape, _ = line.split("\t")
+            ref[path] = tuple(json.loads(shape))
+    return ref
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/reference not present beside the checkout")
+@pytest.mark.parametrize("kind", ["scanned", "unscanned"])
+def test_tree_equals_maxtext_reference(kind):
+    cfg = config_from_dict(dict(model_type="gpt_oss", vocab_size=256, hidden_size=48, intermediate_size=32,
+                                num_hidden_layers=6, num_local_experts=8, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16))
+    assert flat_shapes(cfg, kind == "scanned") == _reference_tree(kind)
+
+
+@pytest.mark.parametrize("layers,experts,scanned_leaves", [(24, 32, 41), (36, 128, 41)])
+def test_real_model_shapes_without_allocating(layers, experts, scanned_leaves):
+    import jax
+    raw = dict(REAL_20B, num_hidden_layers=layers, num_local_experts=experts,
+               layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+    cfg = config_from_dict(raw)
+    tree = abstract_params(cfg, scanned=True)
+    flat = flatten(tree)
+    assert len(flat) == scanned_leaves
+    assert flat["decoder/layers/layers_0/GptOssMlp/wi_0"].shape == (experts, layers // 2, 2880, 2880)
+    assert flat["decoder/layers/layers_1/GptOssAttention/sinks"].shape == (64, layers // 2)
+    assert flat["decoder/logits_dense/kernel"].shape == (2880, 201088)
+    unscanned = flatten(abstract_params(cfg, scanned=False))
+    assert len(unscanned) == 3 + 19 * layers
+    # eval_shape over the tree: shapes only, nothing allocated
+    out = jax.eval_shape(lambda t: jax.tree.map(lambda x: x.sum(), t), tree)
+    assert all(o.shape == () for o in jax.tree.leaves(out))
+    params = sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree.leaves(tree))
+    assert (20.5e9 < params < 21.5e9) if layers == 24 else (116e9 < params < 118e9)   # "20b" is 20.9B, "120b" 116.8B
+
+
+def test_config_spellings_and_allowlist():
+    a = config_from_dict(REAL_20B)
+    t5 = {k: v for k, v in REAL_20B.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    t5 |= {"dtype": "bfloat16", "rope_parameters": dict(REAL_20B["rope_scaling"], rope_theta=150000.0)}
+    assert config_from_dict(t5) == a
+    assert a.rope_scaling.truncate is False and a.num_experts_per_tok == 4
+    with pytest.raises(ConfigError, match="unknown fields \\['mystery'\\]"):
+        config_from_dict(REAL_20B | {"mystery": 1})
+    with pytest.raises(ConfigError, match="vocab_size=1000000000000 is out of the supported range"):
+        config_from_dict(REAL_20B | {"vocab_size": 10**12})
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(REAL_20B | {"hidden_size": "big", "tie_word_embeddings": True})
+    assert "hidden_size must be an integer" in str(e.value) and "tie_word_embeddings" in str(e.value)
+
+
+def test_unknown_model_type_lists_known():
+    with pytest.raises(InputError, match="known model types: gpt_oss"):
+        get_backend("llama")
+
+
+def test_transforms_are_invertible():
+    x = np.arange(2 * 12 * 5).reshape(2, 12, 5)
+    for ops in [(Transpose((2, 0, 1)),), (SplitAxis(1, (3, 4)),), (Transpose((0, 2, 1)), SplitAxis(2, (4, 3)))]:
+        y = apply(ops, x)
+        back = apply(tuple(op.inverse() for op in reversed(ops)), y)
+        np.testing.assert_array_equal(back, x)
+    gu = np.arange(3 * 4 * 6).reshape(3, 4, 6)
+    parts = [TakeInterleaved(p)(gu) for p in range(2)]
+    np.testing.assert_array_equal(parts[0], gu[..., [0, 2, 4]])
+    np.testing.assert_array_equal(interleave(parts), gu)
+
+
+def test_mapping_against_spec_formulas(tiny_cfg):
+    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (SPEC §4)."""
+    rules = {r.target: r for r in get_backend("gpt_oss").rules(tiny_cfg)}
+    H, Nq, D = tiny_cfg.H, tiny_cfg.Nq, tiny_cfg.D
+    wq = np.random.default_rng(0).standard_normal((Nq * D, H))
+    q = apply(rules["GptOssAttention/query/kernel"].transforms, wq)
+    wo = np.random.default_rng(1).standard_normal((H, Nq * D))
+    o = apply(rules["GptOssAttention/out/kernel"].transforms, wo)
+    for h, n, d in [(0, 0, 0), (5, 3, 7), (63, 1, 2)]:
+        assert q[h, n, d] == wq[n * D + d, h]
+        assert o[n, d, h] == wo[h, n * D + d]
+
+
+def test_plan_reports_every_problem_at_once(tiny_cfg):
+    b = get_backend("gpt_oss")
+    cfg = tiny_cfg
+    edges = edges_from_rules(b.rules(cfg), cfg.L, b.layout_for(cfg, True))
+    from gptoss_convert.testing.tiny import dequantized, hf_tensors
+    src = {n: (a.shape, "BF16") for n, a in dequantized(hf_tensors(cfg)).items()}
+    del src["model.layers.3.self_attn.sinks"]
+    src["model.layers.4.self_attn.q_proj.weight"] = ((cfg.Nq * cfg.D, cfg.H + 1), "BF16")
+    src["model.layers.0.mlp.extra"] = ((3,), "BF16")
+    targets = b.flat_shapes(cfg, True)
+    with pytest.raises(PlanError) as e:
+        build_plan(src, targets, edges + [Edge("model.norm.weight", "decoder/decoder_norm/scale")], itemsize=2)
+    msg = str(e.value)
+    assert "'model.layers.3.self_attn.sinks' is missing (needed for decoder/layers/layers_1/GptOssAttention/sinks slot 1)" in msg
+    assert "'model.layers.4.self_attn.q_proj.weight' [32, 65]" in msg and "layers_0/GptOssAttention/query/kernel" in msg
+    assert "'model.layers.0.mlp.extra' is not used" in msg
+    assert "decoder/decoder_norm/scale is filled 2 times" in msg
+    assert len(e.value.problems) >= 4
