@@ -1,0 +1,188 @@
+"""Orbax checkpoint reader: metadata, lazy per-leaf access and (sharded) restore of params.
+
+Reads what `orbax_writer` writes and what Orbax itself saves (one folder per array or OCDBT).
+`read_metadata` and `open_leaf` use TensorStore only, so a verifier can look at one expert of
+one layer without loading a 38 GB leaf; `load_params` goes through Orbax's own v0 restore
+(`PyTreeCheckpointer` with `partial_restore`), so what it returns is what Orbax users get.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tensorstore as ts
+
+from gptoss_convert.errors import InputError
+from gptoss_convert.io.orbax_writer import (
+    CHECKPOINT_METADATA_FILE,
+    PYTREE_METADATA_FILE,
+    TS_CONTEXT,
+    array_name,
+)
+
+PREFIX = ("params", "params")  # TrainState.params = {"params": tree} (SPEC §4)
+
+
+def _dirs(step_dir, item_name: str) -> tuple[Path, Path]:
+    """(step dir, item dir); accepts `<root>/<step>` or, as MaxText does, `<root>/<step>/items`."""
+    path = Path(step_dir)
+    if (path / PYTREE_METADATA_FILE).is_file() or path.name == item_name:
+        return path.parent, path
+    return path, path / item_name
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path} is missing: {what} (a checkpoint whose conversion did not finish "
+                         "has no metadata files; run the conversion again to resume it)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
+
+
+def _item_leaves(item_dir: Path, prefix: tuple[str, ...]) -> tuple[list[tuple[str, ...]], bool]:
+    """(tree paths of every leaf under `prefix`, whether arrays are zarr3) from `_METADATA`."""
+    meta = _read_json(item_dir / PYTREE_METADATA_FILE, "Orbax PyTree metadata")
+    keys = [tuple(k["key"] for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+    return [k for k in keys if k[:len(prefix)] == prefix], bool(meta.get("use_zarr3"))
+
+
+def _leaf_spec(item_dir: Path, keys: tuple[str, ...], use_zarr3: bool) -> dict:
+    """TensorStore spec Orbax reads a leaf with: inside OCDBT if there is a manifest, else a
+    folder per array; zarr3 or (Orbax's v0 default) zarr2; a missing chunk is an error."""
+    name = array_name(keys)
+    if (item_dir / "manifest.ocdbt").is_file():
+        kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": str(item_dir) + "/"}, "path": name}
+    else:
+        kvstore = {"driver": "file", "path": str(item_dir / name)}
+    return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore, "fill_missing_data_reads": False,
+            "recheck_cached_data": False, "recheck_cached_metadata": False}
+
+
+def read_metadata(step_dir, *, item_name: str = "items", prefix: tuple[str, ...] = PREFIX) -> dict:
+    """Custom metadata and leaf shapes of a finalized checkpoint step.
+
+    Returns {"custom_metadata": {...} (e.g. {"scan_layers": True}),
+             "leaves": {"decoder/decoder_norm/scale": ((H,), dtype), ...}} with paths relative
+    to `prefix`. Shapes and dtypes come from each array's zarr metadata; no data is read.
+    """
+    step, item = _dirs(step_dir, item_name)
+    meta = _read_json(step / CHECKPOINT_METADATA_FILE, "Orbax step metadata")
+    keys, use_zarr3 = _item_leaves(item, tuple(prefix))
+    context = ts.Context(TS_CONTEXT)
+    futures = [ts.open(_leaf_spec(item, k, use_zarr3), open=True, read=True, context=context) for k in keys]
+    leaves = {}
+    for k, future in zip(keys, futures):
+        store = future.result()
+        leaves["/".join(k[len(prefix):])] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+    return {"custom_metadata": meta.get("custom_metadata") or {}, "leaves": leaves}
+
+
+def open_leaf(step_dir, path: str, *, item_name: str = "items",
+              prefix: tuple[str, ...] = PREFIX) -> ts.TensorStore:
+    """Open one leaf for lazy reads: `open_leaf(d, "decoder/.../wi_0")[e, s].read().result()`
+    reads the chunks of that slice only."""
+    _, item = _dirs(step_dir, item_name)
+    keys = tuple(prefix) + tuple(path.split("/"))
+    known, use_zarr3 = _item_leaves(item, tuple(prefix))
+    if keys not in known:
+        raise InputError(f"leaf {path!r} is not in the checkpoint at {item}")
+    spec = _leaf_spec(item, keys, use_zarr3)
+    return ts.open(spec, open=True, read=True, context=ts.Context(TS_CONTEXT)).result()
+
+
+def _flatten(tree: dict, parent: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{parent}/{key}" if parent else str(key)
+        flat.update(_flatten(value, path) if isinstance(value, dict) else {path: value})
+    return flat
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _check_abstract(flat: dict[str, Any], stored: dict[str, tuple]) -> None:
+    """Every requested leaf exists with the requested shape: all mismatches reported at once,
+    before any data is read (MaxText checks shapes, not dtypes)."""
+    problems = [f"{p}: not in the checkpoint" for p in flat if p not in stored]
+    problems += [f"{p}: checkpoint shape {stored[p][0]} != requested {tuple(a.shape)}"
+                 for p, a in flat.items() if p in stored and tuple(a.shape) != stored[p][0]]
+    if problems:
+        raise InputError(f"checkpoint does not match the requested tree ({len(problems)} problem(s)): "
+                         + "; ".join(sorted(problems)))
+
+
+def _restore_args(flat: dict[str, Any], dtype, sharding):
+    """Per-leaf Orbax restore args: numpy on the host, or a jax.Array placed by `sharding`."""
+    import orbax.checkpoint as ocp  # heavy (pulls in jax); read_metadata/open_leaf do not need it
+
+    if sharding is not None and not callable(sharding):
+        sharding = _lookup(_flatten(sharding), "sharding tree")
+    args = {}
+    for path, leaf in flat.items():
+        target = np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype)
+        if sharding is None:
+            args[path] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=target)
+        else:
+            args[path] = ocp.ArrayRestoreArgs(sharding=sharding(path), global_shape=tuple(leaf.shape),
+                                              dtype=target)
+    return args
+
+
+def _lookup(flat: dict[str, Any], what: str) -> Callable[[str], Any]:
+    def get(path: str):
+        if path not in flat:
+            raise KeyError(f"{what} has no entry for leaf {path!r}")
+        return flat[path]
+    return get
+
+
+def _wrap(prefix: tuple[str, ...], tree: dict) -> dict:
+    for key in reversed(prefix):
+        tree = {key: tree}
+    return tree
+
+
+def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
+                sharding: dict | Callable[[str], Any] | None = None,
+                item_name: str = "items", prefix: tuple[str, ...] = PREFIX) -> dict:
+    """Restore the params tree (under `prefix`) of a checkpoint step as a nested dict.
+
+    abstract_tree: nested dict of objects with .shape/.dtype (e.g. jax.ShapeDtypeStruct) naming
+        the leaves to restore (others are skipped); default: every leaf, in its stored dtype.
+    dtype: cast every leaf to this dtype; default: the abstract leaf's dtype.
+    sharding: a tree of jax.sharding.Sharding matching the restored tree, or a function from a
+        leaf path ("decoder/decoder_norm/scale") to one. Leaves then come back as jax.Arrays,
+        each device reading only its own slice (no full host copy). Default: numpy arrays.
+    """
+    import jax  # heavy; read_metadata/open_leaf do not need it
+    import orbax.checkpoint as ocp
+
+    _, item = _dirs(step_dir, item_name)
+    stored = read_metadata(step_dir, item_name=item_name, prefix=prefix)["leaves"]
+    if abstract_tree is None:
+        flat = {p: jax.ShapeDtypeStruct(s, t) for p, (s, t) in stored.items()}
+    else:
+        flat = _flatten(abstract_tree)
+        _check_abstract(flat, stored)
+    args = _restore_args(flat, dtype, sharding)
+    # partial_restore: the checkpoint may hold more than asked for (as MaxText's loader does).
+    restore = ocp.args.PyTreeRestore(item=_wrap(prefix, _nest(flat)), restore_args=_wrap(prefix, _nest(args)),
+                                     partial_restore=True)
+    restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
+    for key in prefix:
+        restored = restored[key]
+    return restored

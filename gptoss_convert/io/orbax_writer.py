@@ -1,0 +1,299 @@
+"""Orbax checkpoint writer: one MaxText-loadable PyTree step, written leaf block by leaf block.
+
+Why not Orbax's own save: its ArrayHandler holds a whole leaf (and every encoded chunk until the
+commit) in host RAM, and a 120b scanned `wi_0` leaf is ~38 GB. So we write what Orbax would
+write, ourselves: each leaf is a zarr3 array opened with TensorStore and filled one block at a
+time (memory = one block + one encoded chunk), and `finalize()` adds the two metadata files
+that make the folder an Orbax checkpoint. No private Orbax API is used.
+
+On-disk format, pinned to what orbax-checkpoint 0.12.8's `PyTreeCheckpointHandler(use_ocdbt=False,
+use_zarr3=True)` writes for a tree of numpy leaves (tensorstore 0.1.86). tests/test_orbax_io.py
+saves the same tree with stock Orbax and fails if any of these files drift:
+
+    <step_dir>/_CHECKPOINT_METADATA        item_handlers.items = v0 PyTreeCheckpointHandler, custom_metadata
+    <step_dir>/commit_success.txt
+    <step_dir>/<item>/_METADATA            tree metadata: value_type "np.ndarray", use_ocdbt false, use_zarr3 true
+    <step_dir>/<item>/commit_success.txt
+    <step_dir>/<item>/params.params.<a>.<b>/zarr.json   zarr v3, one `sharding_indexed` shard per chunk
+    <step_dir>/<item>/params.params.<a>.<b>/c/<i>/<j>/... one file per chunk (all-zero ones too)
+
+Choices and why:
+- One folder per array, not OCDBT: chunks are plain files, so independent block writes, resume
+  (rewrite a chunk) and several writer processes need no shared B-tree manifest and no merge
+  step; a partial read (one expert of one layer) opens one small folder. Every reader checked
+  (`ocp.v1.load` as MaxText calls it, v0 `PyTreeCheckpointer`, `CheckpointManager`) detects the
+  layout from the missing `manifest.ocdbt`, whatever `use_ocdbt` the reader is configured with.
+- value_type "np.ndarray" (what Orbax records for host arrays), so no `_sharding` file naming the
+  writer's devices: a restore without a target yields numpy arrays; a restore with sharded
+  `jax.ShapeDtypeStruct`s (MaxText) places each device's slice directly.
+- v0 handler name and no `orbax.checkpoint` indicator file: the v1 loader reads this through its
+  v0 layout, and v0 `CheckpointManager.restore(step)` without args can still resolve the handler
+  (a v1-style step naming `PyTreeHandler` cannot be restored that way).
+- `store_data_equal_to_fill_value`: Orbax restores with `fill_missing_data_reads=False`, so an
+  all-zero chunk that was skipped would make the restore fail; every chunk is written.
+- A step is complete only once `finalize()` has run after the last `create()`: `create()` removes
+  the completion files, `finalize()` checks every chunk exists and writes them last. Before that,
+  the v1 loader refuses the step (no `_CHECKPOINT_METADATA`). Note that a v0 `CheckpointManager`
+  still lists an unfinalized `<root>/0` as a step (it only skips `*.orbax-checkpoint-tmp*`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+from gptoss_convert.errors import OutputError
+
+# orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
+PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+PYTREE_METADATA_FILE = "_METADATA"
+CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
+COMMIT_SUCCESS_FILE = "commit_success.txt"
+KEY_TYPE_DICT = 2  # orbax.checkpoint._src.metadata.tree.KeyType.DICT
+VALUE_TYPE_NUMPY = "np.ndarray"
+ZSTD_LEVEL = 3  # Orbax's zarr3 compression (tensorstore_utils._build_zarr3_metadata)
+TS_CONTEXT = {"file_io_concurrency": {"limit": 128}}  # Orbax's base TensorStore context
+
+
+def default_chunk_shape(shape, dtype, *, max_chunk_bytes: int = 64 << 20) -> tuple[int, ...]:
+    """Chunk shape for a leaf: the whole array if it fits `max_chunk_bytes`, else the leading
+    axes are cut (axis 0 first, down to 1, then axis 1, ...) until one chunk fits.
+
+    Chunk edges need not divide the shape (zarr pads the last chunk). Callers that write in
+    blocks (one expert, one stack slot) should pass chunk shapes equal to their block via
+    `OrbaxWriter(chunk_shapes=...)`, so that no chunk is read back and rewritten.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    chunk = [max(int(d), 1) for d in shape]  # zarr chunk sizes must be >= 1, even for empty axes
+    for axis in range(len(chunk)):
+        if itemsize * math.prod(chunk) <= max_chunk_bytes:
+            break
+        rest = itemsize * math.prod(chunk[axis + 1:])
+        chunk[axis] = max(1, max_chunk_bytes // rest)
+    return tuple(chunk)
+
+
+def array_name(keys: tuple[str, ...]) -> str:
+    """Folder of one leaf inside the item dir: Orbax joins the tree keys with '.'."""
+    return ".".join(keys)
+
+
+def zarr3_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> dict:
+    """The zarr3 metadata Orbax writes for a leaf saved with one chunk of shape `chunk`:
+    a sharding_indexed codec whose single inner chunk is the whole shard, zstd level 3."""
+    return {
+        "shape": list(shape),
+        "data_type": np.dtype(dtype).name,  # "bfloat16" (ml_dtypes), "float32", ...
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+        "codecs": [{
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": list(chunk),
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                           {"name": "zstd", "configuration": {"level": ZSTD_LEVEL}}],
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+                "index_location": "end",
+            },
+        }],
+    }
+
+
+def pytree_metadata(leaf_keys: list[tuple[str, ...]]) -> dict:
+    """Contents of `<item>/_METADATA` for a tree of nested dicts with numpy leaves."""
+    entries = {}
+    for keys in sorted(leaf_keys):  # jax flattens dicts in sorted key order, level by level
+        entries[str(tuple(keys))] = {
+            "key_metadata": [{"key": k, "key_type": KEY_TYPE_DICT} for k in keys],
+            "value_metadata": {"value_type": VALUE_TYPE_NUMPY, "skip_deserialize": False},
+        }
+    return {"tree_metadata": entries, "use_ocdbt": False, "use_zarr3": True,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+
+
+def checkpoint_metadata(item_name: str, custom_metadata: dict, init_ns: int, commit_ns: int) -> dict:
+    """Contents of `<step>/_CHECKPOINT_METADATA` (keys in the order Orbax writes them)."""
+    return {"item_handlers": {item_name: PYTREE_HANDLER}, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": init_ns, "commit_timestamp_nsecs": commit_ns,
+            "custom_metadata": custom_metadata}
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write a small file so that it is either absent or complete, and on disk when we return."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chunk_files(leaf_dir: Path, ndim: int) -> int:
+    """How many chunk files a zarr3 array folder holds (default key encoding: c/i/j/...)."""
+    if ndim == 0:
+        return int((leaf_dir / "c").is_file())
+    root = leaf_dir / "c"
+    if not root.is_dir():
+        return 0
+    return sum(1 for p in root.rglob("*") if p.is_file() and p.name.isdigit())
+
+
+class OrbaxWriter:
+    """Writes one Orbax PyTree checkpoint step directory, leaf block by leaf block.
+
+    `leaves` maps a path relative to `prefix` ("decoder/layers_0/GptOssMlp/wi_0") to its
+    (shape, dtype); the saved tree is {prefix[0]: {prefix[1]: {...nested by "/"...}}}.
+    Usage: `create()`, any number of `write()`s (in any order, from a resumed run too), then
+    `finalize()`. Processes writing disjoint chunks of one step need no coordination beyond
+    running `finalize()` once, after all of them are done (a design property, not tested here).
+    """
+
+    def __init__(self, step_dir: Path, leaves: dict[str, tuple[tuple[int, ...], np.dtype]], *,
+                 item_name: str = "items", prefix: tuple[str, ...] = ("params", "params"),
+                 chunk_shapes: dict[str, tuple[int, ...]] | None = None,
+                 custom_metadata: dict | None = None):
+        self.step_dir = Path(step_dir)
+        self.item_dir = self.step_dir / item_name
+        self.item_name = item_name
+        self.prefix = tuple(prefix)
+        self.custom_metadata = dict(custom_metadata or {})
+        json.dumps(self.custom_metadata)  # fail now, not after hours of writing
+        self.leaves = {p: (tuple(int(d) for d in s), np.dtype(t)) for p, (s, t) in leaves.items()}
+        self.chunks = self._chunk_shapes(chunk_shapes or {})
+        self._check_tree()
+        self._stores: dict[str, ts.TensorStore] = {}
+        self._init_ns: int | None = None
+
+    def _chunk_shapes(self, given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        unknown = sorted(set(given) - set(self.leaves))
+        if unknown:
+            raise ValueError(f"chunk_shapes names leaves that are not in `leaves`: {unknown}")
+        chunks = {}
+        for path, (shape, dtype) in self.leaves.items():
+            chunk = tuple(int(c) for c in given.get(path, default_chunk_shape(shape, dtype)))
+            if len(chunk) != len(shape) or any(c < 1 for c in chunk):
+                raise ValueError(f"chunk shape {chunk} for leaf {path!r} {shape}: need one size >= 1 per axis")
+            chunks[path] = chunk
+        return chunks
+
+    def _check_tree(self) -> None:
+        """Every path must map to its own folder and be a leaf, not also an inner node."""
+        if not self.leaves:
+            raise ValueError("OrbaxWriter needs at least one leaf")
+        problems = [f"{p!r}: empty or dotted path component (Orbax joins keys with '.')"
+                    for p in self.leaves if any(not k or "." in k for k in self._keys(p))]
+        nodes = {"/".join(p.split("/")[:i]) for p in self.leaves for i in range(1, p.count("/") + 1)}
+        problems += [f"{p!r} is both a leaf and a parent of other leaves" for p in self.leaves if p in nodes]
+        if problems:
+            raise ValueError("invalid leaf paths: " + "; ".join(sorted(problems)))
+
+    def _keys(self, path: str) -> tuple[str, ...]:
+        return self.prefix + tuple(path.split("/"))
+
+    def _spec(self, path: str) -> dict:
+        shape, dtype = self.leaves[path]
+        return {"driver": "zarr3",
+                "kvstore": {"driver": "file", "path": str(self.item_dir / array_name(self._keys(path)))},
+                "store_data_equal_to_fill_value": True,
+                "metadata": zarr3_metadata(shape, dtype, self.chunks[path])}
+
+    def create(self) -> None:
+        """Create every array (or reopen it, when resuming) and mark the step incomplete.
+
+        Idempotent: chunks already written are kept. An existing array whose shape, dtype or
+        chunking differs raises OutputError.
+        """
+        self.item_dir.mkdir(parents=True, exist_ok=True)
+        for marker in (self.step_dir / CHECKPOINT_METADATA_FILE, self.step_dir / COMMIT_SUCCESS_FILE,
+                       self.item_dir / PYTREE_METADATA_FILE, self.item_dir / COMMIT_SUCCESS_FILE):
+            marker.unlink(missing_ok=True)
+        context = ts.Context(TS_CONTEXT)
+        futures = {p: ts.open(self._spec(p), create=True, open=True, context=context) for p in self.leaves}
+        problems = []
+        for path, future in futures.items():
+            try:
+                self._stores[path] = future.result()
+            except ValueError as e:  # tensorstore reports a metadata mismatch as ValueError
+                problems.append(f"{path}: {str(e).split(' [tensorstore_spec')[0]}")
+        if problems:
+            raise OutputError(f"{self.step_dir} holds arrays that do not match this conversion "
+                              f"({len(problems)}): " + "; ".join(problems)
+                              + ". Delete the step directory or convert into a new one.")
+        self._init_ns = time.time_ns()
+
+    def write(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> None:
+        """Write `block` into leaf `path` at `index` (one slice per axis), cast to the leaf's
+        dtype if needed. Synchronous: the data is on disk when this returns."""
+        store = self._store(path)
+        shape, dtype = self.leaves[path]
+        region = _region_shape(path, shape, index)
+        block = np.asarray(block)
+        if block.shape != region:
+            raise ValueError(f"block for leaf {path!r} at {index} has shape {block.shape}, expected {region}")
+        if block.dtype != dtype:
+            block = block.astype(dtype)
+        store[index].write(block).result()
+
+    def _store(self, path: str) -> ts.TensorStore:
+        if path not in self.leaves:
+            raise KeyError(f"unknown leaf {path!r}; this writer has {len(self.leaves)} leaves")
+        if path not in self._stores:
+            raise RuntimeError("OrbaxWriter.create() must be called before write()")
+        return self._stores[path]
+
+    def missing_chunks(self) -> dict[str, tuple[int, int]]:
+        """{path: (chunk files present, chunks expected)} for every leaf not completely written."""
+        missing = {}
+        for path, (shape, _) in self.leaves.items():
+            expected = math.prod(math.ceil(d / c) for d, c in zip(shape, self.chunks[path]))
+            present = _chunk_files(self.item_dir / array_name(self._keys(path)), len(shape))
+            if present < expected:
+                missing[path] = (present, expected)
+        return missing
+
+    def finalize(self) -> None:
+        """Check every chunk was written, then write the files that make this an Orbax
+        checkpoint, step-level metadata last so a crash never leaves a step that looks whole."""
+        missing = self.missing_chunks()
+        if missing:
+            lines = [f"{p}: {have}/{want} chunks" for p, (have, want) in sorted(missing.items())]
+            raise OutputError(f"cannot finalize {self.step_dir}: {len(missing)} leaves are incomplete ("
+                              + "; ".join(lines) + "). Write the missing blocks (create() reopens "
+                              "the step for resuming), then finalize() again.")
+        now = time.time_ns()
+        keys = [self._keys(p) for p in self.leaves]
+        _write_durably(self.item_dir / PYTREE_METADATA_FILE, json.dumps(pytree_metadata(keys)))
+        _write_durably(self.item_dir / COMMIT_SUCCESS_FILE,
+                       f"Checkpoint commit was successful to {self.item_dir}")
+        meta = checkpoint_metadata(self.item_name, self.custom_metadata, self._init_ns or now, now)
+        _write_durably(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
+        _write_durably(self.step_dir / COMMIT_SUCCESS_FILE,
+                       f"Checkpoint commit was successful to {self.step_dir}")
+
+
+def _region_shape(path: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    """Shape selected by `index` (contiguous slices, one per axis) in an array of `shape`."""
+    if not isinstance(index, tuple) or len(index) != len(shape) or not all(isinstance(s, slice) for s in index):
+        raise ValueError(f"index for leaf {path!r} {shape} must be a tuple of {len(shape)} slices, got {index!r}")
+    region = []
+    for s, dim in zip(index, shape):
+        start, stop, step = s.indices(dim)
+        if step != 1:
+            raise ValueError(f"index for leaf {path!r} must use contiguous slices, got {index!r}")
+        region.append(max(0, stop - start))
+    return tuple(region)
