@@ -7,7 +7,9 @@ straight into its place in the target leaf. Peak memory is a few blocks, not the
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -74,6 +76,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         writer.create()
         _stream(ck, plan, writer, staged, np_dtype, progress)
         writer.finalize()
+        _write_sidecars(ck, staged.path)
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=ck.files,
                      options={"layout": layout, "dtype": np_dtype.name},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"})
@@ -83,6 +86,36 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
         f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
     return result
+
+
+def _write_sidecars(ck: HFCheckpoint, out: Path) -> None:
+    """config.json (without quantization_config) and tokenizer files beside the step directory:
+    the Orbax tree does not say which model it is; `verify` and `generate` read these."""
+    conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"}
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    for f in ck.sidecar_files():
+        shutil.copyfile(f, out / f.name)
+
+
+class _MemoryWriter:
+    """The writer interface over in-memory numpy arrays (for small models and verification)."""
+
+    def __init__(self, leaves: dict[str, tuple[tuple[int, ...], np.dtype]]):
+        self.arrays = {p: np.empty(shape, dtype) for p, (shape, dtype) in leaves.items()}
+
+    def write(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> None:
+        self.arrays[path][index] = block
+
+
+def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, dtype: str = "fp32"):
+    """(config, {path: array}) — the same plan and transforms as `to_orbax`, kept in RAM."""
+    ck = src if isinstance(src, HFCheckpoint) else open_checkpoint(src)
+    np_dtype = _NP[resolve_dtype(dtype)]
+    _, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize)
+    writer = _MemoryWriter({p: (s, np_dtype) for p, s in plan.targets.items()})
+    for block in plan.blocks:
+        _write_block(writer, block, ck.read(block.source, block.rows, dtype=np_dtype), np_dtype)
+    return cfg, writer.arrays
 
 
 def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> None:

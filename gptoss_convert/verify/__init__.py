@@ -1,0 +1,1 @@
+"""Golden logits from HF transformers and their comparison with the JAX forward."""

@@ -1,0 +1,103 @@
+"""Shape-faithful synthetic gpt-oss checkpoints: the real 20b/120b tensor shapes, any layer count.
+
+Random bytes, written tensor by tensor (memory stays at one tensor), in the published MXFP4
+layout: sharded safetensors + index + config.json. Values are finite (BF16 exponents capped,
+MXFP4 scales 110..126), so every converter path runs as on the real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gptoss_convert.io.safetensors import DTYPES, ShardWriter
+from gptoss_convert.testing.tiny import MXFP4_CONFIG
+
+REAL = {"20b": dict(num_local_experts=32), "120b": dict(num_local_experts=128)}
+
+
+def config(model: str = "20b", layers: int = 2) -> dict:
+    return {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "vocab_size": 201088,
+            "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": layers,
+            "num_experts_per_tok": 4, "experts_per_token": 4, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "head_dim": 64, "sliding_window": 128, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
+            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+            "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                   "beta_slow": 1.0, "original_max_position_embeddings": 4096,
+                                                   "truncate": False},
+            "attention_bias": True, "tie_word_embeddings": False, "max_position_embeddings": 131072,
+            "torch_dtype": "bfloat16", "quantization_config": MXFP4_CONFIG, **REAL[model]}
+
+
+def tensor_specs(c: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    H, I, E, V = c["hidden_size"], c["intermediate_size"], c["num_local_experts"], c["vocab_size"]
+    Nq, Nkv, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    specs = [("model.embed_tokens.weight", "BF16", (V, H))]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", "BF16", (H,)), (p + "post_attention_layernorm.weight", "BF16", (H,))]
+        for n, rows in (("q", Nq * D), ("k", Nkv * D), ("v", Nkv * D)):
+            specs += [(p + f"self_attn.{n}_proj.weight", "BF16", (rows, H)), (p + f"self_attn.{n}_proj.bias", "BF16", (rows,))]
+        specs += [(p + "self_attn.o_proj.weight", "BF16", (H, Nq * D)), (p + "self_attn.o_proj.bias", "BF16", (H,)),
+                  (p + "self_attn.sinks", "BF16", (Nq,)),
+                  (p + "mlp.router.weight", "BF16", (E, H)), (p + "mlp.router.bias", "BF16", (E,)),
+                  (p + "mlp.experts.gate_up_proj_blocks", "U8", (E, 2 * I, H // 32, 16)),
+                  (p + "mlp.experts.gate_up_proj_scales", "U8", (E, 2 * I, H // 32)),
+                  (p + "mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * I)),
+                  (p + "mlp.experts.down_proj_blocks", "U8", (E, H, I // 32, 16)),
+                  (p + "mlp.experts.down_proj_scales", "U8", (E, H, I // 32)),
+                  (p + "mlp.experts.down_proj_bias", "BF16", (E, H))]
+    specs += [("model.norm.weight", "BF16", (H,)), ("lm_head.weight", "BF16", (V, H))]
+    return specs
+
+
+def _random(rng, name: str, dtype: str, shape) -> np.ndarray:
+    if name.endswith("_scales"):
+        return rng.integers(110, 127, shape, dtype=np.uint8)
+    if dtype == "U8":
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16) & 0xBFFF   # exponent < 128: finite, |x| < 2
+    return bits.view(DTYPES["BF16"])
+
+
+def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int = 4 << 30, seed: int = 0) -> Path:
+    """Write the synthetic checkpoint; returns its directory (skips work if already complete)."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    c = config(model, layers)
+    specs = tensor_specs(c)
+    shards, size = [[]], 0
+    for s in specs:
+        n = int(np.prod(s[2])) * DTYPES[s[1]].itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    rng = np.random.default_rng(seed)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors"   # the published naming
+        w = ShardWriter(out / fname, shard, {"format": "pt"})
+        for name, dtype, shape in shard:
+            w.write(name, _random(rng, name, dtype, shape))
+            weight_map[name] = fname
+            total += int(np.prod(shape)) * DTYPES[dtype].itemsize
+        w.close(fsync=False)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(c, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out")
+    ap.add_argument("--model", choices=sorted(REAL), default="20b")
+    ap.add_argument("--layers", type=int, default=2)
+    a = ap.parse_args()
+    print(write(a.out, a.model, a.layers))

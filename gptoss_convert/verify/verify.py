@@ -1,0 +1,128 @@
+"""`gptoss-convert verify`: run the JAX forward on a converted checkpoint against golden logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from gptoss_convert.errors import InputError, VerifyFailed
+from gptoss_convert.verify.metrics import Thresholds, compare
+
+MOE_STRATEGIES = ("ragged_dot", "megablox", "dense")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What `verify` was pointed at: an Orbax step (MaxText layout) or an HF safetensors dir."""
+
+    kind: str                     # "orbax" | "hf"
+    path: Path                    # step dir (…/0) for orbax; the directory for hf
+    config_dir: Path              # where config.json lives
+
+
+def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None) -> Checkpoint:
+    """Accepts OUT, OUT/0 or OUT/0/items of a to-orbax output, or an HF checkpoint directory."""
+    p = Path(ckpt)
+    if not p.exists():
+        raise InputError(f"{p}: does not exist")
+    for step in (p / "0", p, p.parent):
+        if (step / "items").is_dir() and (step / "_CHECKPOINT_METADATA").is_file():
+            cfg_dir = Path(config) if config else step.parent
+            if not (cfg_dir / "config.json").is_file():
+                raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --config HF_DIR")
+            return Checkpoint("orbax", step, cfg_dir)
+    if (p / "config.json").is_file() and (list(p.glob("*.safetensors"))):
+        return Checkpoint("hf", p, Path(config) if config else p)
+    raise InputError(f"{p}: neither an Orbax checkpoint (OUT/0/items) nor an HF safetensors directory")
+
+
+def load_config(ck: Checkpoint):
+    from gptoss_convert.backends import get_backend
+    path = ck.config_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    backend = get_backend(raw.get("model_type"))
+    return backend.config_from_dict(raw, str(path))
+
+
+def load_params(ck: Checkpoint, dtype=np.float32):
+    """(flat params, scanned) held in memory, from either kind of checkpoint."""
+    if ck.kind == "hf":
+        from gptoss_convert.converters.to_orbax import convert_in_memory
+        _, flat = convert_in_memory(ck.path, scanned=False, dtype="fp32")
+        return flat, False
+    from gptoss_convert.io.orbax_reader import load_params as orbax_load, read_metadata
+    meta = read_metadata(ck.path)
+    from gptoss_convert.backends.gpt_oss.params import flatten
+    tree = orbax_load(ck.path, dtype=dtype)
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}, bool(meta.get("scan_layers"))
+
+
+def _table(rows: list[dict], th: Thresholds) -> str:
+    head = f"{'prompt':<24} {'tok':>5} {'max|Δ|':>10} {'mean KL':>10} {'max KL':>10} {'top1':>6} {'top5':>6}  verdict"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p = r["prompt"].replace("\n", " ")
+        p = p if len(p) <= 24 else p[:21] + "..."
+        lines.append(f"{p:<24} {r['tokens']:>5} {r['max_abs_diff']:>10.3g} {r['mean_kl']:>10.3g} {r['max_kl']:>10.3g} "
+                     f"{r['top1_agreement']:>6.1%} {r['top5_overlap']:>6.1%}  {'PASS' if r['pass'] else 'FAIL'}")
+    lines.append(f"thresholds: atol={th.atol} rtol={th.rtol} max_kl={th.max_kl}")
+    return "\n".join(lines)
+
+
+def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, hf: str | os.PathLike | None = None,
+           moe: str = "ragged_dot", atol: float = 0.1, rtol: float = 0.1, max_kl: float = 3e-4,
+           skip_first_token: bool = False, json_report: str | os.PathLike | None = None,
+           config: str | os.PathLike | None = None, prompts: str | None = None, log=print) -> dict:
+    """Compare the JAX forward on `ckpt` with golden logits (a file, or HF run on `hf` now).
+
+    Prints a table per prompt and returns the report; raises VerifyFailed unless every prompt
+    passes (elementwise |a-g| <= atol + rtol|g| and max per-token KL <= max_kl).
+    """
+    if moe not in MOE_STRATEGIES:
+        raise InputError(f"moe strategy {moe!r} unknown; choose one of {', '.join(MOE_STRATEGIES)}")
+    if (golden is None) == (hf is None):
+        raise InputError("give exactly one of --golden FILE or --hf HF_DIR")
+    ck = locate(ckpt, config)
+    cfg = load_config(ck)
+    records = _golden_records(golden, hf, prompts, cfg.V)
+    params, scanned = load_params(ck)
+    from gptoss_convert.backends.gpt_oss.model import forward
+    from gptoss_convert.backends.gpt_oss.params import unflatten
+    tree = unflatten(params)
+    th = Thresholds(atol, rtol, max_kl)
+    rows = []
+    for rec in records:
+        ours = np.asarray(forward(tree, np.asarray([rec["tokens"]], np.int32), cfg, moe=moe))[0]
+        rows.append({"prompt": rec["prompt"], **compare(rec["logits"], ours, th, skip_first=skip_first_token)})
+    report = {"checkpoint": str(ck.path), "kind": ck.kind, "layout": "scanned" if scanned else "unscanned",
+              "moe": moe, "thresholds": dataclasses.asdict(th), "prompts": rows, "pass": all(r["pass"] for r in rows)}
+    log(_table(rows, th))
+    if json_report:
+        Path(json_report).write_text(json.dumps(report, indent=1))
+    if not report["pass"]:
+        raise VerifyFailed(f"{ck.path}: {sum(not r['pass'] for r in rows)} of {len(rows)} prompt(s) FAIL against the golden logits")
+    log(f"verify: PASS ({ck.kind}, {report['layout']}, moe={moe}, {len(rows)} prompts)")
+    return report
+
+
+def _golden_records(golden, hf, prompts, vocab_size):
+    from gptoss_convert.verify.golden import hf_logits, load_hf_model, parse_prompts, read_golden
+    if golden is not None:
+        return read_golden(golden, vocab_size)
+    from transformers import AutoTokenizer
+    from gptoss_convert.io.hf_checkpoint import resolve_source
+    d = resolve_source(hf)
+    tok = AutoTokenizer.from_pretrained(d)
+    model = load_hf_model(d, "float32")
+    recs = []
+    for p in parse_prompts(prompts):
+        tokens = tok(p)["input_ids"]
+        recs.append({"prompt": p, "tokens": tokens, "logits": hf_logits(model, tokens)})
+    return recs
