@@ -82,15 +82,61 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--scanned/--unscanned", default=None, help="Layout: scanned (training) or unscanned (decoding).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the checked plan and exit; writes nothing.")
+@click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @common_options
 @_run
-def to_orbax_cmd(src, out, scanned, dtype, dry_run, overwrite, resume, workers, no_progress):
+def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, overwrite, resume, workers, no_progress):
     """MXFP4 or BF16 SRC (directory or hub id) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
-    to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers,
+    to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
              overwrite=overwrite, resume=resume, progress=not no_progress)
+
+
+@main.command("golden")
+@click.argument("hf_dir")
+@click.option("--out", required=True, type=click.Path(), help="Golden file to write (JSON lines).")
+@click.option("--prompts", default=None, help="';'-separated prompts (default: MaxText's three + a long passage).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None, help="One prompt per line.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@_run
+def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
+    """Reference logits from HF transformers on HF_DIR (MXFP4 or BF16), MaxText's golden format."""
+    from gptoss_convert.verify.golden import golden
+    golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, dtype=dtype)
+
+
+@main.command("verify")
+@click.argument("ckpt", type=click.Path(exists=True))
+@click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--hf", default=None, help="Compute the golden logits now from this HF directory / hub id.")
+@click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
+@click.option("--atol", type=float, default=0.1, show_default=True)
+@click.option("--rtol", type=float, default=0.1, show_default=True)
+@click.option("--max-kl", type=float, default=3e-4, show_default=True)
+@click.option("--skip-first-token", is_flag=True)
+@click.option("--json", "json_report", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
+@click.option("--config", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory holding config.json, if not beside the checkpoint.")
+@click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
+@_run
+def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts):
+    """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
+    from gptoss_convert.verify.verify import verify
+    verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
+           skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts)
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@_run
+def demo_cmd(workdir):
+    """Generate a tiny gpt-oss and run dequantize, to-orbax (both layouts), golden and verify."""
+    from gptoss_convert.demo import demo
+    rows = demo(workdir)
+    if any(r["verdict"] == "FAIL" for r in rows):
+        sys.exit(4)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,18 @@ def array_name(keys: tuple[str, ...]) -> str:
     return ".".join(keys)
 
 
-def zarr3_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...]) -> dict:
+def zarr3_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...], compression: str | None = "zstd") -> dict:
     """The zarr3 metadata Orbax writes for a leaf saved with one chunk of shape `chunk`:
-    a sharding_indexed codec whose single inner chunk is the whole shard, zstd level 3."""
+    a sharding_indexed codec whose single inner chunk is the whole shard, zstd level 3.
+
+    `compression=None` drops the zstd codec: a valid zarr3 array every reader restores, written
+    ~2x faster (bf16 weights gain only 10-30% from zstd).
+    """
+    inner = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        inner.append({"name": "zstd", "configuration": {"level": ZSTD_LEVEL}})
+    elif compression is not None:
+        raise ValueError(f"compression: expected 'zstd' or None, got {compression!r}")
     return {
         "shape": list(shape),
         "data_type": np.dtype(dtype).name,  # "bfloat16" (ml_dtypes), "float32", ...
@@ -95,8 +104,7 @@ def zarr3_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ..
             "name": "sharding_indexed",
             "configuration": {
                 "chunk_shape": list(chunk),
-                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                           {"name": "zstd", "configuration": {"level": ZSTD_LEVEL}}],
+                "codecs": inner,
                 "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                  {"name": "crc32c"}],
                 "index_location": "end",
@@ -166,8 +174,9 @@ class OrbaxWriter:
     def __init__(self, step_dir: Path, leaves: dict[str, tuple[tuple[int, ...], np.dtype]], *,
                  item_name: str = "items", prefix: tuple[str, ...] = ("params", "params"),
                  chunk_shapes: dict[str, tuple[int, ...]] | None = None,
-                 custom_metadata: dict | None = None):
+                 custom_metadata: dict | None = None, compression: str | None = "zstd"):
         self.step_dir = Path(step_dir)
+        self.compression = compression
         self.item_dir = self.step_dir / item_name
         self.item_name = item_name
         self.prefix = tuple(prefix)
@@ -210,7 +219,7 @@ class OrbaxWriter:
         return {"driver": "zarr3",
                 "kvstore": {"driver": "file", "path": str(self.item_dir / array_name(self._keys(path)))},
                 "store_data_equal_to_fill_value": True,
-                "metadata": zarr3_metadata(shape, dtype, self.chunks[path])}
+                "metadata": zarr3_metadata(shape, dtype, self.chunks[path], self.compression)}
 
     def create(self) -> None:
         """Create every array (or reopen it, when resuming) and mark the step incomplete.
