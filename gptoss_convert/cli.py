@@ -53,6 +53,7 @@ _common = [
     click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT."),
     click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads (default: all cores)."),
     click.option("--no-progress", is_flag=True, help="No progress bar."),
+    click.option("--allow-nonfinite", is_flag=True, help="Convert even if BF16 weights hold NaN/inf."),
 ]
 
 
@@ -69,11 +70,11 @@ def common_options(fn):
 @click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
 @common_options
 @_run
-def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress):
+def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress, allow_nonfinite):
     """MXFP4 safetensors SRC (directory or hub id) -> HF BF16 checkpoint OUT."""
     from gptoss_convert.converters.dequantize import dequantize
     dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers,
-               overwrite=overwrite, resume=resume, progress=not no_progress)
+               overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite)
 
 
 @main.command("to-orbax")
@@ -85,13 +86,13 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @common_options
 @_run
-def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, overwrite, resume, workers, no_progress):
+def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, overwrite, resume, workers, no_progress, allow_nonfinite):
     """MXFP4 or BF16 SRC (directory or hub id) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
     to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
-             overwrite=overwrite, resume=resume, progress=not no_progress)
+             overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite)
 
 
 @main.command("golden")
@@ -126,6 +127,15 @@ def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token,
     from gptoss_convert.verify.verify import verify
     verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
            skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts)
+
+
+@main.command("check")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@_run
+def check_cmd(out):
+    """Re-read a finished output (safetensors or Orbax) and confirm it against its conversion.json."""
+    from gptoss_convert.converters.check import check
+    check(out)
 
 
 @main.command("demo")

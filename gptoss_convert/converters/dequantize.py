@@ -103,7 +103,7 @@ def _out_config(ck: HFCheckpoint, dtype: str) -> dict:
 
 def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
-               resume: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
+               resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
                log=print) -> Path:
     """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
 
@@ -115,7 +115,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     t0 = time.perf_counter()
     st_dtype = {"bfloat16": "BF16", "float32": "F32"}[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
-    ck.workers = workers
+    ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
     check_against_backend(ck)
     tensors = _out_tensors(ck, st_dtype, block_bytes)
     shards = _shards(tensors, parse_size(max_shard_size))

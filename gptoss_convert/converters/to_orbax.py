@@ -48,7 +48,7 @@ def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
 
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
              dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
-             progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
+             allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
              log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
@@ -60,7 +60,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     t0 = time.perf_counter()
     np_dtype = _NP[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
-    ck.workers = workers
+    ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
     backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize, block_bytes=block_bytes)
     if dry_run:
         log(plan.describe(source_shapes(ck)))

@@ -77,6 +77,7 @@ class HFCheckpoint:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         self.workers: int | None = None       # threads for MXFP4 decoding (None = all cores)
+        self.allow_nonfinite = False           # stored NaN/inf weights are an error unless set
         self.config_raw = self._read_config()
         self.files = self._shard_files()
         self.stored: dict[str, TensorInfo] = {}
@@ -197,7 +198,10 @@ class HFCheckpoint:
         """
         vt = self.tensors[name]
         if not vt.is_mxfp4:
-            return read_tensor(vt.stored, rows)
+            arr = read_tensor(vt.stored, rows)
+            if not self.allow_nonfinite:
+                _check_finite(arr, vt.stored, rows)
+            return arr
         blocks = read_tensor(vt.blocks, rows)
         scales = read_tensor(vt.scales, rows)
         try:
@@ -217,6 +221,24 @@ class HFCheckpoint:
 
     def sidecar_files(self) -> list[Path]:
         return [self.dir / f for f in SIDECAR_FILES if (self.dir / f).is_file()]
+
+
+# Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.
+_EXP_MASK = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
+             "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def _check_finite(arr: np.ndarray, info: TensorInfo, rows: slice | None) -> None:
+    """Refuse NaN/inf in stored float weights (a bit test: no float conversion, ~memory speed)."""
+    if info.dtype not in _EXP_MASK:
+        return
+    utype, mask = _EXP_MASK[info.dtype]
+    bad = (arr.view(utype) & utype(mask)) == utype(mask)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
+        first = (first[0] + (rows.start if rows is not None else 0),) + first[1:] if first else first
+        raise CorruptTensorError(f"{info.file}: tensor {info.name!r} holds {int(bad.sum())} NaN/inf value(s) "
+                                 f"(first at index {first}); pass --allow-nonfinite to convert it anyway")
 
 
 def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> HFCheckpoint:
