@@ -64,6 +64,18 @@ def load_params(ck: Checkpoint, dtype=np.float32):
     return {k: np.asarray(v) for k, v in flatten(tree).items()}, bool(meta.get("scan_layers"))
 
 
+def run_batch(fn, records: list[dict]) -> list[np.ndarray]:
+    """All prompts in one right-padded batch (one compilation); returns each prompt's [T, V] logits."""
+    T = max(len(r["tokens"]) for r in records)
+    tokens = np.zeros((len(records), T), np.int32)
+    mask = np.zeros((len(records), T), np.int32)
+    for b, r in enumerate(records):
+        tokens[b, :len(r["tokens"])] = r["tokens"]
+        mask[b, :len(r["tokens"])] = 1
+    logits = np.asarray(fn(tokens, mask))
+    return [logits[b, :len(r["tokens"])] for b, r in enumerate(records)]
+
+
 def _table(rows: list[dict], th: Thresholds) -> str:
     head = f"{'prompt':<24} {'tok':>5} {'max|Δ|':>10} {'mean KL':>10} {'max KL':>10} {'top1':>6} {'top5':>6}  verdict"
     lines = [head, "-" * len(head)]
@@ -97,10 +109,9 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
     from gptoss_convert.backends.gpt_oss.params import unflatten
     tree = unflatten(params)
     th = Thresholds(atol, rtol, max_kl)
-    rows = []
-    for rec in records:
-        ours = np.asarray(forward(tree, np.asarray([rec["tokens"]], np.int32), cfg, moe=moe))[0]
-        rows.append({"prompt": rec["prompt"], **compare(rec["logits"], ours, th, skip_first=skip_first_token)})
+    ours = run_batch(lambda tokens, mask: forward(tree, tokens, cfg, moe=moe, attention_mask=mask), records)
+    rows = [{"prompt": rec["prompt"], **compare(rec["logits"], o, th, skip_first=skip_first_token)}
+            for rec, o in zip(records, ours)]
     report = {"checkpoint": str(ck.path), "kind": ck.kind, "layout": "scanned" if scanned else "unscanned",
               "moe": moe, "thresholds": dataclasses.asdict(th), "prompts": rows, "pass": all(r["pass"] for r in rows)}
     log(_table(rows, th))
