@@ -205,7 +205,8 @@ class HFCheckpoint:
         blocks = read_tensor(vt.blocks, rows)
         scales = read_tensor(vt.scales, rows)
         try:
-            deq = mxfp4.dequantize(blocks, scales, dtype, name=name, workers=self.workers)   # [e, out, in]
+            # [e, out, in] decoded straight into [e, in, out] (tiles transposed in cache)
+            return mxfp4.dequantize_transposed(blocks, scales, dtype, name=name, workers=self.workers)
         except CorruptTensorError:
             bad = np.argwhere(scales == 255)
             if not len(bad):
@@ -214,7 +215,6 @@ class HFCheckpoint:
             idx = (idx[0] + (rows.start if rows is not None else 0),) + idx[1:]
             raise CorruptTensorError(f"{vt.scales.file}: tensor {vt.scales.name!r} has scale byte 255 (NaN in MXFP4) at "
                                      f"index {idx}; the checkpoint is corrupt, re-download it") from None
-        return np.ascontiguousarray(np.swapaxes(deq, -1, -2))          # [e, in, out]
 
     def nbytes(self, name: str, itemsize: int = 2) -> int:
         return math.prod(self.tensors[name].shape) * itemsize
