@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
 from gptoss_convert.backends.layout import Layout
 
@@ -94,3 +96,18 @@ def abstract_params(cfg: GptOssConfig, scanned: bool, dtype: Any = "bfloat16") -
 
     dt = jnp.dtype(dtype)
     return unflatten({p: jax.ShapeDtypeStruct(s, dt) for p, s in flat_shapes(cfg, scanned).items()})
+
+
+def random_params(cfg: GptOssConfig, scanned: bool, seed: int = 0, dtype: Any = np.float32,
+                  std: float = 0.02) -> dict[str, Any]:
+    """A random parameter tree of the right shapes (benchmarks, examples): norm scales near 1,
+    everything else N(0, std), except the embedding at N(0, 1) so activations have unit scale."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in flat_shapes(cfg, scanned).items():
+        if path.endswith("norm/scale"):
+            a = 1.0 + 0.05 * rng.standard_normal(shape, np.float32)
+        else:
+            a = (1.0 if path == "token_embedder/embedding" else std) * rng.standard_normal(shape, np.float32)
+        flat[path] = a.astype(dtype)
+    return unflatten(flat)
