@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -17,6 +18,7 @@ import numpy as np
 
 from gptoss_convert import mxfp4
 from gptoss_convert.errors import InputError, CorruptTensorError
+from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
@@ -95,14 +97,7 @@ class HFCheckpoint:
     # -- loading and validation -------------------------------------------------------------
     def _read_config(self) -> dict:
         path = self.dir / "config.json"
-        if not path.is_file():
-            raise InputError(f"{path}: missing; a checkpoint directory must contain config.json")
-        try:
-            raw = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: must hold a JSON object")
+        raw = read_json_object(path, "a checkpoint directory must contain config.json")
         q = raw.get("quantization_config")
         if q is not None:
             method = q.get("quant_method") if isinstance(q, dict) else q
@@ -221,6 +216,14 @@ class HFCheckpoint:
 
     def sidecar_files(self) -> list[Path]:
         return [self.dir / f for f in SIDECAR_FILES if (self.dir / f).is_file()]
+
+    def write_sidecars(self, out: Path, **config_updates) -> None:
+        """config.json without quantization_config (plus `config_updates`) and the tokenizer,
+        generation and chat-template files, into `out`."""
+        conf = {k: v for k, v in self.config_raw.items() if k != "quantization_config"} | config_updates
+        (out / "config.json").write_text(json.dumps(conf, indent=2))
+        for f in self.sidecar_files():
+            shutil.copyfile(f, out / f.name)
 
 
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.

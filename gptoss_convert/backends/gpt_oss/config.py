@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -202,11 +201,6 @@ def _check_shapes(kw: dict, layer_types, problems: list[str]) -> None:
 
 def load_config(model_dir: str | Path) -> GptOssConfig:
     """Read and translate `<model_dir>/config.json`."""
+    from gptoss_convert.io.files import read_json_object
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; a gpt-oss checkpoint directory must contain config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(read_json_object(path, "a gpt-oss checkpoint directory must contain config.json"), str(path))

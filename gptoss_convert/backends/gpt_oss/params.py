@@ -12,6 +12,7 @@ import numpy as np
 
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
 from gptoss_convert.backends.layout import Layout
+from gptoss_convert.tree import flatten, unflatten  # noqa: F401  (re-exported)
 
 
 def layer_shapes(cfg: GptOssConfig) -> dict[str, tuple[int, ...]]:
@@ -63,30 +64,6 @@ def flat_shapes(cfg: GptOssConfig, scanned: bool) -> dict[str, tuple[int, ...]]:
             p = layout.place(i, rel, shape)
             out[p.path] = p.shape
     return dict(sorted(out.items()))
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'a/b': x} -> {'a': {'b': x}}."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Inverse of `unflatten`."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(flatten(v, path))
-        else:
-            out[path] = v
-    return out
 
 
 def abstract_params(cfg: GptOssConfig, scanned: bool, dtype: Any = "bfloat16") -> dict[str, Any]:
