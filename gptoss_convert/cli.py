@@ -152,5 +152,28 @@ def demo_cmd(workdir):
         sys.exit(4)
 
 
+@main.command("generate")
+@click.argument("ckpt", type=click.Path(exists=True))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory holding tokenizer.json (default: the one holding config.json beside CKPT).")
+@click.option("--max-new-tokens", type=click.IntRange(0), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same tokens).")
+@click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@_run
+def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
+    """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""
+    from gptoss_convert.backends.gpt_oss.generate import generate_from_checkpoint
+    r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=dtype)
+    click.echo(r["prompt"] + r["text"])
+    click.echo(f"prompt ids: {r['prompt_ids']}")
+    click.echo(f"new ids: {r['new_ids']}")
+    click.echo(r["stats"].summary(), err=True)
+
+
 if __name__ == "__main__":
     main()

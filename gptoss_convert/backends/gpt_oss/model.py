@@ -168,17 +168,26 @@ def sdpa_with_sinks(q, k, v, sinks, mask):
     return o.reshape(B, T, Nq, D)
 
 
-def attention(attn_params: Params, h, cfg: GptOssConfig, ctx: Context, *, sliding: bool):
-    """GptOssAttention on normed h [B, T, H] -> [B, T, H] (params already in h.dtype)."""
+def project_qkv(attn_params: Params, h, cos, sin):
+    """q [B, T, Nq, D], k, v [B, T, Nkv, D] from normed h [B, T, H]; RoPE applied to q and k."""
     p, prec = attn_params, _precision(h.dtype)
 
     def proj(name):   # [B, T, N, D]
         return jnp.einsum("bth,hnd->btnd", h, p[name]["kernel"], precision=prec) + p[name]["bias"]
 
-    q = apply_rope(proj("query"), ctx.cos, ctx.sin)
-    k = apply_rope(proj("key"), ctx.cos, ctx.sin)
-    o = sdpa_with_sinks(q, k, proj("value"), p["sinks"], ctx.mask(sliding))
-    return jnp.einsum("btnd,ndh->bth", o, p["out"]["kernel"], precision=prec) + p["out"]["bias"]
+    return apply_rope(proj("query"), cos, sin), apply_rope(proj("key"), cos, sin), proj("value")
+
+
+def project_out(attn_params: Params, o):
+    """Attention output o [B, T, Nq, D] -> [B, T, H] through the out projection."""
+    p = attn_params["out"]
+    return jnp.einsum("btnd,ndh->bth", o, p["kernel"], precision=_precision(o.dtype)) + p["bias"]
+
+
+def attention(attn_params: Params, h, cfg: GptOssConfig, ctx: Context, *, sliding: bool):
+    """GptOssAttention on normed h [B, T, H] -> [B, T, H] (params already in h.dtype)."""
+    q, k, v = project_qkv(attn_params, h, ctx.cos, ctx.sin)
+    return project_out(attn_params, sdpa_with_sinks(q, k, v, attn_params["sinks"], ctx.mask(sliding)))
 
 
 def decoder_layer(layer_params: Params, x, cfg: GptOssConfig, sliding: bool, ctx: Context, *,
