@@ -83,6 +83,7 @@ def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
     try:
         items = [(t, rows) for t in tensors for rows in _row_slices(t)]
         for (t, _), arr in prefetch(items, lambda it: _read(ck, *it)):
+            faults.point("read")
             w.append(t.name, arr)
             faults.point("write")
             bar.update(arr.nbytes)
