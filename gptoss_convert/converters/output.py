@@ -8,9 +8,11 @@ file `.OUT.lock` beside OUT keeps two processes from writing the same OUT at onc
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -19,6 +21,18 @@ from gptoss_convert import faults
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.errors import OutputError
 
+
+_NO_SPACE = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EFBIG: "file size limit reached (EFBIG)",
+             errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
+
+
+def disk_full(exc: BaseException | None) -> str | None:
+    """Say which kind of 'out of space' `exc` is (an OSError, or TensorStore's error text,
+    which carries the errno as os_error_code='N'); None if it is something else."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return _NO_SPACE[exc.errno]
+    m = re.search(r"os_error_code='?(\d+)", str(exc)) if exc is not None else None
+    return _NO_SPACE.get(int(m.group(1))) if m else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -131,10 +145,14 @@ class StagedOutput:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         return self.out
 
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
             try:
                 self.lockfile.unlink()
             except OSError:
                 pass
         self._unlock()
+        why = disk_full(exc)
+        if why:
+            raise OutputError(f"{self.out}: cannot write: {why}; the work done so far is kept in {self.staging}: "
+                              "free space (or raise the file size limit), then rerun the same command with --resume") from exc
