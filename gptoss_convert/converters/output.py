@@ -71,6 +71,8 @@ class StagedOutput:
             raise OutputError(f"{self.out}: cannot write in {parent} (read-only or no permission); choose another OUT")
         self._lock()
         try:
+            if self.out.exists() and not self.overwrite:   # another process finished it while we took the lock
+                raise OutputError(f"{self.out}: already exists; pass --overwrite to replace it")
             self._prepare_staging()
         except BaseException:
             self._unlock()
@@ -82,11 +84,21 @@ class StagedOutput:
             fd = os.open(self.lockfile, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             raise OutputError(f"{self.out}: cannot create lock file {self.lockfile} ({e.strerror}); choose another OUT") from None
+        held = f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); wait for it to finish"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); wait for it to finish") from None
+            raise OutputError(held) from None
+        # A writer unlinks the lock file when it finishes. If that happened between our open and
+        # our flock, we hold a lock on an unlinked file while the next process locks a new one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(self.lockfile))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            raise OutputError(held)
         self._lock_fd = fd
 
     def _unlock(self) -> None:
