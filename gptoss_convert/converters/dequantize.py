@@ -134,7 +134,8 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     fingerprint = {"command": "dequantize", "dtype": st_dtype, "shards": [[t.name for t in s] for s in shards],
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     total = sum(t.nbytes for t in tensors)
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, log=log) as staged:
+    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
+                      log=log) as staged:
         hashes = {}
         with progress_bar(total, "dequantize", progress) as bar:
             for fname, shard in zip(names, shards):

@@ -21,7 +21,6 @@ from gptoss_convert import faults
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.errors import OutputError
 
-
 _NO_SPACE = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EFBIG: "file size limit reached (EFBIG)",
              errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
 
@@ -47,8 +46,9 @@ class StagedOutput:
     """Context manager around one output directory; `path` is where to write meanwhile."""
 
     def __init__(self, out: str | os.PathLike, *, fingerprint: dict, overwrite: bool = False,
-                 resume: bool = False, log=print):
+                 resume: bool = False, source: str | os.PathLike | None = None, log=print):
         self.out = Path(out).absolute()
+        self.source = source                   # never replaced by OUT, even with --overwrite
         self.staging = self.out.parent / f".{self.out.name}.partial"
         self.lockfile = self.out.parent / f".{self.out.name}.lock"
         self.fingerprint = json.loads(json.dumps(fingerprint))
@@ -69,6 +69,11 @@ class StagedOutput:
             raise OutputError(f"{self.out}: already exists; pass --overwrite to replace it")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"{self.out}: cannot write in {parent} (read-only or no permission); choose another OUT")
+        if self.source is not None:
+            src, out = Path(self.source).resolve(), self.out.resolve()
+            if out == src or out in src.parents:
+                raise OutputError(f"{self.out}: is or contains the source checkpoint {self.source}; "
+                                  "writing OUT there would replace the source; choose another OUT")
         self._lock()
         try:
             if self.out.exists() and not self.overwrite:   # another process finished it while we took the lock
