@@ -125,12 +125,15 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 @click.option("--config", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory holding config.json, if not beside the checkpoint.")
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
+@click.option("--streamed/--in-memory", default=None,
+              help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
 @_run
-def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts):
+def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, streamed):
     """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
     from gptoss_convert.verify.verify import verify
     verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
-           skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts)
+           skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts,
+           streamed=streamed)
 
 
 @main.command("check")

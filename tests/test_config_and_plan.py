@@ -72,6 +72,10 @@ def test_config_spellings_and_allowlist():
     t5 |= {"dtype": "bfloat16", "rope_parameters": dict(REAL_20B["rope_scaling"], rope_theta=150000.0)}
     assert config_from_dict(t5) == a
     assert a.rope_scaling.truncate is False and a.num_experts_per_tok == 4
+    no_truncate = dict(REAL_20B, rope_scaling={k: v for k, v in REAL_20B["rope_scaling"].items() if k != "truncate"})
+    assert config_from_dict(no_truncate).rope_scaling.truncate is True      # as transformers reads it
+    with pytest.raises(ConfigError, match="unsupported rope parameters \\['mscale'\\]"):
+        config_from_dict(dict(REAL_20B, rope_scaling=dict(REAL_20B["rope_scaling"], mscale=0.7)))
     with pytest.raises(ConfigError, match="unknown fields \\['mystery'\\]"):
         config_from_dict(REAL_20B | {"mystery": 1})
     with pytest.raises(ConfigError, match="vocab_size=1000000000000 is out of the supported range"):

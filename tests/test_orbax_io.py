@@ -21,6 +21,7 @@ from orbax.checkpoint import v1 as ocp1
 from gptoss_convert.errors import InputError, OutputError
 from gptoss_convert.io.orbax_reader import load_params, open_leaf, read_metadata
 from gptoss_convert.io.orbax_writer import OrbaxWriter, default_chunk_shape
+from gptoss_convert.tree import flatten, unflatten
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -40,25 +41,6 @@ ALL = lambda ndim: (slice(None),) * ndim  # noqa: E731
 def make_values(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {p: rng.standard_normal(s).astype(t) for p, (s, t) in LEAVES.items()}
-
-
-def nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: dict, parent: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        path = f"{parent}/{k}" if parent else k
-        out.update(flatten(v, path) if isinstance(v, dict) else {path: v})
-    return out
 
 
 def write_whole(step_dir: Path, values: dict, **kwargs) -> OrbaxWriter:
@@ -110,7 +92,7 @@ def test_files_identical_to_stock_orbax(tmp_path, values):
     zarr.json and chunk files; `_CHECKPOINT_METADATA` differs only in timestamps."""
     stock = ocp.CheckpointManager(tmp_path / "stock", item_names=("items",), item_handlers={
         "items": ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=True)})
-    stock.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave({"params": {"params": nest(values)}})),
+    stock.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave({"params": {"params": unflatten(values)}})),
                custom_metadata={"scan_layers": True})
     stock.wait_until_finished()
     write_whole(tmp_path / "ours" / "0", values)
@@ -158,8 +140,8 @@ def test_maxtext_v1_load(ckpt, values):
     sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("fsdp",)), P())
     abstract = {p: jax.ShapeDtypeStruct(v.shape, F32, sharding=sharding) for p, v in values.items()}  # weight_dtype f32
     with maxtext_context():
-        full = ocp1.load(step, {"params": {"params": nest(abstract)}}, checkpointable_name="items")
-        part = ocp1.load(step, {"params": {"params": nest({WI0: abstract[WI0]})}}, checkpointable_name="items")
+        full = ocp1.load(step, {"params": {"params": unflatten(abstract)}}, checkpointable_name="items")
+        part = ocp1.load(step, {"params": {"params": unflatten({WI0: abstract[WI0]})}}, checkpointable_name="items")
     assert_same(full["params"]["params"], {p: v.astype(F32) for p, v in values.items()})
     assert_same(part["params"]["params"], {WI0: values[WI0].astype(F32)})
     assert isinstance(full["params"]["params"]["decoder"]["decoder_norm"]["scale"], jax.Array)
@@ -174,7 +156,7 @@ def test_orbax_v0_readers(ckpt, values):
     no_args = ocp.CheckpointManager(ckpt).restore(0)["items"]  # handler resolved from _CHECKPOINT_METADATA
     # MaxText before its Orbax v1 move: legacy kwargs, restore_args built from a sharded abstract.
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = {"params": nest({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    abstract = {"params": unflatten({p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
                                 for p, v in values.items()})}
     legacy = ocp.PyTreeCheckpointer().restore(
         ckpt / "0" / "items", item={"params": abstract}, transforms={},
@@ -200,7 +182,7 @@ def test_reader_reads_stock_ocdbt_checkpoint(tmp_path, values, use_zarr3):
     """read_metadata/open_leaf also read what MaxText saves (OCDBT + zarr3) and v0's default (zarr2)."""
     stock = ocp.CheckpointManager(tmp_path, item_names=("items",), item_handlers={
         "items": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=use_zarr3)})
-    stock.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave({"params": {"params": nest(values)}})),
+    stock.save(0, args=ocp.args.Composite(items=ocp.args.PyTreeSave({"params": {"params": unflatten(values)}})),
                custom_metadata={"scan_layers": False})
     stock.wait_until_finished()
     assert (tmp_path / "0" / "items" / "manifest.ocdbt").is_file()
@@ -211,10 +193,10 @@ def test_reader_reads_stock_ocdbt_checkpoint(tmp_path, values, use_zarr3):
 def test_load_params_host(ckpt, values):
     assert_same(load_params(ckpt / "0"), values)
     sub = {WI0: jax.ShapeDtypeStruct((5, 3, 6, 4), BF16)}
-    assert_same(load_params(ckpt / "0", nest(sub), dtype=np.float32), {WI0: values[WI0].astype(F32)})
+    assert_same(load_params(ckpt / "0", unflatten(sub), dtype=np.float32), {WI0: values[WI0].astype(F32)})
     bad = {WI0: jax.ShapeDtypeStruct((5, 3, 4, 6), BF16), "decoder/missing": jax.ShapeDtypeStruct((1,), F32)}
     with pytest.raises(InputError, match=r"2 problem.*wi_0: checkpoint shape.*missing: not in the checkpoint"):
-        load_params(ckpt / "0", nest(bad))
+        load_params(ckpt / "0", unflatten(bad))
 
 
 SHARDED_SCRIPT = """

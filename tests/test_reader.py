@@ -15,7 +15,7 @@ from conftest import run_env
 from gptoss_convert import mxfp4
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint
-from gptoss_convert.io.safetensors import read_header, read_tensor
+from gptoss_convert.io.safetensors import read_header
 from gptoss_convert.testing.tiny import hf_tensors
 
 

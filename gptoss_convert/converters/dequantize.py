@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -102,15 +101,6 @@ def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
         raise
 
 
-def _out_config(ck: HFCheckpoint, dtype: str) -> dict:
-    conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"}
-    name = "float32" if dtype == "F32" else "bfloat16"
-    conf["dtype"] = name
-    if "torch_dtype" in conf:
-        conf["torch_dtype"] = name
-    return conf
-
-
 def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
@@ -160,10 +150,9 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
 
 
 def _write_metadata(ck: HFCheckpoint, out: Path, names: list[str], shards, st_dtype: str) -> None:
-    (out / "config.json").write_text(json.dumps(_out_config(ck, st_dtype), indent=2))
+    name = "float32" if st_dtype == "F32" else "bfloat16"
+    ck.write_sidecars(out, dtype=name, **({"torch_dtype": name} if "torch_dtype" in ck.config_raw else {}))
     if len(names) > 1:
         weight_map = {t.name: f for f, s in zip(names, shards) for t in s}
         total = sum(t.nbytes for s in shards for t in s)
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    for f in ck.sidecar_files():
-        shutil.copyfile(f, out / f.name)

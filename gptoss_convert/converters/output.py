@@ -20,6 +20,7 @@ from pathlib import Path
 from gptoss_convert import faults
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.errors import OutputError
+from gptoss_convert.io.files import fsync_dir
 
 _NO_SPACE = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EFBIG: "file size limit reached (EFBIG)",
              errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
@@ -32,14 +33,6 @@ def disk_full(exc: BaseException | None) -> str | None:
         return _NO_SPACE[exc.errno]
     m = re.search(r"os_error_code='?(\d+)", str(exc)) if exc is not None else None
     return _NO_SPACE.get(int(m.group(1))) if m else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StagedOutput:
@@ -151,13 +144,13 @@ class StagedOutput:
         """Make the staging directory OUT (atomically replacing an old OUT with --overwrite)."""
         faults.point("commit")
         shutil.rmtree(self.staging / PROGRESS)
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.out, old)
         os.rename(self.staging, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         return self.out

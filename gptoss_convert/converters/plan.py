@@ -151,7 +151,7 @@ def _check(sources, targets, edges) -> list[str]:
             continue
         if got != _unstacked(want, e.slot):
             problems.append(f"HF tensor {e.source!r} {list(sources[e.source][0])} gives {list(got)} but {e.target} "
-                            f"needs {list(_unstacked(want, e.slot))}{'' if e.slot is None else f' per stack slot'} "
+                            f"needs {list(_unstacked(want, e.slot))}{'' if e.slot is None else ' per stack slot'} "
                             "(shapes disagree with config.json)")
     problems += [f"HF tensor {s!r} is not used by any target (unexpected tensor)" for s in sources if s not in used]
     for s, es in used.items():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import gptoss_convert
+from gptoss_convert.io.files import write_durably
 
 RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
@@ -49,7 +49,5 @@ def write_record(out_dir: Path, *, command: str, source_dir: Path, source_files:
             f: {"size": (source_dir / f).stat().st_size, "sha256": sha256_file(source_dir / f)} for f in source_files}},
         "outputs": outputs, **(extra or {}),
     }
-    tmp = out_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out_dir / RECORD)
+    write_durably(out_dir / RECORD, json.dumps(record, indent=1))
     return record

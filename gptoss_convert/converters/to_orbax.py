@@ -7,9 +7,7 @@ straight into its place in the target leaf. Peak memory is a few blocks, not the
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -81,7 +79,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         writer.create()
         _stream(ck, plan, writer, staged, np_dtype, progress)
         writer.finalize()
-        _write_sidecars(ck, staged.path)
+        ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=ck.files,
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"})
@@ -91,15 +89,6 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
         f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
     return result
-
-
-def _write_sidecars(ck: HFCheckpoint, out: Path) -> None:
-    """config.json (without quantization_config) and tokenizer files beside the step directory:
-    the Orbax tree does not say which model it is; `verify` and `generate` read these."""
-    conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"}
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    for f in ck.sidecar_files():
-        shutil.copyfile(f, out / f.name)
 
 
 class _MemoryWriter:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -17,6 +18,7 @@ import numpy as np
 
 from gptoss_convert import mxfp4
 from gptoss_convert.errors import InputError, CorruptTensorError
+from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
 
 INDEX = "model.safetensors.index.json"
@@ -97,14 +99,7 @@ class HFCheckpoint:
     # -- loading and validation -------------------------------------------------------------
     def _read_config(self) -> dict:
         path = self._inside("config.json", "file")
-        if not path.is_file():
-            raise InputError(f"{path}: missing; a checkpoint directory must contain config.json")
-        try:
-            raw = json.loads(path.read_text())
-        except (ValueError, RecursionError) as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise InputError(f"{path}: must hold a JSON object")
+        raw = read_json_object(path, "a checkpoint directory must contain config.json")
         q = raw.get("quantization_config")
         if q is not None:
             method = q.get("quant_method") if isinstance(q, dict) else q
@@ -219,7 +214,8 @@ class HFCheckpoint:
         blocks = read_tensor(vt.blocks, rows)
         scales = read_tensor(vt.scales, rows)
         try:
-            deq = mxfp4.dequantize(blocks, scales, dtype, name=name, workers=self.workers)   # [e, out, in]
+            # [e, out, in] decoded straight into [e, in, out] (tiles transposed in cache)
+            return mxfp4.dequantize_transposed(blocks, scales, dtype, name=name, workers=self.workers)
         except CorruptTensorError:
             bad = np.argwhere(scales == 255)
             if not len(bad):
@@ -228,7 +224,6 @@ class HFCheckpoint:
             idx = (idx[0] + (rows.start if rows is not None else 0),) + idx[1:]
             raise CorruptTensorError(f"{vt.scales.file}: tensor {vt.scales.name!r} has scale byte 255 (NaN in MXFP4) at "
                                      f"index {idx}; the checkpoint is corrupt, re-download it") from None
-        return np.ascontiguousarray(np.swapaxes(deq, -1, -2))          # [e, in, out]
 
     def nbytes(self, name: str, itemsize: int = 2) -> int:
         return math.prod(self.tensors[name].shape) * itemsize
@@ -236,6 +231,14 @@ class HFCheckpoint:
     def sidecar_files(self) -> list[Path]:
         """Tokenizer/generation files present (checked at open: none is a link out of the directory)."""
         return [p for p in self._sidecars if p.is_file()]
+
+    def write_sidecars(self, out: Path, **config_updates) -> None:
+        """config.json without quantization_config (plus `config_updates`) and the tokenizer,
+        generation and chat-template files, into `out`."""
+        conf = {k: v for k, v in self.config_raw.items() if k != "quantization_config"} | config_updates
+        (out / "config.json").write_text(json.dumps(conf, indent=2))
+        for f in self.sidecar_files():
+            shutil.copyfile(f, out / f.name)
 
 
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.

@@ -16,6 +16,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import InputError
+from gptoss_convert.tree import flatten, unflatten
 from gptoss_convert.io.orbax_writer import (
     CHECKPOINT_METADATA_FILE,
     PYTREE_METADATA_FILE,
@@ -95,25 +96,6 @@ def open_leaf(step_dir, path: str, *, item_name: str = "items",
     return ts.open(spec, open=True, read=True, context=ts.Context(TS_CONTEXT)).result()
 
 
-def _flatten(tree: dict, parent: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{parent}/{key}" if parent else str(key)
-        flat.update(_flatten(value, path) if isinstance(value, dict) else {path: value})
-    return flat
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
 def _check_abstract(flat: dict[str, Any], stored: dict[str, tuple]) -> None:
     """Every requested leaf exists with the requested shape: all mismatches reported at once,
     before any data is read (MaxText checks shapes, not dtypes)."""
@@ -130,7 +112,7 @@ def _restore_args(flat: dict[str, Any], dtype, sharding):
     import orbax.checkpoint as ocp  # heavy (pulls in jax); read_metadata/open_leaf do not need it
 
     if sharding is not None and not callable(sharding):
-        sharding = _lookup(_flatten(sharding), "sharding tree")
+        sharding = _lookup(flatten(sharding), "sharding tree")
     args = {}
     for path, leaf in flat.items():
         target = np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype)
@@ -176,11 +158,11 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
     if abstract_tree is None:
         flat = {p: jax.ShapeDtypeStruct(s, t) for p, (s, t) in stored.items()}
     else:
-        flat = _flatten(abstract_tree)
+        flat = flatten(abstract_tree)
         _check_abstract(flat, stored)
     args = _restore_args(flat, dtype, sharding)
     # partial_restore: the checkpoint may hold more than asked for (as MaxText's loader does).
-    restore = ocp.args.PyTreeRestore(item=_wrap(prefix, _nest(flat)), restore_args=_wrap(prefix, _nest(args)),
+    restore = ocp.args.PyTreeRestore(item=_wrap(prefix, unflatten(flat)), restore_args=_wrap(prefix, unflatten(args)),
                                      partial_restore=True)
     restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
     for key in prefix:

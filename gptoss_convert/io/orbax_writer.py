@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import OutputError
+from gptoss_convert.io.files import write_durably
 
 # orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -130,25 +130,6 @@ def checkpoint_metadata(item_name: str, custom_metadata: dict, init_ns: int, com
     return {"item_handlers": {item_name: PYTREE_HANDLER}, "metrics": {}, "performance_metrics": {},
             "init_timestamp_nsecs": init_ns, "commit_timestamp_nsecs": commit_ns,
             "custom_metadata": custom_metadata}
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Write a small file so that it is either absent or complete, and on disk when we return."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _chunk_files(leaf_dir: Path, ndim: int) -> int:
@@ -286,12 +267,12 @@ class OrbaxWriter:
                               "the step for resuming), then finalize() again.")
         now = time.time_ns()
         keys = [self._keys(p) for p in self.leaves]
-        _write_durably(self.item_dir / PYTREE_METADATA_FILE, json.dumps(pytree_metadata(keys)))
-        _write_durably(self.item_dir / COMMIT_SUCCESS_FILE,
+        write_durably(self.item_dir / PYTREE_METADATA_FILE, json.dumps(pytree_metadata(keys)))
+        write_durably(self.item_dir / COMMIT_SUCCESS_FILE,
                        f"Checkpoint commit was successful to {self.item_dir}")
         meta = checkpoint_metadata(self.item_name, self.custom_metadata, self._init_ns or now, now)
-        _write_durably(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
-        _write_durably(self.step_dir / COMMIT_SUCCESS_FILE,
+        write_durably(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
+        write_durably(self.step_dir / COMMIT_SUCCESS_FILE,
                        f"Checkpoint commit was successful to {self.step_dir}")
 
 

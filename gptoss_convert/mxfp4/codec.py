@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import ml_dtypes
 import numpy as np
 
@@ -14,61 +18,234 @@ FP4_VALUES = np.array(
 
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
            "float16": np.float16, "fp16": np.float16, "float32": np.float32, "fp32": np.float32}
+_OUT_DTYPES = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64))
+
+# Groups decoded per step: the step's index (uint16) and output (2 values per byte) stay in L2.
+CHUNK_GROUPS = 2048
+# Bytes of decoded rows per transposed tile: in L2 while written out; more rows, longer row writes.
+TILE_BYTES = 512 * 1024
 
 
-def _resolve_dtype(dtype):
+def _resolve_dtype(dtype) -> np.dtype:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
         return np.dtype(_DTYPES[dtype])
-    return np.dtype(dtype)
+    resolved = np.dtype(dtype)
+    if resolved not in _OUT_DTYPES:
+        raise ValueError(f"dtype: expected bfloat16, float16, float32 or float64, got {resolved}")
+    return resolved
 
 
-def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype="bfloat16", *, name: str = "tensor",
-               workers: int | None = None) -> np.ndarray:
-    """Decode MXFP4 `blocks` [..., G, 16] (uint8) with `scales` [..., G] (uint8) to [..., G*32].
+@functools.lru_cache(maxsize=None)
+def _pair_table(dtype: np.dtype) -> np.ndarray:
+    """[65536] table: entry (scale << 8 | byte) holds the byte's two finished values, packed.
 
-    Byte b of a group holds element 2b in its low nibble and 2b+1 in its high nibble;
-    value = FP4_VALUES[nibble] * 2**(scale - 127). Scale byte 255 (NaN in the OCP spec) is
-    rejected as corrupt input, naming `name` and the first offending index.
+    Each entry is one unsigned word (or a 16-byte void for float64) whose memory is
+    [value of element 2b, value of element 2b+1] in `dtype`, so a gather over the index
+    writes the decoded row directly, whatever the byte order of the machine.
+    Values are computed in float32 (as transformers does) and then cast: exact for
+    bf16/fp32 except |value| >= 2**128 (scale bytes 253/254), which is inf in every
+    oracle; fp16 follows numpy's float32 -> float16 cast (round to nearest even,
+    overflow to +-inf, underflow to +-0 or subnormal).
     """
+    byte = np.arange(256)
+    vals = FP4_VALUES[np.stack([byte & 0x0F, byte >> 4], axis=-1)]                 # [256 byte, 2]
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.ldexp(np.float32(1), np.arange(256, dtype=np.int32) - 127)      # [256 scale]
+        table = scale[:, None, None] * vals[None]                                   # [256, 256, 2] f32
+        table[255] = np.nan             # scale 255 is rejected before any lookup; never emit it
+        packed = np.ascontiguousarray(table.astype(dtype))
+    word = {2: np.uint32, 4: np.uint64}.get(dtype.itemsize, np.dtype((np.void, 2 * dtype.itemsize)))
+    return packed.view(word).reshape(65536)
+
+
+def _check_pair(blocks, scales, name: str) -> tuple[np.ndarray, np.ndarray]:
     blocks = np.asarray(blocks)
     scales = np.asarray(scales)
     if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
-        raise CorruptTensorError(f"{name}: MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
+        raise CorruptTensorError(
+            f"{name}: MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
     if blocks.ndim < 2 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-        raise CorruptTensorError(f"{name}: blocks {blocks.shape} and scales {scales.shape} do not pair as [..., G, 16] / [..., G]")
+        raise CorruptTensorError(
+            f"{name}: blocks {blocks.shape} and scales {scales.shape} do not pair as [..., G, 16] / [..., G]")
+    return blocks, scales
+
+
+def _check_scales(scales: np.ndarray, name: str) -> None:
+    """Reject scale byte 255 (NaN in OCP MX). One max() pass; the search runs only on failure."""
+    if scales.size == 0 or scales.max() != 255:
+        return
+    idx = np.unravel_index(int(np.argmax(scales.reshape(-1) == 255)), scales.shape)
+    raise CorruptTensorError(
+        f"{name}: scale byte 255 (NaN in MXFP4) at group index {tuple(int(i) for i in idx)}; "
+        "the checkpoint is corrupt, re-download it")
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out: expected a numpy array, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(f"out: expected shape {shape} dtype {dtype}, got {out.shape} {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out: must be C-contiguous and writeable")
+    return out
+
+
+def _decode_groups(table, blocks, scales, out, start: int, stop: int) -> None:
+    """Decode groups [start, stop): blocks [G, 16] u8, scales [G] u8 -> out [G, 16] packed pairs."""
+    step = min(CHUNK_GROUPS, stop - start)
+    hi = np.empty(step, np.uint16)
+    idx = np.empty((step, 16), np.uint16)
+    for a in range(start, stop, step):
+        b = min(a + step, stop)
+        n = b - a
+        np.left_shift(scales[a:b], 8, out=hi[:n], dtype=np.uint16)
+        np.add(blocks[a:b], hi[:n, None], out=idx[:n])                 # (scale << 8) | byte
+        np.take(table, idx[:n], out=out[a:b], mode="wrap")             # indices < 65536: no wrap
+
+
+def _resolve_workers(workers: int | None) -> int:
+    if workers is None:
+        return os.cpu_count() or 1
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers: expected a positive int or None, got {workers!r}")
+    return int(workers)
+
+
+def _parallel(fn, n: int, workers: int, grain: int) -> None:
+    """Call fn(start, stop) over [0, n) in ranges of whole `grain`s, on up to `workers` threads.
+
+    numpy releases the GIL in the ufuncs and take() used by the workers, so threads scale.
+    A few ranges per worker keep the threads balanced on a shared, noisy machine.
+    """
+    n_grains = -(-n // grain)
+    tasks = min(n_grains, workers * 4)
+    if workers == 1 or tasks <= 1:
+        fn(0, n)
+        return
+    edges = [min(n, (n_grains * i // tasks) * grain) for i in range(tasks + 1)]
+    with ThreadPoolExecutor(max_workers=min(workers, tasks)) as pool:
+        list(pool.map(fn, edges[:-1], edges[1:]))
+
+
+def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype="bfloat16", *, name: str = "tensor",
+               workers: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode MXFP4 `blocks` [..., G, 16] (uint8) with `scales` [..., G] (uint8) to [..., G*32].
+
+    Byte b of a group holds element 2b in its low nibble and 2b+1 in its high nibble;
+    value = FP4_VALUES[nibble] * 2**(scale - 127), in the stored orientation (no transpose).
+    Bit-exact for bfloat16 and float32 (-0.0 stays -0.0); float16 rounds like numpy's cast
+    (values beyond fp16's range become +-inf, tiny ones +-0). Scale byte 255 (NaN in the OCP
+    spec) is rejected as corrupt input, naming `name` and the first offending group index.
+
+    Decoding is a table gather indexed by (scale, byte), chunked to stay in cache and spread
+    over `workers` threads (None: one per CPU). `out`, if given, must be a C-contiguous array
+    of the result's shape and dtype; it is filled and returned.
+    """
+    blocks, scales = _check_pair(blocks, scales, name)
     out_dtype = _resolve_dtype(dtype)
-    bad = np.flatnonzero(scales == 255)
-    if bad.size:
-        idx = np.unravel_index(bad[0], scales.shape)
-        raise CorruptTensorError(f"{name}: scale byte 255 (NaN in MXFP4) at group index {tuple(int(i) for i in idx)}; the checkpoint is corrupt, re-download it")
-    lo = FP4_VALUES[blocks & 0x0F]
-    hi = FP4_VALUES[blocks >> 4]
-    vals = np.stack([lo, hi], axis=-1).reshape(*scales.shape, 32)
-    scale = np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127)[..., None]
-    return (vals * scale).astype(out_dtype).reshape(*scales.shape[:-1], scales.shape[-1] * 32)
+    n_workers = _resolve_workers(workers)
+    shape = (*scales.shape[:-1], scales.shape[-1] * 32)
+    out = np.empty(shape, out_dtype) if out is None else _check_out(out, shape, out_dtype)
+    _check_scales(scales, name)
+    if out.size == 0:
+        return out
+    table = _pair_table(out_dtype)
+    flat_blocks = np.ascontiguousarray(blocks).reshape(-1, 16)         # [groups, 16]
+    flat_scales = np.ascontiguousarray(scales).reshape(-1)             # [groups]
+    flat_out = out.reshape(-1, 32).view(table.dtype)                   # [groups, 16] value pairs
+    _parallel(functools.partial(_decode_groups, table, flat_blocks, flat_scales, flat_out),
+              flat_scales.size, n_workers, CHUNK_GROUPS)
+    return out
+
+
+def dequantize_transposed(blocks: np.ndarray, scales: np.ndarray, dtype="bfloat16", *,
+                          name: str = "tensor", workers: int | None = None,
+                          out: np.ndarray | None = None) -> np.ndarray:
+    """Decode [..., R, G, 16] / [..., R, G] MXFP4 to [..., G*32, R]: the last two axes swapped.
+
+    Same values, errors and options as `dequantize`; the result (C-contiguous) equals
+    `np.ascontiguousarray(np.swapaxes(dequantize(...), -1, -2))` bit for bit, e.g. the HF
+    parameter orientation [E, in, out] from the stored [E, out, in]. Row tiles are decoded in
+    cache and written transposed, so no full-size intermediate exists: peak memory is the
+    output, and the transpose costs no extra pass over main memory.
+    """
+    blocks, scales = _check_pair(blocks, scales, name)
+    if scales.ndim < 2:
+        raise CorruptTensorError(
+            f"{name}: blocks {blocks.shape} have no row axis to transpose (need [..., R, G, 16])")
+    out_dtype = _resolve_dtype(dtype)
+    n_workers = _resolve_workers(workers)
+    *lead, rows, groups = scales.shape
+    shape = (*lead, groups * 32, rows)
+    out = np.empty(shape, out_dtype) if out is None else _check_out(out, shape, out_dtype)
+    _check_scales(scales, name)
+    if out.size == 0:
+        return out
+    blocks3 = np.ascontiguousarray(blocks).reshape(-1, rows, groups * 16)   # [N, R, G*16]
+    scales3 = np.ascontiguousarray(scales).reshape(-1, rows, groups)        # [N, R, G]
+    out3 = out.reshape(-1, groups * 32, rows)                               # [N, K, R]
+    tile = max(16, TILE_BYTES // (groups * 32 * out_dtype.itemsize) // 16 * 16)
+    tiles_per_matrix = -(-rows // tile)
+    fn = functools.partial(_decode_tiles_transposed, _pair_table(out_dtype), blocks3, scales3, out3, tile)
+    small = scales.size <= CHUNK_GROUPS                                     # not worth a thread pool
+    _parallel(fn, blocks3.shape[0] * tiles_per_matrix, 1 if small else n_workers, 1)
+    return out
+
+
+def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, stop: int) -> None:
+    """Tiles [start, stop) of (matrix n, rows r0:r0+tile): decode [tile, K] in cache, store into out[n, :, r0:r1]."""
+    _, rows, groups = scales.shape
+    scratch = np.empty((tile, groups * 32), out.dtype)                     # [tile, K]
+    pairs = scratch.reshape(-1, 32).view(table.dtype)                      # [tile*G, 16]
+    bits = np.dtype(f"u{out.dtype.itemsize}")                              # plain copy, any float dtype
+    tiles_per_matrix = -(-rows // tile)
+    for unit in range(start, stop):
+        n, t = divmod(unit, tiles_per_matrix)
+        r0, r1 = t * tile, min(rows, (t + 1) * tile)
+        m = r1 - r0
+        _decode_groups(table, blocks[n, r0:r1].reshape(-1, 16), scales[n, r0:r1].reshape(-1), pairs, 0, m * groups)
+        np.copyto(out[n, :, r0:r1].view(bits), scratch[:m].view(bits).T)   # [K, m] <- [m, K]ᵀ
 
 
 def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Encode float weights [..., K] (K % 32 == 0) as MXFP4 blocks [..., K/32, 16], scales [..., K/32].
 
-    OCP MX rule: shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax), elements
-    rounded to nearest E2M1 value, ties to even code, saturating at +-6. An all-zero group gets
-    scale byte 127. The sign of -0.0 is kept.
+    OCP MX rule: shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax), clamped
+    to the E8M0 range [-127, 127]; elements are rounded to the nearest E2M1 value, ties to the
+    even code, saturating at +-6. An all-zero group gets scale byte 127. The sign is kept, so
+    -0.0 (and a negative value rounding to zero) encodes as code 8 (-0).
     """
-    w = np.asarray(weights, dtype=np.float32)
+    w = np.asarray(weights)
     if w.ndim < 1 or w.shape[-1] % 32:
         raise ValueError(f"weights: last axis must be a multiple of 32, got shape {w.shape}")
-    groups = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
-    amax = np.abs(groups).max(axis=-1)
-    with np.errstate(divide="ignore"):
-        exp = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1))) - 2, 0)
-    exp = np.clip(exp, -127, 127).astype(np.int32)
-    scaled = np.abs(groups) / np.ldexp(np.float32(1), exp)[..., None]
-    mid = (FP4_VALUES[1:8] + FP4_VALUES[0:7]) / 2            # [7] midpoints between magnitudes
-    code = np.searchsorted(mid, scaled, side="left")         # count of midpoints < x
-    tie = (code < 7) & (code % 2 == 1) & (scaled == mid[np.minimum(code, 6)])
-    code = (code + tie).astype(np.uint8) | (np.signbit(groups).astype(np.uint8) << 3)
-    blocks = code[..., 0::2] | (code[..., 1::2] << 4)        # element 2b low nibble, 2b+1 high
+    if w.dtype.kind not in "fiub" and w.dtype != ml_dtypes.bfloat16:
+        raise ValueError(f"weights: expected a real float array, got dtype {w.dtype}")
+    w = w.astype(np.float64 if w.dtype == np.float64 else np.float32)  # exact for every float input
+    if not np.isfinite(w).all():
+        raise ValueError("weights: contain inf or NaN, which MXFP4 cannot encode")
+    groups = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)           # [..., G, 32]
+    exp = _shared_exponent(np.abs(groups).max(axis=-1))                # [..., G] int32
+    scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
+    code = _round_magnitude(scaled) | (np.signbit(groups).astype(np.uint8) << 3)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)                  # element 2b low nibble, 2b+1 high
     return blocks.astype(np.uint8), (exp + 127).astype(np.uint8)
+
+
+def _shared_exponent(amax: np.ndarray) -> np.ndarray:
+    """floor(log2(amax)) - 2, exactly (frexp, not a rounded log2), clamped to [-127, 127]; 0 for 0."""
+    mant, e = np.frexp(amax)                                           # amax = mant * 2**e, mant in [0.5, 1)
+    exp = np.where(amax > 0, e.astype(np.int32) - 1 - 2, 0)
+    return np.clip(exp, -127, 127).astype(np.int32)
+
+
+_MIDPOINTS = (FP4_VALUES[1:8] + FP4_VALUES[0:7]) / 2                   # [7] 0.25 0.75 1.25 1.75 2.5 3.5 5
+
+
+def _round_magnitude(x: np.ndarray) -> np.ndarray:
+    """|x| (already divided by the scale) -> E2M1 magnitude code 0..7, nearest, ties to even code."""
+    mid = _MIDPOINTS.astype(x.dtype)
+    code = np.searchsorted(mid, x, side="left")                        # count of midpoints < x; > 5 -> 7
+    tie = (code < 7) & (code % 2 == 1) & (x == mid[np.minimum(code, 6)])
+    return (code + tie).astype(np.uint8)

@@ -41,14 +41,19 @@ def load_hf_model(hf_dir: str | os.PathLike, dtype: str = "float32"):
     """
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()           # no load-progress bars or CPU-MXFP4 notices
+    hf_logging.disable_progress_bar()
     d = Path(hf_dir)
     conf = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
     kw = {}
     if (conf.get("quantization_config") or {}).get("quant_method") == "mxfp4":
         kw["quantization_config"] = Mxfp4Config(dequantize=True)
+    # eager attention and experts: the plain reference code paths (transformers 5 defaults the
+    # experts to grouped_mm)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, _TORCH_DTYPES[dtype]),
-                                                 attn_implementation="eager", **kw)
+                                                 attn_implementation="eager", experts_implementation="eager", **kw)
     return model.eval()
 
 

@@ -13,6 +13,7 @@ from gptoss_convert.errors import InputError, VerifyFailed
 from gptoss_convert.verify.metrics import Thresholds, compare
 
 MOE_STRATEGIES = ("ragged_dot", "megablox", "dense")
+STREAM_ABOVE = 2 << 30      # checkpoints larger than this are verified streamed by default
 
 
 @dataclasses.dataclass
@@ -57,11 +58,36 @@ def load_params(ck: Checkpoint, dtype=np.float32):
         from gptoss_convert.converters.to_orbax import convert_in_memory
         _, flat = convert_in_memory(ck.path, scanned=False, dtype="fp32")
         return flat, False
-    from gptoss_convert.io.orbax_reader import load_params as orbax_load, read_metadata
-    meta = read_metadata(ck.path)
     from gptoss_convert.backends.gpt_oss.params import flatten
+    from gptoss_convert.io.orbax_reader import load_params as orbax_load
     tree = orbax_load(ck.path, dtype=dtype)
-    return {k: np.asarray(v) for k, v in flatten(tree).items()}, bool(meta.get("scan_layers"))
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}, is_scanned(ck)
+
+
+def is_scanned(ck: Checkpoint) -> bool:
+    """The layout recorded in the step's metadata (`scan_layers`), else read off the leaf names."""
+    from gptoss_convert.io.orbax_reader import read_metadata
+    meta = read_metadata(ck.path)
+    recorded = meta["custom_metadata"].get("scan_layers")
+    if recorded is not None:
+        return bool(recorded)
+    return any(p.startswith("decoder/layers/") for p in meta["leaves"])
+
+
+def checkpoint_bytes(ck: Checkpoint) -> int:
+    return sum(p.stat().st_size for p in ck.path.rglob("*") if p.is_file())
+
+
+def run_batch(fn, records: list[dict]) -> list[np.ndarray]:
+    """All prompts in one right-padded batch (one compilation); returns each prompt's [T, V] logits."""
+    T = max(len(r["tokens"]) for r in records)
+    tokens = np.zeros((len(records), T), np.int32)
+    mask = np.zeros((len(records), T), np.int32)
+    for b, r in enumerate(records):
+        tokens[b, :len(r["tokens"])] = r["tokens"]
+        mask[b, :len(r["tokens"])] = 1
+    logits = np.asarray(fn(tokens, mask))
+    return [logits[b, :len(r["tokens"])] for b, r in enumerate(records)]
 
 
 def _table(rows: list[dict], th: Thresholds) -> str:
@@ -79,11 +105,14 @@ def _table(rows: list[dict], th: Thresholds) -> str:
 def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, hf: str | os.PathLike | None = None,
            moe: str = "ragged_dot", atol: float = 0.1, rtol: float = 0.1, max_kl: float = 3e-4,
            skip_first_token: bool = False, json_report: str | os.PathLike | None = None,
-           config: str | os.PathLike | None = None, prompts: str | None = None, log=print) -> dict:
+           config: str | os.PathLike | None = None, prompts: str | None = None, streamed: bool | None = None,
+           log=print) -> dict:
     """Compare the JAX forward on `ckpt` with golden logits (a file, or HF run on `hf` now).
 
     Prints a table per prompt and returns the report; raises VerifyFailed unless every prompt
     passes (elementwise |a-g| <= atol + rtol|g| and max per-token KL <= max_kl).
+    `streamed=True` runs layer by layer reading only the experts the router selects (memory: one
+    layer + one expert), for checkpoints bigger than RAM; None = streamed above 2 GB.
     """
     if moe not in MOE_STRATEGIES:
         raise InputError(f"moe strategy {moe!r} unknown; choose one of {', '.join(MOE_STRATEGIES)}")
@@ -92,23 +121,31 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
     ck = locate(ckpt, config)
     cfg = load_config(ck)
     records = _golden_records(golden, hf, prompts, cfg.V)
-    params, scanned = load_params(ck)
-    from gptoss_convert.backends.gpt_oss.model import forward
-    from gptoss_convert.backends.gpt_oss.params import unflatten
-    tree = unflatten(params)
     th = Thresholds(atol, rtol, max_kl)
-    rows = []
-    for rec in records:
-        ours = np.asarray(forward(tree, np.asarray([rec["tokens"]], np.int32), cfg, moe=moe))[0]
-        rows.append({"prompt": rec["prompt"], **compare(rec["logits"], ours, th, skip_first=skip_first_token)})
+    if streamed is None:
+        streamed = ck.kind == "orbax" and checkpoint_bytes(ck) > STREAM_ABOVE
+    if streamed:
+        if ck.kind != "orbax":
+            raise InputError(f"{ck.path}: --streamed reads Orbax checkpoints; convert with to-orbax first")
+        from gptoss_convert.verify.streamed import streamed_logits
+        scanned = is_scanned(ck)
+        ours = run_batch(lambda tokens, mask: streamed_logits(ck.path, cfg, scanned, tokens, mask), records)
+    else:
+        params, scanned = load_params(ck)
+        from gptoss_convert.backends.gpt_oss.model import forward
+        from gptoss_convert.backends.gpt_oss.params import unflatten
+        tree = unflatten(params)
+        ours = run_batch(lambda tokens, mask: forward(tree, tokens, cfg, moe=moe, attention_mask=mask), records)
+    rows = [{"prompt": rec["prompt"], **compare(rec["logits"], o, th, skip_first=skip_first_token)}
+            for rec, o in zip(records, ours)]
     report = {"checkpoint": str(ck.path), "kind": ck.kind, "layout": "scanned" if scanned else "unscanned",
-              "moe": moe, "thresholds": dataclasses.asdict(th), "prompts": rows, "pass": all(r["pass"] for r in rows)}
+              "moe": "streamed per-expert" if streamed else moe, "thresholds": dataclasses.asdict(th), "prompts": rows, "pass": all(r["pass"] for r in rows)}
     log(_table(rows, th))
     if json_report:
         Path(json_report).write_text(json.dumps(report, indent=1))
     if not report["pass"]:
         raise VerifyFailed(f"{ck.path}: {sum(not r['pass'] for r in rows)} of {len(rows)} prompt(s) FAIL against the golden logits")
-    log(f"verify: PASS ({ck.kind}, {report['layout']}, moe={moe}, {len(rows)} prompts)")
+    log(f"verify: PASS ({ck.kind}, {report['layout']}, moe={report['moe']}, {len(rows)} prompts)")
     return report
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -118,9 +117,15 @@ def _typed(key: str, value: Any, typ: type, problems: list[str]):
     return typ(value)
 
 
+_ROPE_KNOWN = {f.name for f in dataclasses.fields(RopeScaling)}
+_ROPE_INERT = {"rope_type", "type", "rope_theta"}
+
+
 def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
+    """YaRN parameters from `rope_scaling` + `rope_theta` (transformers 4) or `rope_parameters`
+    (transformers 5). A missing `truncate` means True, as transformers reads it; gpt-oss's own
+    config says false explicitly."""
+    params, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         problems.append("rope_parameters/rope_scaling must be objects")
         return 150000.0, RopeScaling()
@@ -128,23 +133,20 @@ def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
     rope_type = merged.get("rope_type", merged.get("type", "yarn"))
     if rope_type != "yarn":
         problems.append(f"rope type {rope_type!r} is not supported (gpt-oss uses 'yarn')")
-    theta = merged.get("rope_theta", raw.get("rope_theta", 150000.0))
-    known = {f.name for f in dataclasses.fields(RopeScaling)}
-    unknown = set(merged) - known - {"rope_type", "type", "rope_theta", "attention_factor", "mscale", "mscale_all_dim"}
+    unknown = sorted(set(merged) - _ROPE_KNOWN - _ROPE_INERT)
     if unknown:
-        problems.append(f"unknown rope parameters {sorted(unknown)}")
-    for k in ("attention_factor", "mscale", "mscale_all_dim"):
-        if merged.get(k) not in (None, 1.0, 1) and k != "attention_factor":
-            problems.append(f"rope parameter {k}={merged[k]!r} is not supported")
-    if merged.get("attention_factor") is not None:
-        problems.append("rope parameter attention_factor is not supported (gpt-oss derives it from factor)")
-    kw = {k: merged[k] for k in known if k in merged}
-    try:
-        rs = RopeScaling(**{k: (bool(v) if k == "truncate" else type(getattr(RopeScaling, k))(v)) for k, v in kw.items()})
-    except (TypeError, ValueError):
-        problems.append(f"rope parameters {kw} have wrong types")
-        rs = RopeScaling()
-    return float(_typed("rope_theta", theta, float, problems) or 150000.0), rs
+        problems.append(f"unsupported rope parameters {unknown}")
+    kw = {"truncate": bool(merged.get("truncate", True))}
+    for k in ("factor", "beta_fast", "beta_slow"):
+        if k in merged:
+            kw[k] = _typed(k, merged[k], float, problems)
+    if "original_max_position_embeddings" in merged:
+        kw["original_max_position_embeddings"] = _typed("original_max_position_embeddings",
+                                                        merged["original_max_position_embeddings"], int, problems)
+    theta = _typed("rope_theta", merged.get("rope_theta", raw.get("rope_theta", 150000.0)), float, problems)
+    if None in kw.values() or theta is None:
+        return 150000.0, RopeScaling()
+    return theta, RopeScaling(**kw)
 
 
 def config_from_dict(raw: dict, source: str = "config.json") -> GptOssConfig:
@@ -199,11 +201,6 @@ def _check_shapes(kw: dict, layer_types, problems: list[str]) -> None:
 
 def load_config(model_dir: str | Path) -> GptOssConfig:
     """Read and translate `<model_dir>/config.json`."""
+    from gptoss_convert.io.files import read_json_object
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: missing; a gpt-oss checkpoint directory must contain config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(read_json_object(path, "a gpt-oss checkpoint directory must contain config.json"), str(path))

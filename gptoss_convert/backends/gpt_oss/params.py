@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
 from gptoss_convert.backends.layout import Layout
+from gptoss_convert.tree import flatten, unflatten  # noqa: F401  (re-exported)
 
 
 def layer_shapes(cfg: GptOssConfig) -> dict[str, tuple[int, ...]]:
@@ -63,30 +66,6 @@ def flat_shapes(cfg: GptOssConfig, scanned: bool) -> dict[str, tuple[int, ...]]:
     return dict(sorted(out.items()))
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'a/b': x} -> {'a': {'b': x}}."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Inverse of `unflatten`."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
 def abstract_params(cfg: GptOssConfig, scanned: bool, dtype: Any = "bfloat16") -> dict[str, Any]:
     """The parameter tree as nested dicts of `jax.ShapeDtypeStruct` (nothing allocated)."""
     import jax
@@ -94,3 +73,18 @@ def abstract_params(cfg: GptOssConfig, scanned: bool, dtype: Any = "bfloat16") -
 
     dt = jnp.dtype(dtype)
     return unflatten({p: jax.ShapeDtypeStruct(s, dt) for p, s in flat_shapes(cfg, scanned).items()})
+
+
+def random_params(cfg: GptOssConfig, scanned: bool, seed: int = 0, dtype: Any = np.float32,
+                  std: float = 0.02) -> dict[str, Any]:
+    """A random parameter tree of the right shapes (benchmarks, examples): norm scales near 1,
+    everything else N(0, std), except the embedding at N(0, 1) so activations have unit scale."""
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, shape in flat_shapes(cfg, scanned).items():
+        if path.endswith("norm/scale"):
+            a = 1.0 + 0.05 * rng.standard_normal(shape, np.float32)
+        else:
+            a = (1.0 if path == "token_embedder/embedding" else std) * rng.standard_normal(shape, np.float32)
+        flat[path] = a.astype(dtype)
+    return unflatten(flat)
