@@ -525,3 +525,13 @@ def test_check_fails_on_damaged_output(refs, tmp_path, case):
     assert r.exit_code == 5 and isinstance(r.exception, SystemExit), r.output
     line = _one_line(r.stderr)
     assert str(out) in line and needle in line, (needle, line)
+
+
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]", '{"outputs": [1]}', "[" * 200_000], ids=["not_json", "list", "outputs_list", "nested"])
+def test_check_refuses_a_damaged_record(refs, tmp_path, text):
+    out = tmp_path / "out"
+    shutil.copytree(refs["dequantize"], out)
+    (out / "conversion.json").write_text(text)
+    r = CliRunner().invoke(main, ["check", str(out)])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "conversion.json: not a valid conversion record" in _one_line(r.stderr)
