@@ -36,6 +36,10 @@ def _run(fn):
             if debug:
                 raise
             msg = " ".join(str(e).split()) or type(e).__name__
+            from gptoss_convert.converters.output import disk_full
+            if why := disk_full(e):
+                click.echo(f"error: cannot write: {why} ({msg}); free space (or raise the file size limit) and rerun", err=True)
+                sys.exit(3)
             click.echo(f"error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)", err=True)
             sys.exit(1)
     return wrapper

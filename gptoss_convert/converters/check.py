@@ -26,7 +26,7 @@ def _record(out: Path) -> dict:
     try:
         rec = json.loads(path.read_text())
         assert isinstance(rec.get("outputs"), dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
+    except (ValueError, AssertionError, AttributeError, RecursionError):   # not JSON, not an object, absurdly nested
         raise InputError(f"{path}: not a valid conversion record") from None
     return rec
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import re
 
-from gptoss_convert.backends import get_backend
+from gptoss_convert.backends import get_backend, known_model_types
 from gptoss_convert.converters.plan import Plan, build_plan, edges_from_rules
-from gptoss_convert.errors import ConvertError, InputError
+from gptoss_convert.errors import ConfigError, ConvertError, InputError
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
@@ -43,8 +43,14 @@ def source_shapes(ck: HFCheckpoint) -> dict[str, tuple[tuple[int, ...], str]]:
 def plan_for(ck: HFCheckpoint, *, scanned: bool, itemsize: int, block_bytes: int | None = None):
     """(backend, config, checked Plan) for converting `ck` to the backend's parameter tree."""
     model_type = ck.config_raw.get("model_type")
+    path = ck.dir / "config.json"
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{path}: model_type {model_type!r} is not supported; known model types: {', '.join(known_model_types())}")
     backend = get_backend(model_type)
-    cfg = backend.config_from_dict(ck.config_raw, str(ck.dir / "config.json"))
+    try:
+        cfg = backend.config_from_dict(ck.config_raw, str(path))
+    except (TypeError, ValueError, OverflowError) as e:   # a value of a type the allowlist did not foresee
+        raise ConfigError(f"{path}: a value has the wrong type or is out of range ({type(e).__name__}: {e})") from None
     edges = edges_from_rules(backend.rules(cfg), cfg.L, backend.layout_for(cfg, scanned))
     kw = {} if block_bytes is None else {"block_bytes": block_bytes}
     plan: Plan = build_plan(source_shapes(ck), backend.flat_shapes(cfg, scanned), edges, itemsize=itemsize, **kw)

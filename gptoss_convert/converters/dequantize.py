@@ -18,7 +18,7 @@ from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import write_record
 from gptoss_convert.converters.stream import prefetch
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import DTYPE_NAMES, ShardWriter
+from gptoss_convert.io.safetensors import DTYPE_NAMES, ShardWriter, build_header
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
@@ -76,12 +76,22 @@ def _row_slices(t: OutTensor):
     return [slice(r, min(r + t.rows_per_block, t.shape[0])) for r in range(0, t.shape[0], t.rows_per_block)]
 
 
+SHARD_METADATA = {"format": "pt"}
+
+
+def _shard_size(tensors: list[OutTensor]) -> int:
+    """Bytes of a finished shard: length prefix + header + data."""
+    prefix, _ = build_header([(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
+    return len(prefix) + sum(t.nbytes for t in tensors)
+
+
 def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
     """Write one output shard, streaming row blocks; returns its sha256."""
-    w = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], {"format": "pt"})
+    w = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
     try:
         items = [(t, rows) for t in tensors for rows in _row_slices(t)]
         for (t, _), arr in prefetch(items, lambda it: _read(ck, *it)):
+            faults.point("read")
             w.append(t.name, arr)
             faults.point("write")
             bar.update(arr.nbytes)
@@ -114,11 +124,13 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     fingerprint = {"command": "dequantize", "dtype": st_dtype, "shards": [[t.name for t in s] for s in shards],
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     total = sum(t.nbytes for t in tensors)
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, log=log) as staged:
+    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
+                      log=log) as staged:
         hashes = {}
         with progress_bar(total, "dequantize", progress) as bar:
             for fname, shard in zip(names, shards):
-                if staged.is_done(fname):
+                done = staged.path / fname      # journaled, and still there whole (not lost or cut short)
+                if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
                     bar.update(sum(t.nbytes for t in shard))
                     continue
                 tmp = staged.path / (fname + ".tmp")

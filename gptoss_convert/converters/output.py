@@ -8,9 +8,11 @@ file `.OUT.lock` beside OUT keeps two processes from writing the same OUT at onc
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,14 +22,26 @@ from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.errors import OutputError
 from gptoss_convert.io.files import fsync_dir
 
+_NO_SPACE = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EFBIG: "file size limit reached (EFBIG)",
+             errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
+
+
+def disk_full(exc: BaseException | None) -> str | None:
+    """Say which kind of 'out of space' `exc` is (an OSError, or TensorStore's error text,
+    which carries the errno as os_error_code='N'); None if it is something else."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return _NO_SPACE[exc.errno]
+    m = re.search(r"os_error_code='?(\d+)", str(exc)) if exc is not None else None
+    return _NO_SPACE.get(int(m.group(1))) if m else None
 
 
 class StagedOutput:
     """Context manager around one output directory; `path` is where to write meanwhile."""
 
     def __init__(self, out: str | os.PathLike, *, fingerprint: dict, overwrite: bool = False,
-                 resume: bool = False, log=print):
+                 resume: bool = False, source: str | os.PathLike | None = None, log=print):
         self.out = Path(out).absolute()
+        self.source = source                   # never replaced by OUT, even with --overwrite
         self.staging = self.out.parent / f".{self.out.name}.partial"
         self.lockfile = self.out.parent / f".{self.out.name}.lock"
         self.fingerprint = json.loads(json.dumps(fingerprint))
@@ -48,8 +62,15 @@ class StagedOutput:
             raise OutputError(f"{self.out}: already exists; pass --overwrite to replace it")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"{self.out}: cannot write in {parent} (read-only or no permission); choose another OUT")
+        if self.source is not None:
+            src, out = Path(self.source).resolve(), self.out.resolve()
+            if out == src or out in src.parents:
+                raise OutputError(f"{self.out}: is or contains the source checkpoint {self.source}; "
+                                  "writing OUT there would replace the source; choose another OUT")
         self._lock()
         try:
+            if self.out.exists() and not self.overwrite:   # another process finished it while we took the lock
+                raise OutputError(f"{self.out}: already exists; pass --overwrite to replace it")
             self._prepare_staging()
         except BaseException:
             self._unlock()
@@ -61,11 +82,21 @@ class StagedOutput:
             fd = os.open(self.lockfile, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             raise OutputError(f"{self.out}: cannot create lock file {self.lockfile} ({e.strerror}); choose another OUT") from None
+        held = f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); wait for it to finish"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); wait for it to finish") from None
+            raise OutputError(held) from None
+        # A writer unlinks the lock file when it finishes. If that happened between our open and
+        # our flock, we hold a lock on an unlinked file while the next process locks a new one.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(self.lockfile))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            raise OutputError(held)
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -124,10 +155,14 @@ class StagedOutput:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         return self.out
 
-    def __exit__(self, *exc) -> None:
-        if exc[0] is None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
             try:
                 self.lockfile.unlink()
             except OSError:
                 pass
         self._unlock()
+        why = disk_full(exc)
+        if why:
+            raise OutputError(f"{self.out}: cannot write: {why}; the work done so far is kept in {self.staging}: "
+                              "free space (or raise the file size limit), then rerun the same command with --resume") from exc

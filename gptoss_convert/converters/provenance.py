@@ -26,8 +26,9 @@ def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
 
 
 def tree_files(root: Path) -> list[Path]:
-    """Every regular file under `root` (relative), sorted, excluding the record and the journal."""
-    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name != RECORD)
+    """Every regular file under `root` (relative), sorted, excluding the record (and its temporary
+    file, which an interrupted write_record may leave behind) and the journal."""
+    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name not in (RECORD, RECORD + ".tmp"))
     return sorted(p for p in files if p.parts[0] != PROGRESS)
 
 

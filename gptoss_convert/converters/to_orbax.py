@@ -69,7 +69,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     fingerprint = {"command": "to-orbax", "layout": layout, "dtype": np_dtype.name, "block_bytes": block_bytes,
                    "compression": compression,
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, log=log) as staged:
+    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
+                      log=log) as staged:
         step = staged.path / STEP
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},

@@ -35,7 +35,7 @@ def read_json_object(path: Path, what: str) -> dict:
         raise InputError(f"{path}: missing; {what}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:   # RecursionError: absurdly deep nesting
         raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: must hold a JSON object")

@@ -80,6 +80,7 @@ class HFCheckpoint:
         self.dir = Path(directory)
         self.workers: int | None = None       # threads for MXFP4 decoding (None = all cores)
         self.allow_nonfinite = False           # stored NaN/inf weights are an error unless set
+        self._roots = self._link_roots()
         self.config_raw = self._read_config()
         self.files = self._shard_files()
         self.stored: dict[str, TensorInfo] = {}
@@ -93,37 +94,50 @@ class HFCheckpoint:
                 self.stored[name] = info
         self._check_index()
         self.tensors = self._virtual_tensors()
+        self._sidecars = [self._inside(f, "file") for f in SIDECAR_FILES]   # refuse links out now, not after hours
 
     # -- loading and validation -------------------------------------------------------------
     def _read_config(self) -> dict:
-        path = self.dir / "config.json"
+        path = self._inside("config.json", "file")
         raw = read_json_object(path, "a checkpoint directory must contain config.json")
         q = raw.get("quantization_config")
         if q is not None:
             method = q.get("quant_method") if isinstance(q, dict) else q
-            if method not in SUPPORTED_QUANT:
+            if not isinstance(method, str) or method not in SUPPORTED_QUANT:
                 raise InputError(f"{path}: quant_method {method!r} is not supported (supported: {sorted(SUPPORTED_QUANT)})")
         return raw
+
+    def _link_roots(self) -> tuple[Path, ...]:
+        """Where the files of the directory may really live: inside it, and for a snapshot of
+        huggingface_hub's cache (`models--o--n/snapshots/<rev>/`, whose files are links to
+        `../../blobs/<hash>`) in that repository's own `blobs/` folder."""
+        root = self.dir.resolve()
+        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+            return root, root.parent.parent / "blobs"
+        return (root,)
 
     def _inside(self, name: str, what: str) -> Path:
         """`name` as a file inside the directory; refuses absolute paths, '..' and symlink escapes."""
         if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
             raise InputError(f"{self.dir / INDEX}: {what} {name!r} points outside the checkpoint directory")
         path = self.dir / name
-        root = self.dir.resolve()
-        if path.exists() and root not in path.resolve().parents:
-            raise InputError(f"{path}: is a link pointing outside the checkpoint directory ({path.resolve()})")
+        real = path.resolve()
+        if (path.exists() or path.is_symlink()) and not any(r in real.parents for r in self._roots):
+            raise InputError(f"{path}: is a link pointing outside the checkpoint directory ({real})")
         return path
 
     def _shard_files(self) -> list[str]:
-        index = self.dir / INDEX
+        index = self._inside(INDEX, "file")
         if index.is_file():
             try:
                 data = json.loads(index.read_text())
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, AssertionError, UnicodeDecodeError, TypeError):
+            except (ValueError, KeyError, AssertionError, UnicodeDecodeError, TypeError, RecursionError):
                 raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+            bad = [f"{n!r}: {f!r}" for n, f in weight_map.items() if not isinstance(f, str)]
+            if bad:
+                raise InputError(f"{index}: weight_map values must be shard file names, got " + ", ".join(bad[:5]))
             self.weight_map: dict[str, str] | None = weight_map
             files = sorted(set(weight_map.values()), key=str)
             missing = [f for f in files if not self._inside(f, "shard").is_file()]
@@ -215,7 +229,8 @@ class HFCheckpoint:
         return math.prod(self.tensors[name].shape) * itemsize
 
     def sidecar_files(self) -> list[Path]:
-        return [self.dir / f for f in SIDECAR_FILES if (self.dir / f).is_file()]
+        """Tokenizer/generation files present (checked at open: none is a link out of the directory)."""
+        return [p for p in self._sidecars if p.is_file()]
 
     def write_sidecars(self, out: Path, **config_updates) -> None:
         """config.json without quantization_config (plus `config_updates`) and the tokenizer,

@@ -71,7 +71,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CorruptTensorError(f"{path}: header length {n} exceeds the file size {size}; the shard is truncated or not safetensors")
         try:
             header = json.loads(f.read(n), object_pairs_hook=_dup_check)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:     # RecursionError: absurdly deep nesting
             raise CorruptTensorError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CorruptTensorError(f"{path}: header is not a JSON object")
@@ -90,7 +90,7 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise CorruptTensorError(f"{where}: header entry must have dtype, shape and data_offsets")
     dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CorruptTensorError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CorruptTensorError(f"{where}: shape {shape!r} is not a list of non-negative integers")
