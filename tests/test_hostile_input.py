@@ -534,7 +534,7 @@ def test_hostile_golden_file_for_verify(orbax_out, tmp_path, case):
     assert _snapshot(orbax_out) == before and sorted(os.listdir(tmp_path)) == ["golden.jsonl"]
 
 
-# Found, not fixed here: verify/ belongs to another task. Strict xfails, so they flip when fixed.
+# Golden-file problems the parser once let through (int() casts) or crashed on.
 GOLDEN_OPEN = {
     "fractional_token_ids": json.dumps({**_good_record(), "tokens": [1.7, True, 3]}),   # int(): 1.7 -> 1, True -> 1
     "token_id_1e400": json.dumps(_good_record()).replace("[1, 5, 7]", "[1, 5, 1e400]"),  # int(inf): OverflowError
@@ -542,8 +542,6 @@ GOLDEN_OPEN = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="verify/golden.py read_golden: int() casts of token ids, and OverflowError/"
-                                         "RecursionError not caught (owned by another task; reported)")
 @pytest.mark.parametrize("case", sorted(GOLDEN_OPEN))
 def test_golden_open_problems(tmp_path, case):
     from gptoss_convert.verify.golden import read_golden

@@ -107,10 +107,13 @@ def read_golden(path: str | os.PathLike, vocab_size: int | None = None) -> list[
             continue
         try:
             rec = json.loads(line)
-            tokens = [int(t) for t in rec["tokens"]]
+            tokens = rec["tokens"]
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise TypeError("tokens must be a list of integers")
             logits = np.asarray(rec["logits"], dtype=np.float32)
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{path}:{n}: not a golden record with tokens and logits ({type(e).__name__}: {e})") from None
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
+            msg = " ".join(str(e).split())[:120]
+            raise InputError(f"{path}:{n}: not a golden record with integer tokens and logits ({type(e).__name__}: {msg})") from None
         if not tokens or logits.ndim != 2 or logits.shape[0] != len(tokens):
             raise InputError(f"{path}:{n}: logits shape {list(logits.shape)} does not match {len(tokens)} tokens")
         if vocab_size is not None and (logits.shape[1] != vocab_size or max(tokens) >= vocab_size or min(tokens) < 0):

@@ -104,12 +104,19 @@ _MAX = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 <<
         "num_key_value_heads": 1024, "head_dim": 4096, "num_experts_per_tok": 4096}
 
 
+# Floats that only make sense positive (a negative eps or clamp limit would silently change the math).
+_POSITIVE = {"rms_norm_eps", "swiglu_limit", "swiglu_alpha", "rope_theta", "factor", "beta_fast", "beta_slow"}
+
+
 def _typed(key: str, value: Any, typ: type, problems: list[str]):
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
         problems.append(f"{key} must be an integer, got {value!r}")
         return None
     if typ is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
         problems.append(f"{key} must be a finite number, got {value!r}")
+        return None
+    if typ is float and key in _POSITIVE and not value > 0:
+        problems.append(f"{key} must be positive, got {value!r}")
         return None
     if typ is int and not 1 <= value <= _MAX.get(key, 1 << 31):
         problems.append(f"{key}={value} is out of the supported range 1..{_MAX.get(key, 1 << 31)}")
@@ -136,7 +143,10 @@ def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
     unknown = sorted(set(merged) - _ROPE_KNOWN - _ROPE_INERT)
     if unknown:
         problems.append(f"unsupported rope parameters {unknown}")
-    kw = {"truncate": bool(merged.get("truncate", True))}
+    truncate = merged.get("truncate", True)
+    if not isinstance(truncate, bool):
+        problems.append(f"rope parameter truncate must be true or false, got {truncate!r}")
+    kw = {"truncate": truncate is not False}
     for k in ("factor", "beta_fast", "beta_slow"):
         if k in merged:
             kw[k] = _typed(k, merged[k], float, problems)
