@@ -26,8 +26,14 @@ MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
 
 
+# gpt-oss's own YaRN parameters, spelled out: a config without `truncate` reads as truncate=True
+# (as transformers reads it), which is not gpt-oss's (unrounded) correction range.
+GPT_OSS_ROPE = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096, "truncate": False}
+
+
 def tiny_config(**overrides) -> GptOssConfig:
-    kw = {**TINY, **overrides}
+    kw = {**TINY, "rope_parameters": dict(GPT_OSS_ROPE), **overrides}
     L = kw["num_hidden_layers"]
     kw.setdefault("layer_types", [SLIDING if i % 2 == 0 else FULL for i in range(L)])
     return config_from_dict({"model_type": "gpt_oss", **kw}, "tiny config")
