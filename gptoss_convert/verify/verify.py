@@ -57,11 +57,10 @@ def load_params(ck: Checkpoint, dtype=np.float32):
         from gptoss_convert.converters.to_orbax import convert_in_memory
         _, flat = convert_in_memory(ck.path, scanned=False, dtype="fp32")
         return flat, False
-    from gptoss_convert.io.orbax_reader import load_params as orbax_load, read_metadata
-    meta = read_metadata(ck.path)
+    from gptoss_convert.io.orbax_reader import load_params as orbax_load
     from gptoss_convert.backends.gpt_oss.params import flatten
-    tree = orbax_load(ck.path, dtype=dtype)
-    return {k: np.asarray(v) for k, v in flatten(tree).items()}, bool(meta.get("scan_layers"))
+    flat = {k: np.asarray(v) for k, v in flatten(orbax_load(ck.path, dtype=dtype)).items()}
+    return flat, any(k.startswith("decoder/layers/") for k in flat)   # the layout the forward will see
 
 
 def run_batch(fn, records: list[dict]) -> list[np.ndarray]:
