@@ -65,13 +65,10 @@ def load_params(ck: Checkpoint, dtype=np.float32):
 
 
 def is_scanned(ck: Checkpoint) -> bool:
-    """The layout recorded in the step's metadata (`scan_layers`), else read off the leaf names."""
+    """The layout the forward will see, read off the leaf names (`decoder/layers/...` = scanned),
+    not the `scan_layers` note, so checkpoints without our metadata (MaxText's own) work too."""
     from gptoss_convert.io.orbax_reader import read_metadata
-    meta = read_metadata(ck.path)
-    recorded = meta["custom_metadata"].get("scan_layers")
-    if recorded is not None:
-        return bool(recorded)
-    return any(p.startswith("decoder/layers/") for p in meta["leaves"])
+    return any(p.startswith("decoder/layers/") for p in read_metadata(ck.path)["leaves"])
 
 
 def checkpoint_bytes(ck: Checkpoint) -> int:
