@@ -3,39 +3,47 @@ on one gpt-oss-20b layer of experts (random bytes in the real shapes), bf16 outp
 
     python -m benchmarks.bench_codec [--repeats 5] [--json codec.json]
 
-Timing: all methods in one process, interleaved repeat by repeat so that they share the noise of
-a shared machine; median per method; GB/s = bf16 bytes produced / second. transformers returns
-[E, in, out], so `dequantize_transposed` is the like-for-like row. `dequantize` keeps the stored
-[E, out, in]; it runs once into fresh arrays and once into a reused `out=` buffer (no page faults
-for the output: the decode alone, as a converter that reuses its buffer sees it). The baseline row allocates and
-fills the same output bytes without decoding: the floor any fresh-output method pays here.
-Peak RSS: each method runs once more in its own subprocess, which reports its RSS before the
-call (inputs, imports) and its peak during it, so peaks of different methods never mix.
-The numpy path uses no BLAS: it is also timed in children with OPENBLAS_CORETYPE unset and
-forced to the oldest kernel (Prescott); equal times, within noise, show the setting is moot.
+Every measurement is one fresh process that builds the layer, warms the method up on one expert,
+then decodes the whole layer once, timed, and reports its RSS before the call and its peak during
+it (so the peaks of different methods never mix, and no method inherits another's heap). The
+methods run interleaved, in a new random order every repeat, so they share the noise of a shared
+machine (here, a process that follows transformers' ~5 GB run pays several times the usual kernel
+time to fault in fresh pages: a fixed order would always hand that cost to the same method); the
+table gives the median time, GB/s = bf16 bytes produced per second, the median CPU time of the
+call (sys is mostly the kernel zeroing fresh output pages), and the worst peak.
+
+Rows: transformers returns [E, in, out], so `dequantize_transposed` is the like-for-like row, next
+to `dequantize` + a numpy transpose copy (the path it replaces). `dequantize` keeps the stored
+[E, out, in]; it also runs into reused `out=` buffers (allocated and touched before the call, so
+no page faults: the decode alone, as a converter reusing its buffers sees it). The numpy path
+uses no BLAS: it also runs with OPENBLAS_CORETYPE forced to the oldest kernel (Prescott).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from benchmarks.common import machine, markdown_table, median_seconds, run_isolated
+from benchmarks.common import machine, markdown_table, run_isolated
 
 # gpt-oss-20b, one layer: [E, rows (out), G (in / 32)]; blocks add a trailing 16.
 LAYER_SHAPES = {"gate_up_proj": (32, 5760, 90), "down_proj": (32, 2880, 90)}
 OUT_BYTES = sum(int(np.prod(s)) * 32 * 2 for s in LAYER_SHAPES.values())      # bf16 output of the layer
 
 OURS = "ours dequantize [E,out,in]"
-OURS_OUT = "ours dequantize out= reused [E,out,in]"
+OURS_BLAS = "ours dequantize, OPENBLAS_CORETYPE=Prescott"
+OURS_OUT = "ours dequantize, out= buffers reused"
 OURS_T = "ours dequantize_transposed [E,in,out]"
+OURS_SWAP = "ours dequantize + swapaxes + ascontiguousarray [E,in,out]"
 HF = "transformers convert_moe_packed_tensors [E,in,out]"
-FILL = "baseline: np.empty + fill of the output, no decode"
-METHODS = (OURS, OURS_OUT, OURS_T, HF, FILL)
+METHODS = (OURS, OURS_BLAS, OURS_OUT, OURS_T, OURS_SWAP, HF)
+ENV = {OURS: {"OPENBLAS_CORETYPE": None}, OURS_BLAS: {"OPENBLAS_CORETYPE": "Prescott"}}
 
 
 def make_layer(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -45,33 +53,25 @@ def make_layer(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                    rng.integers(110, 127, shape, dtype=np.uint8)) for name, shape in LAYER_SHAPES.items()}
 
 
+def first_expert(layer):
+    return {name: (blocks[:1], scales[:1]) for name, (blocks, scales) in layer.items()}
+
+
 def method(name: str):
     """(blocks, scales) -> decoded bf16 array/tensor; imports torch only for transformers."""
     if name == HF:
         import torch
         from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
-        def hf(blocks, scales):
-            return convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
-                                              dtype=torch.bfloat16)
-        return hf
+        return lambda blocks, scales: convert_moe_packed_tensors(
+            torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.bfloat16)
     from gptoss_convert.mxfp4 import dequantize, dequantize_transposed
-    if name == FILL:                                  # the page-fault and write cost of a fresh output
-        def fill(blocks, scales):
-            out = np.empty((*scales.shape[:-1], scales.shape[-1] * 32), np.uint16)
-            out.fill(0x3F80)
-            return out
-        return fill
     if name == OURS_OUT:
-        buffers = {}                                  # one output buffer per shape, reused by every call
-
-        def into_buffer(blocks, scales):
-            key = scales.shape
-            if key not in buffers:
-                buffers[key] = np.zeros((*key[:-1], key[-1] * 32), ml_dtypes.bfloat16)   # touched once
-            return dequantize(blocks, scales, "bfloat16", out=buffers[key])
-        return into_buffer
-    fn = dequantize if name == OURS else dequantize_transposed
+        buffers = {s: np.ones((*s[:-1], s[-1] * 32), ml_dtypes.bfloat16) for s in LAYER_SHAPES.values()}  # touched
+        return lambda blocks, scales: dequantize(blocks, scales, "bfloat16",
+                                                 out=buffers.get(scales.shape))   # warm-up slice: fresh
+    if name == OURS_SWAP:                             # what a caller does without dequantize_transposed
+        return lambda blocks, scales: np.ascontiguousarray(np.swapaxes(dequantize(blocks, scales), -1, -2))
+    fn = dequantize_transposed if name == OURS_T else dequantize
     return lambda blocks, scales: fn(blocks, scales, "bfloat16")
 
 
@@ -81,82 +81,76 @@ def run_layer(fn, layer) -> None:
         del out                                                   # one output alive at a time
 
 
-def check_equal(layer) -> None:
-    """Bit-exact agreement of the compared outputs (the benchmark would be moot otherwise)."""
+def check_equal() -> None:
+    """Bit-exact agreement of the like-for-like outputs, on two experts (else the race is moot)."""
     import torch
     ours_t, hf = method(OURS_T), method(HF)
-    for name, (blocks, scales) in layer.items():
-        a = ours_t(blocks, scales).view(np.uint16)
-        b = hf(blocks, scales).view(torch.int16).numpy().view(np.uint16)
+    for name, (blocks, scales) in make_layer(1).items():
+        a = ours_t(blocks[:2], scales[:2]).view(np.uint16)
+        b = hf(blocks[:2], scales[:2]).view(torch.int16).numpy().view(np.uint16)
         if not np.array_equal(a, b):
             raise SystemExit(f"{name}: our dequantize_transposed differs from transformers")
 
 
-# Peak is measured from just before the first call: inputs + outputs + the method's temporaries.
+# One measurement: build, warm up on one expert, reset the peak, decode the layer once.
 CHILD = """
-import json, sys
+import json, resource, sys, time
 from benchmarks import bench_codec as B
-from benchmarks.common import median_seconds, reset_peak_rss, rss_mb
-name, repeats = sys.argv[1], int(sys.argv[2])
-fn, layer = B.method(name), B.make_layer()
+from benchmarks.common import reset_peak_rss, rss_mb
+fn, layer = B.method(sys.argv[1]), B.make_layer()
+B.run_layer(fn, B.first_expert(layer))
 before = rss_mb()
 reset_peak_rss()
-med, times = median_seconds(lambda: B.run_layer(fn, layer), repeats, warmup=0)
-print(json.dumps({"rss_before_mb": before, "median_s": med, "times_s": times}))
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+B.run_layer(fn, layer)
+seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": seconds, "rss_before_mb": before,
+                  "user_s": r1.ru_utime - r0.ru_utime, "sys_s": r1.ru_stime - r0.ru_stime}))
 """
 
 
-def side_by_side(repeats: int) -> dict[str, list[float]]:
-    layer = make_layer()
-    fns = {name: method(name) for name in METHODS}
-    check_equal(layer)                                            # also the warm-up of OURS_T and HF
-    for name in (OURS, OURS_OUT, FILL):
-        run_layer(fns[name], layer)
-    times = {name: [] for name in METHODS}
+def measure(repeats: int) -> dict[str, list[dict]]:
+    runs = {name: [] for name in METHODS}
+    order, shuffle = list(METHODS), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_seconds(lambda: run_layer(fn, layer), 1, warmup=0)[0])
-    return times
+        shuffle(order)
+        for name in order:
+            result, peak = run_isolated(CHILD, [name], ENV.get(name))
+            runs[name].append({**result, "peak_rss_mb": peak})
+            print(f"  {name}: {result['seconds']:.3f} s", flush=True)
+    return runs
 
 
-def isolated(name: str, repeats: int, env: dict | None = None) -> dict:
-    result, peak = run_isolated(CHILD, [name, str(repeats)], env)
-    return {**result, "peak_rss_mb": round(peak), "rss_before_mb": round(result["rss_before_mb"])}
-
-
-def report(times: dict[str, list[float]], children: dict[str, dict], blas: dict[str, dict]) -> dict:
-    med = {name: float(np.median(t)) for name, t in times.items()}
+def report(runs: dict[str, list[dict]]) -> dict:
+    med = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
     rows = []
-    for name in METHODS:
-        child = children[name]
-        rows.append({"method": name, "median_s": round(med[name], 3),
+    for name, rs in runs.items():
+        before = round(max(r["rss_before_mb"] for r in rs))
+        peak = round(max(r["peak_rss_mb"] for r in rs))
+        rows.append({"method": name, "median s": round(med[name], 3),
                      "GB/s (bf16 out)": round(OUT_BYTES / med[name] / 1e9, 2),
                      "x transformers": round(med[HF] / med[name], 1),
-                     "RSS before call MiB": child["rss_before_mb"], "peak RSS in call MiB": child["peak_rss_mb"],
-                     "call's own MiB": child["peak_rss_mb"] - child["rss_before_mb"],
-                     "times_s": [round(t, 3) for t in times[name]]})
+                     "CPU user s": round(statistics.median(r["user_s"] for r in rs), 2),
+                     "CPU sys s": round(statistics.median(r["sys_s"] for r in rs), 2),
+                     "RSS before call MiB": before, "peak RSS in call MiB": peak, "call's own MiB": peak - before,
+                     "seconds": [round(r["seconds"], 3) for r in rs]})
     return {"machine": machine(), "layer": {k: list(v) for k, v in LAYER_SHAPES.items()},
-            "out_bytes": OUT_BYTES, "rows": rows,
-            "openblas_coretype": {k: {"median_s": round(v["median_s"], 3),
-                                      "times_s": [round(t, 3) for t in v["times_s"]]} for k, v in blas.items()}}
+            "out_bytes": OUT_BYTES, "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="measurements per method (median reported)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
     a = ap.parse_args()
-    times = side_by_side(a.repeats)
-    children = {name: isolated(name, 1) for name in METHODS}
-    blas = {label: isolated(OURS, a.repeats, {"OPENBLAS_CORETYPE": value})
-            for label, value in (("unset", None), ("Prescott", "Prescott"))}
-    result = report(times, children, blas)
-    cols = ["method", "median_s", "GB/s (bf16 out)", "x transformers", "RSS before call MiB",
-            "peak RSS in call MiB", "call's own MiB"]
+    check_equal()
+    start = machine()
+    result = report(measure(a.repeats))
+    result["machine"]["loadavg_1m_at_start"] = start["loadavg_1m"]
     print(f"one gpt-oss-20b layer of experts, {OUT_BYTES / 1e9:.2f} GB bf16 out; {json.dumps(result['machine'])}")
-    print(markdown_table(result["rows"], cols))
-    print("ours dequantize, own process, by OPENBLAS_CORETYPE: "
-          + ", ".join(f"{k}: median {v['median_s']} s" for k, v in result["openblas_coretype"].items()))
+    print(markdown_table(result["rows"], ["method", "median s", "GB/s (bf16 out)", "x transformers", "CPU user s",
+                                          "CPU sys s", "RSS before call MiB", "peak RSS in call MiB",
+                                          "call's own MiB"]))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
 
