@@ -161,3 +161,23 @@ def test_read_only_out(mxfp4_dir, tmp_path):
     r = CliRunner().invoke(main, ["dequantize", str(mxfp4_dir), str(ro), "--no-progress"])
     assert r.exit_code != 0
     assert "error: " in r.output and str(ro) in r.output and "choose another OUT" in r.output
+
+
+def test_scale_overflowing_to_inf_is_refused(mxfp4_dir, tmp_path):
+    """Scale 254 with an element of magnitude >= 2 is 2^128+: inf in bf16/fp32 (transformers emits inf)."""
+    from gptoss_convert.io.safetensors import read_tensor
+    src = tmp_path / "src"
+    shutil.copytree(mxfp4_dir, src)
+    shard = _shard_of(src, GU + "_scales")
+    scales = read_tensor(read_header(shard)[0][GU + "_scales"]).copy()
+    blocks = read_tensor(read_header(_shard_of(src, GU + "_blocks"))[0][GU + "_blocks"]).copy()
+    scales[2, 5, 0] = 254
+    blocks[2, 5, 0, :] = 0x44                                   # every element +2.0: 2 * 2^127 = 2^128
+    _rewrite_tensor(src, GU + "_scales", {GU + "_scales": scales})
+    _rewrite_tensor(src, GU + "_blocks", {GU + "_blocks": blocks})
+    r = CliRunner().invoke(main, ["dequantize", str(src), str(tmp_path / "out"), "--no-progress"])
+    assert r.exit_code == 2 and "scale byte 254 at index (2, 5, 0)" in r.output and "inf" in r.output
+    scales[2, 5, 0] = 253                                       # 2.0 * 2^126 is finite: accepted
+    _rewrite_tensor(src, GU + "_scales", {GU + "_scales": scales})
+    r = CliRunner().invoke(main, ["dequantize", str(src), str(tmp_path / "out2"), "--no-progress"])
+    assert r.exit_code == 0, r.output

@@ -213,6 +213,8 @@ class HFCheckpoint:
             return arr
         blocks = read_tensor(vt.blocks, rows)
         scales = read_tensor(vt.scales, rows)
+        if scales.size and scales.max() in (253, 254):
+            _check_no_overflow(blocks, scales, vt.scales, rows)
         try:
             # [e, out, in] decoded straight into [e, in, out] (tiles transposed in cache)
             return mxfp4.dequantize_transposed(blocks, scales, dtype, name=name, workers=self.workers)
@@ -244,6 +246,19 @@ class HFCheckpoint:
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.
 _EXP_MASK = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
              "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def _check_no_overflow(blocks: np.ndarray, scales: np.ndarray, info: TensorInfo, rows: slice | None) -> None:
+    """Scale bytes 253/254 with a large element decode to |x| >= 2^128: inf in bf16 and fp32.
+    The codec (like transformers) would emit inf; a converter must not, so refuse it here."""
+    limit = {253: 4.0, 254: 2.0}                     # smallest E2M1 magnitude that overflows
+    for g in np.argwhere(scales >= 253):
+        group = blocks[tuple(g)]
+        mags = np.concatenate([mxfp4.FP4_VALUES[group & 0x7], mxfp4.FP4_VALUES[(group >> 4) & 0x7]])
+        if mags.max() >= limit[int(scales[tuple(g)])]:
+            idx = (int(g[0]) + (rows.start if rows is not None else 0),) + tuple(int(i) for i in g[1:])
+            raise CorruptTensorError(f"{info.file}: tensor {info.name!r} has scale byte {int(scales[tuple(g)])} at index "
+                                     f"{idx}, which decodes to +-inf; the checkpoint is corrupt, re-download it")
 
 
 def _check_finite(arr: np.ndarray, info: TensorInfo, rows: slice | None) -> None:
