@@ -14,36 +14,32 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import synthetic
+from benchmarks.common import machine, run_isolated
 
 CONVERT = """
-import sys
+import json, sys, time
 from gptoss_convert.converters.dequantize import dequantize
 from gptoss_convert.converters.to_orbax import to_orbax
 cmd, src, out = sys.argv[1:4]
+t0 = time.perf_counter()
 if cmd == "dequantize":
     dequantize(src, out, progress=False, log=lambda *_: None)
 else:
     to_orbax(src, out, scanned=(cmd == "scanned"), progress=False, log=lambda *_: None)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
 def run_child(args: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of a Python child running CONVERT with `args`."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CONVERT, *args])
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"conversion {args} failed with status {status}")
-    return dt, usage.ru_maxrss * 1024 / 1e9
+    """(seconds, peak RSS in GB) of a fresh process running CONVERT with `args` (its own peak)."""
+    result, peak_mb = run_isolated(CONVERT, args)
+    return result["seconds"], peak_mb * 2**20 / 1e9
 
 
 def write_bandwidth(path: Path, nbytes: int, block: int = 256 << 20) -> float:
@@ -96,8 +92,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['command']} | {r['layers']} | {r['source_GB']} | {r['written_GB']} | {r['seconds']} | "
               f"{r['GB_per_s']} | {r['peak_rss_GB']} | {r['write_bw_GB_per_s']} | {r['ratio_to_write_bw']} |")
+    print(f"machine: {machine()}")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from benchmarks import synthetic
 from benchmarks.bench_convert import run_child, tree_bytes
+from benchmarks.common import machine, run_isolated
 
 FORWARD = """
 import json, sys, numpy as np
@@ -36,18 +33,18 @@ rng = np.random.default_rng(0)
 for b, n in enumerate(lengths):
     tokens[b, :n] = rng.integers(0, cfg.V, n)
     mask[b, :n] = 1
+import time
+t0 = time.perf_counter()
 logits = streamed_logits(ckpt, cfg, False, tokens, mask)
 assert np.isfinite(logits[mask.astype(bool)]).all()
+print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 
 
 def run_forward(ckpt: Path) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", FORWARD, str(ckpt / "0"), str(ckpt)])
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"streamed forward failed with status {status}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024 / 1e9
+    """(seconds, peak RSS in GB) of the streamed forward in a fresh process."""
+    result, peak_mb = run_isolated(FORWARD, [str(ckpt / "0"), str(ckpt)])
+    return result["seconds"], peak_mb * 2**20 / 1e9
 
 
 def main() -> None:
@@ -72,8 +69,9 @@ def main() -> None:
     print("\n| layers | checkpoint GB | peak RSS GB | RSS / size | s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layers']} | {r['checkpoint_GB']} | {r['peak_rss_GB']} | {r['rss_over_size']} | {r['seconds']} |")
+    print(f"machine: {machine()}")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import numpy as np
 from gptoss_convert import faults
 from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import write_record
-from gptoss_convert.converters.stream import prefetch
+from gptoss_convert.converters.provenance import sha256_files, write_record
+from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
 from gptoss_convert.io.safetensors import DTYPE_NAMES, ShardWriter, build_header
 
@@ -126,6 +126,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     total = sum(t.nbytes for t in tensors)
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
                       log=log) as staged:
+        source_hashes = background(sha256_files, ck.dir, ck.files, workers=1)   # overlaps the conversion
         hashes = {}
         with progress_bar(total, "dequantize", progress) as bar:
             for fname, shard in zip(names, shards):
@@ -138,7 +139,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
                 os.replace(tmp, staged.path / fname)
                 staged.mark_done(fname)
         _write_metadata(ck, staged.path, names, shards, st_dtype)
-        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=ck.files,
+        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=source_hashes.result(),
                      options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},
                      output_hashes=hashes)
         result = staged.commit()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
@@ -25,6 +27,13 @@ def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_files(root: Path, names: list[str], workers: int | None = None) -> dict[str, str]:
+    """sha256 of many files on all cores (hashlib releases the GIL), largest first."""
+    names = sorted(names, key=lambda f: -(root / f).stat().st_size)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        return dict(zip(names, pool.map(lambda f: sha256_file(root / f), names)))
+
+
 def tree_files(root: Path) -> list[Path]:
     """Every regular file under `root` (relative), sorted, excluding the record (and its temporary
     file, which an interrupted write_record may leave behind) and the journal."""
@@ -34,19 +43,20 @@ def tree_files(root: Path) -> list[Path]:
 
 def write_record(out_dir: Path, *, command: str, source_dir: Path, source_files: list[str],
                  options: dict, extra: dict | None = None, output_hashes: dict[str, str] | None = None) -> dict:
-    """Write `out_dir/conversion.json`; hashes of outputs not given are computed from disk."""
+    """Write `out_dir/conversion.json`; hashes of outputs not given are computed from disk.
+
+    `source_files` may instead be a {name: sha256} map (e.g. hashed in the background meanwhile)."""
+    source_hashes = source_files if isinstance(source_files, dict) else sha256_files(source_dir, source_files)
     hashes = dict(output_hashes or {})
-    outputs = {}
-    for rel in tree_files(out_dir):
-        key = rel.as_posix()
-        outputs[key] = {"size": (out_dir / rel).stat().st_size,
-                        "sha256": hashes.get(key) or sha256_file(out_dir / rel)}
+    files = [rel.as_posix() for rel in tree_files(out_dir)]
+    hashes |= sha256_files(out_dir, [f for f in files if f not in hashes])
+    outputs = {f: {"size": (out_dir / f).stat().st_size, "sha256": hashes[f]} for f in files}
     record = {
         "tool": "gptoss-convert", "version": gptoss_convert.__version__, "command": command,
         "argv": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": options,
         "source": {"path": str(source_dir), "files": {
-            f: {"size": (source_dir / f).stat().st_size, "sha256": sha256_file(source_dir / f)} for f in source_files}},
+            f: {"size": (source_dir / f).stat().st_size, "sha256": h} for f, h in source_hashes.items()}},
         "outputs": outputs, **(extra or {}),
     }
     write_durably(out_dir / RECORD, json.dumps(record, indent=1))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import collections
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -31,3 +32,18 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R], depth: int = 2) -> Iterat
                 queue.append((nxt, pool.submit(fn, nxt)))
             yield item, result
             del result
+
+
+def background(fn: Callable[..., R], *args, **kwargs) -> Future:
+    """Run fn(*args, **kwargs) on a daemon thread now; `.result()` joins it. A daemon, so a
+    command that fails meanwhile exits at once instead of waiting for it."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever calls .result()
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="gptoss-bg", daemon=True).start()
+    return future

@@ -7,6 +7,7 @@ straight into its place in the target leaf. Peak memory is a few blocks, not the
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from pathlib import Path
@@ -19,23 +20,31 @@ from gptoss_convert.backends.layout import SCAN_AXIS
 from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
-from gptoss_convert.converters.provenance import write_record
-from gptoss_convert.converters.stream import prefetch
+from gptoss_convert.converters.provenance import sha256_files, write_record
+from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
 
 STEP = "0"
 ITEM = "items"
 _NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+MAX_IN_FLIGHT = 4           # blocks whose writes may be pending at once (overlaps I/O with decoding)
 KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
-def _write_block(writer, block: ReadBlock, x: np.ndarray, dtype: np.dtype) -> None:
+def _write_block(writer, block: ReadBlock, x: np.ndarray, dtype: np.dtype) -> list:
+    """Write every emit of `block`; returns the writer's pending futures (if it has any)."""
+    pending = []
     for e in block.emits:
         y = apply(e.transforms, x)
         if e.slot is not None:
             y = np.expand_dims(y, SCAN_AXIS)
-        writer.write(e.target, e.index, y.astype(dtype, copy=False))
+        y = y.astype(dtype, copy=False)
+        if hasattr(writer, "write_async"):
+            pending.append(writer.write_async(e.target, e.index, y))
+        else:
+            writer.write(e.target, e.index, y)
+    return pending
 
 
 def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
@@ -71,6 +80,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
                       log=log) as staged:
+        source_hashes = background(sha256_files, ck.dir, ck.files, workers=1)   # overlaps the conversion
         step = staged.path / STEP
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},
@@ -80,7 +90,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         _stream(ck, plan, writer, staged, np_dtype, progress)
         writer.finalize()
         ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
-        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=ck.files,
+        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_hashes.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"})
         result = staged.commit()
@@ -116,9 +126,20 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
     todo = [b for b in plan.blocks if not staged.is_done(b.key)]
     with progress_bar(plan.total_bytes, "to-orbax", progress) as bar:
         bar.update(sum(b.nbytes for b in plan.blocks if staged.is_done(b.key)))
+        in_flight: collections.deque = collections.deque()      # (block, its pending writes)
+
+        def retire(n: int) -> None:
+            """Wait for all but `n` blocks' writes to be on disk, journaling each one done."""
+            while len(in_flight) > n:
+                done, futures = in_flight.popleft()
+                for f in futures:
+                    f.result()
+                faults.point("write")
+                staged.mark_done(done.key)
+                bar.update(done.nbytes)
+
         for block, x in prefetch(todo, lambda b: ck.read(b.source, b.rows, dtype=dtype)):
             faults.point("read")
-            _write_block(writer, block, x, dtype)
-            faults.point("write")
-            staged.mark_done(block.key)
-            bar.update(block.nbytes)
+            in_flight.append((block, _write_block(writer, block, x, dtype)))
+            retire(MAX_IN_FLIGHT)
+        retire(0)

@@ -261,11 +261,23 @@ def _check_no_overflow(blocks: np.ndarray, scales: np.ndarray, info: TensorInfo,
                                      f"{idx}, which decodes to +-inf; the checkpoint is corrupt, re-download it")
 
 
+_FINITE_CHUNK = 1 << 18
+
+
 def _check_finite(arr: np.ndarray, info: TensorInfo, rows: slice | None) -> None:
     """Refuse NaN/inf in stored float weights (a bit test: no float conversion, ~memory speed)."""
     if info.dtype not in _EXP_MASK:
         return
     utype, mask = _EXP_MASK[info.dtype]
+    bits = arr.reshape(-1).view(utype)
+    scratch = np.empty(min(bits.size, _FINITE_CHUNK), utype)   # cache-sized: no big temporaries
+    for start in range(0, bits.size, _FINITE_CHUNK):
+        chunk = bits[start:start + _FINITE_CHUNK]
+        np.bitwise_and(chunk, utype(mask), out=scratch[:chunk.size])
+        if (scratch[:chunk.size] == utype(mask)).any():
+            break
+    else:
+        return
     bad = (arr.view(utype) & utype(mask)) == utype(mask)
     if bad.any():
         first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))

@@ -229,6 +229,11 @@ class OrbaxWriter:
     def write(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> None:
         """Write `block` into leaf `path` at `index` (one slice per axis), cast to the leaf's
         dtype if needed. Synchronous: the data is on disk when this returns."""
+        self.write_async(path, index, block).result()
+
+    def write_async(self, path: str, index: tuple[slice, ...], block: np.ndarray):
+        """As `write`, but returns once TensorStore holds its own copy of `block`; the returned
+        future completes when the data is on disk. Callers bound how many they keep pending."""
         store = self._store(path)
         shape, dtype = self.leaves[path]
         region = _region_shape(path, shape, index)
@@ -237,7 +242,9 @@ class OrbaxWriter:
             raise ValueError(f"block for leaf {path!r} at {index} has shape {block.shape}, expected {region}")
         if block.dtype != dtype:
             block = block.astype(dtype)
-        store[index].write(block).result()
+        futures = store[index].write(block)
+        futures.copy.result()          # `block` may be reused or freed from here on
+        return futures.commit
 
     def _store(self, path: str) -> ts.TensorStore:
         if path not in self.leaves:

@@ -9,12 +9,14 @@ little-endian header length, a JSON header, then the raw little-endian data.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -155,13 +157,19 @@ class ShardWriter:
         self._todo = [(n, DTYPES[d], tuple(s), math.prod(s) * DTYPES[d].itemsize) for n, d, s in entries]
         self._i, self._left = 0, self._todo[0][3] if self._todo else 0
         self.sha = hashlib.sha256()
+        # Hashing runs on its own thread (hashlib releases the GIL), overlapping the writes;
+        # one worker keeps the order, and at most 2 blocks wait to be hashed.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-sha256")
+        self._hashing: collections.deque = collections.deque()
         self._f: BinaryIO = open(self.path, "wb")
         self._emit(memoryview(prefix))
         self._skip_empty()
 
     def _emit(self, mv: memoryview) -> None:
+        while len(self._hashing) >= 2:
+            self._hashing.popleft().result()
+        self._hashing.append(self._hasher.submit(self.sha.update, mv))
         self._f.write(mv)
-        self.sha.update(mv)
 
     def _skip_empty(self) -> None:
         while self._i < len(self._todo) and self._left == 0:
@@ -195,10 +203,12 @@ class ShardWriter:
         if fsync:
             os.fsync(self._f.fileno())
         self._f.close()
+        self._hasher.shutdown(wait=True)
         return self.sha.hexdigest()
 
     def abort(self) -> None:
         self._f.close()
+        self._hasher.shutdown(wait=True, cancel_futures=True)
 
 
 def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
