@@ -2,6 +2,9 @@
 
     python -m benchmarks.bench_forward [--configs tiny mid] [--strategies ragged_dot dense megablox] [--json out.json]
 
+Also prefill/decode tokens/s of KV-cache `generate` (ragged_dot, batch 1 x 12-token prompt and
+batch 8 x 128, 64 new tokens; compilation excluded).
+
 tiny = the test model (H 64, I 96, E 5, k 3, 6 layers, V 300); mid = H 1024, I 1024, 16 experts,
 top-4, 8 layers, 16 query heads of 64, 4 kv heads, V 32000. Random parameters of the right shapes,
 fp32 compute, one batch of B x T tokens, compiled once, then the median of several runs.
@@ -48,6 +51,15 @@ def bench(cfg, strategy: str, batch: int, length: int, repeats: int) -> dict:
             "median_s": round(med, 4), "tokens_per_s": round(batch * length / med, 1)}
 
 
+def bench_generate(cfg, batch: int, prompt: int, new: int) -> dict:
+    from gptoss_convert.backends.gpt_oss.generate import generate_with_stats
+    params = jax.tree.map(jnp.asarray, random_params(cfg, scanned=False))
+    prompts = np.random.default_rng(0).integers(0, cfg.V, (batch, prompt)).tolist()
+    _, st = generate_with_stats(params, cfg, prompts, max_new_tokens=new, warmup=True)
+    return {"strategy": "generate (ragged_dot)", "batch": batch, "prompt": prompt, "new": new,
+            "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 1), "decode_tokens_per_s": round(st.decode_tokens_per_s, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=sorted(CONFIGS))
@@ -64,11 +76,19 @@ def main() -> None:
             r = {"config": name, "device": jax.devices()[0].platform, **bench(cfg, strategy, a.batch, a.length, a.repeats)}
             rows.append(r)
             print(json.dumps(r), flush=True)
+    gen = []
+    for name in a.configs:
+        for batch, prompt in ((1, 12), (8, 128)):
+            gen.append({"config": name, **bench_generate(tiny_config(**CONFIGS[name]), batch, prompt, 64)})
+            print(json.dumps(gen[-1]), flush=True)
     print("\n| config | strategy | tokens | first call s | median s | tokens/s |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['strategy']} | {r['tokens']} | {r['first_call_s']} | {r['median_s']} | {r['tokens_per_s']} |")
+    print("\n| config | batch x prompt | new tokens | prefill tokens/s | decode tokens/s |\n|---|---|---|---|---|")
+    for r in gen:
+        print(f"| {r['config']} | {r['batch']} x {r['prompt']} | {r['new']} | {r['prefill_tokens_per_s']} | {r['decode_tokens_per_s']} |")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps({"forward": rows, "generate": gen}, indent=1))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ for b, n in enumerate(lengths):
 import time
 t0 = time.perf_counter()
 logits = streamed_logits(ckpt, cfg, False, tokens, mask)
-assert np.isfinite(logits[mask.astype(bool)]).all()
+assert all(np.isfinite(x).all() for x in logits)
 print(json.dumps({"seconds": time.perf_counter() - t0}))
 """
 

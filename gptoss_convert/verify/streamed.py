@@ -94,8 +94,9 @@ def _moe(reader: LeafReader, layer: int, h: np.ndarray, gate: dict, valid: np.nd
 
 
 def streamed_logits(step_dir, cfg, scanned: bool, tokens: np.ndarray, mask: np.ndarray, *,
-                    vocab_block: int = 16384) -> np.ndarray:
-    """fp32 logits [B, T, V] of right-padded `tokens` [B, T] (`mask` 1 = real token)."""
+                    vocab_block: int = 16384) -> list[np.ndarray]:
+    """fp32 logits of right-padded `tokens` [B, T] (`mask` 1 = real token): one [len_b, V] array
+    per row, for the real tokens only (a 201k vocabulary makes padded [B, T, V] logits big)."""
     reader = LeafReader(step_dir, cfg, scanned)
     B, T = tokens.shape
     uniq, inverse = np.unique(tokens, return_inverse=True)
@@ -108,8 +109,9 @@ def streamed_logits(step_dir, cfg, scanned: bool, tokens: np.ndarray, mask: np.n
         out = _moe(reader, i, np.asarray(h2).reshape(-1, cfg.H), p["GptOssMlp"]["gate"], valid, cfg)
         x = x + jnp.asarray(out.reshape(B, T, cfg.H))
     h = np.asarray(model.rms_norm(x, jnp.asarray(reader.leaf("decoder/decoder_norm/scale")), cfg.rms_norm_eps))
-    logits = np.empty((B, T, cfg.V), np.float32)
+    h = h.reshape(-1, cfg.H)[valid]                                                           # [N_real, H]
+    logits = np.empty((h.shape[0], cfg.V), np.float32)
     for v0 in range(0, cfg.V, vocab_block):
         k = reader.leaf("decoder/logits_dense/kernel", (slice(None), slice(v0, min(v0 + vocab_block, cfg.V))))  # [H, vb]
-        logits[..., v0:v0 + k.shape[1]] = np.asarray(jnp.einsum("bth,hv->btv", h, k, precision=HIGHEST))
-    return logits
+        logits[:, v0:v0 + k.shape[1]] = np.asarray(jnp.dot(h, k, precision=HIGHEST))
+    return np.split(logits, np.cumsum(np.asarray(mask, bool).sum(1))[:-1])

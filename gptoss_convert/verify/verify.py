@@ -83,7 +83,10 @@ def run_batch(fn, records: list[dict]) -> list[np.ndarray]:
     for b, r in enumerate(records):
         tokens[b, :len(r["tokens"])] = r["tokens"]
         mask[b, :len(r["tokens"])] = 1
-    logits = np.asarray(fn(tokens, mask))
+    logits = fn(tokens, mask)
+    if isinstance(logits, list):                  # already one [len, V] array per prompt
+        return logits
+    logits = np.asarray(logits)
     return [logits[b, :len(r["tokens"])] for b, r in enumerate(records)]
 
 
