@@ -337,7 +337,14 @@ def test_write_rejects_bad_calls(tmp_path):
 
 
 MEMORY_SCRIPT = """
-import resource, sys, time
+import sys, time
+from pathlib import Path
+
+def hwm():
+    # VmHWM: this process's own peak. Not ru_maxrss, which a child started by a big parent
+    # (the pytest worker, with jax and torch loaded) inherits across fork+exec.
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 import ml_dtypes, numpy as np
 from gptoss_convert.io.orbax_writer import OrbaxWriter
 shape, block_shape = (32, 8, 1536, 2048), (1, 8, 1536, 2048)   # 1.61 GB leaf, 50.3 MB blocks, bf16
@@ -346,13 +353,13 @@ rng = np.random.default_rng(0)
 block = rng.integers(0x3000, 0x4000, size=block_shape, dtype=np.uint16).view(bf16)  # finite, varied
 writer = OrbaxWriter({step!r}, {{"w": (shape, bf16)}}, chunk_shapes={{"w": block_shape}})
 writer.create()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 t0 = time.time()
 for e in range(shape[0]):
     block[0, 0, 0, 0] = e
     writer.write("w", (slice(e, e + 1), slice(None), slice(None), slice(None)), block)
 writer.finalize()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(base, peak, block.nbytes, int(np.prod(shape)) * 2, time.time() - t0)
 """
 
