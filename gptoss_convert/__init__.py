@@ -10,13 +10,19 @@ __version__ = "0.1.0"
 _API = {
     "dequantize": "gptoss_convert.converters.dequantize",
     "to_orbax": "gptoss_convert.converters.to_orbax",
+    "check": "gptoss_convert.converters.check",
+    "golden": "gptoss_convert.verify.golden",
+    "verify_checkpoint": "gptoss_convert.verify.verify:verify",   # `verify` is the subpackage
+    "generate_from_checkpoint": "gptoss_convert.backends.gpt_oss.generate",
+    "demo": "gptoss_convert.demo",
 }
 
 
 def __getattr__(name: str):
     if name in _API:
         import importlib
-        return getattr(importlib.import_module(_API[name]), name)
+        module, _, attr = _API[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'gptoss_convert' has no attribute {name!r}")
 
 
