@@ -18,7 +18,7 @@ from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import DTYPE_NAMES, ShardWriter, build_header
+from gptoss_convert.io.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, build_header
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
@@ -32,7 +32,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * (4 if self.dtype == "F32" else 2 if self.dtype in ("BF16", "F16") else 1)
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTensor]:

@@ -74,15 +74,15 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(math.prod(s) for s in self.targets.values()) * self.itemsize
 
-    def chunk_shape(self, target: str) -> tuple[int, ...]:
-        """The shape of the largest block written to `target` (a natural storage chunk)."""
-        best = None
+    def chunk_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per target, the shape of the largest block written to it (a natural storage chunk);
+        one pass over the blocks."""
+        best: dict[str, tuple[int, ...]] = {}
         for b in self.blocks:
             for e in b.emits:
-                if e.target == target:
-                    shape = tuple((s.stop - s.start) for s in e.index)
-                    if best is None or math.prod(shape) > math.prod(best):
-                        best = shape
+                shape = tuple(s.stop - s.start for s in e.index)
+                if e.target not in best or math.prod(shape) > math.prod(best[e.target]):
+                    best[e.target] = shape
         return best
 
     def describe(self, sources: dict[str, tuple[tuple[int, ...], str]]) -> str:

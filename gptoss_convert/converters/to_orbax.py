@@ -84,7 +84,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         step = staged.path / STEP
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},
-                             chunk_shapes={p: plan.chunk_shape(p) for p in plan.targets}, custom_metadata=meta,
+                             chunk_shapes=plan.chunk_shapes(), custom_metadata=meta,
                              compression=compression)
         writer.create()
         _stream(ck, plan, writer, staged, np_dtype, progress)
