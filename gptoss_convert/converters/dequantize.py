@@ -17,8 +17,9 @@ from gptoss_convert.converters.common import check_against_backend, parse_size, 
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
+from gptoss_convert.buffers import BufferPool
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import DTYPE_NAMES, DTYPES, ShardWriter, build_header
+from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
@@ -64,10 +65,13 @@ def _shards(tensors: list[OutTensor], max_shard: int) -> list[list[OutTensor]]:
     return shards
 
 
-def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None) -> np.ndarray:
+def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None, pool: BufferPool) -> np.ndarray:
     np_dtype = np.float32 if t.dtype == "F32" else ml_dtypes.bfloat16
-    arr = ck.read(t.name, rows, dtype=np_dtype)
-    return arr if DTYPE_NAMES[arr.dtype] == t.dtype else arr.astype(np_dtype)
+    vt = ck.tensors[t.name]
+    shape = t.shape if rows is None else (len(range(*rows.indices(t.shape[0]))), *t.shape[1:])
+    if vt.is_mxfp4 or DTYPES[t.dtype] == DTYPES[vt.dtype]:     # read straight into a recycled buffer
+        return ck.read(t.name, rows, dtype=np_dtype, out=pool.get(shape, DTYPES[t.dtype]))
+    return ck.read(t.name, rows, dtype=np_dtype).astype(np_dtype)
 
 
 def _row_slices(t: OutTensor):
@@ -88,13 +92,15 @@ def _shard_size(tensors: list[OutTensor]) -> int:
 def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
     """Write one output shard, streaming row blocks; returns its sha256."""
     w = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
+    pool = BufferPool(keep=4)                   # the prefetched blocks + the one being written
     try:
         items = [(t, rows) for t in tensors for rows in _row_slices(t)]
-        for (t, _), arr in prefetch(items, lambda it: _read(ck, *it)):
+        for (t, _), arr in prefetch(items, lambda it: _read(ck, *it, pool)):
             faults.point("read")
             w.append(t.name, arr)
             faults.point("write")
             bar.update(arr.nbytes)
+            pool.put(arr)
         return w.close()
     except BaseException:
         w.abort()

@@ -17,7 +17,8 @@ RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
 
 
-def sha256_file(path: Path, bufsize: int = 8 << 20) -> str:
+def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
+    """sha256 of a file, read in cache-sized pieces (hashing data still in the CPU cache is faster)."""
     h = hashlib.sha256()
     buf = bytearray(bufsize)
     view = memoryview(buf)

@@ -18,6 +18,7 @@ import numpy as np
 
 from gptoss_convert import mxfp4
 from gptoss_convert.errors import InputError, CorruptTensorError
+from gptoss_convert.buffers import BufferPool
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
 
@@ -80,6 +81,7 @@ class HFCheckpoint:
         self.dir = Path(directory)
         self.workers: int | None = None       # threads for MXFP4 decoding (None = all cores)
         self.allow_nonfinite = False           # stored NaN/inf weights are an error unless set
+        self._scratch = BufferPool(keep=2)     # MXFP4 blocks/scales read buffers, reused
         self._roots = self._link_roots()
         self.config_raw = self._read_config()
         self.files = self._shard_files()
@@ -199,25 +201,34 @@ class HFCheckpoint:
     def is_mxfp4(self) -> bool:
         return any(t.is_mxfp4 for t in self.tensors.values())
 
-    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16) -> np.ndarray:
+    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16, out: np.ndarray | None = None) -> np.ndarray:
         """Tensor `name` in HF orientation, or rows `rows` of its first axis (e.g. experts).
 
         Stored tensors come back in their stored dtype (bit for bit); MXFP4 pairs are
-        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out].
+        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out]. `out`, a
+        C-contiguous array of the result's shape and dtype, is filled and returned if given.
         """
         vt = self.tensors[name]
         if not vt.is_mxfp4:
-            arr = read_tensor(vt.stored, rows)
+            arr = read_tensor(vt.stored, rows, out=out)
             if not self.allow_nonfinite:
                 _check_finite(arr, vt.stored, rows)
             return arr
-        blocks = read_tensor(vt.blocks, rows)
-        scales = read_tensor(vt.scales, rows)
+        blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(_rows_shape(vt.blocks, rows), np.uint8))
+        scales = read_tensor(vt.scales, rows, out=self._scratch.get(_rows_shape(vt.scales, rows), np.uint8))
+        try:
+            return self._decode(vt, blocks, scales, rows, dtype, out)
+        finally:
+            self._scratch.put(blocks)
+            self._scratch.put(scales)
+
+    def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out) -> np.ndarray:
+        name = vt.name
         if scales.size and scales.max() in (253, 254):
             _check_no_overflow(blocks, scales, vt.scales, rows)
         try:
             # [e, out, in] decoded straight into [e, in, out] (tiles transposed in cache)
-            return mxfp4.dequantize_transposed(blocks, scales, dtype, name=name, workers=self.workers)
+            return mxfp4.dequantize_transposed(blocks, scales, dtype, name=name, workers=self.workers, out=out)
         except CorruptTensorError:
             bad = np.argwhere(scales == 255)
             if not len(bad):
@@ -241,6 +252,13 @@ class HFCheckpoint:
         (out / "config.json").write_text(json.dumps(conf, indent=2))
         for f in self.sidecar_files():
             shutil.copyfile(f, out / f.name)
+
+
+def _rows_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:
+    if rows is None:
+        return info.shape
+    start, stop, _ = rows.indices(info.shape[0])
+    return (max(stop - start, 0), *info.shape[1:])
 
 
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.

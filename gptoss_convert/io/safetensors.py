@@ -9,21 +9,19 @@ little-endian header length, a JSON header, then the raw little-endian data.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
 
 from gptoss_convert.errors import CorruptTensorError
+from gptoss_convert.io.files import WriteBehind
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
@@ -107,8 +105,9 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], nbytes)
 
 
-def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
-    """Read a tensor, or only rows `rows` (a unit-step slice) of its first axis."""
+def read_tensor(info: TensorInfo, rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Read a tensor, or only rows `rows` (a unit-step slice) of its first axis; into `out`
+    (C-contiguous, of the result's shape and dtype) if given."""
     shape = info.shape
     start, stop = 0, (shape[0] if shape else 1)
     if rows is not None:
@@ -118,7 +117,10 @@ def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
         shape = (max(stop - start, 0),) + shape[1:]
     row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
     count = math.prod(shape)
-    out = np.empty(shape, dtype=info.np_dtype)
+    if out is None:
+        out = np.empty(shape, dtype=info.np_dtype)
+    elif out.shape != shape or out.dtype != info.np_dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous {info.np_dtype}{shape} array for {info.name!r}, got {out.dtype}{out.shape}")
     with open(info.file, "rb") as f:
         f.seek(info.offset + start * row_bytes)
         got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
@@ -148,29 +150,37 @@ class ShardWriter:
     """Writes one safetensors file whose tensor list is known up front, streaming row blocks.
 
     Tensors must arrive in the order given; each may come whole (`write`) or as consecutive
-    blocks of rows along axis 0 (`append`). The file's sha256 is computed on the way out.
+    blocks of rows along axis 0 (`append`). The file's sha256 is computed on the way out: each
+    `PIECE` is hashed right after the write() that copied it into the page cache, while it is
+    still in the CPU cache (sha256 runs ~1.8x faster on cached data than from main memory on
+    this project's VM). Synced data is dropped from the page cache behind the writer
+    (files.WriteBehind).
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+    PIECE = 1 << 20
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+                 *, flush_every: int = 256 << 20):
         self.path = Path(path)
         prefix, _ = build_header(entries, metadata)
         self._todo = [(n, DTYPES[d], tuple(s), math.prod(s) * DTYPES[d].itemsize) for n, d, s in entries]
         self._i, self._left = 0, self._todo[0][3] if self._todo else 0
         self.sha = hashlib.sha256()
-        # Hashing runs on its own thread (hashlib releases the GIL), overlapping the writes;
-        # one worker keeps the order, and at most 2 blocks wait to be hashed.
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-sha256")
-        self._hashing: collections.deque = collections.deque()
-        self._f: BinaryIO = open(self.path, "wb")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
+        self._pos = 0
+        self._behind = WriteBehind(self._fd, flush_every)
         self._emit(memoryview(prefix))
         self._skip_empty()
 
     def _emit(self, mv: memoryview) -> None:
-        while len(self._hashing) >= 2:
-            self._hashing.popleft().result()
-        self._hashing.append(self._hasher.submit(self.sha.update, mv))
-        self._f.write(mv)
-
+        for start in range(0, len(mv), self.PIECE):
+            piece = mv[start:start + self.PIECE]
+            while piece:                        # os.write may write less than asked
+                n = os.write(self._fd, piece)
+                self.sha.update(piece[:n])
+                piece = piece[n:]
+        self._pos += len(mv)
+        self._behind.wrote(self._pos)
     def _skip_empty(self) -> None:
         while self._i < len(self._todo) and self._left == 0:
             self._i += 1
@@ -196,19 +206,20 @@ class ShardWriter:
         self.append(name, np.atleast_1d(array))
 
     def close(self, fsync: bool = True) -> str:
-        """Finish the file; returns its sha256."""
+        """Finish the file (on disk when `fsync`); returns its sha256."""
         if self._i != len(self._todo):
             raise ValueError(f"{self.path}: closed with tensor {self._todo[self._i][0]!r} incomplete")
-        self._f.flush()
-        if fsync:
-            os.fsync(self._f.fileno())
-        self._f.close()
-        self._hasher.shutdown(wait=True)
+        try:
+            self._behind.close(fsync=fsync)
+        finally:
+            os.close(self._fd)
         return self.sha.hexdigest()
 
     def abort(self) -> None:
-        self._f.close()
-        self._hasher.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._behind.close(fsync=False)
+        finally:
+            os.close(self._fd)
 
 
 def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:

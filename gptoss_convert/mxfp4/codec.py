@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
+from gptoss_convert.buffers import BufferPool
 from gptoss_convert.errors import CorruptTensorError
 
 # E2M1 code -> value. Code 8 is -0.0 (kept as such).
@@ -20,6 +21,9 @@ _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
            "float16": np.float16, "fp16": np.float16, "float32": np.float32, "fp32": np.float32}
 _OUT_DTYPES = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64))
 
+# Per-thread working buffers, recycled across calls: fresh ones are page-faulted and zeroed every
+# time once malloc returns them to the kernel (see gptoss_convert.buffers).
+_SCRATCH = BufferPool(keep=16, min_bytes=0)
 # Groups decoded per step: the step's index (uint16) and output (2 values per byte) stay in L2.
 CHUNK_GROUPS = 2048
 # Bytes of decoded rows per transposed tile: in L2 while written out; more rows, longer row writes.
@@ -95,14 +99,16 @@ def _check_out(out: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.n
 def _decode_groups(table, blocks, scales, out, start: int, stop: int) -> None:
     """Decode groups [start, stop): blocks [G, 16] u8, scales [G] u8 -> out [G, 16] packed pairs."""
     step = min(CHUNK_GROUPS, stop - start)
-    hi = np.empty(step, np.uint16)
-    idx = np.empty((step, 16), np.uint16)
+    hi = _SCRATCH.get((step,), np.uint16)
+    idx = _SCRATCH.get((step, 16), np.uint16)
     for a in range(start, stop, step):
         b = min(a + step, stop)
         n = b - a
         np.left_shift(scales[a:b], 8, out=hi[:n], dtype=np.uint16)
         np.add(blocks[a:b], hi[:n, None], out=idx[:n])                 # (scale << 8) | byte
         np.take(table, idx[:n], out=out[a:b], mode="wrap")             # indices < 65536: no wrap
+    _SCRATCH.put(hi)
+    _SCRATCH.put(idx)
 
 
 def _resolve_workers(workers: int | None) -> int:
@@ -197,7 +203,7 @@ def dequantize_transposed(blocks: np.ndarray, scales: np.ndarray, dtype="bfloat1
 def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, stop: int) -> None:
     """Tiles [start, stop) of (matrix n, rows r0:r0+tile): decode [tile, K] in cache, store into out[n, :, r0:r1]."""
     _, rows, groups = scales.shape
-    scratch = np.empty((tile, groups * 32), out.dtype)                     # [tile, K]
+    scratch = _SCRATCH.get((tile, groups * 32), out.dtype)                 # [tile, K]
     pairs = scratch.reshape(-1, 32).view(table.dtype)                      # [tile*G, 16]
     bits = np.dtype(f"u{out.dtype.itemsize}")                              # plain copy, any float dtype
     tiles_per_matrix = -(-rows // tile)
@@ -207,6 +213,7 @@ def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, 
         m = r1 - r0
         _decode_groups(table, blocks[n, r0:r1].reshape(-1, 16), scales[n, r0:r1].reshape(-1), pairs, 0, m * groups)
         np.copyto(out[n, :, r0:r1].view(bits), scratch[:m].view(bits).T)   # [K, m] <- [m, K]ᵀ
+    _SCRATCH.put(scratch)
 
 
 def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
