@@ -375,3 +375,27 @@ def test_memory_bounded_by_one_block(tmp_path):
     assert peak < leaf / 4, (peak, leaf)
     got = open_leaf(tmp_path / "0", "w", prefix=("params", "params"))[31, 0, 0, :2].read().result()
     assert got[0] == np.asarray(31, BF16)
+
+
+def test_chunk_cells_name_the_files_tensorstore_writes(tmp_path):
+    """chunk_cells/cell_size/chunk_file (used to hash each chunk file as it completes) agree with
+    the files TensorStore really writes, for chunks that do not divide the shape and for writes
+    that cover chunks partly."""
+    leaves = {"a/w": ((5, 7, 3), F32), "s": ((), F32)}
+    writer = OrbaxWriter(tmp_path / "0", leaves, chunk_shapes={"a/w": (2, 7, 2)}, compression=None)
+    writer.create()
+    rows = [slice(0, 1), slice(1, 4), slice(4, 5)]               # straddle the 2-row chunks
+    counts: dict = {}
+    for r in rows:
+        index = (r, slice(0, 7), slice(0, 3))
+        writer.write("a/w", index, np.ones((r.stop - r.start, 7, 3), np.float32))
+        for cell, n in writer.chunk_cells("a/w", index).items():
+            counts[cell] = counts.get(cell, 0) + n
+    writer.write("s", (), np.float32(2.0))
+    assert sorted(counts) == [(i, 0, j) for i in range(3) for j in range(2)]
+    assert counts == {cell: writer.cell_size("a/w", cell) for cell in counts}      # every chunk filled once
+    assert sum(counts.values()) == 5 * 7 * 3
+    assert writer.cell_size("a/w", (2, 0, 1)) == 1 * 7 * 1                           # edge chunk cut by the shape
+    on_disk = {p for p in (tmp_path / "0" / "items" / "params.params.a.w" / "c").rglob("*") if p.is_file()}
+    assert on_disk == {writer.chunk_file("a/w", cell) for cell in counts}
+    assert writer.chunk_file("s", ()).is_file() and writer.chunk_cells("s", ()) == {(): 1}

@@ -151,3 +151,6 @@ def test_sigkill_then_resume_gives_same_checkpoint(outputs, mxfp4_dir, tmp_path,
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout and "load_parameters_path=" in r.stdout
     assert _files(out) == _files(outputs[("mxfp4", True, "bf16")])
+    # conversion.json: chunks hashed as they committed (this run) and re-read (the killed run's)
+    r = _cli("check", str(out))
+    assert r.returncode == 0 and "check: OK" in r.stdout, r.stdout + r.stderr

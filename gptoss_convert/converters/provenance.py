@@ -11,20 +11,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
-from gptoss_convert.io.files import write_durably
+from gptoss_convert.io.files import drop_cached, write_durably
 
 RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
-    """sha256 of a file, read in cache-sized pieces (hashing data still in the CPU cache is faster)."""
+def sha256_file(path: Path, bufsize: int = 1 << 20, *, drop_cache: bool = False) -> str:
+    """sha256 of a file, read in cache-sized pieces (hashing data still in the CPU cache is
+    faster). `drop_cache`: then drop the file from the page cache (for freshly written bulk
+    output that nobody reads again soon)."""
     h = hashlib.sha256()
     buf = bytearray(bufsize)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
+        if drop_cache:
+            drop_cached(f.fileno())
     return h.hexdigest()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
@@ -20,7 +21,7 @@ from gptoss_convert.backends.layout import SCAN_AXIS
 from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
-from gptoss_convert.converters.provenance import sha256_files, write_record
+from gptoss_convert.converters.provenance import sha256_file, sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
@@ -41,7 +42,7 @@ def _write_block(writer, block: ReadBlock, x: np.ndarray, dtype: np.dtype) -> li
             y = np.expand_dims(y, SCAN_AXIS)
         y = y.astype(dtype, copy=False)
         if hasattr(writer, "write_async"):
-            pending.append(writer.write_async(e.target, e.index, y))
+            pending.append(writer.write_async(e.target, e.index, y, borrow=True))   # x is never modified
         else:
             writer.write(e.target, e.index, y)
     return pending
@@ -87,12 +88,13 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                              chunk_shapes=plan.chunk_shapes(), custom_metadata=meta,
                              compression=compression)
         writer.create()
-        _stream(ck, plan, writer, staged, np_dtype, progress)
+        chunk_hashes = _stream(ck, plan, writer, staged, np_dtype, progress)
         writer.finalize()
         ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_hashes.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
-                     extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"})
+                     extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"},
+                     output_hashes=chunk_hashes)
         result = staged.commit()
     dt = time.perf_counter() - t0
     log(f"to-orbax: wrote {len(plan.targets)} {layout} leaves ({plan.total_bytes / 1e9:.2f} GB {np_dtype.name}) "
@@ -122,8 +124,45 @@ def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, d
     return cfg, writer.arrays
 
 
-def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> None:
+class _CommittedChunks:
+    """sha256 of each chunk file, taken as soon as every write into that chunk has committed:
+    the file is then still in the page cache (no re-read from disk at the end), and is dropped
+    from it afterwards, so the next writes reuse those pages (see io.files.WriteBehind). Runs on
+    its own thread; at most `depth` files wait. Chunks that earlier (resumed) runs filled are
+    left to write_record, which hashes what it is not given."""
+
+    def __init__(self, writer, root: Path, depth: int = 16):
+        self.writer, self.root, self.depth = writer, root, depth
+        self.filled: collections.Counter = collections.Counter()
+        self.hashes: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-sha256")
+        self._pending: collections.deque = collections.deque()
+
+    def committed(self, target: str, index: tuple[slice, ...]) -> None:
+        for cell, n in self.writer.chunk_cells(target, index).items():
+            self.filled[target, cell] += n
+            if self.filled[target, cell] == self.writer.cell_size(target, cell):
+                del self.filled[target, cell]
+                while len(self._pending) >= self.depth:
+                    self._pending.popleft().result()
+                self._pending.append(self._pool.submit(self._hash, self.writer.chunk_file(target, cell)))
+
+    def _hash(self, path: Path) -> None:
+        self.hashes[path.relative_to(self.root).as_posix()] = sha256_file(path, drop_cache=True)
+
+    def finish(self) -> dict[str, str]:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        return self.hashes
+
+
+def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> dict[str, str]:
+    """Write every block not yet journaled; returns {chunk file: sha256} of the chunks completed."""
     todo = [b for b in plan.blocks if not staged.is_done(b.key)]
+    chunks = _CommittedChunks(writer, staged.path)
     with progress_bar(plan.total_bytes, "to-orbax", progress) as bar:
         bar.update(sum(b.nbytes for b in plan.blocks if staged.is_done(b.key)))
         in_flight: collections.deque = collections.deque()      # (block, its pending writes)
@@ -136,10 +175,16 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
                     f.result()
                 faults.point("write")
                 staged.mark_done(done.key)
+                for e in done.emits:
+                    chunks.committed(e.target, e.index)
                 bar.update(done.nbytes)
 
-        for block, x in prefetch(todo, lambda b: ck.read(b.source, b.rows, dtype=dtype)):
-            faults.point("read")
-            in_flight.append((block, _write_block(writer, block, x, dtype)))
-            retire(MAX_IN_FLIGHT)
-        retire(0)
+        try:
+            for block, x in prefetch(todo, lambda b: ck.read(b.source, b.rows, dtype=dtype)):
+                faults.point("read")
+                in_flight.append((block, _write_block(writer, block, x, dtype)))
+                retire(MAX_IN_FLIGHT)
+            retire(0)
+        finally:
+            hashes = chunks.finish()
+    return hashes

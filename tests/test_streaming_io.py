@@ -1,0 +1,79 @@
+"""The streaming writer's moving parts: write-behind flushing, the sha256 taken piece by piece on
+the way out, and recycled buffers. Checked against independent implementations: the `safetensors`
+package reads the file, hashlib hashes it whole."""
+
+from __future__ import annotations
+
+import hashlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from gptoss_convert.buffers import BufferPool
+from gptoss_convert.io.files import WriteBehind
+from gptoss_convert.io.safetensors import ShardWriter, read_tensor, read_header
+
+
+@pytest.mark.parametrize("flush_every", [4096, 1 << 40])     # flushes all along / never before close
+def test_shard_writer_streams_flushes_and_hashes(tmp_path, flush_every):
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((3, 700, 300)).astype(np.float32)        # 2.5 MB: several 1 MB pieces
+    small = rng.integers(-5, 5, (7,), dtype=np.int64)
+    half = rng.standard_normal((2, 5)).astype(ml_dtypes.bfloat16)
+    path = tmp_path / "s.safetensors"
+    w = ShardWriter(path, [("big", "F32", big.shape), ("small", "I64", small.shape), ("half", "BF16", half.shape)],
+                    {"format": "pt"}, flush_every=flush_every)
+    w.append("big", big[:1])                                           # row blocks, then whole tensors
+    w.append("big", big[1:])
+    w.write("small", small)
+    w.write("half", half)
+    digest = w.close()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(path)
+    np.testing.assert_array_equal(loaded["big"], big)
+    np.testing.assert_array_equal(loaded["small"], small)
+    infos, _ = read_header(path)
+    assert read_tensor(infos["half"]).tobytes() == half.tobytes()
+
+
+def test_write_behind_keeps_the_file_whole(tmp_path):
+    path = tmp_path / "f.bin"
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    with open(path, "wb", buffering=0) as f:
+        wb = WriteBehind(f.fileno(), every=64 << 10)
+        for i in range(0, len(data), 10_000):                          # flushes of ranges behind the writer
+            f.write(data[i:i + 10_000])
+            wb.wrote(min(i + 10_000, len(data)))
+        wb.close()
+    assert path.read_bytes() == data
+
+
+def test_buffer_pool_recycles_only_whole_buffers():
+    pool = BufferPool(keep=1, min_bytes=16)
+    a = pool.get((4, 8), np.float32)
+    assert a.shape == (4, 8) and a.dtype == np.float32
+    pool.put(a[1:])                                    # a view: never handed out again
+    assert pool.get((3, 8), np.float32) is not a
+    pool.put(a)
+    assert pool.get((4, 8), np.float32) is a           # the same buffer back
+    assert pool.get((4, 8), np.float32) is not a       # ... once
+    b, c = np.empty((4, 8), np.float32), np.empty((4, 8), np.float32)
+    pool.put(b)
+    pool.put(c)                                        # over `keep`: dropped
+    assert pool.get((4, 8), np.float32) is b and pool.get((4, 8), np.float32) is not c
+    pool.put(np.empty(2, np.float32))                  # under min_bytes: not kept
+    assert pool.get((2,), np.float32).shape == (2,)
+
+
+def test_read_tensor_into_out(tmp_path):
+    from gptoss_convert.io.safetensors import save_file
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    save_file({"x": x}, tmp_path / "x.safetensors")
+    info = read_header(tmp_path / "x.safetensors")[0]["x"]
+    out = np.full((2, 6), -1, np.float32)
+    assert read_tensor(info, slice(1, 3), out=out) is out
+    np.testing.assert_array_equal(out, x[1:3])
+    with pytest.raises(ValueError, match="out"):
+        read_tensor(info, slice(1, 3), out=np.empty((3, 6), np.float32))
