@@ -13,13 +13,13 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
+from gptoss_convert.buffers import BufferPool
 from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.buffers import BufferPool
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header
+from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header, rows_shape
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
@@ -68,9 +68,8 @@ def _shards(tensors: list[OutTensor], max_shard: int) -> list[list[OutTensor]]:
 def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None, pool: BufferPool) -> np.ndarray:
     np_dtype = np.float32 if t.dtype == "F32" else ml_dtypes.bfloat16
     vt = ck.tensors[t.name]
-    shape = t.shape if rows is None else (len(range(*rows.indices(t.shape[0]))), *t.shape[1:])
-    if vt.is_mxfp4 or DTYPES[t.dtype] == DTYPES[vt.dtype]:     # read straight into a recycled buffer
-        return ck.read(t.name, rows, dtype=np_dtype, out=pool.get(shape, DTYPES[t.dtype]))
+    if vt.is_mxfp4 or t.dtype == vt.dtype:     # read straight into a recycled buffer
+        return ck.read(t.name, rows, dtype=np_dtype, out=pool.get(rows_shape(t.shape, rows), DTYPES[t.dtype]))
     return ck.read(t.name, rows, dtype=np_dtype).astype(np_dtype)
 
 

@@ -33,15 +33,15 @@ class WriteBehind:
 
     Why: a multi-GB output otherwise fills the page cache with dirty pages, each a fresh page
     for the kernel to allocate and zero (and, on VMs that return free memory to the host, to
-    fault in from the host: 4-5x slower writes measured on this project's VM, see
-    BENCHMARKS.md). Flushing behind the writer keeps the working set small and the disk busy
+    fault in from the host: ~5x slower writes measured on this project's VM by
+    benchmarks/bench_io.py). Flushing behind the writer keeps the working set small and the disk busy
     all along, and the final fsync has little left to do. At most one flush is in flight, so a
     writer faster than the disk waits here instead of piling up dirty memory.
     """
 
     def __init__(self, fd: int, every: int = 256 << 20):
         self.fd, self.every = fd, every
-        self._done = self._pending_to = 0
+        self._pending_to = 0                   # bytes handed to a flush so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-flush")
         self._future: Future | None = None
 

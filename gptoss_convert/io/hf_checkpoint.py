@@ -17,10 +17,10 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import mxfp4
-from gptoss_convert.errors import InputError, CorruptTensorError
 from gptoss_convert.buffers import BufferPool
+from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.io.files import read_json_object
-from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
+from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor, rows_shape
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -214,8 +214,8 @@ class HFCheckpoint:
             if not self.allow_nonfinite:
                 _check_finite(arr, vt.stored, rows)
             return arr
-        blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(_rows_shape(vt.blocks, rows), np.uint8))
-        scales = read_tensor(vt.scales, rows, out=self._scratch.get(_rows_shape(vt.scales, rows), np.uint8))
+        blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(rows_shape(vt.blocks.shape, rows), np.uint8))
+        scales = read_tensor(vt.scales, rows, out=self._scratch.get(rows_shape(vt.scales.shape, rows), np.uint8))
         try:
             return self._decode(vt, blocks, scales, rows, dtype, out)
         finally:
@@ -252,13 +252,6 @@ class HFCheckpoint:
         (out / "config.json").write_text(json.dumps(conf, indent=2))
         for f in self.sidecar_files():
             shutil.copyfile(f, out / f.name)
-
-
-def _rows_shape(info: TensorInfo, rows: slice | None) -> tuple[int, ...]:
-    if rows is None:
-        return info.shape
-    start, stop, _ = rows.indices(info.shape[0])
-    return (max(stop - start, 0), *info.shape[1:])
 
 
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.

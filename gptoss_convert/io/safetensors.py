@@ -105,16 +105,23 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], nbytes)
 
 
+def rows_shape(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
+    """Shape of rows `rows` (None: all) of an array of `shape`, cut along its first axis."""
+    if rows is None:
+        return tuple(shape)
+    start, stop, _ = rows.indices(shape[0])
+    return (max(stop - start, 0), *shape[1:])
+
+
 def read_tensor(info: TensorInfo, rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Read a tensor, or only rows `rows` (a unit-step slice) of its first axis; into `out`
     (C-contiguous, of the result's shape and dtype) if given."""
-    shape = info.shape
-    start, stop = 0, (shape[0] if shape else 1)
+    start = 0
     if rows is not None:
-        start, stop, step = rows.indices(shape[0])
+        start, _, step = rows.indices(info.shape[0])
         if step != 1:
             raise ValueError("rows must be a contiguous slice")
-        shape = (max(stop - start, 0),) + shape[1:]
+    shape = rows_shape(info.shape, rows)
     row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
     count = math.prod(shape)
     if out is None:
@@ -152,8 +159,8 @@ class ShardWriter:
     Tensors must arrive in the order given; each may come whole (`write`) or as consecutive
     blocks of rows along axis 0 (`append`). The file's sha256 is computed on the way out: each
     `PIECE` is hashed right after the write() that copied it into the page cache, while it is
-    still in the CPU cache (sha256 runs ~1.8x faster on cached data than from main memory on
-    this project's VM). Synced data is dropped from the page cache behind the writer
+    still in the CPU cache (sha256 runs ~1.4x faster that way than from main memory on this
+    project's VM, benchmarks/bench_io.py). Synced data is dropped from the page cache behind the writer
     (files.WriteBehind).
     """
 
