@@ -7,8 +7,10 @@ Every measurement is one fresh process that builds the layer, warms the method u
 then decodes the whole layer once, timed, and reports its RSS before the call and its peak during
 it (so the peaks of different methods never mix, and no method inherits another's heap). The
 methods run interleaved, in a new random order every repeat, so they share the noise of a shared
-machine (here, a process that follows transformers' ~5 GB run pays several times the usual kernel
-time to fault in fresh pages: a fixed order would always hand that cost to the same method); the
+machine, each after a cooldown (`--cooldown`, 3 s): on this project's VM a process that starts
+right after another one freed GBs gets those pages back cheaply, while one that starts later
+faults them in from the host, several times slower; the cooldown makes every measurement the
+latter, as a user's first call in a fresh process is; the
 table gives the median time, GB/s = bf16 bytes produced per second, the median CPU time of the
 call (sys is mostly the kernel zeroing fresh output pages), and the worst peak.
 
@@ -17,14 +19,23 @@ to `dequantize` + a numpy transpose copy (the path it replaces). `dequantize` ke
 [E, out, in]; it also runs into reused `out=` buffers (allocated and touched before the call, so
 no page faults: the decode alone, as a converter reusing its buffers sees it). The numpy path
 uses no BLAS: it also runs with OPENBLAS_CORETYPE forced to the oldest kernel (Prescott).
+
+Where fresh output goes: `dequantize` allocates its output with `gptoss_convert.buffers.empty`
+(ordinary pages, transparent huge pages refused); one row runs it with numpy's `np.empty` instead
+(numpy advises huge pages), as before that change. Two rows decode nothing: they allocate the
+same output and fill it with zeros on two threads, the floor any decoder into a fresh array
+pays for its pages, with each allocator.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
@@ -41,8 +52,11 @@ OURS_BLAS = "ours dequantize, OPENBLAS_CORETYPE=Prescott"
 OURS_OUT = "ours dequantize, out= buffers reused"
 OURS_T = "ours dequantize_transposed [E,in,out]"
 OURS_SWAP = "ours dequantize + swapaxes + ascontiguousarray [E,in,out]"
+OURS_NP = "ours dequantize, output from np.empty (huge pages advised)"
+FLOOR = "no decode: buffers.empty + fill (fresh pages only)"
+FLOOR_NP = "no decode: np.empty + fill (fresh pages only, huge pages advised)"
 HF = "transformers convert_moe_packed_tensors [E,in,out]"
-METHODS = (OURS, OURS_BLAS, OURS_OUT, OURS_T, OURS_SWAP, HF)
+METHODS = (OURS, OURS_BLAS, OURS_NP, OURS_OUT, OURS_T, OURS_SWAP, FLOOR, FLOOR_NP, HF)
 ENV = {OURS: {"OPENBLAS_CORETYPE": None}, OURS_BLAS: {"OPENBLAS_CORETYPE": "Prescott"}}
 
 
@@ -64,7 +78,12 @@ def method(name: str):
         from transformers.integrations.mxfp4 import convert_moe_packed_tensors
         return lambda blocks, scales: convert_moe_packed_tensors(
             torch.from_numpy(blocks), torch.from_numpy(scales), dtype=torch.bfloat16)
-    from gptoss_convert.mxfp4 import dequantize, dequantize_transposed
+    from gptoss_convert.mxfp4 import codec, dequantize, dequantize_transposed
+    if name in (FLOOR, FLOOR_NP):
+        from gptoss_convert.buffers import empty
+        return functools.partial(fill_fresh, np.empty if name == FLOOR_NP else empty)
+    if name == OURS_NP:
+        codec.empty = np.empty                        # the allocation before buffers.empty
     if name == OURS_OUT:
         buffers = {s: np.ones((*s[:-1], s[-1] * 32), ml_dtypes.bfloat16) for s in LAYER_SHAPES.values()}  # touched
         return lambda blocks, scales: dequantize(blocks, scales, "bfloat16",
@@ -73,6 +92,15 @@ def method(name: str):
         return lambda blocks, scales: np.ascontiguousarray(np.swapaxes(dequantize(blocks, scales), -1, -2))
     fn = dequantize_transposed if name == OURS_T else dequantize
     return lambda blocks, scales: fn(blocks, scales, "bfloat16")
+
+
+def fill_fresh(alloc, blocks, scales) -> np.ndarray:
+    """The output `dequantize` would return, allocated with `alloc` and zero-filled by 2 threads."""
+    out = alloc((*scales.shape[:-1], scales.shape[-1] * 32), ml_dtypes.bfloat16).reshape(-1).view(np.uint16)
+    edges = np.linspace(0, out.size, 9).astype(int)                 # 8 ranges, as the codec splits
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda a, b: out[a:b].fill(0), edges[:-1], edges[1:]))
+    return out
 
 
 def run_layer(fn, layer) -> None:
@@ -109,12 +137,13 @@ print(json.dumps({"seconds": seconds, "rss_before_mb": before,
 """
 
 
-def measure(repeats: int) -> dict[str, list[dict]]:
+def measure(repeats: int, cooldown: float) -> dict[str, list[dict]]:
     runs = {name: [] for name in METHODS}
     order, shuffle = list(METHODS), random.Random(0).shuffle
     for _ in range(repeats):
         shuffle(order)
         for name in order:
+            time.sleep(cooldown)
             result, peak = run_isolated(CHILD, [name], ENV.get(name))
             runs[name].append({**result, "peak_rss_mb": peak})
             print(f"  {name}: {result['seconds']:.3f} s", flush=True)
@@ -142,10 +171,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5, help="measurements per method (median reported)")
     ap.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    ap.add_argument("--cooldown", type=float, default=3.0,
+                    help="seconds to wait before each measurement, so that the memory the previous process "
+                         "freed has gone back to the VM's host (free page reporting waits 2 s) and every "
+                         "process starts as cold as the first; 0 to measure back to back")
     a = ap.parse_args()
     check_equal()
     start = machine()
-    result = report(measure(a.repeats))
+    result = report(measure(a.repeats, a.cooldown))
+    result["cooldown_s"] = a.cooldown
     result["machine"]["loadavg_1m_at_start"] = start["loadavg_1m"]
     print(f"one gpt-oss-20b layer of experts, {OUT_BYTES / 1e9:.2f} GB bf16 out; {json.dumps(result['machine'])}")
     print(markdown_table(result["rows"], ["method", "median s", "GB/s (bf16 out)", "x transformers", "CPU user s",

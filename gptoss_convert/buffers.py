@@ -6,15 +6,47 @@ the kernel and unmaps them on free, so every block's pages are faulted in and ze
 on VMs that hand freed memory back to the host, faulted in from the host: the largest single
 cost of a conversion measured on this project's VM, see BENCHMARKS.md). A pool hands the same
 buffers out again, already mapped.
+
+`empty` allocates such blocks without transparent huge pages: while the page cache is full of
+checkpoint files (always, during a conversion), a huge page for numpy's default hugepage advice
+has to be compacted together first, and faulting in fresh output cost 2-3x more kernel time
+than with ordinary pages on this project's VM (BENCHMARKS.md §1, rows "fresh pages only").
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import mmap
 import threading
 
 import numpy as np
+
+# Below this numpy's own allocator is used: small blocks come from the malloc heap (numpy advises
+# huge pages only from 4 MB on).
+MAP_MIN_BYTES = 4 << 20
+
+
+def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """`np.empty(shape, dtype)`, but blocks of MAP_MIN_BYTES or more get their own anonymous
+    mapping with transparent huge pages refused (MADV_NOHUGEPAGE, where the OS has it).
+
+    The result is an ordinary writeable C-contiguous array whose `base` is the mapping; the
+    memory is unmapped when the last reference goes.
+    """
+    shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < MAP_MIN_BYTES or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.empty(shape, dtype)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.ndarray(shape, dtype, buffer=mapping)
+
+
+def _owns_memory(arr: np.ndarray) -> bool:
+    """True for an array that is the whole of its memory (not a view of another array's)."""
+    base = arr.base
+    return base is None or (isinstance(base, mmap.mmap) and len(base) == arr.nbytes)
 
 
 class BufferPool:
@@ -36,10 +68,10 @@ class BufferPool:
             free = self._free.get(key)
             if free:
                 return free.pop()
-        return np.empty(*key)
+        return empty(*key)
 
     def put(self, arr: np.ndarray | None) -> None:
-        if (arr is None or arr.base is not None or not arr.flags.c_contiguous or not arr.flags.writeable
+        if (arr is None or not _owns_memory(arr) or not arr.flags.c_contiguous or not arr.flags.writeable
                 or math.prod(arr.shape) * arr.itemsize < self.min_bytes):
             return
         with self._lock:

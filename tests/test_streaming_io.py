@@ -5,15 +5,16 @@ package reads the file, hashlib hashes it whole."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gptoss_convert.buffers import BufferPool
+from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, empty
 from gptoss_convert.io.files import WriteBehind
-from gptoss_convert.io.safetensors import ShardWriter, read_tensor, read_header
+from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
 @pytest.mark.parametrize("flush_every", [4096, 1 << 40])     # flushes all along / never before close
@@ -65,6 +66,38 @@ def test_buffer_pool_recycles_only_whole_buffers():
     assert pool.get((4, 8), np.float32) is b and pool.get((4, 8), np.float32) is not c
     pool.put(np.empty(2, np.float32))                  # under min_bytes: not kept
     assert pool.get((2,), np.float32).shape == (2,)
+
+
+def _mapping_flags(address: int) -> list[str] | None:
+    """VmFlags of the mapping holding `address` in /proc/self/smaps (None: no such mapping)."""
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            current = lo <= address < hi
+        elif head == "VmFlags:" and current:
+            return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc (no other OS here)")
+def test_empty_maps_large_blocks_without_huge_pages():
+    small = empty((8, 8), np.float32)
+    assert small.base is None and small.shape == (8, 8)               # numpy's own allocator
+    big = empty((MAP_MIN_BYTES // 2, 3), np.uint16)
+    assert big.shape == (MAP_MIN_BYTES // 2, 3) and big.dtype == np.uint16
+    assert big.flags.c_contiguous and big.flags.writeable
+    big[...] = 7                                                       # usable memory, every byte
+    assert int(big.sum(dtype=np.int64)) == 7 * big.size
+    address = big.ctypes.data
+    assert "nh" in _mapping_flags(address)                             # MADV_NOHUGEPAGE took
+    pool = BufferPool(keep=2)
+    pool.put(big[1:])                                                  # a view: not recycled
+    pool.put(big)
+    assert pool.get(big.shape, big.dtype) is big
+    del big, pool
+    assert _mapping_flags(address) is None                             # unmapped with the last reference
 
 
 def test_read_tensor_into_out(tmp_path):

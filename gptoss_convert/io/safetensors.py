@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from gptoss_convert.buffers import empty
 from gptoss_convert.errors import CorruptTensorError
 from gptoss_convert.io.files import WriteBehind
 
@@ -125,7 +126,7 @@ def read_tensor(info: TensorInfo, rows: slice | None = None, out: np.ndarray | N
     row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
     count = math.prod(shape)
     if out is None:
-        out = np.empty(shape, dtype=info.np_dtype)
+        out = empty(shape, info.np_dtype)
     elif out.shape != shape or out.dtype != info.np_dtype or not out.flags.c_contiguous:
         raise ValueError(f"out: expected a C-contiguous {info.np_dtype}{shape} array for {info.name!r}, got {out.dtype}{out.shape}")
     with open(info.file, "rb") as f:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
-from gptoss_convert.buffers import BufferPool
+from gptoss_convert.buffers import BufferPool, empty
 from gptoss_convert.errors import CorruptTensorError
 
 # E2M1 code -> value. Code 8 is -0.0 (kept as such).
@@ -153,7 +153,7 @@ def dequantize(blocks: np.ndarray, scales: np.ndarray, dtype="bfloat16", *, name
     out_dtype = _resolve_dtype(dtype)
     n_workers = _resolve_workers(workers)
     shape = (*scales.shape[:-1], scales.shape[-1] * 32)
-    out = np.empty(shape, out_dtype) if out is None else _check_out(out, shape, out_dtype)
+    out = empty(shape, out_dtype) if out is None else _check_out(out, shape, out_dtype)
     _check_scales(scales, name)
     if out.size == 0:
         return out
@@ -185,7 +185,7 @@ def dequantize_transposed(blocks: np.ndarray, scales: np.ndarray, dtype="bfloat1
     n_workers = _resolve_workers(workers)
     *lead, rows, groups = scales.shape
     shape = (*lead, groups * 32, rows)
-    out = np.empty(shape, out_dtype) if out is None else _check_out(out, shape, out_dtype)
+    out = empty(shape, out_dtype) if out is None else _check_out(out, shape, out_dtype)
     _check_scales(scales, name)
     if out.size == 0:
         return out
