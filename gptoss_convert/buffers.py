@@ -43,6 +43,13 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.ndarray(shape, dtype, buffer=mapping)
 
 
+def as_bits(arr: np.ndarray) -> np.ndarray:
+    """`arr` viewed as unsigned ints of its itemsize (raw bytes beyond 8): copies between such
+    views are plain numpy copies; those of ml_dtypes' bfloat16 go through its slower cast loop."""
+    size = arr.dtype.itemsize
+    return arr.view(np.dtype(f"u{size}") if size in (1, 2, 4, 8) else np.dtype(f"V{size}"))
+
+
 def _owns_memory(arr: np.ndarray) -> bool:
     """True for an array that is the whole of its memory (not a view of another array's)."""
     base = arr.base

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from gptoss_convert.backends import get_backend
 from gptoss_convert.backends.gpt_oss.config import config_from_dict
 from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten
+from gptoss_convert.converters import transforms
 from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
-from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
+from gptoss_convert.converters.transforms import (
+    SplitAxis,
+    TakeInterleaved,
+    Transpose,
+    apply,
+    interleave,
+)
 from gptoss_convert.errors import ConfigError, InputError, PlanError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -133,3 +142,36 @@ def test_plan_reports_every_problem_at_once(tiny_cfg):
     assert "'model.layers.0.mlp.extra' is not used" in msg
     assert "decoder/decoder_norm/scale is filled 2 times" in msg
     assert len(e.value.problems) >= 4
+
+
+def test_blocks_split_into_parts_only_when_every_emit_takes_one(tiny_cfg):
+    """ReadBlock.parts: the gate/up blocks (wi_0 takes 0::2, wi_1 takes 1::2) are read as 2 parts; a block
+    with an emit that needs the whole (or any other block) is read whole."""
+    b = get_backend("gpt_oss")
+    from gptoss_convert.testing.tiny import dequantized, hf_tensors
+    src = {n: (a.shape, "BF16") for n, a in dequantized(hf_tensors(tiny_cfg)).items()}
+    edges = edges_from_rules(b.rules(tiny_cfg), tiny_cfg.L, b.layout_for(tiny_cfg, True))
+    plan = build_plan(src, b.flat_shapes(tiny_cfg, True), edges, itemsize=2)
+    split = {blk.source.split(".", 3)[-1] for blk in plan.blocks if blk.parts == 2}
+    assert split == {"mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias"}
+    assert all(blk.parts is None for blk in plan.blocks if "gate_up" not in blk.source)
+    blk = next(blk for blk in plan.blocks if blk.parts == 2)
+    assert sorted(e.transforms[0].part for e in blk.emits) == [0, 1]
+    mixed = dataclasses.replace(blk, emits=blk.emits + (dataclasses.replace(blk.emits[0], transforms=()),))
+    assert mixed.parts is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (700, 3), (1000, 1300)])
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32, np.complex128])
+def test_transpose_gives_a_contiguous_copy_in_tiles(shape, dtype, monkeypatch):
+    """Transpose((1, 0)) of a 2-D block is a C-contiguous copy equal to x.T bit for bit (NaN payloads,
+    -0.0 included), also when the tile does not divide the rows; other inputs stay views."""
+    monkeypatch.setattr(transforms, "TRANSPOSE_TILE_BYTES", 1 << 16)   # several tiles, a ragged last one
+    bits = np.random.default_rng(0).integers(0, 256, (*shape, np.dtype(dtype).itemsize), dtype=np.uint8)
+    x = bits.view(dtype).reshape(shape)
+    y = Transpose((1, 0))(x)
+    assert y.flags.c_contiguous and y.shape == shape[::-1] and y.dtype == x.dtype
+    assert y.tobytes() == np.ascontiguousarray(x.T).tobytes()
+    if shape[1] > 2:                                                     # not contiguous: a view, as before
+        assert np.shares_memory(Transpose((1, 0))(x[:, ::2]), x)
+    assert np.shares_memory(Transpose((1, 0, 2))(x[None]), x)

@@ -62,6 +62,16 @@ class ReadBlock:
         r = "all" if self.rows is None else f"{self.rows.start}:{self.rows.stop}"
         return f"{self.source}[{r}]"
 
+    @property
+    def parts(self) -> int | None:
+        """n when every emit starts by taking one of n interleaved parts of the last axis (the
+        gate/up split): the source is then read as its n parts (HFCheckpoint.read_parts), each
+        decoded contiguous from its own stored rows, instead of as strided views of the whole."""
+        firsts = [e.transforms[0] if e.transforms else None for e in self.emits]
+        if firsts and all(isinstance(t, TakeInterleaved) for t in firsts) and len({t.parts for t in firsts}) == 1:
+            return firsts[0].parts
+        return None
+
 
 @dataclasses.dataclass
 class Plan:

@@ -33,11 +33,22 @@ MAX_IN_FLIGHT = 4           # blocks whose writes may be pending at once (overla
 KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
-def _write_block(writer, block: ReadBlock, x: np.ndarray, dtype: np.dtype) -> list:
-    """Write every emit of `block`; returns the writer's pending futures (if it has any)."""
+def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype) -> np.ndarray | list[np.ndarray]:
+    """The block's source rows: one array, or the list of its interleaved parts (block.parts)."""
+    if block.parts:
+        return ck.read_parts(block.source, block.parts, block.rows, dtype=dtype)
+    return ck.read(block.source, block.rows, dtype=dtype)
+
+
+def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dtype: np.dtype) -> list:
+    """Write every emit of `block` (x from _read_block); returns the writer's pending futures
+    (if it has any)."""
     pending = []
     for e in block.emits:
-        y = apply(e.transforms, x)
+        if isinstance(x, list):                 # already split: e.transforms[0] took part p
+            y = apply(e.transforms[1:], x[e.transforms[0].part])
+        else:
+            y = apply(e.transforms, x)
         if e.slot is not None:
             y = np.expand_dims(y, SCAN_AXIS)
         y = y.astype(dtype, copy=False)
@@ -120,7 +131,7 @@ def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, d
     _, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize)
     writer = _MemoryWriter({p: (s, np_dtype) for p, s in plan.targets.items()})
     for block in plan.blocks:
-        _write_block(writer, block, ck.read(block.source, block.rows, dtype=np_dtype), np_dtype)
+        _write_block(writer, block, _read_block(ck, block, np_dtype), np_dtype)
     return cfg, writer.arrays
 
 
@@ -180,7 +191,7 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
                 bar.update(done.nbytes)
 
         try:
-            for block, x in prefetch(todo, lambda b: ck.read(b.source, b.rows, dtype=dtype)):
+            for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype)):
                 faults.point("read")
                 in_flight.append((block, _write_block(writer, block, x, dtype)))
                 retire(MAX_IN_FLIGHT)

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from gptoss_convert.buffers import as_bits, empty
+
 
 class Transform:
     name: str = "?"
@@ -29,14 +31,34 @@ class Transform:
         raise NotImplementedError
 
 
+# Source rows per tile of a transposed copy: ~2 MB of them stay in cache while their columns are
+# written out. [11650, 2880] bf16 -> [2880, 11650]: 0.15 G elements/s with np.ascontiguousarray
+# (or TensorStore encoding the transposed view), 0.7 with tiles of 128-256 rows.
+TRANSPOSE_TILE_BYTES = 2 << 20
+
+
+def transposed(x: np.ndarray) -> np.ndarray:
+    """`np.ascontiguousarray(x.T)` for a 2-D C-contiguous `x`, copied in tiles of source rows so
+    that each tile is read from cache while its columns are written (~5x faster on big blocks)."""
+    out = empty(x.shape[::-1], x.dtype)
+    src, dst = as_bits(x), as_bits(out)
+    tile = max(16, TRANSPOSE_TILE_BYTES // max(1, x.shape[1] * x.itemsize))
+    for r in range(0, x.shape[0], tile):
+        np.copyto(dst[:, r:r + tile], src[r:r + tile].T)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Transpose(Transform):
-    """np.transpose(x, perm)."""
+    """np.transpose(x, perm); a 2-D C-contiguous input gives a C-contiguous copy (`transposed`),
+    so that whoever consumes it (a chunk encoder, a split) reads it in order."""
 
     perm: tuple[int, ...]
     name = "transpose"
 
     def __call__(self, x):
+        if self.perm == (1, 0) and x.ndim == 2 and x.flags.c_contiguous and x.size:
+            return transposed(x)
         return np.transpose(x, self.perm)
 
     def shape(self, shape):

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import mxfp4
-from gptoss_convert.buffers import BufferPool
+from gptoss_convert.buffers import BufferPool, as_bits
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor, rows_shape
@@ -222,10 +222,38 @@ class HFCheckpoint:
             self._scratch.put(blocks)
             self._scratch.put(scales)
 
-    def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out) -> np.ndarray:
+    def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=ml_dtypes.bfloat16) -> list[np.ndarray]:
+        """`[read(name, rows)[..., p::parts] for p in range(parts)]`, each part C-contiguous.
+
+        For an MXFP4 tensor each part is decoded on its own from the stored rows p::parts (HF's
+        last axis is the stored row axis), so the interleaved whole is never materialised and
+        nothing is gathered with a stride. This is how gpt-oss's gate/up pair [E, H, 2I]
+        (gate = 0::2, up = 1::2) splits into MaxText's wi_0 and wi_1.
+        """
+        vt = self.tensors[name]
+        if not vt.is_mxfp4:
+            whole = self.read(name, rows, dtype)
+            return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
+        if vt.shape[-1] % parts:
+            raise ValueError(f"{name}: last axis {vt.shape[-1]} does not split into {parts} interleaved parts")
+        blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(rows_shape(vt.blocks.shape, rows), np.uint8))
+        scales = read_tensor(vt.scales, rows, out=self._scratch.get(rows_shape(vt.scales.shape, rows), np.uint8))
+        try:
+            return [self._decode(vt, blocks, scales, rows, dtype, None, part=(p, parts)) for p in range(parts)]
+        finally:
+            self._scratch.put(blocks)
+            self._scratch.put(scales)
+
+    def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out, part: tuple[int, int] | None = None) -> np.ndarray:
+        """Decode blocks/scales (rows `rows` of `vt`) into HF orientation; only the stored rows
+        part[0]::part[1] if `part` is given. Corrupt bytes are reported at their index in `vt`."""
         name = vt.name
         if scales.size and scales.max() in (253, 254):
             _check_no_overflow(blocks, scales, vt.scales, rows)
+        if scales.size and scales.max() == 255:
+            part = None                                  # decode the whole, to report the byte where it is
+        if part is not None:
+            blocks, scales = blocks[..., part[0]::part[1], :, :], scales[..., part[0]::part[1], :]
         try:
             # [e, out, in] decoded straight into [e, in, out] (tiles transposed in cache)
             return mxfp4.dequantize_transposed(blocks, scales, dtype, name=name, workers=self.workers, out=out)

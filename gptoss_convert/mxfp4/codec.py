@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
-from gptoss_convert.buffers import BufferPool, empty
+from gptoss_convert.buffers import BufferPool, as_bits, empty
 from gptoss_convert.errors import CorruptTensorError
 
 # E2M1 code -> value. Code 8 is -0.0 (kept as such).
@@ -27,7 +27,9 @@ _SCRATCH = BufferPool(keep=16, min_bytes=0)
 # Groups decoded per step: the step's index (uint16) and output (2 values per byte) stay in L2.
 CHUNK_GROUPS = 2048
 # Bytes of decoded rows per transposed tile: in L2 while written out; more rows, longer row writes.
-TILE_BYTES = 512 * 1024
+# One expert [5760, 2880] -> [2880, 5760] in bf16: 1.26 GB/s with 512 KB tiles, 1.74 with 2 MB
+# (medians of 4 runs in one process into a reused output, session 3).
+TILE_BYTES = 2 << 20
 
 
 def _resolve_dtype(dtype) -> np.dtype:
@@ -205,14 +207,13 @@ def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, 
     _, rows, groups = scales.shape
     scratch = _SCRATCH.get((tile, groups * 32), out.dtype)                 # [tile, K]
     pairs = scratch.reshape(-1, 32).view(table.dtype)                      # [tile*G, 16]
-    bits = np.dtype(f"u{out.dtype.itemsize}")                              # plain copy, any float dtype
     tiles_per_matrix = -(-rows // tile)
     for unit in range(start, stop):
         n, t = divmod(unit, tiles_per_matrix)
         r0, r1 = t * tile, min(rows, (t + 1) * tile)
         m = r1 - r0
         _decode_groups(table, blocks[n, r0:r1].reshape(-1, 16), scales[n, r0:r1].reshape(-1), pairs, 0, m * groups)
-        np.copyto(out[n, :, r0:r1].view(bits), scratch[:m].view(bits).T)   # [K, m] <- [m, K]ᵀ
+        np.copyto(as_bits(out[n, :, r0:r1]), as_bits(scratch[:m]).T)       # [K, m] <- [m, K]ᵀ
     _SCRATCH.put(scratch)
 
 
