@@ -231,11 +231,11 @@ class HFCheckpoint:
         (gate = 0::2, up = 1::2) splits into MaxText's wi_0 and wi_1.
         """
         vt = self.tensors[name]
-        if not vt.is_mxfp4:
-            whole = self.read(name, rows, dtype)
-            return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
         if vt.shape[-1] % parts:
             raise ValueError(f"{name}: last axis {vt.shape[-1]} does not split into {parts} interleaved parts")
+        if not vt.is_mxfp4:
+            whole = as_bits(self.read(name, rows, dtype))       # plain copies (bfloat16's own copy is slower)
+            return [np.ascontiguousarray(whole[..., p::parts]).view(vt.stored.np_dtype) for p in range(parts)]
         blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(rows_shape(vt.blocks.shape, rows), np.uint8))
         scales = read_tensor(vt.scales, rows, out=self._scratch.get(rows_shape(vt.scales.shape, rows), np.uint8))
         try:
