@@ -5,6 +5,7 @@ package reads the file, hashlib hashes it whole."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -13,19 +14,21 @@ import pytest
 from safetensors.numpy import load_file
 
 from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, empty
-from gptoss_convert.io.files import WriteBehind
+from gptoss_convert.io.files import DirectWriter, WriteBehind
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
-@pytest.mark.parametrize("flush_every", [4096, 1 << 40])     # flushes all along / never before close
-def test_shard_writer_streams_flushes_and_hashes(tmp_path, flush_every):
+@pytest.mark.parametrize("direct, flush_every", [(True, None), (False, 4096), (False, 1 << 40)])
+def test_shard_writer_streams_flushes_and_hashes(tmp_path, direct, flush_every):
+    """O_DIRECT where the file system has it; else through the page cache, flushed all along / never."""
     rng = np.random.default_rng(3)
     big = rng.standard_normal((3, 700, 300)).astype(np.float32)        # 2.5 MB: several 1 MB pieces
     small = rng.integers(-5, 5, (7,), dtype=np.int64)
     half = rng.standard_normal((2, 5)).astype(ml_dtypes.bfloat16)
     path = tmp_path / "s.safetensors"
     w = ShardWriter(path, [("big", "F32", big.shape), ("small", "I64", small.shape), ("half", "BF16", half.shape)],
-                    {"format": "pt"}, flush_every=flush_every)
+                    {"format": "pt"}, flush_every=flush_every or 256 << 20, direct=direct)
+    assert w.direct == (direct and _has_o_direct(tmp_path))
     w.append("big", big[:1])                                           # row blocks, then whole tensors
     w.append("big", big[1:])
     w.write("small", small)
@@ -37,6 +40,78 @@ def test_shard_writer_streams_flushes_and_hashes(tmp_path, flush_every):
     np.testing.assert_array_equal(loaded["small"], small)
     infos, _ = read_header(path)
     assert read_tensor(infos["half"]).tobytes() == half.tobytes()
+
+
+def _has_o_direct(directory: Path) -> bool:
+    """Whether files in `directory` can be opened with O_DIRECT (tmpfs, for one, refuses it)."""
+    probe = directory / ".o_direct_probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except (AttributeError, OSError):
+        return False
+    finally:
+        probe.unlink()
+
+
+def _write_direct(path: Path, pieces: list[bytes], stage: int) -> DirectWriter | None:
+    with open(path, "wb", buffering=0) as f:
+        dw = DirectWriter.open(path, f.fileno(), stage=stage)
+        if dw is None:
+            return None
+        for piece in pieces:
+            dw.write(memoryview(piece))
+        was_active = dw.active
+        dw.close()
+        dw.was_active = was_active
+    return dw
+
+
+@pytest.mark.parametrize("total", [0, 1, 4095, 4096, 8192, 8193, 3 * 8192 + 123, 5 * 8192])
+def test_direct_writer_writes_every_byte(tmp_path, total):
+    """Stages of 8 KB, pieces of uneven sizes: stage boundaries, an aligned end, a ragged tail."""
+    data = np.random.default_rng(total).integers(0, 256, total, dtype=np.uint8).tobytes()
+    pieces = [data[i:i + 3000] for i in range(0, total, 3000)] + [data[:0]]
+    path = tmp_path / "d.bin"
+    dw = _write_direct(path, pieces, stage=8192)
+    if dw is None:
+        assert not _has_o_direct(tmp_path)                             # only where the OS refuses it
+        return
+    assert dw.was_active                                               # every full stage went O_DIRECT
+    assert path.read_bytes() == data
+
+
+def test_direct_writer_falls_back_when_writes_are_refused(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes (EINVAL): the rest goes through
+    the ordinary descriptor, and the file still holds every byte."""
+    import errno
+
+    from gptoss_convert.io import files
+    real_pwrite, direct_fds = os.pwrite, set()
+    real_open = os.open
+
+    def open_(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(files.os, "open", open_)
+    monkeypatch.setattr(files.os, "pwrite", pwrite)
+    data = np.random.default_rng(0).integers(0, 256, 5 * 8192 + 77, dtype=np.uint8).tobytes()
+    path = tmp_path / "d.bin"
+    dw = _write_direct(path, [data[:10_000], data[10_000:]], stage=8192)
+    if dw is None:
+        assert not _has_o_direct(tmp_path)
+        return
+    assert direct_fds and not dw.active
+    assert path.read_bytes() == data
 
 
 def test_write_behind_keeps_the_file_whole(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -70,6 +72,103 @@ class WriteBehind:
                 drop_cached(self.fd, self._pending_to, 0)
         finally:
             self._pool.shutdown(wait=True)
+
+
+class DirectWriter:
+    """Sequential writes to a file with O_DIRECT: the bytes go from our own buffers to the disk,
+    never through the page cache.
+
+    Why: on this project's VM every page-cache page a write fills is a fresh page the host must
+    provide; bench_io measured 3 GB written with 1.1 s of kernel time through the page cache
+    (with WriteBehind) and 0.07 s with O_DIRECT. The bytes are copied into one of two aligned
+    staging buffers; a full one is written by a background thread while the other fills. The
+    final partial block (O_DIRECT needs aligned lengths) is written through `fd`, the file's
+    ordinary descriptor, after everything else.
+
+    `open` returns None where the OS or the file system has no O_DIRECT (e.g. tmpfs); if a
+    write is refused later (EINVAL), the rest goes through `fd` instead. Either way the file
+    ends up with the same bytes.
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, fd: int, direct_fd: int, stage: int):
+        self.fd, self._dfd, self._stage = fd, direct_fd, stage
+        self._maps = [mmap.mmap(-1, stage) for _ in range(2)]             # page-aligned, as O_DIRECT needs
+        self._bufs = [memoryview(m) for m in self._maps]
+        self._writes: list[Future | None] = [None, None]
+        self._cur, self._fill, self._flushed = 0, 0, 0
+        self.active = True                          # False once writes go through `fd` instead
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-direct")
+
+    @classmethod
+    def open(cls, path: Path, fd: int, stage: int = 8 << 20) -> DirectWriter | None:
+        """A DirectWriter for the file `fd` has open at `path` (`stage`: bytes per write, a
+        multiple of ALIGN), or None where O_DIRECT is not available."""
+        if not hasattr(os, "O_DIRECT") or stage % cls.ALIGN:
+            return None
+        try:
+            direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            return None
+        return cls(fd, direct_fd, stage)
+
+    def write(self, data: memoryview) -> None:
+        """Append `data` (bytes-like) to the file."""
+        while data:
+            n = min(len(data), self._stage - self._fill)
+            self._bufs[self._cur][self._fill:self._fill + n] = data[:n]
+            self._fill += n
+            data = data[n:]
+            if self._fill == self._stage:
+                self._hand_off()
+
+    def _hand_off(self) -> None:
+        """Write the full current buffer in the background; wait until the other one is free."""
+        self._writes[self._cur] = self._pool.submit(self._pwrite, self._bufs[self._cur][:self._fill], self._flushed)
+        self._flushed += self._fill
+        self._cur, self._fill = 1 - self._cur, 0
+        self._wait(self._cur)
+
+    def _wait(self, i: int) -> None:
+        if self._writes[i] is not None:
+            future, self._writes[i] = self._writes[i], None
+            future.result()
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        while data:
+            try:
+                n = os.pwrite(self._dfd if self.active else self.fd, data, offset)
+            except OSError as e:
+                if not self.active or e.errno != errno.EINVAL:
+                    raise
+                self.active = False                 # this file system takes O_DIRECT opens, not writes
+                continue
+            data, offset = data[n:], offset + n
+            if data and self.active:                # a short direct write leaves an unaligned rest
+                self.active = False
+
+    def close(self, fsync: bool = True) -> None:
+        """Write what is left, wait for every write, then fsync (if `fsync`)."""
+        try:
+            self._wait(1 - self._cur)
+            aligned = self._fill - self._fill % self.ALIGN
+            self._pwrite(self._bufs[self._cur][:aligned], self._flushed)
+            self.active = False
+            self._pwrite(self._bufs[self._cur][aligned:self._fill], self._flushed + aligned)
+            if fsync:
+                os.fsync(self.fd)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop: wait for the writes in flight (their errors are dropped), release everything."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writes = [None, None]
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
+            self._bufs = self._maps = []            # unmapped once the last view (maybe in an error) goes
 
 
 def write_durably(path: Path, text: str) -> None:

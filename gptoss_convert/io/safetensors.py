@@ -22,7 +22,7 @@ import numpy as np
 
 from gptoss_convert.buffers import empty
 from gptoss_convert.errors import CorruptTensorError
-from gptoss_convert.io.files import WriteBehind
+from gptoss_convert.io.files import DirectWriter, WriteBehind
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
@@ -159,16 +159,17 @@ class ShardWriter:
 
     Tensors must arrive in the order given; each may come whole (`write`) or as consecutive
     blocks of rows along axis 0 (`append`). The file's sha256 is computed on the way out: each
-    `PIECE` is hashed right after the write() that copied it into the page cache, while it is
-    still in the CPU cache (sha256 runs ~1.4x faster that way than from main memory on this
-    project's VM, benchmarks/bench_io.py). Synced data is dropped from the page cache behind the writer
-    (files.WriteBehind).
+    `PIECE` is hashed right after it was copied out, while it is still in the CPU cache (sha256
+    runs ~1.4x faster that way than from main memory on this project's VM, benchmarks/bench_io.py).
+    The bytes go to disk with O_DIRECT where the file system allows it (files.DirectWriter, and
+    `direct=False` to refuse it); otherwise through the page cache, synced and dropped from it
+    behind the writer (files.WriteBehind).
     """
 
     PIECE = 1 << 20
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 *, flush_every: int = 256 << 20):
+                 *, flush_every: int = 256 << 20, direct: bool = True):
         self.path = Path(path)
         prefix, _ = build_header(entries, metadata)
         self._todo = [(n, DTYPES[d], tuple(s), math.prod(s) * DTYPES[d].itemsize) for n, d, s in entries]
@@ -176,19 +177,35 @@ class ShardWriter:
         self.sha = hashlib.sha256()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
         self._pos = 0
-        self._behind = WriteBehind(self._fd, flush_every)
+        try:
+            # direct: no page cache at all (files.DirectWriter); else page cache + write-behind
+            self._direct = DirectWriter.open(self.path, self._fd) if direct else None
+            self._behind = None if self._direct else WriteBehind(self._fd, flush_every)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._emit(memoryview(prefix))
         self._skip_empty()
+
+    @property
+    def direct(self) -> bool:
+        """True while the bytes go to disk with O_DIRECT (see files.DirectWriter)."""
+        return self._direct is not None and self._direct.active
 
     def _emit(self, mv: memoryview) -> None:
         for start in range(0, len(mv), self.PIECE):
             piece = mv[start:start + self.PIECE]
+            if self._direct:
+                self._direct.write(piece)
+                self.sha.update(piece)
+                continue
             while piece:                        # os.write may write less than asked
                 n = os.write(self._fd, piece)
                 self.sha.update(piece[:n])
                 piece = piece[n:]
         self._pos += len(mv)
-        self._behind.wrote(self._pos)
+        if self._behind:
+            self._behind.wrote(self._pos)
     def _skip_empty(self) -> None:
         while self._i < len(self._todo) and self._left == 0:
             self._i += 1
@@ -218,16 +235,23 @@ class ShardWriter:
         if self._i != len(self._todo):
             raise ValueError(f"{self.path}: closed with tensor {self._todo[self._i][0]!r} incomplete")
         try:
-            self._behind.close(fsync=fsync)
+            (self._direct or self._behind).close(fsync=fsync)
         finally:
-            os.close(self._fd)
+            self._release()
         return self.sha.hexdigest()
 
     def abort(self) -> None:
+        """Stop writing (after an error); safe to call after close() too."""
+        if self._fd < 0:
+            return
         try:
-            self._behind.close(fsync=False)
+            self._direct.abort() if self._direct else self._behind.close(fsync=False)
         finally:
-            os.close(self._fd)
+            self._release()
+
+    def _release(self) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)
 
 
 def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
