@@ -15,13 +15,7 @@ from gptoss_convert.backends.gpt_oss.config import config_from_dict
 from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten
 from gptoss_convert.converters import transforms
 from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
-from gptoss_convert.converters.transforms import (
-    SplitAxis,
-    TakeInterleaved,
-    Transpose,
-    apply,
-    interleave,
-)
+from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
 from gptoss_convert.errors import ConfigError, InputError, PlanError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
