@@ -19,6 +19,7 @@ import collections
 import math
 import mmap
 import threading
+import weakref
 
 import numpy as np
 
@@ -38,9 +39,49 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < MAP_MIN_BYTES or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.empty(shape, dtype)
+    return np.ndarray(shape, dtype, buffer=_mapping(nbytes))
+
+
+def _mapping(nbytes: int) -> mmap.mmap:
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mapping.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.ndarray(shape, dtype, buffer=mapping)
+    return mapping
+
+
+class RecyclingPool:
+    """Arrays whose memory returns to the pool by itself once the last reference to them, or to
+    any view of them, is gone.
+
+    For blocks handed to someone who keeps them for an unknown while: TensorStore encodes
+    straight from a block written with `write_async(borrow=True)` and holds it until then, so
+    the caller cannot say when to `put` it back. Each array of MAP_MIN_BYTES or more lies on
+    its own anonymous mapping (as `empty` makes them); a finalizer on the array hands the
+    mapping back, already faulted in, for the next array of the same size. At most `keep`
+    free mappings per size are kept; smaller arrays come from `np.empty`.
+    """
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._free: dict[int, list[mmap.mmap]] = collections.defaultdict(list)
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < MAP_MIN_BYTES or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+            return np.empty(shape, dtype)
+        with self._lock:
+            free = self._free.get(nbytes)
+            mapping = free.pop() if free else None
+        arr = np.ndarray(shape, dtype, buffer=mapping if mapping is not None else _mapping(nbytes))
+        weakref.finalize(arr, self._release, arr.base)
+        return arr
+
+    def _release(self, mapping: mmap.mmap) -> None:
+        with self._lock:
+            free = self._free[len(mapping)]
+            if len(free) < self.keep:
+                free.append(mapping)
 
 
 def as_bits(arr: np.ndarray) -> np.ndarray:

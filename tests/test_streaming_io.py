@@ -5,6 +5,7 @@ package reads the file, hashlib hashes it whole."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, empty
+from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, RecyclingPool, empty
 from gptoss_convert.io.files import DirectWriter, WriteBehind
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
@@ -173,6 +174,33 @@ def test_empty_maps_large_blocks_without_huge_pages():
     assert pool.get(big.shape, big.dtype) is big
     del big, pool
     assert _mapping_flags(address) is None                             # unmapped with the last reference
+
+
+def test_recycling_pool_takes_memory_back_only_when_the_last_view_is_gone():
+    """What TensorStore's borrowed writes need: a block's memory is reused only after every
+    reference to it (the array itself or any view of it) is gone, and then it comes back warm."""
+    import gc
+    pool = RecyclingPool(keep=1)
+    shape = (MAP_MIN_BYTES // 4, 2)
+    a = pool.empty(shape, np.uint16)
+    a[...] = 5
+    address = a.ctypes.data
+    view = np.expand_dims(a, 0)[..., :1]                 # what a writer might hold on to
+    del a
+    gc.collect()
+    b = pool.empty(shape, np.uint16)
+    assert b.ctypes.data != address                      # still referenced: not handed out again
+    assert int(view.sum()) == 5 * shape[0]               # and untouched
+    del view
+    gc.collect()
+    c = pool.empty(shape, np.uint16)
+    assert c.ctypes.data == address                      # the same (already mapped) memory
+    assert "nh" in _mapping_flags(address)
+    del b, c
+    gc.collect()                                         # two come back, one is kept (keep=1)
+    assert len(pool._free[math.prod(shape) * 2]) == 1
+    small = pool.empty((3, 3), np.float32)               # small arrays: plain numpy
+    assert small.base is None
 
 
 def test_read_tensor_into_out(tmp_path):

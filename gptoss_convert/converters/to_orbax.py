@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
+from gptoss_convert.buffers import RecyclingPool
 from gptoss_convert.backends.layout import SCAN_AXIS
 from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
 from gptoss_convert.converters.output import StagedOutput
@@ -25,6 +26,7 @@ from gptoss_convert.converters.provenance import sha256_file, sha256_files, writ
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
+from gptoss_convert.io.safetensors import rows_shape
 
 STEP = "0"
 ITEM = "items"
@@ -33,11 +35,18 @@ MAX_IN_FLIGHT = 4           # blocks whose writes may be pending at once (overla
 KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
-def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype) -> np.ndarray | list[np.ndarray]:
-    """The block's source rows: one array, or the list of its interleaved parts (block.parts)."""
+def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype,
+                pool: RecyclingPool | None = None) -> np.ndarray | list[np.ndarray]:
+    """The block's source rows: one array, or the list of its interleaved parts (block.parts);
+    in memory from `pool` if given."""
+    vt = ck.tensors[block.source]
+    shape = rows_shape(vt.shape, block.rows)
+    got = dtype if vt.is_mxfp4 else vt.stored.np_dtype          # stored tensors come back as stored
     if block.parts:
-        return ck.read_parts(block.source, block.parts, block.rows, dtype=dtype)
-    return ck.read(block.source, block.rows, dtype=dtype)
+        part = shape[:-1] + (shape[-1] // block.parts,)
+        outs = [pool.empty(part, got) for _ in range(block.parts)] if pool else None
+        return ck.read_parts(block.source, block.parts, block.rows, dtype=dtype, outs=outs)
+    return ck.read(block.source, block.rows, dtype=dtype, out=pool.empty(shape, got) if pool else None)
 
 
 def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dtype: np.dtype) -> list:
@@ -174,6 +183,7 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
     """Write every block not yet journaled; returns {chunk file: sha256} of the chunks completed."""
     todo = [b for b in plan.blocks if not staged.is_done(b.key)]
     chunks = _CommittedChunks(writer, staged.path)
+    pool = RecyclingPool()      # each block's memory comes back when TensorStore has let go of it
     with progress_bar(plan.total_bytes, "to-orbax", progress) as bar:
         bar.update(sum(b.nbytes for b in plan.blocks if staged.is_done(b.key)))
         in_flight: collections.deque = collections.deque()      # (block, its pending writes)
@@ -191,7 +201,7 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
                 bar.update(done.nbytes)
 
         try:
-            for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype)):
+            for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype, pool)):
                 faults.point("read")
                 in_flight.append((block, _write_block(writer, block, x, dtype)))
                 retire(MAX_IN_FLIGHT)
