@@ -254,7 +254,7 @@ class HFCheckpoint:
         if scales.size and scales.max() in (253, 254):
             _check_no_overflow(blocks, scales, vt.scales, rows)
         if scales.size and scales.max() == 255:
-            part = None                                  # decode the whole, to report the byte where it is
+            part = out = None                            # decode the whole, to report the byte where it is
         if part is not None:
             blocks, scales = blocks[..., part[0]::part[1], :, :], scales[..., part[0]::part[1], :]
         try:
