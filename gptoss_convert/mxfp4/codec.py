@@ -27,8 +27,8 @@ _SCRATCH = BufferPool(keep=16, min_bytes=0)
 # Groups decoded per step: the step's index (uint16) and output (2 values per byte) stay in L2.
 CHUNK_GROUPS = 2048
 # Bytes of decoded rows per transposed tile: in L2 while written out; more rows, longer row writes.
-# One expert [5760, 2880] -> [2880, 5760] in bf16: 1.26 GB/s with 512 KB tiles, 1.74 with 2 MB
-# (medians of 4 runs in one process into a reused output, session 3).
+# 8 experts of gate_up into a reused output: 1.07 GB/s with 512 KB tiles, 1.26 with 2 MB, 1.09
+# with 4 MB (benchmarks/bench_tiles.py, BENCHMARKS.md §2).
 TILE_BYTES = 2 << 20
 
 
