@@ -37,9 +37,14 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """
     shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < MAP_MIN_BYTES or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+    if not _mapped(nbytes):
         return np.empty(shape, dtype)
     return np.ndarray(shape, dtype, buffer=_mapping(nbytes))
+
+
+def _mapped(nbytes: int) -> bool:
+    """Whether a block of `nbytes` gets its own mapping (big enough, and the OS can refuse THP)."""
+    return nbytes >= MAP_MIN_BYTES and hasattr(mmap, "MADV_NOHUGEPAGE")
 
 
 def _mapping(nbytes: int) -> mmap.mmap:
@@ -68,7 +73,7 @@ class RecyclingPool:
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < MAP_MIN_BYTES or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        if not _mapped(nbytes):
             return np.empty(shape, dtype)
         with self._lock:
             free = self._free.get(nbytes)
