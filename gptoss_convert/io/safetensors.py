@@ -206,6 +206,7 @@ class ShardWriter:
         self._pos += len(mv)
         if self._behind:
             self._behind.wrote(self._pos)
+
     def _skip_empty(self) -> None:
         while self._i < len(self._todo) and self._left == 0:
             self._i += 1
