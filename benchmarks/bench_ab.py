@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import synthetic
-from benchmarks.common import markdown_table
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, markdown_table
 
 
 def worktree(rev: str, workdir: Path) -> Path:

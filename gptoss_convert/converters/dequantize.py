@@ -19,7 +19,7 @@ from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header, rows_shape
+from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
@@ -67,10 +67,8 @@ def _shards(tensors: list[OutTensor], max_shard: int) -> list[list[OutTensor]]:
 
 def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None, pool: BufferPool) -> np.ndarray:
     np_dtype = np.float32 if t.dtype == "F32" else ml_dtypes.bfloat16
-    vt = ck.tensors[t.name]
-    if vt.is_mxfp4 or t.dtype == vt.dtype:     # read straight into a recycled buffer
-        return ck.read(t.name, rows, dtype=np_dtype, out=pool.get(rows_shape(t.shape, rows), DTYPES[t.dtype]))
-    return ck.read(t.name, rows, dtype=np_dtype).astype(np_dtype)
+    arr = ck.read(t.name, rows, dtype=np_dtype, alloc=pool.get)    # into a recycled buffer
+    return arr if arr.dtype == DTYPES[t.dtype] else arr.astype(np_dtype)
 
 
 def _row_slices(t: OutTensor):

@@ -26,7 +26,6 @@ from gptoss_convert.converters.provenance import sha256_file, sha256_files, writ
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import rows_shape
 
 STEP = "0"
 ITEM = "items"
@@ -35,18 +34,12 @@ MAX_IN_FLIGHT = 4           # blocks whose writes may be pending at once (overla
 KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
-def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype,
-                pool: RecyclingPool | None = None) -> np.ndarray | list[np.ndarray]:
+def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype, alloc=None) -> np.ndarray | list[np.ndarray]:
     """The block's source rows: one array, or the list of its interleaved parts (block.parts);
-    in memory from `pool` if given."""
-    vt = ck.tensors[block.source]
-    shape = rows_shape(vt.shape, block.rows)
-    got = dtype if vt.is_mxfp4 else vt.stored.np_dtype          # stored tensors come back as stored
+    `alloc` as for HFCheckpoint.read."""
     if block.parts:
-        part = shape[:-1] + (shape[-1] // block.parts,)
-        outs = [pool.empty(part, got) for _ in range(block.parts)] if pool else None
-        return ck.read_parts(block.source, block.parts, block.rows, dtype=dtype, outs=outs)
-    return ck.read(block.source, block.rows, dtype=dtype, out=pool.empty(shape, got) if pool else None)
+        return ck.read_parts(block.source, block.parts, block.rows, dtype=dtype, alloc=alloc)
+    return ck.read(block.source, block.rows, dtype=dtype, alloc=alloc)
 
 
 def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dtype: np.dtype) -> list:
@@ -201,7 +194,7 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
                 bar.update(done.nbytes)
 
         try:
-            for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype, pool)):
+            for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype, pool.empty)):
                 faults.point("read")
                 in_flight.append((block, _write_block(writer, block, x, dtype)))
                 retire(MAX_IN_FLIGHT)

@@ -6,12 +6,14 @@ tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -21,6 +23,9 @@ from gptoss_convert.buffers import BufferPool, as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor, rows_shape
+
+# (shape, dtype) -> a C-contiguous array to read into, e.g. BufferPool.get or RecyclingPool.empty
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -201,48 +206,54 @@ class HFCheckpoint:
     def is_mxfp4(self) -> bool:
         return any(t.is_mxfp4 for t in self.tensors.values())
 
-    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16, alloc: Alloc | None = None) -> np.ndarray:
         """Tensor `name` in HF orientation, or rows `rows` of its first axis (e.g. experts).
 
         Stored tensors come back in their stored dtype (bit for bit); MXFP4 pairs are
-        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out]. `out`, a
-        C-contiguous array of the result's shape and dtype, is filled and returned if given.
+        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out]. `alloc(shape,
+        dtype)`, if given, provides the result's memory (e.g. a buffer pool's).
         """
         vt = self.tensors[name]
+        shape = rows_shape(vt.shape, rows)
         if not vt.is_mxfp4:
-            arr = read_tensor(vt.stored, rows, out=out)
+            arr = read_tensor(vt.stored, rows, out=alloc and alloc(shape, vt.stored.np_dtype))
             if not self.allow_nonfinite:
                 _check_finite(arr, vt.stored, rows)
             return arr
-        blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(rows_shape(vt.blocks.shape, rows), np.uint8))
-        scales = read_tensor(vt.scales, rows, out=self._scratch.get(rows_shape(vt.scales.shape, rows), np.uint8))
-        try:
-            return self._decode(vt, blocks, scales, rows, dtype, out)
-        finally:
-            self._scratch.put(blocks)
-            self._scratch.put(scales)
+        with self._stored_pair(vt, rows) as (blocks, scales):
+            return self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)))
 
     def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=ml_dtypes.bfloat16,
-                   outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+                   alloc: Alloc | None = None) -> list[np.ndarray]:
         """`[read(name, rows)[..., p::parts] for p in range(parts)]`, each part C-contiguous.
 
         For an MXFP4 tensor each part is decoded on its own from the stored rows p::parts (HF's
         last axis is the stored row axis), so the interleaved whole is never materialised and
         nothing is gathered with a stride. This is how gpt-oss's gate/up pair [E, H, 2I]
-        (gate = 0::2, up = 1::2) splits into MaxText's wi_0 and wi_1. `outs`, C-contiguous arrays
-        of the parts' shape and dtype, are filled and returned if given.
+        (gate = 0::2, up = 1::2) splits into MaxText's wi_0 and wi_1. `alloc` as for `read`.
         """
         vt = self.tensors[name]
         if vt.shape[-1] % parts:
             raise ValueError(f"{name}: last axis {vt.shape[-1]} does not split into {parts} interleaved parts")
-        outs = outs or [None] * parts
+        shape = rows_shape(vt.shape, rows)
+        shape = shape[:-1] + (shape[-1] // parts,)
         if not vt.is_mxfp4:
-            whole = self.read(name, rows, dtype)
-            return [_copy_bits(whole[..., p::parts], out) for p, out in enumerate(outs)]
+            whole = as_bits(self.read(name, rows, dtype))     # plain-bit copies (bfloat16's own loop is slower)
+            outs = [(alloc or empty)(shape, vt.stored.np_dtype) for _ in range(parts)]
+            for p, out in enumerate(outs):
+                np.copyto(as_bits(out), whole[..., p::parts])
+            return outs
+        with self._stored_pair(vt, rows) as (blocks, scales):
+            return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)), part=(p, parts))
+                    for p in range(parts)]
+
+    @contextlib.contextmanager
+    def _stored_pair(self, vt: VirtualTensor, rows: slice | None):
+        """Rows `rows` of an MXFP4 pair's stored blocks and scales, in recycled scratch buffers."""
         blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(rows_shape(vt.blocks.shape, rows), np.uint8))
         scales = read_tensor(vt.scales, rows, out=self._scratch.get(rows_shape(vt.scales.shape, rows), np.uint8))
         try:
-            return [self._decode(vt, blocks, scales, rows, dtype, out, part=(p, parts)) for p, out in enumerate(outs)]
+            yield blocks, scales
         finally:
             self._scratch.put(blocks)
             self._scratch.put(scales)
@@ -283,17 +294,6 @@ class HFCheckpoint:
         (out / "config.json").write_text(json.dumps(conf, indent=2))
         for f in self.sidecar_files():
             shutil.copyfile(f, out / f.name)
-
-
-def _copy_bits(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """A C-contiguous copy of `x` (into `out` if given), made with plain-bit copies (ml_dtypes'
-    bfloat16 copy loop is several times slower)."""
-    if out is None:
-        out = empty(x.shape, x.dtype)
-    elif out.shape != x.shape or out.dtype != x.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out: expected a C-contiguous {x.dtype}{x.shape} array, got {out.dtype}{out.shape}")
-    np.copyto(as_bits(out), as_bits(x))
-    return out
 
 
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.

@@ -238,8 +238,9 @@ class OrbaxWriter:
 
         `borrow=False`: returns once TensorStore holds its own copy; `block` may then be
         reused. `borrow=True`: TensorStore encodes straight from `block` (one copy fewer,
-        measured ~20% faster conversions); the caller must not modify `block` until the
-        future completes (TensorStore holds a reference until then)."""
+        measured ~20% faster conversions) and may keep a reference to it for as long as it
+        likes, even after the future completes; the caller must never modify `block` again
+        (buffers.RecyclingPool reuses such memory only once that reference is gone)."""
         store = self._store(path)
         shape, dtype = self.leaves[path]
         region = _region_shape(path, shape, index)
