@@ -3,6 +3,7 @@ block-wise writes, resume, partial and sharded reads, bounded memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from orbax.checkpoint import v1 as ocp1
 
 from gptoss_convert.errors import InputError, OutputError
+from gptoss_convert.io.files import TEMP_SUFFIX
 from gptoss_convert.io.orbax_reader import load_params, open_leaf, read_metadata
 from gptoss_convert.io.orbax_writer import OrbaxWriter, default_chunk_shape
 from gptoss_convert.tree import flatten, unflatten
@@ -278,6 +280,70 @@ def test_blockwise_writes_with_zero_chunks(tmp_path, values):
     want = {WI0: wi0, "decoder/zeros": zeros}
     assert_same(ocp.PyTreeCheckpointer().restore(tmp_path / "0" / "items")["params"]["params"], want)
     assert_same(load_params(tmp_path / "0"), want)
+
+
+def test_whole_chunks_we_write_equal_tensorstores_files(tmp_path):
+    """Drift guard for the chunk files OrbaxWriter writes itself (uncompressed, whole chunks):
+    byte for byte what TensorStore writes for the same blocks, and their sha256 equals the file's.
+    Blocks: page-aligned ones over 4 MB (O_DIRECT, ragged length), small unaligned ones, an
+    all-zero one, a scalar, and edge chunks cut by the shape (TensorStore writes those)."""
+    from gptoss_convert.buffers import empty
+
+    rng = np.random.default_rng(3)
+    big = empty((2, 1024, 2049), BF16)                            # 4.2 MB per chunk: own mapping
+    big[...] = rng.standard_normal(big.shape)
+    small = rng.standard_normal((4, 5, 3)).astype(F32)
+    small[2] = 0                                                  # an all-zero chunk
+    edge = rng.standard_normal((5, 7)).astype(BF16)               # chunks of 2 rows: the last has 1
+    scalar = np.float32(1.5)
+    leaves = {"e/big": (big.shape, BF16), "e/small": (small.shape, F32), "e/edge": (edge.shape, BF16),
+              "s": ((), F32)}
+    chunks = {"e/big": (1, 1024, 2049), "e/small": (1, 5, 3), "e/edge": (2, 7)}
+
+    def write(step_dir: Path, ours: bool) -> OrbaxWriter:
+        writer = OrbaxWriter(step_dir, leaves, chunk_shapes=chunks, compression=None)
+        if not ours:
+            writer._whole_chunk = lambda *a: None                 # every block through TensorStore
+        writer.create()
+        for i in range(2):
+            block = empty((1, 1024, 2049), BF16)
+            block[...] = big[i:i + 1]
+            writer.write_async("e/big", (slice(i, i + 1), slice(None), slice(None)), block, borrow=True).result()
+        for i in range(4):
+            writer.write("e/small", (slice(i, i + 1),) + ALL(2), small[i:i + 1])
+        for r in range(0, 5, 2):
+            writer.write("e/edge", (slice(r, min(r + 2, 5)), slice(None)), edge[r:r + 2])
+        writer.write("s", (), scalar)
+        writer.finalize()
+        return writer
+
+    ours, theirs = write(tmp_path / "ours", True), write(tmp_path / "theirs", False)
+    assert theirs.file_hashes == {}
+    assert len(ours.file_hashes) == 2 + 4 + 2 + 1                 # all but the one edge chunk
+    files = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    a, b = ours.item_dir, theirs.item_dir
+    assert files(a) == files(b)
+    for rel in files(a):
+        if rel.name != "commit_success.txt":                     # names its own path
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    for path, digest in ours.file_hashes.items():
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest(), path
+    restored = flatten(ocp.PyTreeCheckpointer().restore(a)["params"]["params"])
+    assert float(restored.pop("s")) == scalar
+    assert_same(restored, {"e/big": big, "e/small": small, "e/edge": edge})
+
+
+def test_remove_temporaries_leaves_the_chunks(tmp_path, values):
+    """What a killed writer leaves beside the chunks (our temporaries, TensorStore's lock files)
+    goes; chunk files and metadata stay."""
+    writer = write_whole(tmp_path / "0", values)
+    chunk = writer.chunk_file(WI0, (0, 0, 0, 0))
+    stale = [chunk.with_name("0" + TEMP_SUFFIX), chunk.with_name("0.__lock")]
+    for p in stale:
+        p.write_bytes(b"half")
+    before = {p for p in (tmp_path / "0").rglob("*") if p.is_file()}
+    assert writer.remove_temporaries() == 2
+    assert {p for p in (tmp_path / "0").rglob("*") if p.is_file()} == before - set(stale)
 
 
 def test_resume_and_finalize(tmp_path, values):

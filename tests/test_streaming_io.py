@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, RecyclingPool, empty
-from gptoss_convert.io.files import DirectWriter, WriteBehind
+from gptoss_convert.io.files import DirectWriter, WriteBehind, write_new_file
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
@@ -113,6 +113,87 @@ def test_direct_writer_falls_back_when_writes_are_refused(tmp_path, monkeypatch)
         return
     assert direct_fds and not dw.active
     assert path.read_bytes() == data
+
+
+def _watch_direct_writes(monkeypatch, refuse: bool = False) -> list[int]:
+    """Record the size of every O_DIRECT write io.files attempts; `refuse`: fail them with EINVAL,
+    as a file system that takes O_DIRECT opens but not the writes does."""
+    import errno
+
+    from gptoss_convert.io import files
+    real_open, real_pwrite, direct_fds, sizes = os.open, os.pwrite, set(), []
+
+    def open_(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & getattr(os, "O_DIRECT", 0):
+            direct_fds.add(fd)
+        return fd
+
+    def pwrite(fd, data, offset):
+        if fd not in direct_fds:
+            return real_pwrite(fd, data, offset)
+        sizes.append(len(data))
+        if refuse:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(files.os, "open", open_)
+    monkeypatch.setattr(files.os, "pwrite", pwrite)
+    return sizes
+
+
+def _random_block(nbytes: int, seed: int) -> np.ndarray:
+    data = empty((nbytes,), np.uint8)                                    # its own mapping: page-aligned
+    data[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    assert data.ctypes.data % 4096 == 0
+    return data
+
+
+@pytest.mark.parametrize("extra", [0, 1, 4095, 4096 + 77])
+def test_write_new_file_page_aligned_data_goes_direct(tmp_path, monkeypatch, extra):
+    """A page-aligned block: its whole pages go with O_DIRECT straight from the block, the ragged
+    rest and the trailer through the page cache; the file holds every byte, no temporary is left."""
+    sizes = _watch_direct_writes(monkeypatch)
+    data = _random_block(MAP_MIN_BYTES + extra, extra)
+    path = tmp_path / "chunk"
+    write_new_file(path, data, b"trailer!")
+    assert path.read_bytes() == data.tobytes() + b"trailer!"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk"]
+    assert sum(sizes) == (data.size - data.size % 4096 if _has_o_direct(tmp_path) else 0)
+
+
+def test_write_new_file_unaligned_memory_goes_through_the_page_cache(tmp_path, monkeypatch):
+    """Memory off a page boundary is never handed to O_DIRECT; an existing file is replaced whole."""
+    sizes = _watch_direct_writes(monkeypatch)
+    data = _random_block(MAP_MIN_BYTES + 4096, 1)[1:]                     # one byte off the page
+    path = tmp_path / "chunk"
+    path.write_bytes(b"old contents")
+    write_new_file(path, data, b"")
+    assert sizes == [] and path.read_bytes() == data.tobytes()
+
+
+def test_write_new_file_falls_back_when_direct_writes_are_refused(tmp_path, monkeypatch):
+    sizes = _watch_direct_writes(monkeypatch, refuse=True)
+    data = _random_block(MAP_MIN_BYTES + 123, 2)
+    path = tmp_path / "chunk"
+    write_new_file(path, data, b"end")
+    assert path.read_bytes() == data.tobytes() + b"end"
+    assert len(sizes) == (1 if _has_o_direct(tmp_path) else 0)          # tried once, then the page cache
+
+
+def test_write_new_file_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
+    """A write error (disk full) leaves neither the file nor its temporary behind."""
+    import errno
+
+    from gptoss_convert.io import files
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        write_new_file(tmp_path / "chunk", np.arange(10, dtype=np.uint8), b"x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_behind_keeps_the_file_whole(tmp_path):

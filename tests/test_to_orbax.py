@@ -147,6 +147,9 @@ def test_sigkill_then_resume_gives_same_checkpoint(outputs, mxfp4_dir, tmp_path,
     r = _cli("to-orbax", str(mxfp4_dir), str(out), "--scanned", "--no-progress", env_extra={"GPTOSS_CONVERT_KILL_AT": kill_at})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists()                       # OUT/0 is never there half-written
+    leaf = next(p for p in (tmp_path / ".o.partial" / "0" / "items").iterdir() if p.is_dir())
+    for stale in ("0.gptoss-tmp", "0.__lock"):    # what a kill inside a chunk write leaves (removed on resume)
+        (leaf / stale).write_bytes(b"half a chunk")
     r = _cli("to-orbax", str(mxfp4_dir), str(out), "--scanned", "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout and "load_parameters_path=" in r.stdout

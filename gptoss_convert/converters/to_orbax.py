@@ -101,7 +101,12 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                              chunk_shapes=plan.chunk_shapes(), custom_metadata=meta,
                              compression=compression)
         writer.create()
-        chunk_hashes = _stream(ck, plan, writer, staged, np_dtype, progress)
+        if staged.resumed:
+            writer.remove_temporaries()         # of chunk writes the interrupted run left unfinished
+        try:
+            chunk_hashes = _stream(ck, plan, writer, staged, np_dtype, progress)
+        finally:
+            writer.close()
         writer.finalize()
         ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_hashes.result(),
@@ -138,9 +143,10 @@ def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, d
 
 
 class _CommittedChunks:
-    """sha256 of each chunk file, taken as soon as every write into that chunk has committed:
-    the file is then still in the page cache (no re-read from disk at the end), and is dropped
-    from it afterwards, so the next writes reuse those pages (see io.files.WriteBehind). Runs on
+    """sha256 of each chunk file, taken as soon as every write into that chunk has committed.
+    Files the writer made itself come with their hash (taken from memory); the others, which
+    TensorStore wrote, are read while still in the page cache (no re-read from disk at the end)
+    and dropped from it afterwards, so the next writes reuse those pages. Runs on
     its own thread; at most `depth` files wait. Chunks that earlier (resumed) runs filled are
     left to write_record, which hashes what it is not given."""
 
@@ -161,7 +167,8 @@ class _CommittedChunks:
                 self._pending.append(self._pool.submit(self._hash, self.writer.chunk_file(target, cell)))
 
     def _hash(self, path: Path) -> None:
-        self.hashes[path.relative_to(self.root).as_posix()] = sha256_file(path, drop_cache=True)
+        digest = self.writer.file_hashes.pop(path, None) or sha256_file(path, drop_cache=True)   # ours, or TensorStore's
+        self.hashes[path.relative_to(self.root).as_posix()] = digest
 
     def finish(self) -> dict[str, str]:
         try:

@@ -9,6 +9,8 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from gptoss_convert.errors import InputError
 
 
@@ -169,6 +171,70 @@ class DirectWriter:
             os.close(self._dfd)
             self._dfd = -1
             self._bufs = self._maps = []            # unmapped once the last view (maybe in an error) goes
+
+
+TEMP_SUFFIX = ".gptoss-tmp"     # a file being written by write_new_file; never a finished output
+
+
+def write_new_file(path: Path, data: np.ndarray, trailer: bytes = b"") -> None:
+    """Make `path` hold the bytes of `data` (a C-contiguous array, in memory order) followed by
+    `trailer`, atomically and durably: they go to a temporary sibling (name + TEMP_SUFFIX),
+    which is fsynced, renamed over `path`, and the directory fsynced. So `path` is absent, or
+    old, or complete, also after a crash; and on disk when this returns.
+
+    Where `data` starts on a page boundary (the blocks of `buffers.empty` and the pools do), its
+    whole pages are written with O_DIRECT, from `data` itself: no copy, no page cache (see
+    DirectWriter for why that matters). The rest, and everything where the OS or file system
+    has no O_DIRECT, goes through the ordinary descriptor. Either way the file is the same.
+    """
+    raw = memoryview(data.reshape(-1).view(np.uint8))
+    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = _write_direct(tmp, raw, data.ctypes.data) if len(raw) >= DirectWriter.ALIGN else 0
+        _pwrite_all(fd, raw[done:], done)
+        _pwrite_all(fd, memoryview(trailer), len(raw))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _write_direct(path: Path, raw: memoryview, address: int) -> int:
+    """Write the whole pages of `raw` (memory at `address`) to the start of `path` with O_DIRECT;
+    return how many bytes went that way (0 where the memory is unaligned or O_DIRECT refused)."""
+    align = DirectWriter.ALIGN
+    if address % align or not hasattr(os, "O_DIRECT"):
+        return 0
+    try:
+        dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return 0
+    done, stop = 0, len(raw) - len(raw) % align
+    try:
+        while done < stop:
+            try:
+                n = os.pwrite(dfd, raw[done:stop], done)
+            except OSError as e:
+                if e.errno == errno.EINVAL:        # the file system takes O_DIRECT opens, not writes
+                    break
+                raise
+            done += n
+            if n % align:                          # a short write leaves an unaligned rest
+                break
+    finally:
+        os.close(dfd)
+    return done
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 def write_durably(path: Path, text: str) -> None:

@@ -31,6 +31,15 @@ Choices and why:
   (a v1-style step naming `PyTreeHandler` cannot be restored that way).
 - `store_data_equal_to_fill_value`: Orbax restores with `fill_missing_data_reads=False`, so an
   all-zero chunk that was skipped would make the restore fail; every chunk is written.
+- Whole uncompressed chunks are written by us, not by TensorStore: such a chunk file is the
+  chunk's bytes in C order, then the 20-byte shard index (`shard_index`), and we have those
+  bytes in hand. Written from our block with O_DIRECT (`io.files.write_new_file`), they skip the
+  page cache, which on this project's VM costs more kernel time than the rest of a conversion,
+  and their sha256 comes from memory instead of a re-read (BENCHMARKS.md §2). Durability is
+  TensorStore's: temporary file, fsync, rename, fsync of the directory. TensorStore still
+  creates every array and writes compressed chunks, partial ones (edge chunks, blocks smaller
+  than a chunk) and anything on a big-endian host. tests/test_orbax_io.py checks that the
+  files are byte-identical to TensorStore's own.
 - A step is complete only once `finalize()` has run after the last `create()`: `create()` removes
   the completion files, `finalize()` checks every chunk exists and writes them last. Before that,
   the v1 loader refuses the step (no `_CHECKPOINT_METADATA`). Note that a v0 `CheckpointManager`
@@ -39,17 +48,22 @@ Choices and why:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import math
+import struct
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import OutputError
-from gptoss_convert.io.files import write_durably
+from gptoss_convert.io.files import TEMP_SUFFIX, write_durably, write_new_file
 
 # orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -60,6 +74,32 @@ KEY_TYPE_DICT = 2  # orbax.checkpoint._src.metadata.tree.KeyType.DICT
 VALUE_TYPE_NUMPY = "np.ndarray"
 ZSTD_LEVEL = 3  # Orbax's zarr3 compression (tensorstore_utils._build_zarr3_metadata)
 TS_CONTEXT = {"file_io_concurrency": {"limit": 128}}  # Orbax's base TensorStore context
+CHUNK_WRITERS = 4  # threads writing whole uncompressed chunk files ourselves (OrbaxWriter.write_async)
+
+
+@functools.lru_cache(maxsize=1)
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for n in range(256):
+        for _ in range(8):
+            n = (n >> 1) ^ (0x82F63B78 if n & 1 else 0)   # CRC-32C (Castagnoli), reflected
+        table.append(n)
+    return tuple(table)
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C of `data` (for the 16-byte shard index; zarr3's `crc32c` codec)."""
+    table, crc = _crc32c_table(), 0xFFFFFFFF
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def shard_index(nbytes: int) -> bytes:
+    """The end of a chunk file holding one uncompressed inner chunk of `nbytes` (zarr3_metadata
+    with compression=None): the index [offset 0, nbytes] as little-endian uint64, then its crc32c."""
+    index = struct.pack("<QQ", 0, nbytes)
+    return index + struct.pack("<I", crc32c(index))
 
 
 def default_chunk_shape(shape, dtype, *, max_chunk_bytes: int = 64 << 20) -> tuple[int, ...]:
@@ -169,6 +209,8 @@ class OrbaxWriter:
         self._check_tree()
         self._stores: dict[str, ts.TensorStore] = {}
         self._init_ns: int | None = None
+        self._chunk_pool: ThreadPoolExecutor | None = None
+        self.file_hashes: dict[Path, str] = {}     # sha256 of each chunk file written by us
 
     def _chunk_shapes(self, given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         unknown = sorted(set(given) - set(self.leaves))
@@ -249,9 +291,52 @@ class OrbaxWriter:
             raise ValueError(f"block for leaf {path!r} at {index} has shape {block.shape}, expected {region}")
         if block.dtype != dtype:
             block = block.astype(dtype)
+        cell = self._whole_chunk(path, index, block)
+        if cell is not None:                    # the chunk file is exactly this block's bytes
+            if self._chunk_pool is None:
+                self._chunk_pool = ThreadPoolExecutor(CHUNK_WRITERS, thread_name_prefix="gptoss-chunk")
+            if not borrow:
+                block = block.copy()
+            return self._chunk_pool.submit(self._write_chunk, self.chunk_file(path, cell), block)
         futures = store[index].write(block, can_reference_source_data_indefinitely=borrow)
         futures.copy.result()
         return futures.commit
+
+    def _whole_chunk(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> tuple[int, ...] | None:
+        """The chunk grid cell that `block` at `index` fills exactly, if we write it ourselves:
+        uncompressed, one whole chunk, little-endian data on a little-endian host."""
+        chunk = self.chunks[path]
+        if (self.compression is not None or block.shape != chunk or sys.byteorder != "little"
+                or block.dtype.byteorder == ">"):
+            return None
+        starts = [s.indices(d)[0] for s, d in zip(index, self.leaves[path][0])]
+        if any(start % c for start, c in zip(starts, chunk)):
+            return None
+        return tuple(start // c for start, c in zip(starts, chunk))
+
+    def _write_chunk(self, file: Path, block: np.ndarray) -> None:
+        data = np.ascontiguousarray(block)
+        trailer = shard_index(data.nbytes)
+        digest = hashlib.sha256(data.reshape(-1).view(np.uint8))
+        digest.update(trailer)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_new_file(file, data, trailer)
+        self.file_hashes[file] = digest.hexdigest()
+
+    def remove_temporaries(self) -> int:
+        """Delete what an interrupted writer left beside the chunks: our temporary files and
+        TensorStore's `.__lock` files (its temporaries). Only while no other process writes this
+        step. Returns how many were removed."""
+        stale = [p for p in self.item_dir.rglob("*") if p.name.endswith((TEMP_SUFFIX, ".__lock")) and p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
+    def close(self) -> None:
+        """Wait for the chunk files being written and stop their threads (finalize() does this)."""
+        if self._chunk_pool is not None:
+            self._chunk_pool.shutdown(wait=True)
+            self._chunk_pool = None
 
     def _store(self, path: str) -> ts.TensorStore:
         if path not in self.leaves:
@@ -291,6 +376,7 @@ class OrbaxWriter:
     def finalize(self) -> None:
         """Check every chunk was written, then write the files that make this an Orbax
         checkpoint, step-level metadata last so a crash never leaves a step that looks whole."""
+        self.close()
         missing = self.missing_chunks()
         if missing:
             lines = [f"{p}: {have}/{want} chunks" for p, (have, want) in sorted(missing.items())]
