@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, RecyclingPool, empty
-from gptoss_convert.io.files import DirectWriter, WriteBehind, write_new_file
+from gptoss_convert.io.files import HASH_PIECE, DirectWriter, WriteBehind, hash_update, write_new_file
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
@@ -194,6 +194,15 @@ def test_write_new_file_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         write_new_file(tmp_path / "chunk", np.arange(10, dtype=np.uint8), b"x")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("nbytes", [0, 2, HASH_PIECE, HASH_PIECE + 2, 5 * HASH_PIECE - 6])
+def test_hash_update_through_pieces_equals_hashlib(nbytes):
+    """The cache-sized copies change nothing: same digest as hashlib over the bytes, in memory order."""
+    data = np.random.default_rng(nbytes).standard_normal((2, nbytes // 4)).astype(ml_dtypes.bfloat16)
+    h = hashlib.sha256(b"prefix")
+    hash_update(h, data)
+    assert h.hexdigest() == hashlib.sha256(b"prefix" + data.tobytes()).hexdigest()
 
 
 def test_write_behind_keeps_the_file_whole(tmp_path):

@@ -173,6 +173,24 @@ class DirectWriter:
             self._bufs = self._maps = []            # unmapped once the last view (maybe in an error) goes
 
 
+HASH_PIECE = 256 << 10
+
+
+def hash_update(h, data: np.ndarray) -> None:
+    """`h.update(data's bytes)` (a hashlib object, a C-contiguous array), through a cache-sized
+    copy: sha256 over memory the CPU cache does not hold ran at 1.1 GB/s on this project's VM;
+    copying 256 KB pieces first and hashing each copy, 1.4-1.5 GB/s (benchmarks/bench_io.py)."""
+    raw = data.reshape(-1).view(np.uint8)
+    if raw.size <= HASH_PIECE:
+        h.update(memoryview(raw))
+        return
+    piece = np.empty(HASH_PIECE, np.uint8)
+    for start in range(0, raw.size, HASH_PIECE):
+        chunk = raw[start:start + HASH_PIECE]
+        np.copyto(piece[:chunk.size], chunk)
+        h.update(memoryview(piece[:chunk.size]))
+
+
 TEMP_SUFFIX = ".gptoss-tmp"     # a file being written by write_new_file; never a finished output
 
 

@@ -63,7 +63,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import OutputError
-from gptoss_convert.io.files import TEMP_SUFFIX, write_durably, write_new_file
+from gptoss_convert.io.files import TEMP_SUFFIX, hash_update, write_durably, write_new_file
 
 # orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -317,7 +317,8 @@ class OrbaxWriter:
     def _write_chunk(self, file: Path, block: np.ndarray) -> None:
         data = np.ascontiguousarray(block)
         trailer = shard_index(data.nbytes)
-        digest = hashlib.sha256(data.reshape(-1).view(np.uint8))
+        digest = hashlib.sha256()
+        hash_update(digest, data)
         digest.update(trailer)
         file.parent.mkdir(parents=True, exist_ok=True)
         write_new_file(file, data, trailer)
