@@ -146,6 +146,16 @@ def test_dtype_spellings(spelling):
 
 # -- dequantize: threads, chunks, out=, transposed ---------------------------------------------
 
+def test_default_steps_on_two_threads_match_transformers():
+    """At the real step size: a tensor of several CHUNK_GROUPS-sized steps (the last one ragged),
+    split over 2 threads, bit for bit as transformers decodes it."""
+    groups = 2 * codec.CHUNK_GROUPS + 1234
+    blocks, scales = random_pair(np.random.default_rng(5), (1, groups // 10, 10), lo=100, hi=150)
+    assert scales.size > 2 * codec.CHUNK_GROUPS
+    ours = dequantize(blocks, scales, "bf16", workers=2)
+    np.testing.assert_array_equal(bits(ours), bits(hf_dequantize(blocks, scales, "bfloat16")))
+
+
 @pytest.mark.parametrize("workers", [2, 3, 8, None])
 def test_multithreaded_equals_single_threaded(monkeypatch, workers):
     monkeypatch.setattr(codec, "CHUNK_GROUPS", 7)          # many ragged chunks on a small tensor

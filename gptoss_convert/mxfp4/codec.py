@@ -24,11 +24,14 @@ _OUT_DTYPES = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, np.float16, np.flo
 # Per-thread working buffers, recycled across calls: fresh ones are page-faulted and zeroed every
 # time once malloc returns them to the kernel (see gptoss_convert.buffers).
 _SCRATCH = BufferPool(keep=16, min_bytes=0)
-# Groups decoded per step: the step's index (uint16) and output (2 values per byte) stay in L2.
-CHUNK_GROUPS = 2048
+# Groups decoded per step (three numpy calls). Larger steps overflow L2, but each call is a point
+# where the worker threads pass the GIL to each other, which on this project's 2-core VM costs
+# more: 8 experts of gate_up on 2 threads ran at 2.63 GB/s with 2048 groups per step, 3.86 with
+# 8192 and 4.16 with 32768; on one thread, 2.08 and 2.34 (benchmarks/bench_tiles.py).
+CHUNK_GROUPS = 32768
 # Bytes of decoded rows per transposed tile: in L2 while written out; more rows, longer row writes.
-# 8 experts of gate_up into a reused output: 1.07 GB/s with 512 KB tiles, 1.26 with 2 MB, 1.09
-# with 4 MB (benchmarks/bench_tiles.py, BENCHMARKS.md §2).
+# 8 experts of gate_up into a reused output: 1.37 GB/s with 512 KB tiles, 1.95 with 2 MB, 1.81
+# with 4 MB (benchmarks/bench_tiles.py, BENCHMARKS.md §2); a 2 MB tile is one step.
 TILE_BYTES = 2 << 20
 
 
