@@ -303,3 +303,40 @@ def test_read_tensor_into_out(tmp_path):
     np.testing.assert_array_equal(out, x[1:3])
     with pytest.raises(ValueError, match="out"):
         read_tensor(info, slice(1, 3), out=np.empty((3, 6), np.float32))
+
+
+def test_mapped_files_view_the_same_bytes_read_only(tmp_path):
+    """MappedFiles gives the rows read_tensor reads, as read-only views of one map per file;
+    the `safetensors` package wrote the file."""
+    from safetensors.numpy import save_file
+
+    from gptoss_convert.io.safetensors import MappedFiles
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.integers(0, 256, (5, 3, 16), dtype=np.uint8), "b": rng.standard_normal((7, 2)).astype(np.float32)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    infos = read_header(tmp_path / "x.safetensors")[0]
+    mapped = MappedFiles()
+    for name, want in tensors.items():
+        np.testing.assert_array_equal(mapped.view(infos[name]), want)
+        rows = mapped.view(infos[name], slice(2, 4))
+        np.testing.assert_array_equal(rows, want[2:4])
+        np.testing.assert_array_equal(rows, read_tensor(infos[name], slice(2, 4)))
+        assert not rows.flags.writeable
+    assert len(mapped._maps) == 1
+
+
+def test_mapped_files_refuse_a_range_past_the_end(tmp_path):
+    """A shard cut short after its header was read: the same one-line error as read_tensor."""
+    from safetensors.numpy import save_file
+
+    from gptoss_convert.errors import CorruptTensorError
+    from gptoss_convert.io.safetensors import MappedFiles
+    path = tmp_path / "x.safetensors"
+    save_file({"a": np.zeros((4, 1024), np.uint8)}, path)
+    info = read_header(path)[0]["a"]
+    os.truncate(path, path.stat().st_size - 1500)
+    mapped = MappedFiles()
+    np.testing.assert_array_equal(mapped.view(info, slice(0, 2)), 0)      # rows still whole
+    for read in (lambda: mapped.view(info, slice(2, 4)), lambda: read_tensor(info, slice(2, 4))):
+        with pytest.raises(CorruptTensorError, match=r"x.safetensors: tensor 'a' is cut short \(548 of 2048 bytes\)"):
+            read()

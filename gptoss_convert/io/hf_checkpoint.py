@@ -6,7 +6,6 @@ tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -19,10 +18,10 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import mxfp4
-from gptoss_convert.buffers import BufferPool, as_bits, empty
+from gptoss_convert.buffers import as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.io.files import read_json_object
-from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor, rows_shape
+from gptoss_convert.io.safetensors import MappedFiles, TensorInfo, read_header, read_tensor, rows_shape
 
 # (shape, dtype) -> a C-contiguous array to read into, e.g. BufferPool.get or RecyclingPool.empty
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
@@ -86,7 +85,7 @@ class HFCheckpoint:
         self.dir = Path(directory)
         self.workers: int | None = None       # threads for MXFP4 decoding (None = all cores)
         self.allow_nonfinite = False           # stored NaN/inf weights are an error unless set
-        self._scratch = BufferPool(keep=2)     # MXFP4 blocks/scales read buffers, reused
+        self._mapped = MappedFiles()           # MXFP4 blocks/scales are decoded from the page cache
         self._roots = self._link_roots()
         self.config_raw = self._read_config()
         self.files = self._shard_files()
@@ -220,8 +219,8 @@ class HFCheckpoint:
             if not self.allow_nonfinite:
                 _check_finite(arr, vt.stored, rows)
             return arr
-        with self._stored_pair(vt, rows) as (blocks, scales):
-            return self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)))
+        blocks, scales = self._stored_pair(vt, rows)
+        return self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)))
 
     def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=ml_dtypes.bfloat16,
                    alloc: Alloc | None = None) -> list[np.ndarray]:
@@ -243,20 +242,13 @@ class HFCheckpoint:
             for p, out in enumerate(outs):
                 np.copyto(as_bits(out), whole[..., p::parts])
             return outs
-        with self._stored_pair(vt, rows) as (blocks, scales):
-            return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)), part=(p, parts))
-                    for p in range(parts)]
+        blocks, scales = self._stored_pair(vt, rows)
+        return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)), part=(p, parts))
+                for p in range(parts)]
 
-    @contextlib.contextmanager
-    def _stored_pair(self, vt: VirtualTensor, rows: slice | None):
-        """Rows `rows` of an MXFP4 pair's stored blocks and scales, in recycled scratch buffers."""
-        blocks = read_tensor(vt.blocks, rows, out=self._scratch.get(rows_shape(vt.blocks.shape, rows), np.uint8))
-        scales = read_tensor(vt.scales, rows, out=self._scratch.get(rows_shape(vt.scales.shape, rows), np.uint8))
-        try:
-            yield blocks, scales
-        finally:
-            self._scratch.put(blocks)
-            self._scratch.put(scales)
+    def _stored_pair(self, vt: VirtualTensor, rows: slice | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `rows` of an MXFP4 pair's stored blocks and scales: read-only views of the files."""
+        return self._mapped.view(vt.blocks, rows), self._mapped.view(vt.scales, rows)
 
     def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out, part: tuple[int, int] | None = None) -> np.ndarray:
         """Decode blocks/scales (rows `rows` of `vt`) into HF orientation; only the stored rows
