@@ -340,3 +340,27 @@ def test_mapped_files_refuse_a_range_past_the_end(tmp_path):
     for read in (lambda: mapped.view(info, slice(2, 4)), lambda: read_tensor(info, slice(2, 4))):
         with pytest.raises(CorruptTensorError, match=r"x.safetensors: tensor 'a' is cut short \(548 of 2048 bytes\)"):
             read()
+
+
+def _rss_file_kb() -> int:
+    """This process's resident file-backed pages (kB), from /proc/self/status."""
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssFile:"))
+
+
+def test_mapped_files_drop_takes_the_pages_out_of_rss(tmp_path):
+    """Viewing a range maps its pages into the process (RSS grows by its size); drop() unmaps
+    them, and a later view still reads the same bytes."""
+    from safetensors.numpy import save_file
+
+    from gptoss_convert.io.safetensors import MappedFiles
+    data = np.random.default_rng(0).integers(0, 256, (64, 1 << 18), dtype=np.uint8)   # 16 MiB
+    save_file({"a": data}, tmp_path / "x.safetensors")
+    info = read_header(tmp_path / "x.safetensors")[0]["a"]
+    mapped = MappedFiles()
+    before = _rss_file_kb()
+    assert int(mapped.view(info).sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))
+    assert _rss_file_kb() - before > 12 << 10
+    mapped.drop(info)
+    assert _rss_file_kb() - before < 4 << 10
+    np.testing.assert_array_equal(mapped.view(info, slice(3, 5)), data[3:5])

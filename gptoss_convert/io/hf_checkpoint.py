@@ -6,6 +6,7 @@ tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -219,8 +220,8 @@ class HFCheckpoint:
             if not self.allow_nonfinite:
                 _check_finite(arr, vt.stored, rows)
             return arr
-        blocks, scales = self._stored_pair(vt, rows)
-        return self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)))
+        with self._stored_pair(vt, rows) as (blocks, scales):
+            return self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)))
 
     def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=ml_dtypes.bfloat16,
                    alloc: Alloc | None = None) -> list[np.ndarray]:
@@ -242,13 +243,19 @@ class HFCheckpoint:
             for p, out in enumerate(outs):
                 np.copyto(as_bits(out), whole[..., p::parts])
             return outs
-        blocks, scales = self._stored_pair(vt, rows)
-        return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)), part=(p, parts))
-                for p in range(parts)]
+        with self._stored_pair(vt, rows) as (blocks, scales):
+            return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)), part=(p, parts))
+                    for p in range(parts)]
 
-    def _stored_pair(self, vt: VirtualTensor, rows: slice | None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows `rows` of an MXFP4 pair's stored blocks and scales: read-only views of the files."""
-        return self._mapped.view(vt.blocks, rows), self._mapped.view(vt.scales, rows)
+    @contextlib.contextmanager
+    def _stored_pair(self, vt: VirtualTensor, rows: slice | None):
+        """Rows `rows` of an MXFP4 pair's stored blocks and scales, as read-only views of the
+        files while in use; their pages leave the process afterwards (RSS stays bounded)."""
+        try:
+            yield self._mapped.view(vt.blocks, rows), self._mapped.view(vt.scales, rows)
+        finally:
+            self._mapped.drop(vt.blocks, rows)
+            self._mapped.drop(vt.scales, rows)
 
     def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out, part: tuple[int, int] | None = None) -> np.ndarray:
         """Decode blocks/scales (rows `rows` of `vt`) into HF orientation; only the stored rows

@@ -153,12 +153,16 @@ class MappedFiles:
     """Read-only memory maps of safetensors files, one per file, made on first use: a tensor (or
     rows of it) as a numpy view of the page cache, without the copy `read_tensor` makes.
 
-    Reading and decoding every MXFP4 expert of a 4-layer synthetic gpt-oss-20b took 4.9 s (7.3
-    CPU-s) from mappings, 5.6 s (7.9 CPU-s) from `read_tensor` copies (benchmarks/bench_read.py,
-    medians of 5). A range
+    Reading and decoding every MXFP4 expert of a 4-layer synthetic gpt-oss-20b took 5.86 s (8.76
+    CPU-s) from mappings, dropped after each expert, and 6.71 s (9.27 CPU-s) from `read_tensor`
+    copies (benchmarks/bench_read.py, medians of 5 alternated passes). A range
     beyond the file's size when it was mapped is refused as `read_tensor` refuses it; a file cut
     short after it was mapped makes the reading process fail with SIGBUS (as with any mmap
     reader, e.g. safetensors' own). Thread-safe; the maps close when the last view is gone.
+
+    Mapped pages count in the process's RSS while they stay mapped, so a streaming reader calls
+    `drop` once it is done with a range: the pages leave the process (not the page cache), and
+    RSS stays bounded by what is in use, not by the size of the checkpoint.
     """
 
     def __init__(self):
@@ -173,6 +177,16 @@ class MappedFiles:
         if begin + want > len(mapping):
             raise _cut_short(info, max(0, len(mapping) - begin), want)
         return np.frombuffer(mapping, info.np_dtype, count=count, offset=begin).reshape(shape)
+
+    def drop(self, info: TensorInfo, rows: slice | None = None) -> None:
+        """Unmap the pages of a range from this process (MADV_DONTNEED: a later view reads them
+        again from the file); a no-op where the OS has no madvise."""
+        begin, _, count = _row_range(info, rows)
+        mapping = self._map(info.file)
+        start = begin - begin % mmap.PAGESIZE
+        stop = min(len(mapping), begin + count * info.np_dtype.itemsize)
+        if stop > start and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def _map(self, path: Path) -> mmap.mmap:
         with self._lock:
