@@ -83,38 +83,6 @@ def test_direct_writer_writes_every_byte(tmp_path, total):
     assert path.read_bytes() == data
 
 
-def test_direct_writer_falls_back_when_writes_are_refused(tmp_path, monkeypatch):
-    """A file system that opens with O_DIRECT but refuses the writes (EINVAL): the rest goes through
-    the ordinary descriptor, and the file still holds every byte."""
-    import errno
-
-    from gptoss_convert.io import files
-    real_pwrite, direct_fds = os.pwrite, set()
-    real_open = os.open
-
-    def open_(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        if flags & getattr(os, "O_DIRECT", 0):
-            direct_fds.add(fd)
-        return fd
-
-    def pwrite(fd, data, offset):
-        if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(files.os, "open", open_)
-    monkeypatch.setattr(files.os, "pwrite", pwrite)
-    data = np.random.default_rng(0).integers(0, 256, 5 * 8192 + 77, dtype=np.uint8).tobytes()
-    path = tmp_path / "d.bin"
-    dw = _write_direct(path, [data[:10_000], data[10_000:]], stage=8192)
-    if dw is None:
-        assert not _has_o_direct(tmp_path)
-        return
-    assert direct_fds and not dw.active
-    assert path.read_bytes() == data
-
-
 def _watch_direct_writes(monkeypatch, refuse: bool = False) -> list[int]:
     """Record the size of every O_DIRECT write io.files attempts; `refuse`: fail them with EINVAL,
     as a file system that takes O_DIRECT opens but not the writes does."""
@@ -140,6 +108,20 @@ def _watch_direct_writes(monkeypatch, refuse: bool = False) -> list[int]:
     monkeypatch.setattr(files.os, "open", open_)
     monkeypatch.setattr(files.os, "pwrite", pwrite)
     return sizes
+
+
+def test_direct_writer_falls_back_when_writes_are_refused(tmp_path, monkeypatch):
+    """A file system that opens with O_DIRECT but refuses the writes (EINVAL): the rest goes through
+    the ordinary descriptor, and the file still holds every byte."""
+    attempts = _watch_direct_writes(monkeypatch, refuse=True)
+    data = np.random.default_rng(0).integers(0, 256, 5 * 8192 + 77, dtype=np.uint8).tobytes()
+    path = tmp_path / "d.bin"
+    dw = _write_direct(path, [data[:10_000], data[10_000:]], stage=8192)
+    if dw is None:
+        assert not _has_o_direct(tmp_path)
+        return
+    assert attempts and not dw.active
+    assert path.read_bytes() == data
 
 
 def _random_block(nbytes: int, seed: int) -> np.ndarray:
