@@ -90,6 +90,20 @@ def test_v0_readers_and_bf16_sources_give_identical_checkpoints(outputs, hf_stat
     assert all(np.array_equal(np.asarray(trees[0][k]).view(np.uint16), np.asarray(trees[1][k]).view(np.uint16)) for k in ref)
 
 
+def test_zstd_chunks_restore_to_the_same_tree(outputs, mxfp4_dir, tmp_path):
+    """compression="zstd" (--zstd: every chunk through TensorStore, compressed as Orbax does)
+    restores to the same values as the default, whose whole chunks the writer makes itself."""
+    root = to_orbax(mxfp4_dir, tmp_path / "z", scanned=True, compression="zstd", **QUIET)
+    plain = outputs[("mxfp4", True, "bf16")]
+    codecs = json.loads(next((root / "0" / "items").glob("*wi_0/zarr.json")).read_text())["codecs"]
+    assert [c["name"] for c in codecs[0]["configuration"]["codecs"]] == ["bytes", "zstd"]
+    a = flatten(ocp.PyTreeCheckpointer().restore(root / "0" / "items")["params"]["params"])
+    b = flatten(ocp.PyTreeCheckpointer().restore(plain / "0" / "items")["params"]["params"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.asarray(a[k]).view(np.uint16), np.asarray(b[k]).view(np.uint16)), k
+
+
 def test_metadata_sidecars_and_record(outputs, mxfp4_dir):
     root = outputs[("mxfp4", True, "bf16")]
     meta = json.loads((root / "0" / "_CHECKPOINT_METADATA").read_text())
