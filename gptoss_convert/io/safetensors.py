@@ -155,10 +155,11 @@ class MappedFiles:
 
     Reading and decoding every MXFP4 expert of a 4-layer synthetic gpt-oss-20b took 5.86 s (8.76
     CPU-s) from mappings, dropped after each expert, and 6.71 s (9.27 CPU-s) from `read_tensor`
-    copies (benchmarks/bench_read.py, medians of 5 alternated passes). A range
-    beyond the file's size when it was mapped is refused as `read_tensor` refuses it; a file cut
-    short after it was mapped makes the reading process fail with SIGBUS (as with any mmap
-    reader, e.g. safetensors' own). Thread-safe; the maps close when the last view is gone.
+    copies (benchmarks/bench_read.py, medians of 5 alternated passes). A range beyond the file's
+    size, then or now, is refused as `read_tensor` refuses it: each view checks the size first, so
+    a file cut short during a run gives that error, not SIGBUS (reading a mapped page past the
+    end kills the process; only a file cut short between the check and the read still can).
+    Thread-safe; the maps close when the last view is gone.
 
     Mapped pages count in the process's RSS while they stay mapped, so a streaming reader calls
     `drop` once it is done with a range: the pages leave the process (not the page cache), and
@@ -174,8 +175,9 @@ class MappedFiles:
         begin, shape, count = _row_range(info, rows)
         want = count * info.np_dtype.itemsize
         mapping = self._map(info.file)
-        if begin + want > len(mapping):
-            raise _cut_short(info, max(0, len(mapping) - begin), want)
+        size = min(len(mapping), os.stat(info.file).st_size)
+        if begin + want > size:
+            raise _cut_short(info, max(0, size - begin), want)
         return np.frombuffer(mapping, info.np_dtype, count=count, offset=begin).reshape(shape)
 
     def drop(self, info: TensorInfo, rows: slice | None = None) -> None:
