@@ -10,7 +10,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[hf,test]'
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test
 install: $(VENV)/.installed
 
 demo: install
@@ -18,6 +18,3 @@ demo: install
 
 test: install
 	$(PY) -m pytest -n 2 -q
-
-bench: install
-	$(PY) -m benchmarks.run_all

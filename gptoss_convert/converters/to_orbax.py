@@ -162,13 +162,20 @@ class _CommittedChunks:
             self.filled[target, cell] += n
             if self.filled[target, cell] == self.writer.cell_size(target, cell):
                 del self.filled[target, cell]
+                path = self.writer.chunk_file(target, cell)
+                if path in self.writer.file_hashes:          # the writer made it: hashed from memory
+                    self.hashes[self._key(path)] = self.writer.file_hashes.pop(path)
+                    continue
                 while len(self._pending) >= self.depth:
                     self._pending.popleft().result()
-                self._pending.append(self._pool.submit(self._hash, self.writer.chunk_file(target, cell)))
+                self._pending.append(self._pool.submit(self._hash, path))
+
+    def _key(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def _hash(self, path: Path) -> None:
-        digest = self.writer.file_hashes.pop(path, None) or sha256_file(path, drop_cache=True)   # ours, or TensorStore's
-        self.hashes[path.relative_to(self.root).as_posix()] = digest
+        """A chunk file TensorStore wrote: read while still in the page cache, then dropped."""
+        self.hashes[self._key(path)] = sha256_file(path, drop_cache=True)
 
     def finish(self) -> dict[str, str]:
         try:

@@ -305,14 +305,13 @@ class OrbaxWriter:
     def _whole_chunk(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> tuple[int, ...] | None:
         """The chunk grid cell that `block` at `index` fills exactly, if we write it ourselves:
         uncompressed, one whole chunk, little-endian data on a little-endian host."""
-        chunk = self.chunks[path]
-        if (self.compression is not None or block.shape != chunk or sys.byteorder != "little"
-                or block.dtype.byteorder == ">"):
+        if self.compression is not None or sys.byteorder != "little" or block.dtype.byteorder == ">":
             return None
-        starts = [s.indices(d)[0] for s, d in zip(index, self.leaves[path][0])]
-        if any(start % c for start, c in zip(starts, chunk)):
+        cells = self.chunk_cells(path, index)
+        if len(cells) != 1:
             return None
-        return tuple(start // c for start, c in zip(starts, chunk))
+        (cell, n), = cells.items()
+        return cell if n == math.prod(self.chunks[path]) else None
 
     def _write_chunk(self, file: Path, block: np.ndarray) -> None:
         data = np.ascontiguousarray(block)
