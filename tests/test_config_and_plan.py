@@ -17,17 +17,10 @@ from gptoss_convert.converters import transforms
 from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
 from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
 from gptoss_convert.errors import ConfigError, InputError, PlanError
+from gptoss_convert.testing.published import published_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
-REAL_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
-                num_local_experts=32, num_experts_per_tok=4, experts_per_token=4, num_attention_heads=64,
-                num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, sliding_window=128,
-                layer_types=["sliding_attention", "full_attention"] * 12, rope_theta=150000,
-                rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                              "original_max_position_embeddings": 4096, "truncate": False},
-                swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=131072,
-                eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16", hidden_act="silu",
-                quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": []})
+REAL_20B = published_config("gpt-oss-20b")        # the config.json openai/gpt-oss-20b publishes, verbatim
 
 
 def _reference_tree(kind: str) -> dict[str, tuple[int, ...]]:
@@ -79,8 +72,9 @@ def test_config_spellings_and_allowlist():
     assert config_from_dict(no_truncate).rope_scaling.truncate is True      # as transformers reads it
     with pytest.raises(ConfigError, match="unsupported rope parameters \\['mscale'\\]"):
         config_from_dict(dict(REAL_20B, rope_scaling=dict(REAL_20B["rope_scaling"], mscale=0.7)))
+    assert config_from_dict(REAL_20B | {"mystery": 1}).unknown_fields == ("mystery",)   # accepted, named
     with pytest.raises(ConfigError, match="unknown fields \\['mystery'\\]"):
-        config_from_dict(REAL_20B | {"mystery": 1})
+        config_from_dict(REAL_20B | {"mystery": 1}, strict=True)
     with pytest.raises(ConfigError, match="vocab_size=1000000000000 is out of the supported range"):
         config_from_dict(REAL_20B | {"vocab_size": 10**12})
     with pytest.raises(ConfigError) as e:

@@ -214,7 +214,7 @@ def test_rope_truncate_flag_matters(bf16_dir, tmp_path, hf_model, trees, tiny_cf
     src = tmp_path / "truncate"
     shutil.copytree(bf16_dir, src)
     conf = json.loads((src / "config.json").read_text())
-    conf["rope_parameters"]["truncate"] = True
+    conf["rope_scaling"]["truncate"] = True           # the published (transformers 4.55) spelling
     (src / "config.json").write_text(json.dumps(conf))
     toks = np.random.default_rng(3).integers(0, tiny_cfg.V, (1, 48))
     ref_t, ref_f = hf_logits(load_hf(src), toks), hf_logits(hf_model, toks)

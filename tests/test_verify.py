@@ -467,7 +467,7 @@ def test_negative_control_yarn_truncate(orbax_fp32, golden_default, tiny_cfg, wo
     broken = tmp / "ckpt"
     shutil.copytree(orbax_fp32["scanned"], broken)
     conf = json.loads((broken / "config.json").read_text())
-    assert conf["rope_parameters"].pop("truncate") is False
+    assert conf["rope_scaling"].pop("truncate") is False      # the published (transformers 4.55) spelling
     (broken / "config.json").write_text(json.dumps(conf))
     report = run_verify(broken, golden_default, tmp, expect_pass=False)
     long_row = report["prompts"][-1]
