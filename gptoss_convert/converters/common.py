@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import shutil
+from pathlib import Path
 
 from gptoss_convert.backends import get_backend, known_model_types
 from gptoss_convert.converters.plan import Plan, build_plan, edges_from_rules
@@ -64,6 +67,15 @@ def check_against_backend(ck: HFCheckpoint) -> None:
     bad = [f"{n!r} is {t.dtype}" for n, t in ck.tensors.items() if t.dtype not in float_kinds]
     if bad:
         raise InputError(f"{ck.dir}: tensors with non-float dtypes: {', '.join(bad)}")
+
+
+def write_sidecars(ck: HFCheckpoint, out: Path, **config_updates) -> None:
+    """config.json of `ck` without quantization_config (plus `config_updates`) and its tokenizer,
+    generation and chat-template files, into `out`."""
+    conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"} | config_updates
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    for f in ck.sidecar_files():
+        shutil.copyfile(f, out / f.name)
 
 
 @contextlib.contextmanager
