@@ -113,6 +113,8 @@ def test_merge_and_split_invert_each_other():
     merged = MergeAxes(1, (3, 4))(x)
     assert merged.shape == (2, 12, 5) and MergeAxes(1, (3, 4)).shape(x.shape) == (2, 12, 5)
     np.testing.assert_array_equal(apply((MergeAxes(1, (3, 4)).inverse(),), merged), x)
+    for op in (MergeAxes(-3, (3, 4)), SplitAxis(-2, (2, 2))):      # negative axes count from the end
+        np.testing.assert_array_equal(apply((op, op.inverse()), x), x)
     with pytest.raises(ValueError, match="expected sizes"):
         MergeAxes(1, (4, 3)).shape(x.shape)
 

@@ -132,7 +132,7 @@ class MergeAxes(Transform):
         return axis if axis < a else (None if axis < a + n else axis - n + 1)
 
     def inverse(self):
-        return SplitAxis(self.axis_, self.sizes)
+        return SplitAxis(self.axis_ if self.axis_ >= 0 else self.axis_ + len(self.sizes) - 1, self.sizes)
 
     def __str__(self):
         return f"merge(axis={self.axis_}, {'x'.join(map(str, self.sizes))})"
