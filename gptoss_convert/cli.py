@@ -175,7 +175,7 @@ def demo_cmd(workdir):
 @_run
 def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""
-    from gptoss_convert.backends.gpt_oss.generate import generate_from_checkpoint
+    from gptoss_convert.generate import generate_from_checkpoint
     r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=dtype)
     click.echo(r["prompt"] + r["text"])

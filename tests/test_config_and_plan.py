@@ -12,11 +12,13 @@ import pytest
 
 from gptoss_convert.backends import get_backend
 from gptoss_convert.backends.gpt_oss.config import config_from_dict
-from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten
-from gptoss_convert.converters import transforms
+from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten, layer_shapes
 from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
-from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
 from gptoss_convert.errors import ConfigError, InputError, PlanError
+from gptoss_convert.mapping import transforms
+from gptoss_convert.mapping.rules import Rule
+from gptoss_convert.mapping.transforms import (Deinterleave, Interleave, MergeAxes, SplitAxis, TakeInterleaved,
+                                               Transpose, apply, interleave)
 from gptoss_convert.testing.published import published_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -98,6 +100,48 @@ def test_transforms_are_invertible():
     np.testing.assert_array_equal(parts[0], gu[..., [0, 2, 4]])
     np.testing.assert_array_equal(interleave(parts), gu)
 
+
+
+def test_merge_and_split_invert_each_other():
+    x = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    merged = MergeAxes(1, (3, 4))(x)
+    assert merged.shape == (2, 12, 5) and MergeAxes(1, (3, 4)).shape(x.shape) == (2, 12, 5)
+    np.testing.assert_array_equal(apply((MergeAxes(1, (3, 4)).inverse(),), merged), x)
+    for op in (MergeAxes(-3, (3, 4)), SplitAxis(-2, (2, 2))):      # negative axes count from the end
+        np.testing.assert_array_equal(apply((op, op.inverse()), x), x)
+    with pytest.raises(ValueError, match="expected sizes"):
+        MergeAxes(1, (4, 3)).shape(x.shape)
+
+
+def test_every_rule_runs_backwards(tiny_cfg):
+    """Each table line, forward then `inverse()`, gives the HF tensor back; forward it gives the
+    params.py shape of each target. The gate/up lines name two targets (backwards: two sources)."""
+    from gptoss_convert.testing.tiny import dequantized, hf_tensors
+    hf = dequantized(hf_tensors(tiny_cfg))
+    shapes = layer_shapes(tiny_cfg) | flat_shapes(tiny_cfg, scanned=False)
+    for r in get_backend("gpt_oss").rules(tiny_cfg):
+        x = np.asarray(hf[r.hf.format(i=3)], np.float32)
+        y = apply(r.transforms, x)
+        parts = y if isinstance(y, tuple) else (y,)
+        assert [p.shape for p in parts] == [shapes[t] for t in r.targets], r
+        back = r.inverse()
+        assert (back.sources, back.targets) == (r.targets, r.sources)
+        np.testing.assert_array_equal(apply(back.transforms, y), x)
+    gu = np.asarray(hf["model.layers.3.mlp.experts.gate_up_proj"], np.float32)    # [E, H, 2I], gate = 0::2
+    wi_0, wi_1 = apply((Deinterleave(2),), gu)
+    np.testing.assert_array_equal(wi_0, gu[..., 0::2])
+    np.testing.assert_array_equal(wi_1, gu[..., 1::2])
+
+
+def test_rules_naming_several_tensors_say_how():
+    with pytest.raises(ValueError, match="first transform that splits into 2"):
+        Rule("a", ("x", "y"), (Transpose((1, 0)),))
+    with pytest.raises(ValueError, match="last transform that joins 2"):
+        Rule(("a", "b"), "x")
+    with pytest.raises(ValueError, match="not supported by the conversion plan"):
+        Rule(("a", "b"), "x", (Interleave(2),)).per_target()
+    assert [(t, ops) for _, t, ops in Rule("a", ("x", "y"), (Deinterleave(2),)).per_target()] == \
+        [("x", (TakeInterleaved(0, 2),)), ("y", (TakeInterleaved(1, 2),))]
 
 def test_mapping_against_spec_formulas(tiny_cfg):
     """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (SPEC §4)."""

@@ -21,8 +21,8 @@ from gptoss_convert.backends.gpt_oss.params import abstract_params, flatten
 from gptoss_convert.converters.dequantize import dequantize
 from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.errors import ConfigError
-from gptoss_convert.testing.published import PUBLISHED, published_config, write_sparse_checkpoint
-from gptoss_convert.testing.tiny import TINY_TOKENS, tiny_raw_config, write_checkpoint
+from gptoss_convert.testing.published import PUBLISHED, published_config
+from gptoss_convert.testing.tiny import TINY_TOKENS, tiny_raw_config, write_checkpoint, write_sparse_checkpoint
 from gptoss_convert.testing.tokenizer import write_tokenizer
 from gptoss_convert.verify.golden import golden
 from gptoss_convert.verify.verify import verify

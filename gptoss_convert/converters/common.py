@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
+import shutil
+from pathlib import Path
 
 from gptoss_convert.backends import get_backend, known_model_types
 from gptoss_convert.converters.plan import Plan, build_plan, edges_from_rules
@@ -78,6 +81,15 @@ def check_against_backend(ck: HFCheckpoint, *, strict_config: bool = False):
     if bad:
         raise InputError(f"{ck.dir}: tensors with non-float dtypes: {', '.join(bad)}")
     return cfg
+
+
+def write_sidecars(ck: HFCheckpoint, out: Path, **config_updates) -> None:
+    """config.json of `ck` without quantization_config (plus `config_updates`) and its tokenizer,
+    generation and chat-template files, into `out`."""
+    conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"} | config_updates
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    for f in ck.sidecar_files():
+        shutil.copyfile(f, out / f.name)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import BufferPool
-from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype
+from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
@@ -157,7 +157,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
 
 def _write_metadata(ck: HFCheckpoint, out: Path, names: list[str], shards, st_dtype: str) -> None:
     name = "float32" if st_dtype == "F32" else "bfloat16"
-    ck.write_sidecars(out, dtype=name, **({"torch_dtype": name} if "torch_dtype" in ck.config_raw else {}))
+    write_sidecars(ck, out, dtype=name, **({"torch_dtype": name} if "torch_dtype" in ck.config_raw else {}))
     if len(names) > 1:
         weight_map = {t.name: f for f, s in zip(names, shards) for t in s}
         total = sum(t.nbytes for s in shards for t in s)

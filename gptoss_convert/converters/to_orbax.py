@@ -18,14 +18,14 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.backends.layout import SCAN_AXIS
-from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
+from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import sha256_file, sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
+from gptoss_convert.mapping.layout import SCAN_AXIS
+from gptoss_convert.mapping.transforms import apply
 
 STEP = "0"
 ITEM = "items"
@@ -111,7 +111,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         finally:
             writer.close()
         writer.finalize()
-        ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
+        write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_hashes.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",

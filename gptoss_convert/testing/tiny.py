@@ -5,12 +5,15 @@ directory is laid out as the published repositories are (see `write_checkpoint`)
 
 Every dimension is distinct so a transposed matrix cannot hide behind a square shape. Expert
 weights are drawn as random MXFP4 codes, so the BF16 form of a checkpoint is exactly the
-dequantized MXFP4 form and both must convert to identical outputs.
+dequantized MXFP4 form and both must convert to identical outputs. `write_sparse_checkpoint`
+lays out the same tensors at real sizes as sparse files, for plans at full size.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import ml_dtypes
@@ -18,7 +21,7 @@ import numpy as np
 
 from gptoss_convert import mxfp4
 from gptoss_convert.backends.gpt_oss.config import FULL, SLIDING, GptOssConfig, config_from_dict
-from gptoss_convert.io.safetensors import save_file
+from gptoss_convert.io.safetensors import DTYPES, build_header, save_file
 from gptoss_convert.testing.published import published_config
 
 BF16 = ml_dtypes.bfloat16
@@ -189,4 +192,26 @@ def write_checkpoint(out_dir: str | Path, cfg: GptOssConfig | None = None, *, fm
     if tokenizer:
         from gptoss_convert.testing.tokenizer import write_tokenizer
         write_tokenizer(out, cfg.V)
+    return out
+
+
+def write_sparse_checkpoint(out_dir: str | os.PathLike, raw_config: dict, *, shards: int) -> Path:
+    """A checkpoint directory with `raw_config` as config.json and every tensor of the published
+    MXFP4 layout at its real shape, in `shards` files whose data regions are holes (nothing is
+    allocated on disk; reading a tensor gives zeros). Good for plans and dry runs at full size."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = hf_specs(config_from_dict(raw_config))
+    nbytes = {n: DTYPES[dt].itemsize * math.prod(shape) for n, (shape, dt) in specs.items()}
+    groups = split_evenly(nbytes, shards)
+    names = shard_names(len(groups))
+    for fname, group in zip(names, groups):
+        prefix, _ = build_header([(n, specs[n][1], specs[n][0]) for n in group], {"format": "pt"})
+        with open(out / fname, "wb") as f:
+            f.write(prefix)
+            f.truncate(len(prefix) + sum(nbytes[n] for n in group))
+    index = {"metadata": {"total_size": sum(nbytes.values())},
+             "weight_map": {n: f for f, g in zip(names, groups) for n in g}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(raw_config, indent=2))
     return out
