@@ -18,7 +18,8 @@ from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
 from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
 from gptoss_convert.errors import ConfigError, InputError, PlanError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# MaxText 0.2.5's own trees for a small config (tests/data/maxtext/README.md says where they come from).
+MAXTEXT_TREES = Path(__file__).resolve().parent / "data" / "maxtext"
 REAL_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
                 num_local_experts=32, num_experts_per_tok=4, experts_per_token=4, num_attention_heads=64,
                 num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, sliding_window=128,
@@ -32,14 +33,13 @@ REAL_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, inter
 
 def _reference_tree(kind: str) -> dict[str, tuple[int, ...]]:
     ref = {}
-    for line in (SHARED / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
+    for line in (MAXTEXT_TREES / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             path, shape, _ = line.split("\t")
             ref[path] = tuple(json.loads(shape))
     return ref
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/reference not present beside the checkout")
 @pytest.mark.parametrize("kind", ["scanned", "unscanned"])
 def test_tree_equals_maxtext_reference(kind):
     cfg = config_from_dict(dict(model_type="gpt_oss", vocab_size=256, hidden_size=48, intermediate_size=32,
