@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
 from click.testing import CliRunner
 
 from conftest import run_env
@@ -30,9 +32,6 @@ from gptoss_convert.testing import tiny_config, write_checkpoint
 from gptoss_convert.verify.golden import golden, read_golden
 from gptoss_convert.verify.prompts import DEFAULT_PROMPTS, LONG_PASSAGE
 from gptoss_convert.verify.verify import verify
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 QUIET = dict(progress=False, log=lambda *_: None, overwrite=True)
 # MaxText's three prompts and one sentence long enough (~70 tiny-tokenizer tokens) to cross the
