@@ -106,7 +106,7 @@ def test_transforms_are_invertible():
 
 
 def test_mapping_against_spec_formulas(tiny_cfg):
-    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (SPEC §4)."""
+    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (docs/maxtext.md §1)."""
     rules = {r.target: r for r in get_backend("gpt_oss").rules(tiny_cfg)}
     H, Nq, D = tiny_cfg.H, tiny_cfg.Nq, tiny_cfg.D
     wq = np.random.default_rng(0).standard_normal((Nq * D, H))

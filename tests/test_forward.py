@@ -26,7 +26,7 @@ STRATEGY_PARAMS = [pytest.param(s, marks=pytest.mark.slow) if s == "megablox" el
 
 
 def load_hf(model_dir):
-    """HF oracle: fp32 weights via from_pretrained(dtype=...) (never .to(bfloat16), SPEC §5);
+    """HF oracle: fp32 weights via from_pretrained(dtype=...) (never .to(bfloat16), docs/forward.md §4);
     eager attention (the implementation that applies the sinks in plain torch) and eager experts."""
     return transformers.GptOssForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()

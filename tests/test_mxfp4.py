@@ -1,4 +1,4 @@
-"""MXFP4 codec: bit-exact against transformers' dequantizer, the SPEC example, errors, quantize."""
+"""MXFP4 codec: bit-exact against transformers' dequantizer, the docs/formats.md §3 example, errors, quantize."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def random_pair(rng, shape, lo=0, hi=254):
     return blocks, scales
 
 
-# -- dequantize: the SPEC and the oracle -----------------------------------------------------
+# -- dequantize: docs/formats.md §3 and the oracle -------------------------------------------
 
 def test_spec_worked_example():
     blocks = np.zeros((1, 16), np.uint8)

@@ -1,4 +1,4 @@
-"""gpt-oss config.json -> GptOssConfig, through an explicit allowlist (SPEC.md §1)."""
+"""gpt-oss config.json -> GptOssConfig, through an explicit allowlist (docs/formats.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The MaxText gpt-oss parameter tree (SPEC.md §4): the single source of truth for shapes.
+"""The MaxText gpt-oss parameter tree (docs/maxtext.md §1): the single source of truth for shapes.
 
 Used by the forward, random init, conversion targets, Orbax restore targets and shape tests.
 Paths are relative to `params/params/` in a MaxText checkpoint.
