@@ -21,20 +21,19 @@ from gptoss_convert.mapping.transforms import (Deinterleave, Interleave, MergeAx
                                                Transpose, apply, interleave)
 from gptoss_convert.testing.published import published_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
+MAXTEXT_TREES = Path(__file__).resolve().parent / "data" / "maxtext"   # MaxText 0.2.5's own trees (see its README)
 REAL_20B = published_config("gpt-oss-20b")        # the config.json openai/gpt-oss-20b publishes, verbatim
 
 
 def _reference_tree(kind: str) -> dict[str, tuple[int, ...]]:
     ref = {}
-    for line in (SHARED / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
+    for line in (MAXTEXT_TREES / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             path, shape, _ = line.split("\t")
             ref[path] = tuple(json.loads(shape))
     return ref
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/reference not present beside the checkout")
 @pytest.mark.parametrize("kind", ["scanned", "unscanned"])
 def test_tree_equals_maxtext_reference(kind):
     cfg = config_from_dict(dict(model_type="gpt_oss", vocab_size=256, hidden_size=48, intermediate_size=32,
@@ -144,7 +143,7 @@ def test_rules_naming_several_tensors_say_how():
         [("x", (TakeInterleaved(0, 2),)), ("y", (TakeInterleaved(1, 2),))]
 
 def test_mapping_against_spec_formulas(tiny_cfg):
-    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (SPEC §4)."""
+    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (docs/maxtext.md §1)."""
     rules = {r.target: r for r in get_backend("gpt_oss").rules(tiny_cfg)}
     H, Nq, D = tiny_cfg.H, tiny_cfg.Nq, tiny_cfg.D
     wq = np.random.default_rng(0).standard_normal((Nq * D, H))

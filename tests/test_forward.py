@@ -10,15 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from gptoss_convert.backends.gpt_oss import model as M
 from gptoss_convert.backends.gpt_oss import params as P
 from gptoss_convert.backends.gpt_oss.moe import STRATEGIES
 from gptoss_convert.testing import tiny_config
 from hf_reference import hf_to_maxtext, torch_state_dict_numpy
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 T = 19          # > sliding window (5): the window mask and RoPE far from 0 both matter
 LAYOUTS = {"unscanned": False, "scanned": True}
@@ -27,7 +26,7 @@ STRATEGY_PARAMS = [pytest.param(s, marks=pytest.mark.slow) if s == "megablox" el
 
 
 def load_hf(model_dir):
-    """HF oracle: fp32 weights via from_pretrained(dtype=...) (never .to(bfloat16), SPEC §5);
+    """HF oracle: fp32 weights via from_pretrained(dtype=...) (never .to(bfloat16), docs/forward.md §4);
     eager attention (the implementation that applies the sinks in plain torch) and eager experts."""
     return transformers.GptOssForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()

@@ -1,5 +1,5 @@
 """The conversion plan: every target block with its source rows and transforms, checked whole
-before a single tensor byte is read (STYLE.md: target-driven, strict, all problems at once)."""
+before a single tensor byte is read (docs/design.md §2: target-driven, strict, all problems at once)."""
 
 from __future__ import annotations
 

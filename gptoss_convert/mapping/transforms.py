@@ -37,7 +37,7 @@ class Transform:
 # Source rows per tile of a transposed copy: ~2 MB of them stay in cache while their columns are
 # written out. [11650, 2880] bf16 -> [2880, 11650]: 0.15 G elements/s untiled (as
 # np.ascontiguousarray or TensorStore's encoder walk the transposed view), 0.59 with 2 MB tiles
-# (benchmarks/bench_tiles.py, BENCHMARKS.md §2).
+# (benchmarks/bench_tiles.py, docs/benchmarks-history.md §2).
 TRANSPOSE_TILE_BYTES = 2 << 20
 
 

@@ -25,7 +25,7 @@ from gptoss_convert.io.safetensors import DTYPES, build_header, save_file
 from gptoss_convert.testing.published import published_config
 
 BF16 = ml_dtypes.bfloat16
-# H 64, I 96, E 5, k 3, Nq 4, D 8, Nkv 2, L 6, window 5, V 300 (SPEC.md §4 orientation trap).
+# H 64, I 96, E 5, k 3, Nq 4, D 8, Nkv 2, L 6, window 5, V 300 (docs/maxtext.md §3 orientation trap).
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
             num_local_experts=5, num_experts_per_tok=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, sliding_window=5)

@@ -1,4 +1,4 @@
-"""gpt-oss config.json -> GptOssConfig: math fields checked, inert ones accepted (SPEC.md §1)."""
+"""gpt-oss config.json -> GptOssConfig: math fields checked, inert ones accepted (docs/formats.md §2)."""
 
 from __future__ import annotations
 

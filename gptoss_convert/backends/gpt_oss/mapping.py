@@ -1,4 +1,4 @@
-"""HF gpt-oss tensor names -> MaxText parameter paths: the one table (SPEC.md §4).
+"""HF gpt-oss tensor names -> MaxText parameter paths: the one table (docs/maxtext.md §1).
 
 Per-layer rules name the HF tensor with `{i}` and the MaxText leaf relative to `layers_{i}`;
 where the leaf lands (scanned or not) is the layout step's business, not the table's.

@@ -1,4 +1,4 @@
-"""Minimal JAX gpt-oss forward over the MaxText parameter tree (SPEC.md §4 tree, §5 math).
+"""Minimal JAX gpt-oss forward over the MaxText parameter tree (docs/maxtext.md §1 tree, docs/forward.md §1 math).
 
 Pure functions over nested dicts with leaves named as `params.flat_shapes`; both layouts are
 accepted (`decoder/layers` present -> scanned). Nothing here imports conversion code. The pieces

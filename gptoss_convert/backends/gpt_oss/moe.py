@@ -7,7 +7,7 @@
 - "dense":      every expert on every token, combined with routing weights that are zero for
                 experts a token did not select (a simple reference; O(E) compute).
 All are dropless: a token always reaches its k experts. `layer_mlp_params` is one layer's
-`GptOssMlp` subtree (unscanned shapes, SPEC.md §4).
+`GptOssMlp` subtree (unscanned shapes, docs/maxtext.md §1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The MaxText gpt-oss parameter tree (SPEC.md §4): the single source of truth for shapes.
+"""The MaxText gpt-oss parameter tree (docs/maxtext.md §1): the single source of truth for shapes.
 
 Used by the forward, random init, conversion targets, Orbax restore targets, the sharding, the
 expert list of a streamed forward and shape tests.
