@@ -1,0 +1,29 @@
+"""The Qwen3-MoE family (Qwen/Qwen3-30B-A3B, Qwen3-235B-A22B; BF16 releases)."""
+
+from gptoss_convert.backends import Backend, lazy
+from gptoss_convert.backends.qwen3_moe import config, mapping, params
+from gptoss_convert.errors import ConvertError
+
+_PKG = "gptoss_convert.backends.qwen3_moe"
+
+
+def _not_yet(what: str):
+    def fail(*args, **kwargs):
+        raise ConvertError(f"{what} is not implemented for qwen3_moe yet; use the in-memory verify "
+                           "(without --streamed)")
+    fail.__name__ = fail.__qualname__ = what.replace(" ", "_")
+    return fail
+
+
+BACKEND = Backend(
+    model_type="qwen3_moe",
+    config_type=config.Qwen3MoeConfig,
+    config_from_dict=config.config_from_dict,
+    layout_for=params.layout_for,
+    flat_shapes=params.flat_shapes,
+    layer_leaves=params.LAYER_LEAVES,
+    rules=mapping.rules,
+    forward=lazy(f"{_PKG}.model", "forward"),
+    streamed_logits=_not_yet("verify --streamed"),
+    generate=_not_yet("generate"),
+)
