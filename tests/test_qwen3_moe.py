@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -26,14 +27,17 @@ from gptoss_convert.io.orbax_reader import load_params
 from gptoss_convert.io.safetensors import build_header
 from gptoss_convert.testing.published import DATA
 from gptoss_convert.testing.tiny import shard_names, split_evenly
+from gptoss_convert.testing.tokenizer import write_tokenizer
 from gptoss_convert.tree import flatten, unflatten
+from gptoss_convert.verify.golden import golden
+from gptoss_convert.verify.verify import verify
 
 QUIET = dict(progress=False, log=lambda *_: None)
-# V 97, H 24, I 10, E 7, k 2, Nq 6, Nkv 3, D 8, L 4: all distinct (Nq*D = 48 != H, so a missed
+# V 300, H 24, I 10, E 7, k 2, Nq 6, Nkv 3, D 8, L 4: all distinct (Nq*D = 48 != H, so a missed
 # transpose of q/o cannot hide). Few layers and experts: megablox runs in interpret mode on CPU.
-TINY = dict(vocab_size=97, hidden_size=24, moe_intermediate_size=10, intermediate_size=36, num_hidden_layers=4,
+TINY = dict(vocab_size=300, hidden_size=24, moe_intermediate_size=10, intermediate_size=36, num_hidden_layers=4,
             num_experts=7, num_experts_per_tok=2, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
-            norm_topk_prob=True, rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=False)
+            norm_topk_prob=True, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
 PUBLISHED_30B = DATA / "Qwen3-30B-A3B.config.json"
 
 
@@ -51,6 +55,7 @@ def hf_dir(tmp_path_factory):
                 p.normal_(0, 0.3)
     d = tmp_path_factory.mktemp("qwen3") / "saved"
     model.to(torch.bfloat16).save_pretrained(d)
+    write_tokenizer(d, TINY["vocab_size"])        # golden and verify tokenize prompts
     return d
 
 
@@ -98,9 +103,14 @@ def _expected_leaves(sd: dict[str, np.ndarray], cfg, scanned: bool) -> dict[str,
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unscanned"])
-def converted(request, hf_dir, tmp_path_factory):
-    root = to_orbax(hf_dir, tmp_path_factory.mktemp("o") / "out", scanned=request.param, dtype="fp32", **QUIET)
-    return request.param, flatten(load_params(root / "0"))
+def converted_root(request, hf_dir, tmp_path_factory):
+    return request.param, to_orbax(hf_dir, tmp_path_factory.mktemp("o") / "out", scanned=request.param, dtype="fp32", **QUIET)
+
+
+@pytest.fixture(scope="module")
+def converted(converted_root):
+    scanned, root = converted_root
+    return scanned, flatten(load_params(root / "0"))
 
 
 def test_to_orbax_leaves_equal_independent_rederivation(hf_dir, converted):
@@ -131,6 +141,17 @@ def test_forward_matches_hf(hf_dir, converted, hf_logits, moe):
     assert np.abs(ours - want).max() < 1e-4
     logp, logq = jax.nn.log_softmax(want, -1), jax.nn.log_softmax(ours, -1)
     assert float(np.max(np.sum(np.exp(logp) * (logp - logq), -1))) < 1e-6
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_golden_then_verify_passes(hf_dir, converted_root, tmp_path, streamed):
+    """golden (HF on the saved dir) -> verify the Orbax output, in memory or layer by layer."""
+    scanned, root = converted_root
+    g = golden(hf_dir, tmp_path / "g.jsonl", log=lambda *_: None)
+    report = verify(root, golden=g, streamed=streamed, log=lambda *_: None,
+                    atol=1e-4, rtol=0, max_kl=1e-6)                      # fp32 both sides: tight
+    assert report["pass"] and report["layout"] == ("scanned" if scanned else "unscanned")
+    assert len(report["prompts"]) >= 3 and report["moe"] == ("streamed per-expert" if streamed else "ragged_dot")
 
 
 def test_fp8_checkpoint_refused(hf_dir, tmp_path):
@@ -319,3 +340,54 @@ def test_period_one_scan_is_one_stack_without_a_group_level():
     assert layer_relative("decoder/layers/moe_block/wo") == ("moe_block/wo", True)
     assert layer_relative("decoder/layers/layers_1/GptOssMlp/wo") == ("GptOssMlp/wo", True)   # gpt-oss unchanged
     assert layer_relative("decoder/layers_3/moe_block/wo") == ("moe_block/wo", False)
+
+
+# ---- the config policy (as gpt-oss's) ------------------------------------------------------------
+
+
+def test_transformers5_spelling_reads_the_same_as_the_published_one(hf_dir):
+    saved = json.loads((hf_dir / "config.json").read_text())     # num_local_experts, rope_parameters
+    assert "num_local_experts" in saved and "rope_parameters" in saved
+    v4 = dict(published_30b(), **{k: v for k, v in TINY.items()})
+    assert config_from_dict(saved) == config_from_dict(v4)
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"num_local_experts": 64}, "num_experts=128 and num_local_experts=64 disagree"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "rope_theta=1000000.0 and rope_parameters.rope_theta=500000.0 disagree"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, "rope_scaling="),
+    ({"mlp_only_layers": [3]}, "mlp_only_layers=[3] is not supported"),
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 is not supported"),
+    ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"norm_topk_prob": "yes"}, "norm_topk_prob must be true or false, got 'yes'"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a positive number"),
+    ({"num_experts_per_tok": 129}, "num_experts_per_tok must be between 1 and num_experts"),
+    ({"num_experts": None}, "missing required field num_experts (or num_local_experts)"),
+    ({"hidden_size": 2048.0}, "hidden_size must be an integer"),
+])
+def test_unsupported_values_are_refused_naming_field_and_value(update, message):
+    raw = published_30b()
+    for k, v in update.items():
+        raw.pop(k) if v is None else raw.__setitem__(k, v)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(raw, "Qwen3-30B-A3B/config.json")
+
+
+def test_unknown_fields_are_accepted_and_listed_unless_strict():
+    raw = dict(published_30b(), quantization_note="none", layer_norm_flag=True)
+    assert config_from_dict(raw).unknown_fields == ("layer_norm_flag", "quantization_note")
+    with pytest.raises(ConfigError, match=re.escape("unknown fields ['layer_norm_flag', 'quantization_note']")):
+        config_from_dict(raw, strict=True)
+
+
+def test_cli_warns_once_about_unknown_fields(hf_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "config.json").write_text(json.dumps(dict(json.loads((hf_dir / "config.json").read_text()), fine_tuned_by="x")))
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(src), str(tmp_path / "o"), "--scanned",
+                        "--dry-run"], capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0 and r.stderr.count("unknown fields ['fine_tuned_by']") == 1, r.stderr

@@ -9,8 +9,7 @@ _PKG = "gptoss_convert.backends.qwen3_moe"
 
 def _not_yet(what: str):
     def fail(*args, **kwargs):
-        raise ConvertError(f"{what} is not implemented for qwen3_moe yet; use the in-memory verify "
-                           "(without --streamed)")
+        raise ConvertError(f"{what} is not implemented for qwen3_moe yet")
     fail.__name__ = fail.__qualname__ = what.replace(" ", "_")
     return fail
 
@@ -24,6 +23,6 @@ BACKEND = Backend(
     layer_leaves=params.LAYER_LEAVES,
     rules=mapping.rules,
     forward=lazy(f"{_PKG}.model", "forward"),
-    streamed_logits=_not_yet("verify --streamed"),
+    streamed_logits=lazy(f"{_PKG}.streamed", "streamed_logits"),
     generate=_not_yet("generate"),
 )
