@@ -2,16 +2,8 @@
 
 from gptoss_convert.backends import Backend, lazy
 from gptoss_convert.backends.qwen3_moe import config, mapping, params
-from gptoss_convert.errors import ConvertError
 
 _PKG = "gptoss_convert.backends.qwen3_moe"
-
-
-def _not_yet(what: str):
-    def fail(*args, **kwargs):
-        raise ConvertError(f"{what} is not implemented for qwen3_moe yet")
-    fail.__name__ = fail.__qualname__ = what.replace(" ", "_")
-    return fail
 
 
 BACKEND = Backend(
@@ -24,5 +16,5 @@ BACKEND = Backend(
     rules=mapping.rules,
     forward=lazy(f"{_PKG}.model", "forward"),
     streamed_logits=lazy(f"{_PKG}.streamed", "streamed_logits"),
-    generate=_not_yet("generate"),
+    generate=lazy(f"{_PKG}.generate", "generate_with_stats"),
 )
