@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_convert.backends.gpt_oss.model import apply_rope, rms_norm, segment_positions
+# The pieces the families share as they are: norms, rotation, packing, embedding and the untied head.
+from gptoss_convert.backends.gpt_oss.model import apply_rope, embed, rms_norm, segment_positions, unembed
 from gptoss_convert.backends.qwen3_moe.config import Qwen3MoeConfig
 from gptoss_convert.backends.qwen3_moe.moe import moe as moe_block
 from gptoss_convert.backends.qwen3_moe.moe import precision
@@ -107,18 +108,6 @@ def decoder_layer(layer_params: Params, x, cfg: Qwen3MoeConfig, ctx: Context, *,
     x = x + attention(p["self_attention"], h, cfg, ctx)
     h = rms_norm(x, p["post_self_attention_layer_norm"]["scale"], cfg.rms_norm_eps)
     return x + moe_block(h, p["moe_block"], cfg, strategy=moe)
-
-
-def embed(params: Params, tokens, dtype=jnp.float32):
-    """tokens [B, T] -> x₀ [B, T, H] (no embedding scaling)."""
-    return params["token_embedder"]["embedding"][tokens].astype(dtype)
-
-
-def unembed(params: Params, x, cfg: Qwen3MoeConfig):
-    """Final RMSNorm and the untied LM head: x [B, T, H] -> fp32 logits [B, T, V]."""
-    h = rms_norm(x, params["decoder"]["decoder_norm"]["scale"], cfg.rms_norm_eps)
-    w = params["decoder"]["logits_dense"]["kernel"].astype(x.dtype)
-    return jnp.einsum("bth,hv->btv", h, w, precision=precision(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _layers(params, x, cfg, ctx, moe, dtype):

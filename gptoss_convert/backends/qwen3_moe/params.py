@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from gptoss_convert.backends.qwen3_moe.config import Qwen3MoeConfig
 from gptoss_convert.mapping.layout import Layout
 from gptoss_convert.mapping.leaves import Leaf, tree_shapes
@@ -58,16 +56,3 @@ def abstract_params(cfg: Qwen3MoeConfig, scanned: bool, dtype: Any = "bfloat16")
 
     dt = jnp.dtype(dtype)
     return unflatten({p: jax.ShapeDtypeStruct(s, dt) for p, s in flat_shapes(cfg, scanned).items()})
-
-
-def random_params(cfg: Qwen3MoeConfig, scanned: bool, seed: int = 0, dtype: Any = np.float32,
-                  std: float = 0.02) -> dict[str, Any]:
-    """A random tree of the right shapes: norm scales near 1, the embedding N(0, 1), the rest N(0, std)."""
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, shape in flat_shapes(cfg, scanned).items():
-        scale = 1.0 if path == "token_embedder/embedding" else std
-        a = 1.0 + 0.05 * rng.standard_normal(shape, np.float32) if path.endswith("norm/scale") else \
-            scale * rng.standard_normal(shape, np.float32)
-        flat[path] = a.astype(dtype)
-    return unflatten(flat)

@@ -2,8 +2,9 @@
 
 As gpt-oss's: each layer's dense leaves are read, the router runs, then only the experts real
 tokens selected are read (one `[e]` / `[e, slot]` slice each) and applied one by one; the
-embedding is read for the prompt's tokens only and the LM head in column blocks. Same math as
-`model.forward` (it reuses its pieces).
+embedding is read for the prompt's tokens only and the LM head in column blocks (gpt-oss's
+`embedded` and `head_logits`: same leaves, same math). Same math as `model.forward` (it reuses
+its pieces).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_convert.backends.gpt_oss.streamed import embedded, head_logits
 from gptoss_convert.backends.qwen3_moe import model
 from gptoss_convert.backends.qwen3_moe.moe import route
 
@@ -53,8 +55,7 @@ def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_
     """fp32 logits of right-padded `tokens` [B, T] (`mask` 1 = real token): one [len_b, V] array
     per row, for the real tokens only. `reader` reads the checkpoint (verify.streamed.LeafReader)."""
     B, T = tokens.shape
-    uniq, inverse = np.unique(tokens, return_inverse=True)
-    x = jnp.asarray(reader.rows("token_embedder/embedding", uniq)[inverse.reshape(B, T)])      # [B, T, H]
+    x = embedded(reader, tokens)                                                              # [B, T, H]
     ctx = model.make_context(cfg, B, T, attention_mask=jnp.asarray(mask))
     valid = np.asarray(mask, bool).reshape(-1)
     for i in range(cfg.L):
@@ -62,10 +63,4 @@ def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_
         x, h2 = _attention_half(jax.tree.map(jnp.asarray, p), x, ctx, cfg)
         out = _moe(reader, i, np.asarray(h2).reshape(-1, cfg.H), p["moe_block"]["gate"]["kernel"], valid, cfg)
         x = x + jnp.asarray(out.reshape(B, T, cfg.H))
-    h = np.asarray(model.rms_norm(x, jnp.asarray(reader.leaf("decoder/decoder_norm/scale")), cfg.rms_norm_eps))
-    h = h.reshape(-1, cfg.H)[valid]                                                           # [N_real, H]
-    logits = np.empty((h.shape[0], cfg.V), np.float32)
-    for v0 in range(0, cfg.V, vocab_block):
-        k = reader.leaf("decoder/logits_dense/kernel", (slice(None), slice(v0, min(v0 + vocab_block, cfg.V))))  # [H, vb]
-        logits[:, v0:v0 + k.shape[1]] = np.asarray(jnp.dot(h, k, precision=HIGHEST))
-    return np.split(logits, np.cumsum(np.asarray(mask, bool).sum(1))[:-1])
+    return head_logits(reader, x, mask, cfg, vocab_block)
