@@ -154,6 +154,13 @@ def test_golden_then_verify_passes(hf_dir, converted_root, tmp_path, streamed):
     assert len(report["prompts"]) >= 3 and report["moe"] == ("streamed per-expert" if streamed else "ragged_dot")
 
 
+def test_verify_accepts_the_hf_directory_itself(hf_dir, tmp_path):
+    """verify pointed at the HF directory converts it in memory (the same plan) and passes."""
+    g = golden(hf_dir, tmp_path / "g.jsonl", prompts="the quick brown fox", log=lambda *_: None)
+    report = verify(hf_dir, golden=g, moe="dense", atol=1e-4, rtol=0, max_kl=1e-6, log=lambda *_: None)
+    assert report["pass"] and report["kind"] == "hf" and len(report["prompts"]) == 1
+
+
 def test_generate_equals_hf_greedy(hf_dir, converted):
     """Greedy KV-cache decoding of a left-padded batch gives HF's greedy continuation of each prompt."""
     from transformers import Qwen3MoeForCausalLM
