@@ -45,6 +45,7 @@ def lazy(module: str, name: str) -> Callable[..., Any]:
 # model_type -> module exposing BACKEND. One line per family.
 _BACKENDS = {
     "gpt_oss": "gptoss_convert.backends.gpt_oss",
+    "qwen3_moe": "gptoss_convert.backends.qwen3_moe",
 }
 
 

@@ -11,20 +11,21 @@ from typing import Iterable
 from gptoss_convert.errors import PlanError
 from gptoss_convert.mapping.layout import SCAN_AXIS, Layout
 from gptoss_convert.mapping.rules import Rule
-from gptoss_convert.mapping.transforms import TakeInterleaved, Transform, out_axis, out_shape
+from gptoss_convert.mapping.transforms import InsertAxis, TakeInterleaved, Transform, out_axis, out_shape
 
 DEFAULT_BLOCK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class Edge:
-    """One source tensor feeding one target leaf (or one stack slot of it)."""
+    """One source tensor feeding one target leaf (or one stack slot of it, or one expert of it)."""
 
     source: str
     target: str
     transforms: tuple[Transform, ...] = ()
     slot: int | None = None
     rows_per_block: int | None = None
+    expert: int | None = None        # fills slice `expert` of the leaf's axis 0 (a per-expert source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,11 @@ class Plan:
             es = by_target[t]
             src = es[0]
             ops = ", ".join(map(str, src.transforms)) or "copy"
-            more = f" (+{len(es) - 1} more layers, stacked at axis {SCAN_AXIS})" if len(es) > 1 else ""
+            more = ""
+            if len(es) > 1:   # several layers (stacked at the scan axis) and/or experts (at axis 0)
+                parts = [f"{n} {what}" for n, what in ((len({e.slot for e in es}), f"layers at axis {SCAN_AXIS}"),
+                                                      (len({e.expert for e in es}), "experts at axis 0")) if n > 1]
+                more = f" (+{len(es) - 1} more: {' x '.join(parts)})"
             lines.append(f"{t} {list(shape)} {math.prod(shape) * self.itemsize:,} B <- {src.source} "
                          f"{list(sources[src.source][0])} {sources[src.source][1]} | {ops}{more} | {nblocks[t]} block(s)")
         lines.append(f"{len(self.targets)} target leaves, {len(self.blocks)} read blocks, {self.total_bytes:,} bytes to write")
@@ -101,19 +106,22 @@ class Plan:
 
 
 def edges_from_rules(rules: Iterable[Rule], num_layers: int, layout: Layout | None) -> list[Edge]:
-    """Expand a mapping table over layers (one edge per target) and place each layer's leaf with `layout`."""
+    """Expand a mapping table over layers and experts (one edge per target) and place each
+    layer's leaf with `layout`."""
     edges = []
     for r in rules:
         for hf, target, transforms in r.per_target():
-            if not r.per_layer:
-                edges.append(Edge(hf, target, transforms, None, r.rows_per_block))
-                continue
-            for i in range(num_layers):
-                if layout is None:
-                    edges.append(Edge(hf.format(i=i), target.format(i=i), transforms, None, r.rows_per_block))
-                else:
-                    p = layout.place(i, target, ())
-                    edges.append(Edge(hf.format(i=i), p.path, transforms, p.slot, r.rows_per_block))
+            for j in [None] if r.experts is None else range(r.experts):
+                src = hf if j is None else hf.replace("{j}", str(j))
+                if not r.per_layer:
+                    edges.append(Edge(src, target, transforms, None, r.rows_per_block, j))
+                    continue
+                for i in range(num_layers):
+                    if layout is None:
+                        edges.append(Edge(src.format(i=i), target.format(i=i), transforms, None, r.rows_per_block, j))
+                    else:
+                        p = layout.place(i, target, ())
+                        edges.append(Edge(src.format(i=i), p.path, transforms, p.slot, r.rows_per_block, j))
     return edges
 
 
@@ -121,8 +129,15 @@ def _leaf_axis(axis: int, slot: int | None) -> int:
     return axis if slot is None or axis < SCAN_AXIS else axis + 1
 
 
-def _unstacked(shape: tuple[int, ...], slot: int | None) -> tuple[int, ...]:
-    return shape if slot is None else shape[:SCAN_AXIS] + shape[SCAN_AXIS + 1:]
+def _unstacked(shape: tuple[int, ...], slot: int | None, expert: int | None = None) -> tuple[int, ...]:
+    """What one edge fills of a leaf of `shape`: less the stack axis (slot) and the expert axis."""
+    shape = shape if slot is None else shape[:SCAN_AXIS] + shape[SCAN_AXIS + 1:]
+    return shape if expert is None else shape[1:]
+
+
+def _where(e: Edge) -> str:
+    return (e.target + ("" if e.slot is None else f" slot {e.slot}")
+            + ("" if e.expert is None else f" expert {e.expert}"))
 
 
 def _check(sources, targets, edges) -> list[str]:
@@ -131,9 +146,9 @@ def _check(sources, targets, edges) -> list[str]:
     filled: collections.Counter = collections.Counter()
     for e in edges:
         used[e.source].append(e)
-        filled[(e.target, e.slot)] += 1
+        filled[(e.target, e.slot, e.expert)] += 1
         if e.source not in sources:
-            problems.append(f"HF tensor {e.source!r} is missing (needed for {e.target}{'' if e.slot is None else f' slot {e.slot}'})")
+            problems.append(f"HF tensor {e.source!r} is missing (needed for {_where(e)})")
             continue
         if e.target not in targets:
             problems.append(f"{e.target} (from {e.source!r}) is not a leaf of the parameter tree")
@@ -142,27 +157,31 @@ def _check(sources, targets, edges) -> list[str]:
         if e.slot is not None and not (len(want) > SCAN_AXIS and 0 <= e.slot < want[SCAN_AXIS]):
             problems.append(f"{e.target}: stack slot {e.slot} out of range for shape {list(want)}")
             continue
+        if e.expert is not None and not (want and 0 <= e.expert < want[0]):
+            problems.append(f"{e.target}: expert {e.expert} out of range for shape {list(want)} (shapes disagree with config.json)")
+            continue
         try:
             got = out_shape(e.transforms, sources[e.source][0])
         except ValueError as err:
             problems.append(f"HF tensor {e.source!r} {list(sources[e.source][0])} cannot map to {e.target}: {err}")
             continue
-        if got != _unstacked(want, e.slot):
+        if got != _unstacked(want, e.slot, e.expert):
+            per = " and ".join(w for w, v in (("stack slot", e.slot), ("expert", e.expert)) if v is not None)
             problems.append(f"HF tensor {e.source!r} {list(sources[e.source][0])} gives {list(got)} but {e.target} "
-                            f"needs {list(_unstacked(want, e.slot))}{'' if e.slot is None else ' per stack slot'} "
+                            f"needs {list(_unstacked(want, e.slot, e.expert))}{' per ' + per if per else ''} "
                             "(shapes disagree with config.json)")
     problems += [f"HF tensor {s!r} is not used by any target (unexpected tensor)" for s in sources if s not in used]
     for s, es in used.items():
         parts = sorted((t.part, t.parts) for e in es for t in e.transforms if isinstance(t, TakeInterleaved))
         if len(es) > 1 and parts != [(p, len(es)) for p in range(len(es))]:
             problems.append(f"HF tensor {s!r} is used {len(es)} times ({', '.join(e.target for e in es)}) without splitting it into disjoint parts")
+    stacked = {e.target for e in edges if e.slot is not None}
+    per_expert = {e.target for e in edges if e.expert is not None}
     for t, shape in targets.items():
-        slots = [None] if not any(e.target == t and e.slot is not None for e in edges) else range(shape[SCAN_AXIS])
-        for slot in slots:
-            n = filled[(t, slot)]
-            if n != 1:
-                where = t if slot is None else f"{t} slot {slot}"
-                problems.append(f"{where} is filled {n} times (must be exactly once)")
+        for slot in range(shape[SCAN_AXIS]) if t in stacked else [None]:
+            for j in range(shape[0]) if t in per_expert else [None]:
+                if (n := filled[(t, slot, j)]) != 1:
+                    problems.append(f"{_where(Edge('', t, slot=slot, expert=j))} is filled {n} times (must be exactly once)")
     return problems
 
 
@@ -200,11 +219,15 @@ def _blocks(source, shape, edges, targets, itemsize, block_bytes) -> list[ReadBl
         for e, ax in zip(edges, row_axes):
             full = targets[e.target]
             index = [slice(0, d) for d in full]
+            transforms = e.transforms
+            if e.expert is not None:      # one expert's tensor is the [1, ...] slice at e.expert of axis 0
+                index[0] = slice(e.expert, e.expert + 1)
+                transforms, ax = transforms + (InsertAxis(0),), (None if ax is None else ax + 1)
             if e.slot is not None:
                 index[SCAN_AXIS] = slice(e.slot, e.slot + 1)
             if rows is not None:
                 index[_leaf_axis(ax, e.slot)] = slice(rows.start, rows.stop)
-            emits.append(Emit(e.target, tuple(index), e.transforms, e.slot))
+            emits.append(Emit(e.target, tuple(index), transforms, e.slot))
         n = nbytes if rows is None else nbytes // shape[0] * (rows.stop - rows.start)
         out.append(ReadBlock(source, rows, tuple(emits), n))
     return out

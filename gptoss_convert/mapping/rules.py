@@ -3,7 +3,9 @@
 A rule reads in both directions: forward (HF -> MaxText, what to-orbax runs) and `inverse()`
 (MaxText -> HF, for export). A rule may name several targets when its first transform fans one
 tensor out (gate_up_proj -> wi_0, wi_1 by `Deinterleave`), or several sources when its last
-transform joins them (`Interleave`, the inverse of that): one line, never a flag.
+transform joins them (`Interleave`, the inverse of that): one line, never a flag. A rule whose
+HF name holds `{j}` reads one tensor per routed expert (`experts` of them, as Qwen3-MoE stores
+them); expert j fills slice j of the target's axis 0, the expert axis.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Rule:
     target: str | tuple[str, ...]
     transforms: tuple[Transform, ...] = ()
     rows_per_block: int | None = None        # stream axis 0 this many rows at a time (1 = per expert)
+    experts: int | None = None               # "{j}" in the HF name: one tensor per expert, stacked at axis 0
 
     def __post_init__(self):
         n_in, n_out, ts = len(self.sources), len(self.targets), self.transforms
@@ -35,6 +38,8 @@ class Rule:
                              f"into {n_out} parts")
         if n_in > 1 and not (ts and ts[-1].joins and getattr(ts[-1], "parts", None) == n_in):
             raise ValueError(f"rule {self.sources} ->: several sources need a last transform that joins {n_in} parts")
+        if (self.experts is not None) != any("{j}" in s for s in self.sources + self.targets):
+            raise ValueError(f"rule {self.sources} -> {self.targets}: '{{j}}' in a name and `experts` go together")
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -61,4 +66,5 @@ class Rule:
 
     def inverse(self) -> Rule:
         """The same line run backwards (MaxText -> HF): targets become sources, transforms invert."""
-        return Rule(self.target, self.hf, tuple(t.inverse() for t in reversed(self.transforms)), self.rows_per_block)
+        return Rule(self.target, self.hf, tuple(t.inverse() for t in reversed(self.transforms)), self.rows_per_block,
+                    self.experts)

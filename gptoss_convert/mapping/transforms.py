@@ -139,6 +139,54 @@ class MergeAxes(Transform):
 
 
 @dataclasses.dataclass(frozen=True)
+class InsertAxis(Transform):
+    """A new axis of size 1 at `axis_` (one expert's [H, I] as the [1, H, I] slice of a stack)."""
+
+    axis_: int
+    name = "insert_axis"
+
+    def __call__(self, x):
+        return np.expand_dims(x, self.axis_)
+
+    def shape(self, shape):
+        return tuple(shape[:self.axis_]) + (1,) + tuple(shape[self.axis_:])
+
+    def axis(self, axis, ndim):
+        return axis if axis < self.axis_ else axis + 1
+
+    def inverse(self):
+        return DropAxis(self.axis_)
+
+    def __str__(self):
+        return f"insert_axis({self.axis_})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DropAxis(Transform):
+    """Remove the size-1 axis `axis_` (the inverse of InsertAxis)."""
+
+    axis_: int
+    name = "drop_axis"
+
+    def __call__(self, x):
+        return np.squeeze(x, self.axis_)
+
+    def shape(self, shape):
+        if shape[self.axis_] != 1:
+            raise ValueError(f"drop axis {self.axis_} of {list(shape)}: it is not of size 1")
+        return tuple(shape[:self.axis_]) + tuple(shape[self.axis_ + 1:])
+
+    def axis(self, axis, ndim):
+        return axis if axis < self.axis_ else (None if axis == self.axis_ else axis - 1)
+
+    def inverse(self):
+        return InsertAxis(self.axis_)
+
+    def __str__(self):
+        return f"drop_axis({self.axis_})"
+
+
+@dataclasses.dataclass(frozen=True)
 class TakeInterleaved(Transform):
     """Every `parts`-th entry of the last axis starting at `part` (gate = 0::2, up = 1::2).
 

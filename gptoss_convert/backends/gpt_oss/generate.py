@@ -200,6 +200,16 @@ def generate_with_stats(params: Params, cfg: GptOssConfig, prompt_ids, *, max_ne
                         warmup: bool = False) -> tuple[list[list[int]], GenerateStats]:
     """`generate`, also returning prefill/decode timings. warmup=True first compiles both step
     shapes on throwaway caches, so the timings measure steady-state throughput."""
+    return decode(step, init_caches, params, cfg, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_p=top_p, seed=seed, moe=moe, dtype=dtype, eos_id=eos_id, warmup=warmup)
+
+
+def decode(step_fn, init_fn, params: Params, cfg, prompt_ids, *, max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, moe: str = "ragged_dot", dtype=jnp.float32,
+           eos_id: int | Sequence[int] | None = None, warmup: bool = False) -> tuple[list[list[int]], GenerateStats]:
+    """The decoding loop of `generate_with_stats` over a family's `step_fn` (as `step`) and
+    `init_fn` (as `init_caches`): left-padded prefill, then one-token steps until eos or the limit.
+    Another family with its own KV-cache step reuses it (Qwen3-MoE)."""
     prompts, eos = _check_args(prompt_ids, cfg, max_new_tokens, temperature, top_p, moe, eos_id)
     B, lengths = len(prompts), np.array([len(p) for p in prompts])
     stats = GenerateStats(B, int(lengths.sum()), 0.0, 0, 0.0)
@@ -213,12 +223,12 @@ def generate_with_stats(params: Params, cfg: GptOssConfig, prompt_ids, *, max_ne
                              greedy=temperature == 0)
     key = jax.random.key(seed)
     if warmup:   # compile the prefill, the one-token step and the sampler on throwaway caches
-        logits, c = step(params, init_caches(cfg, B, max_len, dtype), tokens, positions, **kw)
-        logits, _ = step(params, c, tokens[:, -1:], positions[:, -1:], **kw)
+        logits, c = step_fn(params, init_fn(cfg, B, max_len, dtype), tokens, positions, **kw)
+        logits, _ = step_fn(params, c, tokens[:, -1:], positions[:, -1:], **kw)
         jax.block_until_ready(pick(logits, key))
 
     t0 = time.perf_counter()
-    logits, caches = step(params, init_caches(cfg, B, max_len, dtype), tokens, positions, **kw)
+    logits, caches = step_fn(params, init_fn(cfg, B, max_len, dtype), tokens, positions, **kw)
     nxt = np.asarray(pick(logits, jax.random.fold_in(key, 0)))
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in range(B)]
@@ -229,7 +239,7 @@ def generate_with_stats(params: Params, cfg: GptOssConfig, prompt_ids, *, max_ne
         done |= np.isin(nxt, list(eos))
         if t == max_new_tokens - 1 or done.all():
             break
-        logits, caches = step(params, caches, nxt[:, None], (lengths + t)[:, None].astype(np.int32), **kw)
+        logits, caches = step_fn(params, caches, nxt[:, None], (lengths + t)[:, None].astype(np.int32), **kw)
         nxt = np.asarray(pick(logits, jax.random.fold_in(key, t + 1)))
         stats.decode_tokens += B
     stats.prefill_s, stats.decode_s = t1 - t0, time.perf_counter() - t1

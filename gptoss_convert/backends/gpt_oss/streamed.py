@@ -64,8 +64,7 @@ def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_
     per row, for the real tokens only (a 201k vocabulary makes padded [B, T, V] logits big).
     `reader` reads the checkpoint's leaves (verify.streamed.LeafReader)."""
     B, T = tokens.shape
-    uniq, inverse = np.unique(tokens, return_inverse=True)
-    x = jnp.asarray(reader.rows("token_embedder/embedding", uniq)[inverse.reshape(B, T)])      # [B, T, H]
+    x = embedded(reader, tokens)
     ctx = model.make_context(cfg, B, T, attention_mask=jnp.asarray(mask))
     valid = np.asarray(mask, bool).reshape(-1)
     for i in range(cfg.L):
@@ -73,6 +72,19 @@ def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_
         x, h2 = _attention_half(jax.tree.map(jnp.asarray, p), x, ctx, cfg, cfg.is_sliding(i))
         out = _moe(reader, i, np.asarray(h2).reshape(-1, cfg.H), p["GptOssMlp"]["gate"], valid, cfg)
         x = x + jnp.asarray(out.reshape(B, T, cfg.H))
+    return head_logits(reader, x, mask, cfg, vocab_block)
+
+
+def embedded(reader, tokens: np.ndarray):
+    """x₀ [B, T, H] for `tokens` [B, T], reading only the embedding rows the tokens use."""
+    uniq, inverse = np.unique(tokens, return_inverse=True)
+    return jnp.asarray(reader.rows("token_embedder/embedding", uniq)[inverse.reshape(tokens.shape)])
+
+
+def head_logits(reader, x, mask: np.ndarray, cfg, vocab_block: int) -> list[np.ndarray]:
+    """Final RMSNorm of x [B, T, H] and the LM head read in column blocks, for the real tokens
+    only: one fp32 [len_b, V] array per row (shared by the families: same leaves, same math)."""
+    valid = np.asarray(mask, bool).reshape(-1)
     h = np.asarray(model.rms_norm(x, jnp.asarray(reader.leaf("decoder/decoder_norm/scale")), cfg.rms_norm_eps))
     h = h.reshape(-1, cfg.H)[valid]                                                           # [N_real, H]
     logits = np.empty((h.shape[0], cfg.V), np.float32)

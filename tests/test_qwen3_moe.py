@@ -1,0 +1,435 @@
+"""Qwen3-MoE, the second family: a checkpoint written by transformers' own `save_pretrained` (one
+tensor per expert, as the published repos) converts to the MaxText tree both ways, and our forward
+matches HF's `Qwen3MoeForCausalLM` for every MoE strategy. The published Qwen3-30B-A3B config
+plans and traces at its real shapes."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_env
+from gptoss_convert.backends import get_backend
+from gptoss_convert.backends.qwen3_moe.config import config_from_dict
+from gptoss_convert.backends.qwen3_moe.model import forward
+from gptoss_convert.backends.qwen3_moe.params import abstract_params, flat_shapes
+from gptoss_convert.converters.to_orbax import to_orbax
+from gptoss_convert.errors import ConfigError, InputError
+from gptoss_convert.io.orbax_reader import load_params
+from gptoss_convert.io.safetensors import build_header
+from gptoss_convert.testing.published import DATA
+from gptoss_convert.testing.tiny import shard_names, split_evenly
+from gptoss_convert.testing.tokenizer import write_tokenizer
+from gptoss_convert.tree import flatten, unflatten
+from gptoss_convert.verify.golden import golden
+from gptoss_convert.verify.verify import verify
+
+QUIET = dict(progress=False, log=lambda *_: None)
+# V 300, H 24, I 10, E 7, k 2, Nq 6, Nkv 3, D 8, L 4: all distinct (Nq*D = 48 != H, so a missed
+# transpose of q/o cannot hide). Few layers and experts: megablox runs in interpret mode on CPU.
+TINY = dict(vocab_size=300, hidden_size=24, moe_intermediate_size=10, intermediate_size=36, num_hidden_layers=4,
+            num_experts=7, num_experts_per_tok=2, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+            norm_topk_prob=True, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
+PUBLISHED_30B = DATA / "Qwen3-30B-A3B.config.json"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Qwen3MoeForCausalLM saved by transformers (BF16, per-expert tensors)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY)).eval()
+    with torch.no_grad():       # HF inits every norm at 1: make q/k/layer norms count
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif "experts" in name or "gate" in name:
+                p.normal_(0, 0.3)
+    d = tmp_path_factory.mktemp("qwen3") / "saved"
+    model.to(torch.bfloat16).save_pretrained(d)
+    write_tokenizer(d, TINY["vocab_size"])        # golden and verify tokenize prompts
+    return d
+
+
+def _hf_tensors(d) -> dict[str, np.ndarray]:
+    """The saved tensors as fp32 numpy, read by safetensors (not by our reader)."""
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out |= {k: v.float().numpy() for k, v in load_file(f).items()}
+    return out
+
+
+def _expected_leaves(sd: dict[str, np.ndarray], cfg, scanned: bool) -> dict[str, np.ndarray]:
+    """Independent re-derivation of the MaxText tree from the HF per-expert tensors."""
+    H, Nq, Nkv, D, E = cfg.H, cfg.Nq, cfg.Nkv, cfg.D, cfg.E
+
+    def layer(i):
+        p = f"model.layers.{i}."
+        experts = lambda name: np.stack([sd[f"{p}mlp.experts.{j}.{name}.weight"].T for j in range(E)])  # noqa: E731
+        return {
+            "pre_self_attention_layer_norm/scale": sd[p + "input_layernorm.weight"],
+            "post_self_attention_layer_norm/scale": sd[p + "post_attention_layernorm.weight"],
+            "self_attention/query/kernel": sd[p + "self_attn.q_proj.weight"].T.reshape(H, Nq, D),
+            "self_attention/key/kernel": sd[p + "self_attn.k_proj.weight"].T.reshape(H, Nkv, D),
+            "self_attention/value/kernel": sd[p + "self_attn.v_proj.weight"].T.reshape(H, Nkv, D),
+            "self_attention/out/kernel": sd[p + "self_attn.o_proj.weight"].T.reshape(Nq, D, H),
+            "self_attention/query_norm/scale": sd[p + "self_attn.q_norm.weight"],
+            "self_attention/key_norm/scale": sd[p + "self_attn.k_norm.weight"],
+            "moe_block/gate/kernel": sd[p + "mlp.gate.weight"].T,         # [H, E]
+            "moe_block/wi_0": experts("gate_proj"),                        # [E, H, I]
+            "moe_block/wi_1": experts("up_proj"),
+            "moe_block/wo": experts("down_proj"),                          # [E, I, H]
+        }
+
+    out = {"token_embedder/embedding": sd["model.embed_tokens.weight"],
+           "decoder/decoder_norm/scale": sd["model.norm.weight"],
+           "decoder/logits_dense/kernel": sd["lm_head.weight"].T}
+    layers = [layer(i) for i in range(cfg.L)]
+    for rel in layers[0]:
+        if scanned:     # MaxText scans the Qwen3 decoder layer itself: one stack, layers at axis 1
+            out[f"decoder/layers/{rel}"] = np.stack([lv[rel] for lv in layers], axis=1)
+        else:
+            out |= {f"decoder/layers_{i}/{rel}": lv[rel] for i, lv in enumerate(layers)}
+    return out
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unscanned"])
+def converted_root(request, hf_dir, tmp_path_factory):
+    return request.param, to_orbax(hf_dir, tmp_path_factory.mktemp("o") / "out", scanned=request.param, dtype="fp32", **QUIET)
+
+
+@pytest.fixture(scope="module")
+def converted(converted_root):
+    scanned, root = converted_root
+    return scanned, flatten(load_params(root / "0"))
+
+
+def test_to_orbax_leaves_equal_independent_rederivation(hf_dir, converted):
+    scanned, got = converted
+    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
+    want = _expected_leaves(_hf_tensors(hf_dir), cfg, scanned)
+    assert sorted(got) == sorted(want) == sorted(flat_shapes(cfg, scanned))
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def hf_logits(hf_dir):
+    from transformers import Qwen3MoeForCausalLM
+    ref = Qwen3MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
+    tokens = np.random.default_rng(1).integers(0, TINY["vocab_size"], (2, 11))
+    with torch.no_grad():
+        return tokens, ref(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("moe", ["ragged_dot", "dense", "megablox"])
+def test_forward_matches_hf(hf_dir, converted, hf_logits, moe):
+    scanned, got = converted
+    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
+    tokens, want = hf_logits
+    ours = np.asarray(forward(unflatten({k: np.asarray(v) for k, v in got.items()}), tokens.astype(np.int32), cfg, moe=moe))
+    assert np.abs(ours - want).max() < 1e-4
+    logp, logq = jax.nn.log_softmax(want, -1), jax.nn.log_softmax(ours, -1)
+    assert float(np.max(np.sum(np.exp(logp) * (logp - logq), -1))) < 1e-6
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_golden_then_verify_passes(hf_dir, converted_root, tmp_path, streamed):
+    """golden (HF on the saved dir) -> verify the Orbax output, in memory or layer by layer."""
+    scanned, root = converted_root
+    g = golden(hf_dir, tmp_path / "g.jsonl", log=lambda *_: None)
+    report = verify(root, golden=g, streamed=streamed, log=lambda *_: None,
+                    atol=1e-4, rtol=0, max_kl=1e-6)                      # fp32 both sides: tight
+    assert report["pass"] and report["layout"] == ("scanned" if scanned else "unscanned")
+    assert len(report["prompts"]) >= 3 and report["moe"] == ("streamed per-expert" if streamed else "ragged_dot")
+
+
+def test_verify_accepts_the_hf_directory_itself(hf_dir, tmp_path):
+    """verify pointed at the HF directory converts it in memory (the same plan) and passes."""
+    g = golden(hf_dir, tmp_path / "g.jsonl", prompts="the quick brown fox", log=lambda *_: None)
+    report = verify(hf_dir, golden=g, moe="dense", atol=1e-4, rtol=0, max_kl=1e-6, log=lambda *_: None)
+    assert report["pass"] and report["kind"] == "hf" and len(report["prompts"]) == 1
+
+
+def test_generate_equals_hf_greedy(hf_dir, converted):
+    """Greedy KV-cache decoding of a left-padded batch gives HF's greedy continuation of each prompt."""
+    from transformers import Qwen3MoeForCausalLM
+    scanned, got = converted
+    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
+    ref = Qwen3MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
+    prompts = [[5, 17, 230, 41, 99, 7, 64], [120, 3, 288]]
+    params = unflatten({k: np.asarray(v) for k, v in got.items()})
+    ours, stats = get_backend("qwen3_moe").generate(params, cfg, prompts, max_new_tokens=8)
+    for p, new in zip(prompts, ours):
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(p):].tolist()
+        assert new == want
+    assert stats.batch == 2 and stats.prompt_tokens == 10
+
+
+def test_cli_check_and_generate_on_the_output(hf_dir, converted_root, converted):
+    """`check` confirms the output against its record; `generate` reads it with the tokenizer
+    copied beside it and continues greedily with the ids the library call gives."""
+    scanned, root = converted_root
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "check", str(root)], capture_output=True, text=True,
+                       env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "generate", str(root), "--prompt", "the quick brown fox",
+                        "--max-new-tokens", "5"], capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    ids = json.loads(r.stdout.split("prompt ids: ")[1].splitlines()[0])
+    new = json.loads(r.stdout.split("new ids: ")[1].splitlines()[0])
+    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
+    params = unflatten({k: np.asarray(v) for k, v in converted[1].items()})
+    assert new == get_backend("qwen3_moe").generate(params, cfg, ids, max_new_tokens=5)[0][0]
+
+
+def test_fp8_checkpoint_refused(hf_dir, tmp_path):
+    """Qwen3-*-FP8 repos carry quantization_config quant_method fp8: refused before anything is read."""
+    src = tmp_path / "fp8"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    conf = json.loads((hf_dir / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(InputError, match="quant_method 'fp8' is not supported"):   # the reader refuses first
+        to_orbax(src, tmp_path / "out", scanned=True, **QUIET)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="this is an FP8 checkpoint; convert the BF16 release"):
+        config_from_dict(conf)
+
+
+# ---- the published Qwen3-30B-A3B at real shapes --------------------------------------------------
+
+
+def published_30b() -> dict:
+    return json.loads(PUBLISHED_30B.read_text())
+
+
+# Pinned from MaxText: layer names from src/MaxText/layers/qwen3.py (Qwen3MoeDecoderLayer /
+# AttentionWithNorm: pre_self_attention_layer_norm, self_attention{query,key,value,out,
+# query_norm,key_norm}, post_self_attention_layer_norm, moe_block{gate,wi_0,wi_1,wo}); the scanned
+# paths `decoder/layers/...` with experts before layers ([E, L, ...]) from
+# src/MaxText/utils/ckpt_conversion/strategies/qwen.py; shapes from its reshape_kernel (HF .T).
+PINNED_SCANNED_30B = {
+    "token_embedder/embedding": (151936, 2048),
+    "decoder/decoder_norm/scale": (2048,),
+    "decoder/logits_dense/kernel": (2048, 151936),
+    "decoder/layers/pre_self_attention_layer_norm/scale": (2048, 48),
+    "decoder/layers/post_self_attention_layer_norm/scale": (2048, 48),
+    "decoder/layers/self_attention/query/kernel": (2048, 48, 32, 128),
+    "decoder/layers/self_attention/key/kernel": (2048, 48, 4, 128),
+    "decoder/layers/self_attention/value/kernel": (2048, 48, 4, 128),
+    "decoder/layers/self_attention/out/kernel": (32, 48, 128, 2048),
+    "decoder/layers/self_attention/query_norm/scale": (128, 48),
+    "decoder/layers/self_attention/key_norm/scale": (128, 48),
+    "decoder/layers/moe_block/gate/kernel": (2048, 48, 128),
+    "decoder/layers/moe_block/wi_0": (128, 48, 2048, 768),
+    "decoder/layers/moe_block/wi_1": (128, 48, 2048, 768),
+    "decoder/layers/moe_block/wo": (128, 48, 768, 2048),
+}
+
+
+def test_published_config_is_read_whole_and_gives_the_pinned_tree():
+    cfg = config_from_dict(published_30b(), strict=True)      # every field known: nothing unknown
+    assert (cfg.L, cfg.E, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.rope_theta) == (48, 128, 8, True, 1e6)
+    assert flat_shapes(cfg, scanned=True) == dict(sorted(PINNED_SCANNED_30B.items()))
+    unscanned = flat_shapes(cfg, scanned=False)
+    assert unscanned["decoder/layers_47/moe_block/wo"] == (128, 768, 2048) and len(unscanned) == 3 + 12 * 48
+    params = sum(math.prod(s) for s in unscanned.values())
+    assert abs(params / 30.5e9 - 1) < 0.01                     # the model card's 30.5B
+
+
+def test_published_config_traces_the_forward_at_real_shape():
+    """jax.eval_shape runs the whole forward over the real-shape abstract tree (nothing allocated)."""
+    cfg = config_from_dict(published_30b())
+    tree = abstract_params(cfg, scanned=True)
+    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
+    out = jax.eval_shape(lambda p, t: forward(p, t, cfg, dtype=jax.numpy.bfloat16), tree, tokens)
+    assert out.shape == (1, 8, 151936) and out.dtype == np.float32
+
+
+def write_sparse_qwen3(out, raw: dict, shards: int):
+    """Every tensor of the published per-expert BF16 layout at its real shape, as sparse shards
+    (real headers, holes for data): a plan and dry run at full size without the bytes."""
+    H, I, E, V = raw["hidden_size"], raw["moe_intermediate_size"], raw["num_experts"], raw["vocab_size"]
+    Nq, Nkv, D = raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]
+    specs = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                  p + "self_attn.q_proj.weight": (Nq * D, H), p + "self_attn.k_proj.weight": (Nkv * D, H),
+                  p + "self_attn.v_proj.weight": (Nkv * D, H), p + "self_attn.o_proj.weight": (H, Nq * D),
+                  p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,),
+                  p + "mlp.gate.weight": (E, H)}
+        for j in range(E):
+            specs |= {f"{p}mlp.experts.{j}.gate_proj.weight": (I, H), f"{p}mlp.experts.{j}.up_proj.weight": (I, H),
+                      f"{p}mlp.experts.{j}.down_proj.weight": (H, I)}
+    nbytes = {n: 2 * math.prod(s) for n, s in specs.items()}
+    groups = split_evenly(nbytes, shards)
+    names = shard_names(len(groups))
+    for fname, group in zip(names, groups):
+        prefix, _ = build_header([(n, "BF16", specs[n]) for n in group], {"format": "pt"})
+        with open(out / fname, "wb") as f:
+            f.write(prefix)
+            f.truncate(len(prefix) + sum(nbytes[n] for n in group))
+    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": {n: f for f, g in zip(names, groups) for n in g}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    return sum(nbytes.values())
+
+
+@pytest.mark.parametrize("layout", ["--scanned", "--unscanned"])
+def test_dry_run_plans_real_shape_shards(tmp_path, layout):
+    src = tmp_path / "Qwen3-30B-A3B"
+    src.mkdir()
+    total = write_sparse_qwen3(src, published_30b(), shards=16)
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(src), str(tmp_path / "out"), layout,
+                        "--dry-run"], capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr and not (tmp_path / "out").exists()
+    leaves = 15 if layout == "--scanned" else 3 + 12 * 48
+    assert f"{leaves} target leaves" in r.stdout and f"{total:,} bytes to write" in r.stdout   # bf16 in, bf16 out
+
+
+def test_registered_by_model_type():
+    assert get_backend("qwen3_moe").model_type == "qwen3_moe"
+
+
+# ---- the shared mechanism the family needed: per-expert sources, period-1 scan ------------------
+
+
+def _tiny_plan_inputs(scanned: bool):
+    from gptoss_convert.converters.plan import edges_from_rules
+    backend = get_backend("qwen3_moe")
+    cfg = config_from_dict(dict(published_30b(), **{k: v for k, v in TINY.items() if k != "intermediate_size"}))
+    edges = edges_from_rules(backend.rules(cfg), cfg.L, backend.layout_for(cfg, scanned))
+    return cfg, edges, backend.flat_shapes(cfg, scanned)
+
+
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])
+def test_plan_puts_each_expert_in_its_slice(scanned):
+    from gptoss_convert.converters.plan import build_plan
+    cfg, edges, targets = _tiny_plan_inputs(scanned)
+    shapes = {"gate_proj": (cfg.I, cfg.H), "up_proj": (cfg.I, cfg.H), "down_proj": (cfg.H, cfg.I)}
+    sources = {e.source: (shapes[e.source.split(".")[-2]], "BF16") for e in edges if e.expert is not None}
+    plan = build_plan(sources, {t: s for t, s in targets.items() if "moe_block/w" in t},
+                      [e for e in edges if e.expert is not None], itemsize=2)
+    emits = {(em.target, b.source): em for b in plan.blocks for em in b.emits}
+    j, i = 5, 3
+    em = emits[("decoder/layers/moe_block/wo" if scanned else f"decoder/layers_{i}/moe_block/wo",
+                f"model.layers.{i}.mlp.experts.{j}.down_proj.weight")]
+    want = (slice(j, j + 1), slice(i, i + 1)) if scanned else (slice(j, j + 1),)
+    assert em.index[:len(want)] == want
+    x = np.arange(cfg.H * cfg.I, dtype=np.float32).reshape(cfg.H, cfg.I)     # HF down_proj [H, I]
+    from gptoss_convert.mapping.transforms import apply
+    np.testing.assert_array_equal(apply(em.transforms, x), x.T[None])       # one [1, I, H] slice
+
+
+def test_plan_names_a_missing_expert_and_the_slice_left_empty():
+    from gptoss_convert.converters.plan import build_plan
+    from gptoss_convert.errors import PlanError
+    cfg, edges, targets = _tiny_plan_inputs(True)
+    shapes = {"gate_proj": (cfg.I, cfg.H), "up_proj": (cfg.I, cfg.H), "down_proj": (cfg.H, cfg.I)}
+    sources = {e.source: (shapes[e.source.split(".")[-2]], "BF16") for e in edges if e.expert is not None}
+    targets = {t: s for t, s in targets.items() if "moe_block/w" in t}
+    edges = [e for e in edges if e.expert is not None]
+    name = "model.layers.2.mlp.experts.6.up_proj.weight"
+    with pytest.raises(PlanError) as err:
+        build_plan({k: v for k, v in sources.items() if k != name}, targets, edges, itemsize=2)
+    assert f"{name!r} is missing (needed for decoder/layers/moe_block/wi_1 slot 2 expert 6)" in str(err.value)
+    with pytest.raises(PlanError) as err:     # a table that forgot one expert
+        build_plan(sources, targets, [e for e in edges if e.source != name], itemsize=2)
+    assert "decoder/layers/moe_block/wi_1 slot 2 expert 6 is filled 0 times" in str(err.value)
+    assert f"{name!r} is not used by any target" in str(err.value)
+
+
+def test_per_expert_rule_runs_backwards_and_insert_axis_inverts():
+    from gptoss_convert.backends.qwen3_moe.mapping import rules
+    from gptoss_convert.mapping.rules import Rule
+    from gptoss_convert.mapping.transforms import DropAxis, InsertAxis, apply
+    cfg = config_from_dict(published_30b())
+    wo = next(r for r in rules(cfg) if r.target == "moe_block/wo")
+    back = wo.inverse()
+    assert back.hf == "moe_block/wo" and back.target == "model.layers.{i}.mlp.experts.{j}.down_proj.weight"
+    assert back.experts == 128 and back.inverse() == wo
+    x = np.arange(6.0).reshape(2, 3)
+    assert apply((InsertAxis(1), InsertAxis(1).inverse()), x).shape == (2, 3) and InsertAxis(1).shape((2, 3)) == (2, 1, 3)
+    assert DropAxis(0).inverse() == InsertAxis(0)
+    with pytest.raises(ValueError, match="go together"):
+        Rule("model.layers.{i}.mlp.experts.{j}.up_proj.weight", "moe_block/wi_1")
+
+
+def test_period_one_scan_is_one_stack_without_a_group_level():
+    from gptoss_convert.mapping.layout import Layout, layer_relative
+    lay = Layout(scanned=True, num_layers=48, period=1)
+    p = lay.place(17, "moe_block/wo", (128, 768, 2048))
+    assert (p.path, p.slot, p.shape) == ("decoder/layers/moe_block/wo", 17, (128, 48, 768, 2048))
+    assert lay.layer_of(p.path, p.slot) == 17
+    assert layer_relative("decoder/layers/moe_block/wo") == ("moe_block/wo", True)
+    assert layer_relative("decoder/layers/layers_1/GptOssMlp/wo") == ("GptOssMlp/wo", True)   # gpt-oss unchanged
+    assert layer_relative("decoder/layers_3/moe_block/wo") == ("moe_block/wo", False)
+
+
+# ---- the config policy (as gpt-oss's) ------------------------------------------------------------
+
+
+def test_transformers5_spelling_reads_the_same_as_the_published_one(hf_dir):
+    saved = json.loads((hf_dir / "config.json").read_text())     # num_local_experts, rope_parameters
+    assert "num_local_experts" in saved and "rope_parameters" in saved
+    v4 = dict(published_30b(), **{k: v for k, v in TINY.items()})
+    assert config_from_dict(saved) == config_from_dict(v4)
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"num_local_experts": 64}, "num_experts=128 and num_local_experts=64 disagree"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "rope_theta=1000000.0 and rope_parameters.rope_theta=500000.0 disagree"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, "rope_scaling="),
+    ({"mlp_only_layers": [3]}, "mlp_only_layers=[3] is not supported"),
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 is not supported"),
+    ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True is not supported"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"norm_topk_prob": "yes"}, "norm_topk_prob must be true or false, got 'yes'"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a positive number"),
+    ({"num_experts_per_tok": 129}, "num_experts_per_tok must be between 1 and num_experts"),
+    ({"num_experts": None}, "missing required field num_experts (or num_local_experts)"),
+    ({"hidden_size": 2048.0}, "hidden_size must be an integer"),
+])
+def test_unsupported_values_are_refused_naming_field_and_value(update, message):
+    raw = published_30b()
+    for k, v in update.items():
+        raw.pop(k) if v is None else raw.__setitem__(k, v)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(raw, "Qwen3-30B-A3B/config.json")
+
+
+def test_unknown_fields_are_accepted_and_listed_unless_strict():
+    raw = dict(published_30b(), quantization_note="none", layer_norm_flag=True)
+    assert config_from_dict(raw).unknown_fields == ("layer_norm_flag", "quantization_note")
+    with pytest.raises(ConfigError, match=re.escape("unknown fields ['layer_norm_flag', 'quantization_note']")):
+        config_from_dict(raw, strict=True)
+
+
+def test_cli_warns_once_about_unknown_fields(hf_dir, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    (src / "config.json").write_text(json.dumps(dict(json.loads((hf_dir / "config.json").read_text()), fine_tuned_by="x")))
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(src), str(tmp_path / "o"), "--scanned",
+                        "--dry-run"], capture_output=True, text=True, env=run_env(), timeout=600)
+    assert r.returncode == 0 and r.stderr.count("unknown fields ['fine_tuned_by']") == 1, r.stderr
