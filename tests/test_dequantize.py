@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import run_env
 from gptoss_convert.converters.dequantize import dequantize
-from gptoss_convert.converters.provenance import sha256_file
+from gptoss_convert.io.files import sha256_file
 from gptoss_convert.errors import ConvertError
 
 

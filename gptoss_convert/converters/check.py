@@ -11,8 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from gptoss_convert.converters.provenance import RECORD, sha256_file, tree_files
+from gptoss_convert.converters.provenance import RECORD, tree_files
 from gptoss_convert.errors import ConvertError, InputError
+from gptoss_convert.io.files import sha256_file
 
 
 class CheckFailed(ConvertError):

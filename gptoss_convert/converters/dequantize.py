@@ -18,6 +18,7 @@ from gptoss_convert.converters.common import check_against_backend, parse_size, 
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import sha256_files, write_record
 from gptoss_convert.converters.stream import background, prefetch
+from gptoss_convert.io.files import temp_path
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
 from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header
 
@@ -137,7 +138,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
                 if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
                     bar.update(sum(t.nbytes for t in shard))
                     continue
-                tmp = staged.path / (fname + ".tmp")
+                tmp = temp_path(staged.path / fname)
                 hashes[fname] = _write_shard(ck, tmp, shard, bar)
                 os.replace(tmp, staged.path / fname)
                 staged.mark_done(fname)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -11,25 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
-from gptoss_convert.io.files import drop_cached, write_durably
+from gptoss_convert.io.files import sha256_file, temp_path, write_durably
 
 RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
-
-
-def sha256_file(path: Path, bufsize: int = 1 << 20, *, drop_cache: bool = False) -> str:
-    """sha256 of a file, read in cache-sized pieces (hashing data still in the CPU cache is
-    faster). `drop_cache`: then drop the file from the page cache (for freshly written bulk
-    output that nobody reads again soon)."""
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-        if drop_cache:
-            drop_cached(f.fileno())
-    return h.hexdigest()
 
 
 def sha256_files(root: Path, names: list[str], workers: int | None = None) -> dict[str, str]:
@@ -42,7 +26,8 @@ def sha256_files(root: Path, names: list[str], workers: int | None = None) -> di
 def tree_files(root: Path) -> list[Path]:
     """Every regular file under `root` (relative), sorted, excluding the record (and its temporary
     file, which an interrupted write_record may leave behind) and the journal."""
-    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name not in (RECORD, RECORD + ".tmp"))
+    skip = (RECORD, temp_path(root / RECORD).name)
+    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name not in skip)
     return sorted(p for p in files if p.parts[0] != PROGRESS)
 
 
