@@ -63,6 +63,19 @@ def _random(rng, name: str, dtype: str, shape) -> np.ndarray:
     return bits.view(DTYPES["BF16"])
 
 
+def split_shards(specs: list[tuple[str, str, tuple[int, ...]]], shard_bytes: int) -> list[list]:
+    """`specs` in order, cut into shards of at most `shard_bytes` (a bigger tensor gets its own)."""
+    shards, size = [[]], 0
+    for s in specs:
+        n = int(np.prod(s[2])) * DTYPES[s[1]].itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += n
+    return shards
+
+
 BLOCK_BYTES = 64 << 20     # largest piece of random data held at once (the embedding is 1.16 GB)
 
 
@@ -86,15 +99,7 @@ def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int
         return out
     out.mkdir(parents=True, exist_ok=True)
     c = cfg or config(model, layers)
-    specs = tensor_specs(c)
-    shards, size = [[]], 0
-    for s in specs:
-        n = int(np.prod(s[2])) * DTYPES[s[1]].itemsize
-        if shards[-1] and size + n > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += n
+    shards = split_shards(tensor_specs(c), shard_bytes)
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
