@@ -1,6 +1,6 @@
-"""The streaming writer's moving parts: write-behind flushing, the sha256 taken piece by piece on
+"""The streaming writer's moving parts: write-behind flushing, the hash taken piece by piece on
 the way out, and recycled buffers. Checked against independent implementations: the `safetensors`
-package reads the file, hashlib hashes it whole."""
+package reads the file, the xxhash package hashes it whole."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+import xxhash
 from safetensors.numpy import load_file
 
 from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, RecyclingPool, empty
-from gptoss_convert.io.files import HASH_PIECE, DirectWriter, WriteBehind, hash_update, write_new_file
+from gptoss_convert.io.files import DirectWriter, WriteBehind, hub_blob_sha256, write_new_file
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
@@ -35,7 +36,7 @@ def test_shard_writer_streams_flushes_and_hashes(tmp_path, direct, flush_every):
     w.write("small", small)
     w.write("half", half)
     digest = w.close()
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == xxhash.xxh3_128(path.read_bytes()).hexdigest()
     loaded = load_file(path)
     np.testing.assert_array_equal(loaded["big"], big)
     np.testing.assert_array_equal(loaded["small"], small)
@@ -189,13 +190,26 @@ def test_write_new_file_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("nbytes", [0, 2, HASH_PIECE, HASH_PIECE + 2, 5 * HASH_PIECE - 6])
-def test_hash_update_through_pieces_equals_hashlib(nbytes):
-    """The cache-sized copies change nothing: same digest as hashlib over the bytes, in memory order."""
-    data = np.random.default_rng(nbytes).standard_normal((2, nbytes // 4)).astype(ml_dtypes.bfloat16)
-    h = hashlib.sha256(b"prefix")
-    hash_update(h, data)
-    assert h.hexdigest() == hashlib.sha256(b"prefix" + data.tobytes()).hexdigest()
+def test_hub_blob_sha256_only_for_lfs_blobs(tmp_path):
+    """A hub-cache snapshot links each file to blobs/<id>: an LFS file's id is the sha256 of its
+    bytes (taken from the name, not read), a git-tracked file's id is a 40-hex git sha1 (not a
+    sha256: None); a plain file is None too."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    shard = b"weights" * 1000
+    sha = hashlib.sha256(shard).hexdigest()
+    (blobs / sha).write_bytes(shard)
+    (snap / "model.safetensors").symlink_to(Path("../..") / "blobs" / sha)
+    (blobs / ("1" * 40)).write_text("{}")
+    (snap / "config.json").symlink_to(Path("../..") / "blobs" / ("1" * 40))
+    (tmp_path / "plain.safetensors").write_bytes(shard)
+    assert hub_blob_sha256(snap / "model.safetensors") == sha
+    assert hub_blob_sha256(snap / "config.json") is None
+    assert hub_blob_sha256(tmp_path / "plain.safetensors") is None
+    from gptoss_convert.converters.provenance import source_hashes
+    assert source_hashes(snap, ["model.safetensors", "config.json"]) == {
+        "model.safetensors": {"sha256": sha}, "config.json": {"xxh3_128": xxhash.xxh3_128(b"{}").hexdigest()}}
 
 
 def test_write_behind_keeps_the_file_whole(tmp_path):

@@ -10,17 +10,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
-from gptoss_convert.io.files import sha256_file, temp_path, write_durably
+from gptoss_convert.io.files import HASH, file_digest, hub_blob_sha256, temp_path, write_durably
 
 RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
 
 
-def sha256_files(root: Path, names: list[str], workers: int | None = None) -> dict[str, str]:
-    """sha256 of many files on all cores (hashlib releases the GIL), largest first."""
+def hash_files(root: Path, names: list[str], workers: int | None = None) -> dict[str, str]:
+    """{name: HASH digest} of many files, on several threads, largest first."""
     names = sorted(names, key=lambda f: -(root / f).stat().st_size)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return dict(zip(names, pool.map(lambda f: sha256_file(root / f), names)))
+        return dict(zip(names, pool.map(lambda f: file_digest(root / f), names)))
+
+
+def source_hashes(root: Path, names: list[str], workers: int | None = None) -> dict[str, dict[str, str]]:
+    """{name: {algorithm: digest}} for the source files: the sha256 a hub-cache blob is named by
+    (free, and comparable with the hub's own listing), else HASH read from the file."""
+    named = {f: {"sha256": h} for f in names if (h := hub_blob_sha256(root / f))}
+    rest = hash_files(root, [f for f in names if f not in named], workers)
+    return named | {f: {HASH: h} for f, h in rest.items()}
 
 
 def tree_files(root: Path) -> list[Path]:
@@ -33,20 +41,21 @@ def tree_files(root: Path) -> list[Path]:
 
 def write_record(out_dir: Path, *, command: str, source_dir: Path, source_files: list[str],
                  options: dict, extra: dict | None = None, output_hashes: dict[str, str] | None = None) -> dict:
-    """Write `out_dir/conversion.json`; hashes of outputs not given are computed from disk.
+    """Write `out_dir/conversion.json`; HASH digests of outputs not given are computed from disk.
+    Each file's entry names its hash's algorithm: {"size": n, "xxh3_128": hex} (or "sha256").
 
-    `source_files` may instead be a {name: sha256} map (e.g. hashed in the background meanwhile)."""
-    source_hashes = source_files if isinstance(source_files, dict) else sha256_files(source_dir, source_files)
+    `source_files` may instead be source_hashes()'s map (e.g. hashed in the background meanwhile)."""
+    sources = source_files if isinstance(source_files, dict) else source_hashes(source_dir, source_files)
     hashes = dict(output_hashes or {})
     files = [rel.as_posix() for rel in tree_files(out_dir)]
-    hashes |= sha256_files(out_dir, [f for f in files if f not in hashes])
-    outputs = {f: {"size": (out_dir / f).stat().st_size, "sha256": hashes[f]} for f in files}
+    hashes |= hash_files(out_dir, [f for f in files if f not in hashes])
+    outputs = {f: {"size": (out_dir / f).stat().st_size, HASH: hashes[f]} for f in files}
     record = {
         "tool": "gptoss-convert", "version": gptoss_convert.__version__, "command": command,
         "argv": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": options,
         "source": {"path": str(source_dir), "files": {
-            f: {"size": (source_dir / f).stat().st_size, "sha256": h} for f, h in source_hashes.items()}},
+            f: {"size": (source_dir / f).stat().st_size, **h} for f, h in sources.items()}},
         "outputs": outputs, **(extra or {}),
     }
     write_durably(out_dir / RECORD, json.dumps(record, indent=1))

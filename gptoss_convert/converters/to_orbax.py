@@ -22,7 +22,7 @@ from gptoss_convert.backends.layout import SCAN_AXIS
 from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
-from gptoss_convert.converters.provenance import sha256_files, write_record
+from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
@@ -90,7 +90,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
                       log=log) as staged:
-        source_hashes = background(sha256_files, ck.dir, ck.files, workers=1)   # overlaps the conversion
+        sources = background(source_hashes, ck.dir, ck.files, workers=1)   # overlaps the conversion
         step = staged.path / STEP
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},
@@ -106,7 +106,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         writer.finalize()
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
         ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
-        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_hashes.result(),
+        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=sources.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"},
                      output_hashes=chunk_hashes)

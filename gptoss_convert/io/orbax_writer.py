@@ -35,7 +35,7 @@ Choices and why:
   chunk's bytes in C order, then the 20-byte shard index (`shard_index`), and we have those
   bytes in hand. Written from our block with O_DIRECT (`io.files.write_new_file`), they skip the
   page cache, which on this project's VM costs more kernel time than the rest of a conversion,
-  and their sha256 comes from memory instead of a re-read (BENCHMARKS.md §2). Durability is
+  and their hash comes from memory instead of a re-read (BENCHMARKS.md §2). Durability is
   TensorStore's: temporary file, fsync, rename, fsync of the directory. TensorStore still
   creates every array and writes compressed chunks, partial ones (edge chunks, blocks smaller
   than a chunk) and anything on a big-endian host. tests/test_orbax_io.py checks that the
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import itertools
 import json
 import math
@@ -65,7 +64,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import OutputError
-from gptoss_convert.io.files import TEMP_SUFFIX, hash_update, sha256_file, write_durably, write_new_file
+from gptoss_convert.io.files import TEMP_SUFFIX, file_digest, new_hash, write_durably, write_new_file
 
 # orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -324,8 +323,8 @@ class OrbaxWriter:
         """One whole chunk file from memory: written with O_DIRECT, hashed without a re-read."""
         data = np.ascontiguousarray(block)
         trailer = shard_index(data.nbytes)
-        digest = hashlib.sha256()
-        hash_update(digest, data)
+        digest = new_hash()
+        digest.update(memoryview(data.reshape(-1).view(np.uint8)))
         digest.update(trailer)
         file = self.chunk_file(path, cell)
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +332,7 @@ class OrbaxWriter:
         self._files.completed(file, digest.hexdigest())
 
     def chunk_hashes(self) -> dict[Path, str]:
-        """{chunk file: sha256} of every chunk file this writer's writes completed so far.
+        """{chunk file: hash (files.HASH)} of every chunk file this writer's writes completed so far.
         Chunks that an earlier (resumed) run filled are not included. Call after close()."""
         return dict(self._files.hashes)
 
@@ -451,7 +450,7 @@ class _ChunkFiles:
         done.set_result(None)
 
     def _hash(self, file: Path) -> None:
-        self.completed(file, sha256_file(file, drop_cache=True))
+        self.completed(file, file_digest(file, drop_cache=True))
 
     def wait_for_hashes(self, depth: int) -> None:
         """Wait until at most `depth` hash jobs are pending (bounds the page cache they hold)."""
