@@ -57,6 +57,22 @@ def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dty
     return pending
 
 
+RUNTIME_BYTES = 400 << 20   # the process before its first block: Python, numpy, TensorStore, the plan
+
+
+def needs(plan: Plan, ck: HFCheckpoint) -> str:
+    """One line: the disk OUT will take and an estimate of the peak memory, from the plan.
+
+    Memory is bounded by blocks, not by the model: the blocks whose writes are in flight
+    (MAX_IN_FLIGHT), read ahead (2) and being decoded (1), plus the recycled mappings
+    RecyclingPool keeps (up to 8 more of the largest size), over the runtime itself."""
+    largest = max(b.nbytes for b in plan.blocks)
+    memory = RUNTIME_BYTES + (MAX_IN_FLIGHT + 3 + 8) * largest
+    source = sum((ck.dir / f).stat().st_size for f in ck.files)
+    return (f"needs: {plan.total_bytes / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), "
+            f"peak memory at most about {memory / 1e9:.1f} GB (largest block {largest / 1e6:.0f} MB)")
+
+
 def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
     name = KNOWN_MODELS.get((cfg.L, cfg.E))
     flags = f"load_parameters_path={out}/{STEP}/{ITEM} scan_layers={str(scanned).lower()}"
@@ -80,7 +96,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
     backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize, block_bytes=block_bytes)
     if dry_run:
-        log(plan.describe(source_shapes(ck)))
+        log(plan.describe(source_shapes(ck)) + "\n" + needs(plan, ck))
         return plan
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
