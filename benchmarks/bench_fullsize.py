@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
@@ -34,7 +33,6 @@ import numpy as np
 from benchmarks import synthetic
 from benchmarks.bench_convert import direct_write_bandwidth, run_child, tree_bytes
 from benchmarks.common import machine
-from gptoss_convert.io.safetensors import DTYPES, build_header
 
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -43,8 +41,8 @@ def published_config(model: str, override: str | None) -> dict:
     """The published config.json of gpt-oss-`model` (package data), or the file `override`."""
     if override:
         return json.loads(Path(override).read_text())
-    from gptoss_convert.testing import published
-    return published.config(model)
+    from gptoss_convert.testing.published import published_config as config
+    return config(f"gpt-oss-{model}")
 
 
 def samples(cfg: dict, n_experts: int, n_rows: int, seed: int = 0) -> dict:
@@ -185,29 +183,12 @@ def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int) 
 
 # --- gpt-oss-120b: the plan from sparse shards -----------------------------------------------
 
-def write_sparse(out: Path, cfg: dict, shard_bytes: int = 5 << 30) -> Path:
-    """Real-shape shards with real headers whose data are holes (no disk used), + index + config."""
-    out.mkdir(parents=True, exist_ok=True)
-    shards = synthetic.split_shards(synthetic.tensor_specs(cfg), shard_bytes)
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        fname = f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors"
-        prefix, _ = build_header(shard, {"format": "pt"})
-        data = sum(math.prod(shape) * DTYPES[dtype].itemsize for _, dtype, shape in shard)
-        with open(out / fname, "wb") as f:
-            f.write(prefix)
-            f.truncate(len(prefix) + data)
-        weight_map |= {name: fname for name, _, _ in shard}
-    total = sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in synthetic.tensor_specs(cfg))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
-
 def dry_run_120b(work: Path, cfg: dict) -> dict:
-    """`to-orbax --dry-run --scanned` on sparse 120b shards: its summary lines and source size."""
+    """`to-orbax --dry-run --scanned` on real-shape sparse 120b shards (15, as published): its
+    summary lines and the source's size."""
     from gptoss_convert.converters.to_orbax import to_orbax
-    src = write_sparse(work / "sparse-120b", cfg)
+    from gptoss_convert.testing.tiny import write_sparse_checkpoint
+    src = write_sparse_checkpoint(work / "sparse-120b", cfg, shards=15)
     lines: list[str] = []
     to_orbax(src, work / "never-written", scanned=True, dry_run=True, log=lines.append)
     source = sum(p.stat().st_size for p in src.glob("*.safetensors"))

@@ -7,7 +7,7 @@
 - the codec's `dequantize_transposed` (decoded row tiles written out transposed) on 8 experts of
   gpt-oss-20b's gate_up ([8, 5760, 90, 16] blocks -> [8, 2880, 5760] bf16), for several
   `codec.TILE_BYTES` and two `codec.CHUNK_GROUPS`;
-- `converters.transforms.transposed` (the LM head's [V, H] -> [H, V], one 64 MB row block of
+- `mapping.transforms.transposed` (the LM head's [V, H] -> [H, V], one 64 MB row block of
   gpt-oss-20b's: [11650, 2880] bf16) for several `TRANSPOSE_TILE_BYTES`, against
   one untiled copy of the transposed view in output order (as `np.ascontiguousarray(x.T)` or
   TensorStore's encoder walk it), all as plain 2-byte copies.
@@ -28,7 +28,7 @@ import numpy as np
 
 from benchmarks.common import machine, markdown_table
 from gptoss_convert.buffers import as_bits
-from gptoss_convert.converters import transforms
+from gptoss_convert.mapping import transforms
 from gptoss_convert.mxfp4 import codec
 
 TILES = [256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]

@@ -13,7 +13,7 @@ _API = {
     "check": "gptoss_convert.converters.check",
     "golden": "gptoss_convert.verify.golden",
     "verify_checkpoint": "gptoss_convert.verify.verify:verify",   # `verify` is the subpackage
-    "generate_from_checkpoint": "gptoss_convert.backends.gpt_oss.generate",
+    "generate_from_checkpoint": "gptoss_convert.generate",
     "demo": "gptoss_convert.demo",
 }
 

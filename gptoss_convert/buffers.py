@@ -10,7 +10,7 @@ buffers out again, already mapped.
 `empty` allocates such blocks without transparent huge pages: while the page cache is full of
 checkpoint files (always, during a conversion), a huge page for numpy's default hugepage advice
 has to be compacted together first, and faulting in fresh output cost 2-3x more kernel time
-than with ordinary pages on this project's VM (BENCHMARKS.md §1, rows "fresh pages only").
+than with ordinary pages on this project's VM (docs/benchmarks-history.md §1, rows "fresh pages only").
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ _common = [
     click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads (default: all cores)."),
     click.option("--no-progress", is_flag=True, help="No progress bar."),
     click.option("--allow-nonfinite", is_flag=True, help="Convert even if BF16 weights hold NaN/inf."),
+    click.option("--strict-config", is_flag=True,
+                 help="Refuse config.json fields this tool does not know (default: accept them as inert, with a warning)."),
 ]
 
 
@@ -74,11 +76,12 @@ def common_options(fn):
 @click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
 @common_options
 @_run
-def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress, allow_nonfinite):
+def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress, allow_nonfinite, strict_config):
     """MXFP4 safetensors SRC (directory or hub id) -> HF BF16 checkpoint OUT."""
     from gptoss_convert.converters.dequantize import dequantize
     dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers,
-               overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite)
+               overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
+               strict_config=strict_config)
 
 
 @main.command("to-orbax")
@@ -90,13 +93,15 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @common_options
 @_run
-def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, overwrite, resume, workers, no_progress, allow_nonfinite):
+def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, overwrite, resume, workers, no_progress, allow_nonfinite,
+                 strict_config):
     """MXFP4 or BF16 SRC (directory or hub id) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
     to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
-             overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite)
+             overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
+             strict_config=strict_config)
 
 
 @main.command("golden")
@@ -170,7 +175,7 @@ def demo_cmd(workdir):
 @_run
 def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""
-    from gptoss_convert.backends.gpt_oss.generate import generate_from_checkpoint
+    from gptoss_convert.generate import generate_from_checkpoint
     r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=dtype)
     click.echo(r["prompt"] + r["text"])

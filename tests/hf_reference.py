@@ -1,4 +1,4 @@
-"""Independent numpy mapping HF BF16 tensors -> MaxText flat param tree, written from SPEC.md §4.
+"""Independent numpy mapping HF BF16 tensors -> MaxText flat param tree, written from docs/maxtext.md §1.
 
 A test oracle: it deliberately shares no code with the converter, so a converter bug cannot hide
 behind the same bug here. Every leaf is spelled out with explicit numpy ops.

@@ -12,34 +12,28 @@ import pytest
 
 from gptoss_convert.backends import get_backend
 from gptoss_convert.backends.gpt_oss.config import config_from_dict
-from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten
-from gptoss_convert.converters import transforms
+from gptoss_convert.backends.gpt_oss.params import abstract_params, flat_shapes, flatten, layer_shapes
 from gptoss_convert.converters.plan import Edge, build_plan, edges_from_rules
-from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose, apply, interleave
 from gptoss_convert.errors import ConfigError, InputError, PlanError
+from gptoss_convert.mapping import transforms
+from gptoss_convert.mapping.rules import Rule
+from gptoss_convert.mapping.transforms import (Deinterleave, Interleave, MergeAxes, SplitAxis, TakeInterleaved,
+                                               Transpose, apply, interleave)
+from gptoss_convert.testing.published import published_config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
-REAL_20B = dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
-                num_local_experts=32, num_experts_per_tok=4, experts_per_token=4, num_attention_heads=64,
-                num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, sliding_window=128,
-                layer_types=["sliding_attention", "full_attention"] * 12, rope_theta=150000,
-                rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                              "original_max_position_embeddings": 4096, "truncate": False},
-                swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False, max_position_embeddings=131072,
-                eos_token_id=200002, pad_token_id=199999, torch_dtype="bfloat16", hidden_act="silu",
-                quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": []})
+MAXTEXT_TREES = Path(__file__).resolve().parent / "data" / "maxtext"   # MaxText 0.2.5's own trees (see its README)
+REAL_20B = published_config("gpt-oss-20b")        # the config.json openai/gpt-oss-20b publishes, verbatim
 
 
 def _reference_tree(kind: str) -> dict[str, tuple[int, ...]]:
     ref = {}
-    for line in (SHARED / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
+    for line in (MAXTEXT_TREES / f"maxtext_param_tree_{kind}.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             path, shape, _ = line.split("\t")
             ref[path] = tuple(json.loads(shape))
     return ref
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/reference not present beside the checkout")
 @pytest.mark.parametrize("kind", ["scanned", "unscanned"])
 def test_tree_equals_maxtext_reference(kind):
     cfg = config_from_dict(dict(model_type="gpt_oss", vocab_size=256, hidden_size=48, intermediate_size=32,
@@ -79,8 +73,9 @@ def test_config_spellings_and_allowlist():
     assert config_from_dict(no_truncate).rope_scaling.truncate is True      # as transformers reads it
     with pytest.raises(ConfigError, match="unsupported rope parameters \\['mscale'\\]"):
         config_from_dict(dict(REAL_20B, rope_scaling=dict(REAL_20B["rope_scaling"], mscale=0.7)))
+    assert config_from_dict(REAL_20B | {"mystery": 1}).unknown_fields == ("mystery",)   # accepted, named
     with pytest.raises(ConfigError, match="unknown fields \\['mystery'\\]"):
-        config_from_dict(REAL_20B | {"mystery": 1})
+        config_from_dict(REAL_20B | {"mystery": 1}, strict=True)
     with pytest.raises(ConfigError, match="vocab_size=1000000000000 is out of the supported range"):
         config_from_dict(REAL_20B | {"vocab_size": 10**12})
     with pytest.raises(ConfigError) as e:
@@ -105,8 +100,50 @@ def test_transforms_are_invertible():
     np.testing.assert_array_equal(interleave(parts), gu)
 
 
+
+def test_merge_and_split_invert_each_other():
+    x = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    merged = MergeAxes(1, (3, 4))(x)
+    assert merged.shape == (2, 12, 5) and MergeAxes(1, (3, 4)).shape(x.shape) == (2, 12, 5)
+    np.testing.assert_array_equal(apply((MergeAxes(1, (3, 4)).inverse(),), merged), x)
+    for op in (MergeAxes(-3, (3, 4)), SplitAxis(-2, (2, 2))):      # negative axes count from the end
+        np.testing.assert_array_equal(apply((op, op.inverse()), x), x)
+    with pytest.raises(ValueError, match="expected sizes"):
+        MergeAxes(1, (4, 3)).shape(x.shape)
+
+
+def test_every_rule_runs_backwards(tiny_cfg):
+    """Each table line, forward then `inverse()`, gives the HF tensor back; forward it gives the
+    params.py shape of each target. The gate/up lines name two targets (backwards: two sources)."""
+    from gptoss_convert.testing.tiny import dequantized, hf_tensors
+    hf = dequantized(hf_tensors(tiny_cfg))
+    shapes = layer_shapes(tiny_cfg) | flat_shapes(tiny_cfg, scanned=False)
+    for r in get_backend("gpt_oss").rules(tiny_cfg):
+        x = np.asarray(hf[r.hf.format(i=3)], np.float32)
+        y = apply(r.transforms, x)
+        parts = y if isinstance(y, tuple) else (y,)
+        assert [p.shape for p in parts] == [shapes[t] for t in r.targets], r
+        back = r.inverse()
+        assert (back.sources, back.targets) == (r.targets, r.sources)
+        np.testing.assert_array_equal(apply(back.transforms, y), x)
+    gu = np.asarray(hf["model.layers.3.mlp.experts.gate_up_proj"], np.float32)    # [E, H, 2I], gate = 0::2
+    wi_0, wi_1 = apply((Deinterleave(2),), gu)
+    np.testing.assert_array_equal(wi_0, gu[..., 0::2])
+    np.testing.assert_array_equal(wi_1, gu[..., 1::2])
+
+
+def test_rules_naming_several_tensors_say_how():
+    with pytest.raises(ValueError, match="first transform that splits into 2"):
+        Rule("a", ("x", "y"), (Transpose((1, 0)),))
+    with pytest.raises(ValueError, match="last transform that joins 2"):
+        Rule(("a", "b"), "x")
+    with pytest.raises(ValueError, match="not supported by the conversion plan"):
+        Rule(("a", "b"), "x", (Interleave(2),)).per_target()
+    assert [(t, ops) for _, t, ops in Rule("a", ("x", "y"), (Deinterleave(2),)).per_target()] == \
+        [("x", (TakeInterleaved(0, 2),)), ("y", (TakeInterleaved(1, 2),))]
+
 def test_mapping_against_spec_formulas(tiny_cfg):
-    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (SPEC §4)."""
+    """q/o kernels follow kernel[h,n,d] = Wq[n*D+d, h] and out[n,d,h] = Wo[h, n*D+d] (docs/maxtext.md §1)."""
     rules = {r.target: r for r in get_backend("gpt_oss").rules(tiny_cfg)}
     H, Nq, D = tiny_cfg.H, tiny_cfg.Nq, tiny_cfg.D
     wq = np.random.default_rng(0).standard_normal((Nq * D, H))

@@ -10,15 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from gptoss_convert.backends.gpt_oss import model as M
 from gptoss_convert.backends.gpt_oss import params as P
 from gptoss_convert.backends.gpt_oss.moe import STRATEGIES
 from gptoss_convert.testing import tiny_config
 from hf_reference import hf_to_maxtext, torch_state_dict_numpy
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 T = 19          # > sliding window (5): the window mask and RoPE far from 0 both matter
 LAYOUTS = {"unscanned": False, "scanned": True}
@@ -27,7 +26,7 @@ STRATEGY_PARAMS = [pytest.param(s, marks=pytest.mark.slow) if s == "megablox" el
 
 
 def load_hf(model_dir):
-    """HF oracle: fp32 weights via from_pretrained(dtype=...) (never .to(bfloat16), SPEC §5);
+    """HF oracle: fp32 weights via from_pretrained(dtype=...) (never .to(bfloat16), docs/forward.md §4);
     eager attention (the implementation that applies the sinks in plain torch) and eager experts."""
     return transformers.GptOssForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
@@ -214,7 +213,7 @@ def test_rope_truncate_flag_matters(bf16_dir, tmp_path, hf_model, trees, tiny_cf
     src = tmp_path / "truncate"
     shutil.copytree(bf16_dir, src)
     conf = json.loads((src / "config.json").read_text())
-    conf["rope_parameters"]["truncate"] = True
+    conf["rope_scaling"]["truncate"] = True           # the published (transformers 4.55) spelling
     (src / "config.json").write_text(json.dumps(conf))
     toks = np.random.default_rng(3).integers(0, tiny_cfg.V, (1, 48))
     ref_t, ref_f = hf_logits(load_hf(src), toks), hf_logits(hf_model, toks)

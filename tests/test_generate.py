@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from click.testing import CliRunner
 from hf_reference import hf_to_maxtext, torch_state_dict_numpy
 
@@ -19,9 +21,6 @@ from gptoss_convert.backends.gpt_oss import model as M
 from gptoss_convert.backends.gpt_oss import params as P
 from gptoss_convert.cli import main
 from gptoss_convert.converters.to_orbax import to_orbax
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 N = 14                      # new tokens: prompt + N runs well past the window of 5
 PROMPT_LENS = (3, 12)       # shorter and longer than the window

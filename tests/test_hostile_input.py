@@ -317,7 +317,7 @@ def test_link_out_of_src_is_refused_and_not_read(mxfp4_dir, tmp_path, name):
 
 def test_links_inside_src_are_fine_and_copied_as_files(mxfp4_dir, tmp_path):
     src = _copy_src(mxfp4_dir, tmp_path)
-    (src / "original").mkdir()
+    (src / "original").mkdir(exist_ok=True)      # the published decoy folder
     shutil.move(src / "tokenizer.json", src / "original" / "tokenizer.json")
     os.symlink("original/tokenizer.json", src / "tokenizer.json")
     outs = tmp_path / "outs"
@@ -338,10 +338,12 @@ def _hub_cache(mxfp4_dir: Path, root: Path, repo: str = "models--openai--gpt-oss
     blobs = root / repo / "blobs"
     snap.mkdir(parents=True)
     blobs.mkdir(parents=True, exist_ok=True)
-    for f in sorted(mxfp4_dir.iterdir()):
-        blob = blobs / f"{abs(hash(f.name)):x}"
+    for f in sorted(p for p in mxfp4_dir.rglob("*") if p.is_file()):     # original/, metal/ too
+        link = snap / f.relative_to(mxfp4_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        blob = blobs / f"{abs(hash(str(f.relative_to(mxfp4_dir)))):x}"
         shutil.copyfile(f, blob)
-        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+        os.symlink(os.path.relpath(blob, link.parent), link)
     return snap
 
 

@@ -1,4 +1,4 @@
-"""MXFP4 codec: bit-exact against transformers' dequantizer, the SPEC example, errors, quantize."""
+"""MXFP4 codec: bit-exact against transformers' dequantizer, the docs/formats.md §3 example, errors, quantize."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from gptoss_convert.errors import CorruptTensorError
 from gptoss_convert.mxfp4 import FP4_VALUES, codec, dequantize, dequantize_transposed, quantize
@@ -26,10 +28,8 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 def hf_dequantize(blocks: np.ndarray, scales: np.ndarray, torch_dtype: str) -> np.ndarray:
     """transformers' dequantizer, back in our stored orientation [E, R, G*32] (it returns [E, G*32, R])."""
-    torch = pytest.importorskip("torch")
-    mx = pytest.importorskip("transformers.integrations.mxfp4")
-    out = mx.convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
-                                        dtype=getattr(torch, torch_dtype))
+    out = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                     dtype=getattr(torch, torch_dtype))
     np_dtype = {"bfloat16": BF16, "float16": np.float16, "float32": np.float32}[torch_dtype]
     raw = out.transpose(1, 2).contiguous().view(torch.int16 if np_dtype != np.float32 else torch.int32)
     return raw.numpy().view(np_dtype)
@@ -48,7 +48,7 @@ def random_pair(rng, shape, lo=0, hi=254):
     return blocks, scales
 
 
-# -- dequantize: the SPEC and the oracle -----------------------------------------------------
+# -- dequantize: docs/formats.md §3 and the oracle -------------------------------------------
 
 def test_spec_worked_example():
     blocks = np.zeros((1, 16), np.uint8)

@@ -75,9 +75,8 @@ def test_hub_id_resolved_offline_from_cache(mxfp4_dir, tmp_path):
     """A pre-populated cache in huggingface_hub's own layout serves a repo id with HF_HUB_OFFLINE=1."""
     cache = tmp_path / "hub"
     snap = cache / "models--openai--gpt-oss-tiny" / "snapshots" / ("a" * 40)
-    shutil.copytree(mxfp4_dir, snap)
-    (snap / "original").mkdir()
-    (snap / "original" / "model.safetensors").write_bytes(b"not to be touched")
+    shutil.copytree(mxfp4_dir, snap)                                 # with the published original/ decoy
+    assert (snap / "original" / "model.safetensors").is_file()
     (cache / "models--openai--gpt-oss-tiny" / "refs").mkdir()
     (cache / "models--openai--gpt-oss-tiny" / "refs" / "main").write_text("a" * 40)
     code = ("from gptoss_convert.io.hf_checkpoint import open_checkpoint;"

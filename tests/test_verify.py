@@ -1,6 +1,6 @@
-"""golden -> verify on tiny models (SPEC.md §5, §6): the golden file, round trips for both layouts
+"""golden -> verify on tiny models (docs/verification.md): the golden file, round trips for both layouts
 and every MoE strategy, the CLI (report, table, exit codes), bad golden files, and negative
-controls — deliberately broken conversions from SPEC.md §7 that verify must FAIL.
+controls — deliberately broken conversions from docs/pitfalls.md that verify must FAIL.
 
 Cost control: most checks share one short golden file, so every in-process `verify` on a tree
 of the same structure reuses one jit compilation; the long default golden is verified once.
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
 from click.testing import CliRunner
 
 from conftest import run_env
@@ -31,16 +33,13 @@ from gptoss_convert.verify.golden import golden, read_golden
 from gptoss_convert.verify.prompts import DEFAULT_PROMPTS, LONG_PASSAGE
 from gptoss_convert.verify.verify import verify
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 QUIET = dict(progress=False, log=lambda *_: None, overwrite=True)
 # MaxText's three prompts and one sentence long enough (~70 tiny-tokenizer tokens) to cross the
 # tiny model's 5-token sliding window many times over.
 LONG_SENTENCE = ("The river rose slowly through the night, and by morning the lower streets of the old town "
                  "were under a hand's depth of brown water.")
 SHORT = ";".join([*DEFAULT_PROMPTS, LONG_SENTENCE])
-EXACT = dict(max_abs=1e-4, kl=1e-6)         # fp32-stored checkpoint vs fp32 HF (SPEC.md §5)
+EXACT = dict(max_abs=1e-4, kl=1e-6)         # fp32-stored checkpoint vs fp32 HF (docs/forward.md §4)
 
 
 def worst(report: dict) -> dict:
@@ -354,7 +353,7 @@ def test_bad_golden_one_line_error_naming_line(corrupt, orbax_fp32, golden_short
     assert len(err) == 1 and err[0].startswith("error: ") and f"bad.jsonl:{line}:" in err[0], res.stderr
 
 
-# ---- negative controls (SPEC.md §7) -------------------------------------------------------------
+# ---- negative controls (docs/pitfalls.md) -------------------------------------------------------
 # Each broken checkpoint is the correct to-orbax output corrupted with plain numpy (no converter
 # code) and written back with OrbaxWriter; each must FAIL, far off, while the correct one passes.
 
@@ -467,7 +466,7 @@ def test_negative_control_yarn_truncate(orbax_fp32, golden_default, tiny_cfg, wo
     broken = tmp / "ckpt"
     shutil.copytree(orbax_fp32["scanned"], broken)
     conf = json.loads((broken / "config.json").read_text())
-    assert conf["rope_parameters"].pop("truncate") is False
+    assert conf["rope_scaling"].pop("truncate") is False      # the published (transformers 4.55) spelling
     (broken / "config.json").write_text(json.dumps(conf))
     report = run_verify(broken, golden_default, tmp, expect_pass=False)
     long_row = report["prompts"][-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from gptoss_convert.errors import InputError
@@ -11,13 +12,35 @@ from gptoss_convert.errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """What a model family provides to the converters and the verifier."""
+    """Everything the converters, verify (in memory and streamed), generate and the CLI need
+    from a model family, so that none of them imports a family's modules."""
 
     model_type: str
-    config_from_dict: Callable[[dict, str], Any]     # HF config.json -> typed config (allowlist)
-    flat_shapes: Callable[[Any, bool], dict]         # (cfg, scanned) -> {target path: shape}
-    layout_for: Callable[[Any, bool], Any]           # (cfg, scanned) -> backends.layout.Layout
-    rules: Callable[[Any], list]                     # cfg -> mapping table (converters.plan.Rule)
+    config_type: type                                # what config_from_dict returns
+    config_from_dict: Callable[..., Any]             # HF config.json -> typed config (the family's function)
+    layout_for: Callable[[Any, bool], Any]           # (cfg, scanned) -> mapping.layout.Layout
+    flat_shapes: Callable[[Any, bool], dict]         # (cfg, scanned) -> {leaf path: shape}: the parameter tree
+    layer_leaves: Mapping[str, Any]                  # path inside layers_{i} -> mapping.leaves.Leaf
+    rules: Callable[[Any], list]                     # cfg -> mapping table (mapping.rules.Rule)
+    forward: Callable[..., Any]                      # (params, tokens, cfg, *, moe, attention_mask) -> logits
+    streamed_logits: Callable[..., Any]              # (reader, cfg, tokens, mask, *, vocab_block) -> [logits]
+    generate: Callable[..., Any]                     # (params, cfg, prompt_ids, **options) -> (ids, stats)
+
+    @property
+    def expert_leaves(self) -> tuple[str, ...]:
+        """Per-layer leaves with one slice per routed expert on axis 0."""
+        return tuple(rel for rel, leaf in self.layer_leaves.items() if leaf.expert)
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported at the first call: a backend's JAX code is not loaded by commands
+    (dequantize, to-orbax) that only need its tables."""
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name}, imported on first use."
+    return call
+
 
 # model_type -> module exposing BACKEND. One line per family.
 _BACKENDS = {
@@ -29,8 +52,18 @@ def known_model_types() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(model_type: str):
+def get_backend(model_type: str) -> Backend:
     """The backend for `model_type`; unknown types fail at once and list the known ones."""
     if model_type not in _BACKENDS:
         raise InputError(f"model_type {model_type!r} is not supported; known model types: {', '.join(known_model_types())}")
     return importlib.import_module(_BACKENDS[model_type]).BACKEND
+
+
+def backend_for(cfg: Any) -> Backend:
+    """The backend whose config type `cfg` is (for callers handed a config, not a config.json)."""
+    for model_type in known_model_types():
+        backend = get_backend(model_type)
+        if isinstance(cfg, backend.config_type):
+            return backend
+    raise InputError(f"{type(cfg).__name__} is the config of no registered model family; "
+                     f"known model types: {', '.join(known_model_types())}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import BufferPool
-from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype
+from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
@@ -108,19 +108,21 @@ def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
 def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
-               log=print) -> Path:
+               strict_config: bool = False, log=print) -> Path:
     """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
 
     Expert matrices are dequantized (bit-exact) into HF orientation; every other tensor is
     copied bit for bit (or cast to float32 with dtype="fp32"). Memory stays bounded by a few
     blocks (one expert / `block_bytes`), whatever the model size. Output appears atomically;
-    `resume=True` continues an interrupted run. Returns the output path.
+    `resume=True` continues an interrupted run. `strict_config=True` refuses config.json fields
+    this tool does not know (by default they are accepted as inert, warned about and recorded).
+    Returns the output path.
     """
     t0 = time.perf_counter()
     st_dtype = {"bfloat16": "BF16", "float32": "F32"}[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
-    check_against_backend(ck)
+    cfg = check_against_backend(ck, strict_config=strict_config)
     tensors = _out_tensors(ck, st_dtype, block_bytes)
     shards = _shards(tensors, parse_size(max_shard_size))
     n = len(shards)
@@ -145,7 +147,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
         _write_metadata(ck, staged.path, names, shards, st_dtype)
         write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=sources.result(),
                      options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},
-                     output_hashes=hashes)
+                     extra={"config_unknown_fields": list(cfg.unknown_fields)}, output_hashes=hashes)
         result = staged.commit()
     dt = time.perf_counter() - t0
     log(f"dequantize: wrote {total / 1e9:.2f} GB in {len(names)} shard(s) to {result} in {dt:.1f} s "
@@ -156,7 +158,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
 
 def _write_metadata(ck: HFCheckpoint, out: Path, names: list[str], shards, st_dtype: str) -> None:
     name = "float32" if st_dtype == "F32" else "bfloat16"
-    ck.write_sidecars(out, dtype=name, **({"torch_dtype": name} if "torch_dtype" in ck.config_raw else {}))
+    write_sidecars(ck, out, dtype=name, **({"torch_dtype": name} if "torch_dtype" in ck.config_raw else {}))
     if len(names) > 1:
         weight_map = {t.name: f for f, s in zip(names, shards) for t in s}
         total = sum(t.nbytes for s in shards for t in s)

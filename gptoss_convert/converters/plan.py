@@ -1,5 +1,5 @@
 """The conversion plan: every target block with its source rows and transforms, checked whole
-before a single tensor byte is read (STYLE.md: target-driven, strict, all problems at once)."""
+before a single tensor byte is read (docs/design.md §2: target-driven, strict, all problems at once)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,12 @@ import dataclasses
 import math
 from typing import Iterable
 
-from gptoss_convert.backends.layout import SCAN_AXIS, Layout
-from gptoss_convert.converters.transforms import TakeInterleaved, Transform, out_axis, out_shape
 from gptoss_convert.errors import PlanError
+from gptoss_convert.mapping.layout import SCAN_AXIS, Layout
+from gptoss_convert.mapping.rules import Rule
+from gptoss_convert.mapping.transforms import TakeInterleaved, Transform, out_axis, out_shape
 
 DEFAULT_BLOCK_BYTES = 64 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One line of a backend's mapping table (see backends/*/mapping.py)."""
-
-    hf: str                                  # HF tensor name; "{i}" = layer index
-    target: str                              # target path (relative to layers_{i} when per-layer)
-    transforms: tuple[Transform, ...] = ()
-    rows_per_block: int | None = None        # stream axis 0 this many rows at a time (1 = per expert)
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,18 +101,19 @@ class Plan:
 
 
 def edges_from_rules(rules: Iterable[Rule], num_layers: int, layout: Layout | None) -> list[Edge]:
-    """Expand a mapping table over layers and place each layer's leaf with `layout`."""
+    """Expand a mapping table over layers (one edge per target) and place each layer's leaf with `layout`."""
     edges = []
     for r in rules:
-        if not r.per_layer:
-            edges.append(Edge(r.hf, r.target, r.transforms, None, r.rows_per_block))
-            continue
-        for i in range(num_layers):
-            if layout is None:
-                edges.append(Edge(r.hf.format(i=i), r.target.format(i=i), r.transforms, None, r.rows_per_block))
-            else:
-                p = layout.place(i, r.target, ())
-                edges.append(Edge(r.hf.format(i=i), p.path, r.transforms, p.slot, r.rows_per_block))
+        for hf, target, transforms in r.per_target():
+            if not r.per_layer:
+                edges.append(Edge(hf, target, transforms, None, r.rows_per_block))
+                continue
+            for i in range(num_layers):
+                if layout is None:
+                    edges.append(Edge(hf.format(i=i), target.format(i=i), transforms, None, r.rows_per_block))
+                else:
+                    p = layout.place(i, target, ())
+                    edges.append(Edge(hf.format(i=i), p.path, transforms, p.slot, r.rows_per_block))
     return edges
 
 

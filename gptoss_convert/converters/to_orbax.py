@@ -18,14 +18,14 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.backends.layout import SCAN_AXIS
-from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes
+from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.converters.transforms import apply
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
+from gptoss_convert.mapping.layout import SCAN_AXIS
+from gptoss_convert.mapping.transforms import apply
 
 STEP = "0"
 ITEM = "items"
@@ -82,19 +82,22 @@ def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
              dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
              allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
-             log=print) -> Path | Plan:
+             strict_config: bool = False, log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
     plus `out/0/_CHECKPOINT_METADATA` recording `scan_layers`. The plan is checked before any
     tensor byte is read; `dry_run=True` prints it and returns it without writing anything.
     `compression="zstd"` compresses chunks as Orbax does by default (smaller, ~2x slower to write).
+    `strict_config=True` refuses config.json fields this tool does not know (by default they are
+    accepted as inert, warned about and recorded in conversion.json).
     """
     t0 = time.perf_counter()
     np_dtype = _NP[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
-    backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize, block_bytes=block_bytes)
+    backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize, block_bytes=block_bytes,
+                                  strict_config=strict_config)
     if dry_run:
         log(plan.describe(source_shapes(ck)) + "\n" + needs(plan, ck))
         return plan
@@ -121,10 +124,11 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
             writer.close()
         writer.finalize()
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
-        ck.write_sidecars(staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
+        write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=sources.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
-                     extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}"},
+                     extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
+                            "config_unknown_fields": list(cfg.unknown_fields)},
                      output_hashes=chunk_hashes)
         result = staged.commit()
     dt = time.perf_counter() - t0

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -285,14 +284,6 @@ class HFCheckpoint:
     def sidecar_files(self) -> list[Path]:
         """Tokenizer/generation files present (checked at open: none is a link out of the directory)."""
         return [p for p in self._sidecars if p.is_file()]
-
-    def write_sidecars(self, out: Path, **config_updates) -> None:
-        """config.json without quantization_config (plus `config_updates`) and the tokenizer,
-        generation and chat-template files, into `out`."""
-        conf = {k: v for k, v in self.config_raw.items() if k != "quantization_config"} | config_updates
-        (out / "config.json").write_text(json.dumps(conf, indent=2))
-        for f in self.sidecar_files():
-            shutil.copyfile(f, out / f.name)
 
 
 # Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.

@@ -24,7 +24,7 @@ from gptoss_convert.io.orbax_writer import (
     array_name,
 )
 
-PREFIX = ("params", "params")  # TrainState.params = {"params": tree} (SPEC §4)
+PREFIX = ("params", "params")  # TrainState.params = {"params": tree} (docs/maxtext.md §1)
 
 
 def _dirs(step_dir, item_name: str) -> tuple[Path, Path]:

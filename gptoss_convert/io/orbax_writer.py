@@ -35,7 +35,7 @@ Choices and why:
   chunk's bytes in C order, then the 20-byte shard index (`shard_index`), and we have those
   bytes in hand. Written from our block with O_DIRECT (`io.files.write_new_file`), they skip the
   page cache, which on this project's VM costs more kernel time than the rest of a conversion,
-  and their hash comes from memory instead of a re-read (BENCHMARKS.md §2). Durability is
+  and their hash comes from memory instead of a re-read (docs/benchmarks-history.md §2). Durability is
   TensorStore's: temporary file, fsync, rename, fsync of the directory. TensorStore still
   creates every array and writes compressed chunks, partial ones (edge chunks, blocks smaller
   than a chunk) and anything on a big-endian host. tests/test_orbax_io.py checks that the

@@ -31,7 +31,7 @@ _SCRATCH = BufferPool(keep=16, min_bytes=0)
 CHUNK_GROUPS = 32768
 # Bytes of decoded rows per transposed tile: in L2 while written out; more rows, longer row writes.
 # 8 experts of gate_up into a reused output: 1.37 GB/s with 512 KB tiles, 1.95 with 2 MB, 1.81
-# with 4 MB (benchmarks/bench_tiles.py, BENCHMARKS.md §2); a 2 MB tile is one step.
+# with 4 MB (benchmarks/bench_tiles.py, docs/benchmarks-history.md §2); a 2 MB tile is one step.
 TILE_BYTES = 2 << 20
 
 

@@ -37,7 +37,7 @@ def load_hf_model(hf_dir: str | os.PathLike, dtype: str = "float32"):
     """GptOssForCausalLM from an MXFP4 (dequantized on load) or BF16 directory, eager attention.
 
     The dtype is given to from_pretrained (never `.to(bfloat16)`, which would also cast the fp32
-    rotary inv_freq buffer; SPEC.md §5).
+    rotary inv_freq buffer; docs/forward.md §4).
     """
     import torch
     from transformers import AutoModelForCausalLM, Mxfp4Config

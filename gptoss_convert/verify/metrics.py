@@ -1,4 +1,4 @@
-"""Logit comparison metrics (SPEC.md §6), computed in float64."""
+"""Logit comparison metrics (docs/verification.md §2), computed in float64."""
 
 from __future__ import annotations
 

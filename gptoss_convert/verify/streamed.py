@@ -1,54 +1,44 @@
 """A forward pass over an Orbax checkpoint bigger than RAM: one layer at a time, experts on demand.
 
-A few prompts touch only some experts per layer, so each layer's dense weights are read, the
-router runs, and then only the selected experts are read (TensorStore partial reads of one
-`[e]` / `[e, slot]` slice each) and applied one by one. The embedding is read for the prompt's
-tokens only and the LM head in column blocks. Peak memory: one layer's dense weights + one
-expert + one LM-head block, whatever the model size. Same math as `model.forward` (it reuses
-its pieces); the result matches the in-memory forward to float rounding.
+This module reads the checkpoint (`LeafReader`: one layer's dense leaves, one expert's slices,
+rows of a global leaf, TensorStore partial reads); the model family's backend runs the math
+(`Backend.streamed_logits`) and says which leaves are experts.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gptoss_convert.backends.gpt_oss import model
-from gptoss_convert.backends.gpt_oss.moe import route, swiglu
-from gptoss_convert.backends.gpt_oss.params import layer_shapes, layout_for, unflatten
+from gptoss_convert.backends import Backend, backend_for
 from gptoss_convert.io.orbax_reader import open_leaf
-
-EXPERT_LEAVES = ("GptOssMlp/wi_0", "GptOssMlp/wi_1", "GptOssMlp/wo",
-                 "GptOssMlp/wi_0_bias", "GptOssMlp/wi_1_bias", "GptOssMlp/wo_bias")
-HIGHEST = jax.lax.Precision.HIGHEST
+from gptoss_convert.mapping.layout import Layout
+from gptoss_convert.tree import unflatten
 
 
 class LeafReader:
     """Reads slices of the checkpoint's leaves as float32 numpy arrays (opened once each)."""
 
-    def __init__(self, step_dir, cfg, scanned: bool):
-        self.step_dir, self.cfg = step_dir, cfg
-        self.layout = layout_for(cfg, scanned)
+    def __init__(self, step_dir, layout: Layout, dense_leaves: list[str]):
+        self.step_dir, self.layout, self.dense_leaves = step_dir, layout, dense_leaves
         self._open = functools.lru_cache(maxsize=None)(lambda path: open_leaf(step_dir, path))
 
     def _index(self, layer: int, rel: str, expert: int | None):
         p = self.layout.place(layer, rel, ())
-        idx = (slice(None),) if p.slot is None else (slice(None), p.slot)
+        idx = (slice(None),) if p.slot is None else (slice(None),) * self.layout.axis + (p.slot,)
         if expert is not None:
             idx = (expert,) + idx[1:]
         return p.path, idx
 
     def layer(self, layer: int, rel: str, expert: int | None = None) -> np.ndarray:
+        """Leaf `rel` of layer `layer` (unscanned shape), or only expert `expert`'s slice of it."""
         path, idx = self._index(layer, rel, expert)
         return np.asarray(self._open(path)[idx].read().result(), np.float32)
 
     def dense_layer(self, layer: int) -> dict:
         """Everything of layer `layer` except the expert matrices, as a nested dict."""
-        flat = {rel: self.layer(layer, rel) for rel in layer_shapes(self.cfg) if rel not in EXPERT_LEAVES}
-        return unflatten(flat)
+        return unflatten({rel: self.layer(layer, rel) for rel in self.dense_leaves})
 
     def leaf(self, path: str, index=()) -> np.ndarray:
         return np.asarray(self._open(path)[index].read().result(), np.float32)
@@ -57,61 +47,12 @@ class LeafReader:
         return np.asarray(self._open(path).oindex[rows].read().result(), np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sliding"))
-def _attention_half(p, x, ctx, cfg, sliding):
-    """x + attention(pre-norm(x)); then the post-norm input of the MoE block."""
-    h = model.rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.rms_norm_eps)
-    x = x + model.attention(p["GptOssAttention"], h, cfg, ctx, sliding=sliding)
-    h2 = model.rms_norm(x, p["post_self_attention_layer_norm"]["scale"], cfg.rms_norm_eps)
-    return x, h2
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _expert(h, w0, b0, w1, b1, wo, bo, cfg):
-    """One expert on rows h [n, H]: swiglu(h·W0 + b0, h·W1 + b1)·Wo + bo."""
-    g = jnp.dot(h, w0, precision=HIGHEST) + b0
-    u = jnp.dot(h, w1, precision=HIGHEST) + b1
-    return jnp.dot(swiglu(g, u, cfg), wo, precision=HIGHEST) + bo
-
-
-def _bucket(n: int) -> int:
-    """Pad row counts to powers of two so the expert kernel compiles a handful of times."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _moe(reader: LeafReader, layer: int, h: np.ndarray, gate: dict, valid: np.ndarray, cfg) -> np.ndarray:
-    """The MoE block for rows h [N, H], reading only the experts that real tokens selected."""
-    weights, experts = (np.asarray(a) for a in route(jnp.asarray(h), gate, cfg.num_experts_per_tok))
-    out = np.zeros_like(h)
-    for e in np.unique(experts[valid]):
-        n_idx, k_idx = np.nonzero((experts == e) & valid[:, None])
-        w = {rel.split("/")[1]: reader.layer(layer, rel, int(e)) for rel in EXPERT_LEAVES}
-        rows = np.zeros((_bucket(len(n_idx)), cfg.H), np.float32)
-        rows[:len(n_idx)] = h[n_idx]
-        y = np.asarray(_expert(rows, w["wi_0"], w["wi_0_bias"], w["wi_1"], w["wi_1_bias"], w["wo"], w["wo_bias"], cfg))
-        np.add.at(out, n_idx, weights[n_idx, k_idx][:, None] * y[:len(n_idx)])
-    return out
-
-
 def streamed_logits(step_dir, cfg, scanned: bool, tokens: np.ndarray, mask: np.ndarray, *,
-                    vocab_block: int = 16384) -> list[np.ndarray]:
-    """fp32 logits of right-padded `tokens` [B, T] (`mask` 1 = real token): one [len_b, V] array
-    per row, for the real tokens only (a 201k vocabulary makes padded [B, T, V] logits big)."""
-    reader = LeafReader(step_dir, cfg, scanned)
-    B, T = tokens.shape
-    uniq, inverse = np.unique(tokens, return_inverse=True)
-    x = jnp.asarray(reader.rows("token_embedder/embedding", uniq)[inverse.reshape(B, T)])      # [B, T, H]
-    ctx = model.make_context(cfg, B, T, attention_mask=jnp.asarray(mask))
-    valid = np.asarray(mask, bool).reshape(-1)
-    for i in range(cfg.L):
-        p = reader.dense_layer(i)
-        x, h2 = _attention_half(jax.tree.map(jnp.asarray, p), x, ctx, cfg, cfg.is_sliding(i))
-        out = _moe(reader, i, np.asarray(h2).reshape(-1, cfg.H), p["GptOssMlp"]["gate"], valid, cfg)
-        x = x + jnp.asarray(out.reshape(B, T, cfg.H))
-    h = np.asarray(model.rms_norm(x, jnp.asarray(reader.leaf("decoder/decoder_norm/scale")), cfg.rms_norm_eps))
-    h = h.reshape(-1, cfg.H)[valid]                                                           # [N_real, H]
-    logits = np.empty((h.shape[0], cfg.V), np.float32)
-    for v0 in range(0, cfg.V, vocab_block):
-        k = reader.leaf("decoder/logits_dense/kernel", (slice(None), slice(v0, min(v0 + vocab_block, cfg.V))))  # [H, vb]
-        logits[:, v0:v0 + k.shape[1]] = np.asarray(jnp.dot(h, k, precision=HIGHEST))
-    return np.split(logits, np.cumsum(np.asarray(mask, bool).sum(1))[:-1])
+                    vocab_block: int = 16384, backend: Backend | None = None) -> list[np.ndarray]:
+    """fp32 logits of right-padded `tokens` [B, T] (`mask` 1 = real token) from the Orbax step
+    `step_dir`: one [len_b, V] array per row, for the real tokens only. `backend` defaults to the
+    family whose config `cfg` is."""
+    backend = backend or backend_for(cfg)
+    dense = [rel for rel in backend.layer_leaves if rel not in backend.expert_leaves]
+    reader = LeafReader(step_dir, backend.layout_for(cfg, scanned), dense)
+    return backend.streamed_logits(reader, cfg, tokens, mask, vocab_block=vocab_block)

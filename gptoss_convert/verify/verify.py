@@ -10,69 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_convert.errors import InputError, VerifyFailed
+from gptoss_convert.loading import checkpoint_bytes, is_scanned, load_config, load_params, locate
+from gptoss_convert.tree import unflatten
 from gptoss_convert.verify.metrics import Thresholds, compare
 
 MOE_STRATEGIES = ("ragged_dot", "megablox", "dense")
 STREAM_ABOVE = 2 << 30      # checkpoints larger than this are verified streamed by default
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """What `verify` was pointed at: an Orbax step (MaxText layout) or an HF safetensors dir."""
-
-    kind: str                     # "orbax" | "hf"
-    path: Path                    # step dir (…/0) for orbax; the directory for hf
-    config_dir: Path              # where config.json lives
-
-
-def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None) -> Checkpoint:
-    """Accepts OUT, OUT/0 or OUT/0/items of a to-orbax output, or an HF checkpoint directory."""
-    p = Path(ckpt)
-    if not p.exists():
-        raise InputError(f"{p}: does not exist")
-    for step in (p / "0", p, p.parent):
-        if (step / "items").is_dir() and (step / "_CHECKPOINT_METADATA").is_file():
-            cfg_dir = Path(config) if config else step.parent
-            if not (cfg_dir / "config.json").is_file():
-                raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --config HF_DIR")
-            return Checkpoint("orbax", step, cfg_dir)
-    if (p / "config.json").is_file() and (list(p.glob("*.safetensors"))):
-        return Checkpoint("hf", p, Path(config) if config else p)
-    raise InputError(f"{p}: neither an Orbax checkpoint (OUT/0/items) nor an HF safetensors directory")
-
-
-def load_config(ck: Checkpoint):
-    from gptoss_convert.backends import get_backend
-    path = ck.config_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
-    backend = get_backend(raw.get("model_type"))
-    return backend.config_from_dict(raw, str(path))
-
-
-def load_params(ck: Checkpoint, dtype=np.float32):
-    """(flat params, scanned) held in memory, from either kind of checkpoint."""
-    if ck.kind == "hf":
-        from gptoss_convert.converters.to_orbax import convert_in_memory
-        _, flat = convert_in_memory(ck.path, scanned=False, dtype="fp32")
-        return flat, False
-    from gptoss_convert.backends.gpt_oss.params import flatten
-    from gptoss_convert.io.orbax_reader import load_params as orbax_load
-    tree = orbax_load(ck.path, dtype=dtype)
-    return {k: np.asarray(v) for k, v in flatten(tree).items()}, is_scanned(ck)
-
-
-def is_scanned(ck: Checkpoint) -> bool:
-    """The layout the forward will see, read off the leaf names (`decoder/layers/...` = scanned),
-    not the `scan_layers` note, so checkpoints without our metadata (MaxText's own) work too."""
-    from gptoss_convert.io.orbax_reader import read_metadata
-    return any(p.startswith("decoder/layers/") for p in read_metadata(ck.path)["leaves"])
-
-
-def checkpoint_bytes(ck: Checkpoint) -> int:
-    return sum(p.stat().st_size for p in ck.path.rglob("*") if p.is_file())
 
 
 def run_batch(fn, records: list[dict]) -> list[np.ndarray]:
@@ -119,7 +62,7 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
     if (golden is None) == (hf is None):
         raise InputError("give exactly one of --golden FILE or --hf HF_DIR")
     ck = locate(ckpt, config)
-    cfg = load_config(ck)
+    backend, cfg = load_config(ck)
     records = _golden_records(golden, hf, prompts, cfg.V)
     th = Thresholds(atol, rtol, max_kl)
     if streamed is None:
@@ -129,13 +72,12 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
             raise InputError(f"{ck.path}: --streamed reads Orbax checkpoints; convert with to-orbax first")
         from gptoss_convert.verify.streamed import streamed_logits
         scanned = is_scanned(ck)
-        ours = run_batch(lambda tokens, mask: streamed_logits(ck.path, cfg, scanned, tokens, mask), records)
+        ours = run_batch(lambda tokens, mask: streamed_logits(ck.path, cfg, scanned, tokens, mask, backend=backend),
+                         records)
     else:
         params, scanned = load_params(ck)
-        from gptoss_convert.backends.gpt_oss.model import forward
-        from gptoss_convert.backends.gpt_oss.params import unflatten
         tree = unflatten(params)
-        ours = run_batch(lambda tokens, mask: forward(tree, tokens, cfg, moe=moe, attention_mask=mask), records)
+        ours = run_batch(lambda tokens, mask: backend.forward(tree, tokens, cfg, moe=moe, attention_mask=mask), records)
     rows = [{"prompt": rec["prompt"], **compare(rec["logits"], o, th, skip_first=skip_first_token)}
             for rec, o in zip(records, ours)]
     report = {"checkpoint": str(ck.path), "kind": ck.kind, "layout": "scanned" if scanned else "unscanned",

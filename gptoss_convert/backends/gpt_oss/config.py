@@ -1,10 +1,9 @@
-"""gpt-oss config.json -> GptOssConfig, through an explicit allowlist (SPEC.md §1)."""
+"""gpt-oss config.json -> GptOssConfig: math fields checked, inert ones accepted (docs/formats.md §2)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 from gptoss_convert.errors import ConfigError
@@ -44,6 +43,8 @@ class GptOssConfig:
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     max_position_embeddings: int = 131072
+    # config.json fields accepted as inert without being known (warned about, recorded); not model math.
+    unknown_fields: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
     # Short names used in shape comments: H, I, E, k, Nq, Nkv, D, L, V.
     @property
@@ -69,7 +70,7 @@ class GptOssConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json fields (transformers-5 spelling) describing this model."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("rope_theta", "rope_scaling", "layer_types")}
+             if f.name not in ("rope_theta", "rope_scaling", "layer_types", "unknown_fields")}
         d["layer_types"] = list(self.layer_types)
         d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": self.rope_theta,
                                 **dataclasses.asdict(self.rope_scaling)}
@@ -78,7 +79,12 @@ class GptOssConfig:
         return d
 
 
-# Keys we read into GptOssConfig (value type), or accept because they do not change the math.
+# The config policy. Fields that define the math are read (_REQUIRED, _OPTIONAL, the rope fields,
+# layer_types), type- and range-checked, and a value the mapping or forward does not implement is
+# refused (_FIXED, rope type, layer types, quantization). Every other field is accepted: the known
+# inert ones silently, unknown ones with one warning (and recorded in conversion.json), because
+# published configs and their derivatives carry extras (`initial_context_length` in gpt-oss's
+# own; re-saving tools add flags). `strict=True` refuses unknown fields instead.
 _REQUIRED = {
     "vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
     "num_local_experts": int, "num_attention_heads": int, "num_key_value_heads": int,
@@ -87,17 +93,22 @@ _OPTIONAL = {
     "num_experts_per_tok": int, "head_dim": int, "sliding_window": int, "rms_norm_eps": float,
     "swiglu_limit": float, "swiglu_alpha": float, "max_position_embeddings": int,
 }
-# Accepted and ignored: bookkeeping, training-only or generation-only fields.
-_IGNORED = {
-    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
-    "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "router_aux_loss_coef",
-    "output_router_logits", "attention_dropout", "quantization_config", "rope_theta", "rope_scaling",
-    "rope_parameters", "layer_types", "experts_per_token", "output_hidden_states", "return_dict",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-    "_name_or_path", "auto_map", "tie_word_embeddings", "attention_bias", "hidden_act",
-}
 # Fields whose only supported value is fixed; anything else would change the math.
 _FIXED = {"tie_word_embeddings": False, "attention_bias": True, "hidden_act": "silu"}
+_MATH = set(_REQUIRED) | set(_OPTIONAL) | set(_FIXED) | {
+    "model_type", "layer_types", "rope_theta", "rope_scaling", "rope_parameters", "experts_per_token",
+    "quantization_config"}
+# Accepted and ignored: bookkeeping, training-only, generation-only or HF-runtime fields.
+_INERT = {
+    "architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
+    "pad_token_id", "initializer_range", "use_cache", "router_aux_loss_coef", "output_router_logits",
+    "attention_dropout", "initial_context_length", "output_hidden_states", "output_attentions",
+    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
+    "problem_type", "_name_or_path", "auto_map", "tokenizer_class", "torchscript", "use_return_dict",
+}
+# One quantity, two spellings (transformers 4.55 and 5): both may be present, but must agree.
+_SYNONYMS = [("num_experts_per_tok", "experts_per_token"), ("torch_dtype", "dtype")]
+_QUANT_METHODS = ("mxfp4",)
 # Sizes beyond these are refused before anything is allocated (gpt-oss-120b is far below).
 _MAX = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 17,
         "num_hidden_layers": 1024, "num_local_experts": 4096, "num_attention_heads": 1024,
@@ -128,21 +139,35 @@ _ROPE_KNOWN = {f.name for f in dataclasses.fields(RopeScaling)}
 _ROPE_INERT = {"rope_type", "type", "rope_theta"}
 
 
-def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
-    """YaRN parameters from `rope_scaling` + `rope_theta` (transformers 4) or `rope_parameters`
-    (transformers 5). A missing `truncate` means True, as transformers reads it; gpt-oss's own
-    config says false explicitly."""
+def _rope_dicts(raw: dict, problems: list[str]) -> dict | None:
+    """`rope_scaling` + top-level `rope_theta` (transformers 4) and `rope_parameters`
+    (transformers 5) merged into one dict; a key the two spellings give different values is a problem."""
     params, scaling = raw.get("rope_parameters") or {}, raw.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         problems.append("rope_parameters/rope_scaling must be objects")
+        return None
+    old = {k: (f"rope_scaling.{k}", v) for k, v in scaling.items()}
+    if raw.get("rope_theta") is not None:
+        old["rope_theta"] = ("rope_theta", raw["rope_theta"])
+    for k in sorted(set(params) & set(old)):
+        if params[k] != old[k][1]:
+            problems.append(f"{old[k][0]}={old[k][1]!r} and rope_parameters.{k}={params[k]!r} disagree; "
+                            "remove one spelling or make them equal")
+    return {**{k: v for k, (_, v) in old.items()}, **params}
+
+
+def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
+    """YaRN parameters. A missing `truncate` means True, as transformers reads it; gpt-oss's own
+    config says false explicitly. Unknown rope keys are refused: each one changes the rotation."""
+    merged = _rope_dicts(raw, problems)
+    if merged is None:
         return 150000.0, RopeScaling()
-    merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "yarn"))
     if rope_type != "yarn":
         problems.append(f"rope type {rope_type!r} is not supported (gpt-oss uses 'yarn')")
     unknown = sorted(set(merged) - _ROPE_KNOWN - _ROPE_INERT)
     if unknown:
-        problems.append(f"unsupported rope parameters {unknown}")
+        problems.append(f"unsupported rope parameters {unknown} (supported: {sorted(_ROPE_KNOWN)})")
     truncate = merged.get("truncate", True)
     if not isinstance(truncate, bool):
         problems.append(f"rope parameter truncate must be true or false, got {truncate!r}")
@@ -153,25 +178,44 @@ def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
     if "original_max_position_embeddings" in merged:
         kw["original_max_position_embeddings"] = _typed("original_max_position_embeddings",
                                                         merged["original_max_position_embeddings"], int, problems)
-    theta = _typed("rope_theta", merged.get("rope_theta", raw.get("rope_theta", 150000.0)), float, problems)
+    theta = _typed("rope_theta", merged.get("rope_theta", 150000.0), float, problems)
     if None in kw.values() or theta is None:
         return 150000.0, RopeScaling()
     return theta, RopeScaling(**kw)
 
 
-def config_from_dict(raw: dict, source: str = "config.json") -> GptOssConfig:
-    """Translate an HF config dict; every problem found is reported in one ConfigError."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a JSON object")
-    problems: list[str] = []
+def unknown_fields(raw: dict) -> list[str]:
+    """Top-level fields of `raw` that this tool neither reads nor knows to be inert."""
+    return sorted(set(raw) - _MATH - _INERT)
+
+
+def _policy(raw: dict, strict: bool, problems: list[str]) -> None:
+    """Model type, fixed-value fields, quantization, duplicate spellings, unknown fields (strict)."""
     if raw.get("model_type") != "gpt_oss":
         problems.append(f"model_type is {raw.get('model_type')!r}, expected 'gpt_oss'")
-    unknown = sorted(set(raw) - set(_REQUIRED) - set(_OPTIONAL) - _IGNORED)
-    if unknown:
-        problems.append(f"unknown fields {unknown} (this tool refuses fields it does not understand; remove them if they are inert)")
     for k, v in _FIXED.items():
         if k in raw and raw[k] != v:
             problems.append(f"{k}={raw[k]!r} is not supported (gpt-oss has {v!r})")
+    q = raw.get("quantization_config")
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if q is not None and method not in _QUANT_METHODS:
+        problems.append(f"quantization_config.quant_method={method!r} is not supported (supported: {', '.join(_QUANT_METHODS)})")
+    for a, b in _SYNONYMS:
+        if raw.get(a) is not None and raw.get(b) is not None and raw[a] != raw[b]:
+            problems.append(f"{a}={raw[a]!r} and {b}={raw[b]!r} disagree; remove one spelling or make them equal")
+    if strict and (unknown := unknown_fields(raw)):
+        problems.append(f"unknown fields {unknown} (--strict-config refuses fields this tool does not know; "
+                        "drop the option to accept them as inert)")
+
+
+def config_from_dict(raw: dict, source: str = "config.json", *, strict: bool = False) -> GptOssConfig:
+    """Translate an HF config dict; every problem found is reported in one ConfigError.
+
+    Unknown fields are accepted (listed in the result's `unknown_fields`) unless `strict`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    problems: list[str] = []
+    _policy(raw, strict, problems)
     kw: dict[str, Any] = {}
     for k, typ in _REQUIRED.items():
         if k not in raw:
@@ -181,7 +225,7 @@ def config_from_dict(raw: dict, source: str = "config.json") -> GptOssConfig:
     for k, typ in _OPTIONAL.items():
         if raw.get(k) is not None:
             kw[k] = _typed(k, raw[k], typ, problems)
-    if "num_experts_per_tok" not in raw and raw.get("experts_per_token") is not None:
+    if "num_experts_per_tok" not in kw and raw.get("experts_per_token") is not None:
         kw["num_experts_per_tok"] = _typed("experts_per_token", raw["experts_per_token"], int, problems)
     kw["rope_theta"], kw["rope_scaling"] = _rope(raw, problems)
     if problems:
@@ -193,24 +237,26 @@ def config_from_dict(raw: dict, source: str = "config.json") -> GptOssConfig:
     _check_shapes(kw, layer_types, problems)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    return GptOssConfig(layer_types=tuple(layer_types), **kw)
+    return GptOssConfig(layer_types=tuple(layer_types), unknown_fields=tuple(unknown_fields(raw)), **kw)
+
+
+def _check_layer_types(layer_types, L: int, problems: list[str]) -> None:
+    if not isinstance(layer_types, list) or len(layer_types) != L:
+        problems.append(f"layer_types must list {L} entries")
+        return
+    bad = [(i, t) for i, t in enumerate(layer_types) if t not in (SLIDING, FULL)]
+    if bad:
+        i, t = bad[0]
+        problems.append(f"layer_types[{i}]={t!r} is not a supported layer type (supported: {SLIDING}, {FULL})")
+    elif any(t != (SLIDING if i % 2 == 0 else FULL) for i, t in enumerate(layer_types)):
+        problems.append("layer_types must alternate sliding_attention, full_attention starting with sliding (as gpt-oss does)")
 
 
 def _check_shapes(kw: dict, layer_types, problems: list[str]) -> None:
-    if not isinstance(layer_types, list) or len(layer_types) != kw["num_hidden_layers"]:
-        problems.append(f"layer_types must list {kw['num_hidden_layers']} entries")
-    elif any(t != (SLIDING if i % 2 == 0 else FULL) for i, t in enumerate(layer_types)):
-        problems.append("layer_types must alternate sliding_attention, full_attention starting with sliding (as gpt-oss does)")
+    _check_layer_types(layer_types, kw["num_hidden_layers"], problems)
     if kw["num_attention_heads"] % kw["num_key_value_heads"]:
         problems.append("num_attention_heads must be a multiple of num_key_value_heads")
     if not 1 <= kw["num_experts_per_tok"] <= kw["num_local_experts"]:
         problems.append("num_experts_per_tok must be between 1 and num_local_experts")
     if kw["head_dim"] % 2:
         problems.append("head_dim must be even (RoPE rotates halves)")
-
-
-def load_config(model_dir: str | Path) -> GptOssConfig:
-    """Read and translate `<model_dir>/config.json`."""
-    from gptoss_convert.io.files import read_json_object
-    path = Path(model_dir) / "config.json"
-    return config_from_dict(read_json_object(path, "a gpt-oss checkpoint directory must contain config.json"), str(path))

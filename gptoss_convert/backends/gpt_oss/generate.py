@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -29,8 +26,7 @@ from gptoss_convert.backends.gpt_oss.config import GptOssConfig
 from gptoss_convert.backends.gpt_oss.moe import STRATEGIES
 from gptoss_convert.backends.gpt_oss.moe import moe as moe_block
 from gptoss_convert.backends.gpt_oss.params import layout_for
-from gptoss_convert.backends.layout import SCAN_AXIS
-from gptoss_convert.errors import ConvertError, InputError
+from gptoss_convert.errors import ConvertError
 
 Params = dict[str, Any]
 
@@ -64,9 +60,9 @@ def layer_params(params: Params, cfg: GptOssConfig, i: int) -> Params:
     """Layer i's subtree with unscanned shapes, from either layout."""
     if not M.is_scanned(params):
         return params["decoder"][f"layers_{i}"]
-    period = layout_for(cfg, True).period
-    stack = params["decoder"]["layers"][f"layers_{i % period}"]
-    return jax.tree.map(lambda a: jax.lax.index_in_dim(a, i // period, SCAN_AXIS, keepdims=False), stack)
+    layout = layout_for(cfg, True)
+    stack = params["decoder"]["layers"][f"layers_{i % layout.period}"]
+    return jax.tree.map(lambda a: jax.lax.index_in_dim(a, i // layout.period, layout.axis, keepdims=False), stack)
 
 
 def key_mask(q_pos, k_pos, window: int | None):
@@ -253,48 +249,3 @@ def generate(params: Params, cfg: GptOssConfig, prompt_ids, *, max_new_tokens: i
     ids, _ = generate_with_stats(params, cfg, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, seed=seed, moe=moe, dtype=dtype, eos_id=eos_id)
     return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# From a checkpoint on disk (the `generate` command)
-
-
-def _eos_ids(config_dir: Path) -> list[int] | None:
-    """eos ids from generation_config.json (gpt-oss lists several), else config.json."""
-    for name in ("generation_config.json", "config.json"):
-        f = config_dir / name
-        if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    return None
-
-
-def _tokenizer(tokenizer_dir: Path):
-    from tokenizers import Tokenizer
-    f = tokenizer_dir / "tokenizer.json"
-    if not f.is_file():
-        raise InputError(f"{tokenizer_dir}: no tokenizer.json; pass --tokenizer HF_DIR (the source model directory)")
-    return Tokenizer.from_file(str(f))
-
-
-def generate_from_checkpoint(ckpt: str | os.PathLike, prompt: str, *, tokenizer: str | os.PathLike | None = None,
-                             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                             moe: str = "ragged_dot", dtype="float32") -> dict:
-    """Load CKPT (OUT, OUT/0, OUT/0/items of to-orbax, or an HF directory), tokenize `prompt` with the
-    tokenizer beside it (or `tokenizer`), and continue it. Returns prompt/text/ids/stats."""
-    from gptoss_convert.backends.gpt_oss.params import unflatten
-    from gptoss_convert.verify.verify import load_config, load_params, locate
-    ck = locate(ckpt)
-    cfg = load_config(ck)
-    tok = _tokenizer(Path(tokenizer) if tokenizer else ck.config_dir)
-    prompt_ids = tok.encode(prompt).ids
-    if not prompt_ids:
-        raise InputError("the prompt encodes to no tokens; give a non-empty --prompt")
-    dtype = jnp.dtype(dtype)
-    flat, _ = load_params(ck, dtype=dtype)      # Orbax leaves are cast while read; HF dirs come as fp32
-    params = unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
-    [new], stats = generate_with_stats(params, cfg, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, seed=seed, moe=moe, dtype=dtype, eos_id=_eos_ids(ck.config_dir))
-    return {"prompt": prompt, "text": tok.decode(new, skip_special_tokens=False), "prompt_ids": prompt_ids,
-            "new_ids": new, "stats": stats}

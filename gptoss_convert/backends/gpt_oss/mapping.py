@@ -1,4 +1,4 @@
-"""HF gpt-oss tensor names -> MaxText parameter paths: the one table (SPEC.md §4).
+"""HF gpt-oss tensor names -> MaxText parameter paths: the one table (docs/maxtext.md §1).
 
 Per-layer rules name the HF tensor with `{i}` and the MaxText leaf relative to `layers_{i}`;
 where the leaf lands (scanned or not) is the layout step's business, not the table's.
@@ -8,8 +8,8 @@ HF names are those of the BF16 model; an MXFP4 pair `X_blocks`+`X_scales` is rea
 from __future__ import annotations
 
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
-from gptoss_convert.converters.plan import Rule
-from gptoss_convert.converters.transforms import SplitAxis, TakeInterleaved, Transpose
+from gptoss_convert.mapping.rules import Rule
+from gptoss_convert.mapping.transforms import Deinterleave, SplitAxis, Transpose
 
 T = Transpose((1, 0))
 
@@ -37,10 +37,8 @@ def rules(cfg: GptOssConfig) -> list[Rule]:
         Rule(L + "mlp.router.weight", "GptOssMlp/gate/kernel", (T,)),                       # [E, H] -> [H, E]
         Rule(L + "mlp.router.bias", "GptOssMlp/gate/bias"),
         # gate and up are INTERLEAVED on the last axis of [E, H, 2I]: gate = 0::2, up = 1::2
-        Rule(L + "mlp.experts.gate_up_proj", "GptOssMlp/wi_0", (TakeInterleaved(0),), rows_per_block=1),
-        Rule(L + "mlp.experts.gate_up_proj", "GptOssMlp/wi_1", (TakeInterleaved(1),), rows_per_block=1),
-        Rule(L + "mlp.experts.gate_up_proj_bias", "GptOssMlp/wi_0_bias", (TakeInterleaved(0),)),
-        Rule(L + "mlp.experts.gate_up_proj_bias", "GptOssMlp/wi_1_bias", (TakeInterleaved(1),)),
+        Rule(L + "mlp.experts.gate_up_proj", ("GptOssMlp/wi_0", "GptOssMlp/wi_1"), (Deinterleave(2),), rows_per_block=1),
+        Rule(L + "mlp.experts.gate_up_proj_bias", ("GptOssMlp/wi_0_bias", "GptOssMlp/wi_1_bias"), (Deinterleave(2),)),
         Rule(L + "mlp.experts.down_proj", "GptOssMlp/wo", rows_per_block=1),                 # [E, I, H] as is
         Rule(L + "mlp.experts.down_proj_bias", "GptOssMlp/wo_bias"),
     ]

@@ -1,4 +1,4 @@
-"""Minimal JAX gpt-oss forward over the MaxText parameter tree (SPEC.md §4 tree, §5 math).
+"""Minimal JAX gpt-oss forward over the MaxText parameter tree (docs/maxtext.md §1 tree, docs/forward.md §1 math).
 
 Pure functions over nested dicts with leaves named as `params.flat_shapes`; both layouts are
 accepted (`decoder/layers` present -> scanned). Nothing here imports conversion code. The pieces
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
 from gptoss_convert.backends.gpt_oss.moe import moe as moe_block
-from gptoss_convert.backends.layout import SCAN_AXIS
+from gptoss_convert.backends.gpt_oss.params import GLOBAL_LEAVES, LAYER_LEAVES, layout_for
+from gptoss_convert.mapping.leaves import leaf_axes
 
 Params = dict[str, Any]
 
@@ -221,20 +221,22 @@ def _layers_unscanned(params, x, cfg, ctx, moe, dtype):
 
 
 def _layers_scanned(params, x, cfg, ctx, moe, dtype):
-    """lax.scan over stack slots; each step runs layers_0 (sliding) then layers_1 (full).
+    """lax.scan over stack slots; each step runs layers_0 (sliding) then layers_1 (full), i.e. one
+    period of the layout.
 
-    Each step slices its slot out of axis 1 (no transposed copy of the stacked weights).
+    Each step slices its slot out of the stack axis (no transposed copy of the stacked weights).
     """
     stacks = params["decoder"]["layers"]
+    layout = layout_for(cfg, True)
 
     def step(x, slot):
-        for parity in (0, 1):
-            lp = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, SCAN_AXIS, keepdims=False),
-                              stacks[f"layers_{parity}"])
-            x = decoder_layer(lp, x, cfg, cfg.is_sliding(parity), ctx, moe=moe, dtype=dtype)
+        for j in range(layout.period):
+            lp = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, layout.axis, keepdims=False),
+                              stacks[f"layers_{j}"])
+            x = decoder_layer(lp, x, cfg, cfg.is_sliding(j), ctx, moe=moe, dtype=dtype)
         return x, None
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(cfg.L // 2))
+    x, _ = jax.lax.scan(step, x, jnp.arange(layout.stack_size))
     return x
 
 
@@ -256,37 +258,7 @@ def forward(params: Params, tokens, cfg: GptOssConfig, *, moe: str = "ragged_dot
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharding rules
-
-# Mesh axis per dimension of each per-layer leaf (unscanned shape): "expert" on experts,
-# "tensor" on heads / expert width I / vocab, "fsdp" on the hidden size H.
-_LAYER_RULES: dict[str, tuple[str | None, ...]] = {
-    "pre_self_attention_layer_norm/scale": (None,),
-    "post_self_attention_layer_norm/scale": (None,),
-    "GptOssAttention/query/kernel": ("fsdp", "tensor", None),
-    "GptOssAttention/query/bias": ("tensor", None),
-    "GptOssAttention/key/kernel": ("fsdp", "tensor", None),
-    "GptOssAttention/key/bias": ("tensor", None),
-    "GptOssAttention/value/kernel": ("fsdp", "tensor", None),
-    "GptOssAttention/value/bias": ("tensor", None),
-    "GptOssAttention/out/kernel": ("tensor", None, "fsdp"),
-    "GptOssAttention/out/bias": (None,),
-    "GptOssAttention/sinks": ("tensor",),
-    "GptOssMlp/gate/kernel": ("fsdp", None),
-    "GptOssMlp/gate/bias": (None,),
-    "GptOssMlp/wi_0": ("expert", "fsdp", "tensor"),
-    "GptOssMlp/wi_1": ("expert", "fsdp", "tensor"),
-    "GptOssMlp/wi_0_bias": ("expert", "tensor"),
-    "GptOssMlp/wi_1_bias": ("expert", "tensor"),
-    "GptOssMlp/wo": ("expert", "tensor", "fsdp"),
-    "GptOssMlp/wo_bias": ("expert", None),
-}
-_GLOBAL_RULES: dict[str, tuple[str | None, ...]] = {
-    "token_embedder/embedding": ("tensor", "fsdp"),     # [V, H]
-    "decoder/decoder_norm/scale": (None,),
-    "decoder/logits_dense/kernel": ("fsdp", "tensor"),  # [H, V]
-}
-_LAYER_PREFIX = re.compile(r"^decoder/(layers_\d+|layers/layers_\d+)/")
+# Sharding: the mesh axes come from params.py's leaf tables
 
 
 def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -296,13 +268,9 @@ def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
     dimension is replicated (e.g. 5 experts on a 4-way expert axis). Scanned leaves get None on
     the stack axis.
     """
-    m = _LAYER_PREFIX.match(path)
-    rule = _LAYER_RULES.get(path[m.end():]) if m else _GLOBAL_RULES.get(path)
-    if rule is None:
+    axes = leaf_axes(path, GLOBAL_LEAVES, LAYER_LEAVES)
+    if axes is None:
         raise ValueError(f"{path}: no sharding rule for this leaf (not a gpt-oss MaxText parameter path)")
-    axes = list(rule)
-    if m and m.group(1).startswith("layers/"):
-        axes.insert(SCAN_AXIS, None)
     if len(axes) != len(shape):
         raise ValueError(f"{path}: shape {shape} does not match the sharding rule {tuple(axes)}")
     sizes = dict(mesh.shape)   # works for Mesh and AbstractMesh

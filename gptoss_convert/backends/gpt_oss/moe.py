@@ -7,7 +7,7 @@
 - "dense":      every expert on every token, combined with routing weights that are zero for
                 experts a token did not select (a simple reference; O(E) compute).
 All are dropless: a token always reaches its k experts. `layer_mlp_params` is one layer's
-`GptOssMlp` subtree (unscanned shapes, SPEC.md §4).
+`GptOssMlp` subtree (unscanned shapes, docs/maxtext.md §1).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_convert.backends.gpt_oss.params import LAYER_LEAVES
 from gptoss_convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def _precision(dtype) -> jax.lax.Precision | None:
 
 
 def _expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    E, H, I = cfg.E, cfg.H, cfg.I
-    return {"gate/kernel": (H, E), "gate/bias": (E,), "wi_0": (E, H, I), "wi_1": (E, H, I),
-            "wi_0_bias": (E, I), "wi_1_bias": (E, I), "wo": (E, I, H), "wo_bias": (E, H)}
+    """The `GptOssMlp` leaves of params.py's table, relative to that subtree."""
+    return {rel.removeprefix("GptOssMlp/"): leaf.shape(cfg) for rel, leaf in LAYER_LEAVES.items()
+            if rel.startswith("GptOssMlp/")}
 
 
 def validate_moe_inputs(h, layer_mlp_params: Mapping[str, Any], cfg) -> None:

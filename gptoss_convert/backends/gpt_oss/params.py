@@ -1,6 +1,7 @@
-"""The MaxText gpt-oss parameter tree (SPEC.md §4): the single source of truth for shapes.
+"""The MaxText gpt-oss parameter tree (docs/maxtext.md §1): the single source of truth for shapes.
 
-Used by the forward, random init, conversion targets, Orbax restore targets and shape tests.
+Used by the forward, random init, conversion targets, Orbax restore targets, the sharding, the
+expert list of a streamed forward and shape tests.
 Paths are relative to `params/params/` in a MaxText checkpoint.
 """
 
@@ -11,42 +12,48 @@ from typing import Any
 import numpy as np
 
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
-from gptoss_convert.backends.layout import Layout
+from gptoss_convert.mapping.layout import Layout
+from gptoss_convert.mapping.leaves import Leaf, tree_shapes
 from gptoss_convert.tree import flatten, unflatten  # noqa: F401  (re-exported)
+
+# Per-layer leaves, keyed by path inside `layers_{i}` (unscanned shapes). Mesh axes: "expert" on
+# experts, "tensor" on heads / expert width I / vocab, "fsdp" on the hidden size H.
+LAYER_LEAVES: dict[str, Leaf] = {
+    "pre_self_attention_layer_norm/scale": Leaf(("H",), (None,)),
+    "post_self_attention_layer_norm/scale": Leaf(("H",), (None,)),
+    "GptOssAttention/query/kernel": Leaf(("H", "Nq", "D"), ("fsdp", "tensor", None)),
+    "GptOssAttention/query/bias": Leaf(("Nq", "D"), ("tensor", None)),
+    "GptOssAttention/key/kernel": Leaf(("H", "Nkv", "D"), ("fsdp", "tensor", None)),
+    "GptOssAttention/key/bias": Leaf(("Nkv", "D"), ("tensor", None)),
+    "GptOssAttention/value/kernel": Leaf(("H", "Nkv", "D"), ("fsdp", "tensor", None)),
+    "GptOssAttention/value/bias": Leaf(("Nkv", "D"), ("tensor", None)),
+    "GptOssAttention/out/kernel": Leaf(("Nq", "D", "H"), ("tensor", None, "fsdp")),
+    "GptOssAttention/out/bias": Leaf(("H",), (None,)),
+    "GptOssAttention/sinks": Leaf(("Nq",), ("tensor",)),                    # one per query head
+    "GptOssMlp/gate/kernel": Leaf(("H", "E"), ("fsdp", None)),             # the router
+    "GptOssMlp/gate/bias": Leaf(("E",), (None,)),
+    "GptOssMlp/wi_0": Leaf(("E", "H", "I"), ("expert", "fsdp", "tensor")),
+    "GptOssMlp/wi_1": Leaf(("E", "H", "I"), ("expert", "fsdp", "tensor")),
+    "GptOssMlp/wi_0_bias": Leaf(("E", "I"), ("expert", "tensor")),
+    "GptOssMlp/wi_1_bias": Leaf(("E", "I"), ("expert", "tensor")),
+    "GptOssMlp/wo": Leaf(("E", "I", "H"), ("expert", "tensor", "fsdp")),
+    "GptOssMlp/wo_bias": Leaf(("E", "H"), ("expert", None)),
+}
+GLOBAL_LEAVES: dict[str, Leaf] = {
+    "token_embedder/embedding": Leaf(("V", "H"), ("tensor", "fsdp")),
+    "decoder/decoder_norm/scale": Leaf(("H",), (None,)),
+    "decoder/logits_dense/kernel": Leaf(("H", "V"), ("fsdp", "tensor")),    # untied LM head
+}
+EXPERT_LEAVES = tuple(rel for rel, leaf in LAYER_LEAVES.items() if leaf.expert)
 
 
 def layer_shapes(cfg: GptOssConfig) -> dict[str, tuple[int, ...]]:
     """Per-layer leaves (unscanned shapes), keyed by path inside `layers_{i}`."""
-    H, I, E, Nq, Nkv, D = cfg.H, cfg.I, cfg.E, cfg.Nq, cfg.Nkv, cfg.D
-    return {
-        "pre_self_attention_layer_norm/scale": (H,),
-        "post_self_attention_layer_norm/scale": (H,),
-        "GptOssAttention/query/kernel": (H, Nq, D),
-        "GptOssAttention/query/bias": (Nq, D),
-        "GptOssAttention/key/kernel": (H, Nkv, D),
-        "GptOssAttention/key/bias": (Nkv, D),
-        "GptOssAttention/value/kernel": (H, Nkv, D),
-        "GptOssAttention/value/bias": (Nkv, D),
-        "GptOssAttention/out/kernel": (Nq, D, H),
-        "GptOssAttention/out/bias": (H,),
-        "GptOssAttention/sinks": (Nq,),
-        "GptOssMlp/gate/kernel": (H, E),
-        "GptOssMlp/gate/bias": (E,),
-        "GptOssMlp/wi_0": (E, H, I),
-        "GptOssMlp/wi_1": (E, H, I),
-        "GptOssMlp/wi_0_bias": (E, I),
-        "GptOssMlp/wi_1_bias": (E, I),
-        "GptOssMlp/wo": (E, I, H),
-        "GptOssMlp/wo_bias": (E, H),
-    }
+    return {rel: leaf.shape(cfg) for rel, leaf in LAYER_LEAVES.items()}
 
 
 def global_shapes(cfg: GptOssConfig) -> dict[str, tuple[int, ...]]:
-    return {
-        "token_embedder/embedding": (cfg.V, cfg.H),
-        "decoder/decoder_norm/scale": (cfg.H,),
-        "decoder/logits_dense/kernel": (cfg.H, cfg.V),
-    }
+    return {path: leaf.shape(cfg) for path, leaf in GLOBAL_LEAVES.items()}
 
 
 def layout_for(cfg: GptOssConfig, scanned: bool) -> Layout:
@@ -56,14 +63,7 @@ def layout_for(cfg: GptOssConfig, scanned: bool) -> Layout:
 
 def flat_shapes(cfg: GptOssConfig, scanned: bool) -> dict[str, tuple[int, ...]]:
     """Every leaf of the tree as {'a/b/c': shape}, in a stable order."""
-    layout = layout_for(cfg, scanned)
-    out = dict(global_shapes(cfg))
-    layers = range(layout.period) if scanned else range(cfg.L)
-    for i in layers:
-        for rel, shape in layer_shapes(cfg).items():
-            p = layout.place(i, rel, shape)
-            out[p.path] = p.shape
-    return dict(sorted(out.items()))
+    return tree_shapes(cfg, GLOBAL_LEAVES, LAYER_LEAVES, layout_for(cfg, scanned))
 
 
 def abstract_params(cfg: GptOssConfig, scanned: bool, dtype: Any = "bfloat16") -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Named, invertible tensor transforms used by the mapping tables.
 
 Each op knows its output shape, where an input axis lands (so a conversion can stream blocks of
-rows through it), and its inverse (so the same table can run backwards, MaxText -> HF).
+rows through it), and its inverse (so the same table can run backwards, MaxText -> HF). Most ops
+take one array to one array; a fan-out op (`Deinterleave`) gives a tuple of arrays and its inverse,
+a joining op (`Interleave`), takes one: `apply` runs one-array ops on each part in between.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from gptoss_convert.buffers import as_bits, empty
 
 class Transform:
     name: str = "?"
+    joins: bool = False          # takes a tuple of arrays (the inverse of a fan-out op)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -34,7 +37,7 @@ class Transform:
 # Source rows per tile of a transposed copy: ~2 MB of them stay in cache while their columns are
 # written out. [11650, 2880] bf16 -> [2880, 11650]: 0.15 G elements/s untiled (as
 # np.ascontiguousarray or TensorStore's encoder walk the transposed view), 0.59 with 2 MB tiles
-# (benchmarks/bench_tiles.py, BENCHMARKS.md §2).
+# (benchmarks/bench_tiles.py, docs/benchmarks-history.md §2).
 TRANSPOSE_TILE_BYTES = 2 << 20
 
 
@@ -100,7 +103,7 @@ class SplitAxis(Transform):
         return axis if axis < a else (None if axis == a else axis + len(self.sizes) - 1)
 
     def inverse(self):
-        return MergeAxes(self.axis_ if self.axis_ >= 0 else self.axis_ - len(self.sizes) + 1, len(self.sizes))
+        return MergeAxes(self.axis_ if self.axis_ >= 0 else self.axis_ - len(self.sizes) + 1, self.sizes)
 
     def __str__(self):
         return f"split(axis={self.axis_}, {'x'.join(map(str, self.sizes))})"
@@ -108,36 +111,39 @@ class SplitAxis(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class MergeAxes(Transform):
-    """Merge `count` consecutive axes starting at `axis_` into one."""
+    """Merge the consecutive axes of sizes `sizes` starting at `axis_` into one (Nq, D -> Nq*D)."""
 
     axis_: int
-    count: int
+    sizes: tuple[int, ...]
     name = "merge"
 
     def __call__(self, x):
         a = self.axis_ % x.ndim
-        return x.reshape(x.shape[:a] + (-1,) + x.shape[a + self.count:])
+        return x.reshape(x.shape[:a] + (-1,) + x.shape[a + len(self.sizes):])
 
     def shape(self, shape):
         a = self.axis_ % len(shape)
-        return shape[:a] + (math.prod(shape[a:a + self.count]),) + shape[a + self.count:]
+        if tuple(shape[a:a + len(self.sizes)]) != tuple(self.sizes):
+            raise ValueError(f"merge axes {a}.. of {list(shape)}: expected sizes {list(self.sizes)}")
+        return shape[:a] + (math.prod(self.sizes),) + shape[a + len(self.sizes):]
 
     def axis(self, axis, ndim):
-        a = self.axis_ % ndim
-        return axis if axis < a else (None if axis < a + self.count else axis - self.count + 1)
+        a, n = self.axis_ % ndim, len(self.sizes)
+        return axis if axis < a else (None if axis < a + n else axis - n + 1)
 
     def inverse(self):
-        raise NotImplementedError("MergeAxes.inverse needs the split sizes; tables use SplitAxis forward")
+        return SplitAxis(self.axis_ if self.axis_ >= 0 else self.axis_ + len(self.sizes) - 1, self.sizes)
 
     def __str__(self):
-        return f"merge(axis={self.axis_}, {self.count})"
+        return f"merge(axis={self.axis_}, {'x'.join(map(str, self.sizes))})"
 
 
 @dataclasses.dataclass(frozen=True)
 class TakeInterleaved(Transform):
     """Every `parts`-th entry of the last axis starting at `part` (gate = 0::2, up = 1::2).
 
-    Its inverse needs all parts: `interleave` below puts them back together.
+    One part of a `Deinterleave`, as the conversion plan streams it (one target per part); alone
+    it cannot be inverted: `Interleave` needs every part.
     """
 
     part: int
@@ -156,10 +162,65 @@ class TakeInterleaved(Transform):
         return None if axis == ndim - 1 else axis
 
     def inverse(self):
-        raise NotImplementedError("use interleave([part0, part1, ...])")
+        raise NotImplementedError("one part cannot be inverted alone: invert the rule's Deinterleave (Interleave)")
 
     def __str__(self):
         return f"take[{self.part}::{self.parts}] of last axis"
+
+
+@dataclasses.dataclass(frozen=True)
+class Deinterleave(Transform):
+    """One array -> a tuple of `parts` arrays, part p = x[..., p::parts] (gate/up of gate_up_proj).
+
+    A rule naming several targets starts with it; `take(p)` is the op that makes target p alone.
+    """
+
+    parts: int = 2
+    name = "deinterleave"
+
+    def __call__(self, x):
+        return tuple(self.take(p)(x) for p in range(self.parts))
+
+    def take(self, part: int) -> TakeInterleaved:
+        return TakeInterleaved(part, self.parts)
+
+    def shape(self, shape):
+        return self.take(0).shape(shape)      # the shape of each part
+
+    def axis(self, axis, ndim):
+        return self.take(0).axis(axis, ndim)
+
+    def inverse(self):
+        return Interleave(self.parts)
+
+    def __str__(self):
+        return f"deinterleave({self.parts}) of last axis"
+
+
+@dataclasses.dataclass(frozen=True)
+class Interleave(Transform):
+    """A tuple of `parts` arrays -> one, out[..., p::parts] = x[p] (gate_up_proj from gate, up)."""
+
+    parts: int = 2
+    name = "interleave"
+    joins = True
+
+    def __call__(self, xs):
+        if len(xs) != self.parts:
+            raise ValueError(f"interleave({self.parts}) got {len(xs)} arrays")
+        return interleave(list(xs))
+
+    def shape(self, shape):
+        return shape[:-1] + (shape[-1] * self.parts,)
+
+    def axis(self, axis, ndim):
+        return None if axis == ndim - 1 else axis
+
+    def inverse(self):
+        return Deinterleave(self.parts)
+
+    def __str__(self):
+        return f"interleave({self.parts}) on last axis"
 
 
 def interleave(parts: list[np.ndarray]) -> np.ndarray:
@@ -170,9 +231,10 @@ def interleave(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def apply(transforms: tuple[Transform, ...], x: np.ndarray) -> np.ndarray:
+def apply(transforms: tuple[Transform, ...], x):
+    """Run `transforms` on x; between a fan-out and a join, one-array ops run on each part."""
     for t in transforms:
-        x = t(x)
+        x = tuple(t(a) for a in x) if isinstance(x, tuple) and not t.joins else t(x)
     return x
 
 

@@ -9,8 +9,17 @@ to `decoder/layers/layers_{i % period}/`, stack slot i // period, inserted at ax
 from __future__ import annotations
 
 import dataclasses
+import re
 
 SCAN_AXIS = 1  # MaxText param_scan_axis
+_LAYER_PATH = re.compile(r"^decoder/(layers_\d+|layers/layers_\d+)/")
+
+
+def layer_relative(path: str) -> tuple[str, bool] | None:
+    """(path inside the layer, stacked?) of a per-layer leaf path in either layout; None for a
+    global leaf. 'decoder/layers/layers_1/X/y' -> ('X/y', True)."""
+    m = _LAYER_PATH.match(path)
+    return None if m is None else (path[m.end():], m.group(1).startswith("layers/"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +33,12 @@ class Placement:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
+    """Where layer i's leaves go; scanned stacks go at `axis`, grouping layers by `period`."""
+
     scanned: bool
     num_layers: int
     period: int = 2
+    axis = SCAN_AXIS            # MaxText's fixed param_scan_axis (not a field: the plan assumes it)
 
     def __post_init__(self):
         if self.scanned and self.num_layers % self.period:
@@ -46,7 +58,7 @@ class Layout:
             raise IndexError(f"layer {layer} out of range 0..{self.num_layers - 1}")
         if not self.scanned:
             return Placement(f"decoder/layers_{layer}/{rel_path}", None, tuple(layer_shape))
-        shape = tuple(layer_shape[:SCAN_AXIS]) + (self.stack_size,) + tuple(layer_shape[SCAN_AXIS:])
+        shape = tuple(layer_shape[:self.axis]) + (self.stack_size,) + tuple(layer_shape[self.axis:])
         return Placement(f"decoder/layers/layers_{layer % self.period}/{rel_path}", layer // self.period, shape)
 
     def layer_of(self, path: str, slot: int | None) -> int:

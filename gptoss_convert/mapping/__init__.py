@@ -1,0 +1,1 @@
+"""The mapping vocabulary shared by backends and converters: rules, transforms, layouts, leaf specs."""
