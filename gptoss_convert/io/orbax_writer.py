@@ -434,9 +434,16 @@ class _ChunkFiles:
     def committed(self, path: str, index: tuple[slice, ...], commit, done: Future) -> None:
         """TensorStore committed the write at `index` (its future `commit`): count it, hash the
         chunk files it completed, then complete `done` (the caller's future)."""
-        if commit.exception() is not None:
-            done.set_exception(commit.exception())
+        try:
+            if commit.exception() is not None:
+                raise commit.exception()
+            self._count(path, index)
+        except BaseException as e:  # noqa: BLE001 - on TensorStore's thread: the caller gets it
+            done.set_exception(e)
             return
+        done.set_result(None)
+
+    def _count(self, path: str, index: tuple[slice, ...]) -> None:
         with self._lock:
             full = []
             for cell, n in self.writer.chunk_cells(path, index).items():
@@ -447,7 +454,6 @@ class _ChunkFiles:
             if full and self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-hash")
             self._pending.extend(self._pool.submit(self._hash, file) for file in full)
-        done.set_result(None)
 
     def _hash(self, file: Path) -> None:
         self.completed(file, file_digest(file, drop_cache=True))
