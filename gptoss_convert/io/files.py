@@ -169,9 +169,10 @@ class DirectWriter:
 
 # The hash conversion.json records for every output file. xxh3-128 (the `xxhash` package), not
 # sha256: the record detects copies that were damaged or changed, and the record itself is not
-# signed, so a cryptographic hash would add nothing there. On this project's VM hashlib's
-# sha256 ran at 1.7 GB/s and took ~38% of dequantize's CPU; xxh3-128 runs at 16.7 GB/s.
-# Records written before this change name "sha256"; check verifies both (HASHES).
+# signed, so a cryptographic hash would add nothing there. sha256 was 38% of dequantize's CPU
+# (perf, docs/benchmarks-history.md §2); with xxh3-128 the user CPU of dequantize and to-orbax
+# fell 45-47% (bench_ab, BENCHMARKS.md "Full size"). Records written before this change name
+# "sha256"; check verifies both (HASHES).
 HASH = "xxh3_128"
 HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
