@@ -39,7 +39,7 @@ def worktree(rev: str, workdir: Path) -> Path:
 
 def run(tree: Path, args: list[str]) -> dict:
     """One conversion by the code in `tree`; the child's own wall, CPU and peak RSS."""
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "gptoss_convert", *args, "--no-progress"], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL)

@@ -63,14 +63,8 @@ def _random(rng, name: str, dtype: str, shape) -> np.ndarray:
     return bits.view(DTYPES["BF16"])
 
 
-def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int = 4 << 30, seed: int = 0) -> Path:
-    """Write the synthetic checkpoint; returns its directory (skips work if already complete)."""
-    out = Path(out)
-    if (out / "config.json").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    c = config(model, layers)
-    specs = tensor_specs(c)
+def split_shards(specs: list[tuple[str, str, tuple[int, ...]]], shard_bytes: int) -> list[list]:
+    """`specs` in order, cut into shards of at most `shard_bytes` (a bigger tensor gets its own)."""
     shards, size = [[]], 0
     for s in specs:
         n = int(np.prod(s[2])) * DTYPES[s[1]].itemsize
@@ -79,18 +73,45 @@ def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int
             size = 0
         shards[-1].append(s)
         size += n
+    return shards
+
+
+BLOCK_BYTES = 64 << 20     # largest piece of random data held at once (the embedding is 1.16 GB)
+
+
+def _write_tensor(w: ShardWriter, rng, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    """Random data for one tensor, appended in row blocks of at most BLOCK_BYTES."""
+    row = int(np.prod(shape[1:])) * DTYPES[dtype].itemsize if len(shape) > 1 else 0
+    rows = max(1, BLOCK_BYTES // row) if row else None
+    if rows is None or rows >= shape[0]:
+        w.write(name, _random(rng, name, dtype, shape))
+        return
+    for start in range(0, shape[0], rows):
+        w.append(name, _random(rng, name, dtype, (min(rows, shape[0] - start), *shape[1:])))
+
+
+def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int = 4 << 30, seed: int = 0,
+          cfg: dict | None = None) -> Path:
+    """Write the synthetic checkpoint (with `cfg` as its config.json if given, else `config(model,
+    layers)`); returns its directory (skips work if already complete). Memory: one row block."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    c = cfg or config(model, layers)
+    shards = split_shards(tensor_specs(c), shard_bytes)
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fname = f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors"   # the published naming
         w = ShardWriter(out / fname, shard, {"format": "pt"})
         for name, dtype, shape in shard:
-            w.write(name, _random(rng, name, dtype, shape))
+            _write_tensor(w, rng, name, dtype, shape)
             weight_map[name] = fname
             total += int(np.prod(shape)) * DTYPES[dtype].itemsize
         w.close(fsync=False)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps(c, indent=2))
+    (out / "config.json").write_text(json.dumps(c, indent=2))     # last: marks the checkpoint complete
     return out
 
 

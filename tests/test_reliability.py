@@ -527,6 +527,33 @@ def test_check_fails_on_damaged_output(refs, tmp_path, case):
     assert str(out) in line and needle in line, (needle, line)
 
 
+@pytest.mark.parametrize("kind", ["dequantize", "unscanned"])
+def test_check_verifies_records_of_earlier_versions(refs, tmp_path, kind):
+    """Records written before the hash became xxh3-128 name "sha256" for every file: check still
+    verifies them (hashlib is the oracle here), and still catches a flipped byte, naming sha256."""
+    out = tmp_path / "out"
+    shutil.copytree(refs[kind], out)
+    rec = json.loads((out / "conversion.json").read_text())
+    rec["outputs"] = {rel: {"size": m["size"], "sha256": _sha(out / rel)} for rel, m in rec["outputs"].items()}
+    (out / "conversion.json").write_text(json.dumps(rec))
+    assert CliRunner().invoke(main, ["check", str(out)]).exit_code == 0
+    victim = _chunk(out) if kind == "unscanned" else sorted(out.glob("model-*"))[0]
+    _flip(victim, -3)
+    r = CliRunner().invoke(main, ["check", str(out)])
+    assert r.exit_code == 5 and f"{victim.relative_to(out).as_posix()}: sha256 differs" in _one_line(r.stderr)
+
+
+def test_check_refuses_a_record_without_a_known_hash(refs, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(refs["dequantize"], out)
+    rec = json.loads((out / "conversion.json").read_text())
+    rel = next(iter(rec["outputs"]))
+    rec["outputs"][rel] = {"size": rec["outputs"][rel]["size"], "md5": "0" * 32}
+    (out / "conversion.json").write_text(json.dumps(rec))
+    r = CliRunner().invoke(main, ["check", str(out)])
+    assert r.exit_code == 5 and f"{rel}: the record gives no hash this version knows" in _one_line(r.stderr)
+
+
 @pytest.mark.parametrize("text", ["{oops", "[1, 2]", '{"outputs": [1]}', "[" * 200_000], ids=["not_json", "list", "outputs_list", "nested"])
 def test_check_refuses_a_damaged_record(refs, tmp_path, text):
     out = tmp_path / "out"

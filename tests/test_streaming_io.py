@@ -1,6 +1,6 @@
-"""The streaming writer's moving parts: write-behind flushing, the sha256 taken piece by piece on
+"""The streaming writer's moving parts: write-behind flushing, the hash taken piece by piece on
 the way out, and recycled buffers. Checked against independent implementations: the `safetensors`
-package reads the file, hashlib hashes it whole."""
+package reads the file, the xxhash package hashes it whole."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+import xxhash
 from safetensors.numpy import load_file
 
 from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, RecyclingPool, empty
-from gptoss_convert.io.files import HASH_PIECE, DirectWriter, WriteBehind, hash_update, write_new_file
+from gptoss_convert.io.files import DirectWriter, WriteBehind, hub_blob_sha256, write_new_file
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
@@ -35,7 +36,7 @@ def test_shard_writer_streams_flushes_and_hashes(tmp_path, direct, flush_every):
     w.write("small", small)
     w.write("half", half)
     digest = w.close()
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == xxhash.xxh3_128(path.read_bytes()).hexdigest()
     loaded = load_file(path)
     np.testing.assert_array_equal(loaded["big"], big)
     np.testing.assert_array_equal(loaded["small"], small)
@@ -56,31 +57,45 @@ def _has_o_direct(directory: Path) -> bool:
         probe.unlink()
 
 
-def _write_direct(path: Path, pieces: list[bytes], stage: int) -> DirectWriter | None:
+@pytest.fixture
+def direct_dir(tmp_path) -> Path:
+    """tmp_path, where its file system takes O_DIRECT (the tests that use it check O_DIRECT writes)."""
+    if not _has_o_direct(tmp_path):
+        pytest.skip(f"needs a file system with O_DIRECT for {tmp_path} (tmpfs, for one, has none)")
+    return tmp_path
+
+
+def _write_direct(path: Path, pieces: list[bytes], stage: int) -> DirectWriter:
     with open(path, "wb", buffering=0) as f:
         dw = DirectWriter.open(path, f.fileno(), stage=stage)
-        if dw is None:
-            return None
+        assert dw is not None
         for piece in pieces:
             dw.write(memoryview(piece))
-        was_active = dw.active
         dw.close()
-        dw.was_active = was_active
     return dw
 
 
 @pytest.mark.parametrize("total", [0, 1, 4095, 4096, 8192, 8193, 3 * 8192 + 123, 5 * 8192])
-def test_direct_writer_writes_every_byte(tmp_path, total):
+def test_direct_writer_writes_every_byte(direct_dir, total):
     """Stages of 8 KB, pieces of uneven sizes: stage boundaries, an aligned end, a ragged tail."""
     data = np.random.default_rng(total).integers(0, 256, total, dtype=np.uint8).tobytes()
     pieces = [data[i:i + 3000] for i in range(0, total, 3000)] + [data[:0]]
-    path = tmp_path / "d.bin"
+    path = direct_dir / "d.bin"
     dw = _write_direct(path, pieces, stage=8192)
-    if dw is None:
-        assert not _has_o_direct(tmp_path)                             # only where the OS refuses it
-        return
-    assert dw.was_active                                               # every full stage went O_DIRECT
+    assert dw.direct_bytes == total - total % 4096                     # every whole page went O_DIRECT
+    assert dw.active                                                   # never fell back
     assert path.read_bytes() == data
+
+
+def test_direct_writer_unavailable_where_the_file_system_refuses(tmp_path, monkeypatch):
+    """No O_DIRECT open: DirectWriter.open says so (the caller then writes through the page cache)."""
+    from gptoss_convert.io import files
+
+    def refuse(path, flags, *a):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(files.os, "open", refuse)
+    assert DirectWriter.open(tmp_path / "d.bin", -1) is None
 
 
 def _watch_direct_writes(monkeypatch, refuse: bool = False) -> list[int]:
@@ -110,17 +125,14 @@ def _watch_direct_writes(monkeypatch, refuse: bool = False) -> list[int]:
     return sizes
 
 
-def test_direct_writer_falls_back_when_writes_are_refused(tmp_path, monkeypatch):
+def test_direct_writer_falls_back_when_writes_are_refused(direct_dir, monkeypatch):
     """A file system that opens with O_DIRECT but refuses the writes (EINVAL): the rest goes through
     the ordinary descriptor, and the file still holds every byte."""
     attempts = _watch_direct_writes(monkeypatch, refuse=True)
     data = np.random.default_rng(0).integers(0, 256, 5 * 8192 + 77, dtype=np.uint8).tobytes()
-    path = tmp_path / "d.bin"
+    path = direct_dir / "d.bin"
     dw = _write_direct(path, [data[:10_000], data[10_000:]], stage=8192)
-    if dw is None:
-        assert not _has_o_direct(tmp_path)
-        return
-    assert attempts and not dw.active
+    assert attempts == [8192] and not dw.active and dw.direct_bytes == 0   # tried once, then the fallback
     assert path.read_bytes() == data
 
 
@@ -132,16 +144,16 @@ def _random_block(nbytes: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("extra", [0, 1, 4095, 4096 + 77])
-def test_write_new_file_page_aligned_data_goes_direct(tmp_path, monkeypatch, extra):
+def test_write_new_file_page_aligned_data_goes_direct(direct_dir, monkeypatch, extra):
     """A page-aligned block: its whole pages go with O_DIRECT straight from the block, the ragged
     rest and the trailer through the page cache; the file holds every byte, no temporary is left."""
     sizes = _watch_direct_writes(monkeypatch)
     data = _random_block(MAP_MIN_BYTES + extra, extra)
-    path = tmp_path / "chunk"
+    path = direct_dir / "chunk"
     write_new_file(path, data, b"trailer!")
     assert path.read_bytes() == data.tobytes() + b"trailer!"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk"]
-    assert sum(sizes) == (data.size - data.size % 4096 if _has_o_direct(tmp_path) else 0)
+    assert sorted(p.name for p in direct_dir.iterdir()) == ["chunk"]
+    assert sum(sizes) == data.size - data.size % 4096
 
 
 def test_write_new_file_unaligned_memory_goes_through_the_page_cache(tmp_path, monkeypatch):
@@ -154,13 +166,13 @@ def test_write_new_file_unaligned_memory_goes_through_the_page_cache(tmp_path, m
     assert sizes == [] and path.read_bytes() == data.tobytes()
 
 
-def test_write_new_file_falls_back_when_direct_writes_are_refused(tmp_path, monkeypatch):
+def test_write_new_file_falls_back_when_direct_writes_are_refused(direct_dir, monkeypatch):
     sizes = _watch_direct_writes(monkeypatch, refuse=True)
     data = _random_block(MAP_MIN_BYTES + 123, 2)
-    path = tmp_path / "chunk"
+    path = direct_dir / "chunk"
     write_new_file(path, data, b"end")
     assert path.read_bytes() == data.tobytes() + b"end"
-    assert len(sizes) == (1 if _has_o_direct(tmp_path) else 0)          # tried once, then the page cache
+    assert len(sizes) == 1                                              # tried once, then the page cache
 
 
 def test_write_new_file_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
@@ -178,13 +190,26 @@ def test_write_new_file_leaves_nothing_when_it_fails(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("nbytes", [0, 2, HASH_PIECE, HASH_PIECE + 2, 5 * HASH_PIECE - 6])
-def test_hash_update_through_pieces_equals_hashlib(nbytes):
-    """The cache-sized copies change nothing: same digest as hashlib over the bytes, in memory order."""
-    data = np.random.default_rng(nbytes).standard_normal((2, nbytes // 4)).astype(ml_dtypes.bfloat16)
-    h = hashlib.sha256(b"prefix")
-    hash_update(h, data)
-    assert h.hexdigest() == hashlib.sha256(b"prefix" + data.tobytes()).hexdigest()
+def test_hub_blob_sha256_only_for_lfs_blobs(tmp_path):
+    """A hub-cache snapshot links each file to blobs/<id>: an LFS file's id is the sha256 of its
+    bytes (taken from the name, not read), a git-tracked file's id is a 40-hex git sha1 (not a
+    sha256: None); a plain file is None too."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    shard = b"weights" * 1000
+    sha = hashlib.sha256(shard).hexdigest()
+    (blobs / sha).write_bytes(shard)
+    (snap / "model.safetensors").symlink_to(Path("../..") / "blobs" / sha)
+    (blobs / ("1" * 40)).write_text("{}")
+    (snap / "config.json").symlink_to(Path("../..") / "blobs" / ("1" * 40))
+    (tmp_path / "plain.safetensors").write_bytes(shard)
+    assert hub_blob_sha256(snap / "model.safetensors") == sha
+    assert hub_blob_sha256(snap / "config.json") is None
+    assert hub_blob_sha256(tmp_path / "plain.safetensors") is None
+    from gptoss_convert.converters.provenance import source_hashes
+    assert source_hashes(snap, ["model.safetensors", "config.json"]) == {
+        "model.safetensors": {"sha256": sha}, "config.json": {"xxh3_128": xxhash.xxh3_128(b"{}").hexdigest()}}
 
 
 def test_write_behind_keeps_the_file_whole(tmp_path):

@@ -124,6 +124,8 @@ def test_dry_run_writes_nothing(mxfp4_dir, tmp_path):
     assert "decoder/layers/layers_1/GptOssMlp/wi_1 [5, 3, 64, 96]" in text
     assert "take[1::2] of last axis" in text and "41 target leaves" in text
     assert len(plan.targets) == 41
+    largest = max(b.nbytes for b in plan.blocks)              # the memory estimate is in blocks
+    assert f"needs: 0.0 GB of disk for OUT" in text and f"(largest block {largest / 1e6:.0f} MB)" in text
 
 
 def test_all_zero_tensor_survives(tmp_path, tiny_cfg):

@@ -1,8 +1,9 @@
 """`gptoss-convert check OUT`: re-read a finished output and confirm it against its conversion.json.
 
 For a copy moved between machines or buckets: every recorded file must exist with its size and
-sha256, no unrecorded file may appear, and (Orbax) every leaf's shape/dtype and the leaf count
-must match the record; (safetensors) every shard header must parse and agree with the index.
+hash (xxh3-128; sha256 in records of earlier versions), no unrecorded file may appear, and
+(Orbax) every leaf's shape/dtype and the leaf count must match the record; (safetensors) every
+shard header must parse and agree with the index.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from gptoss_convert.converters.provenance import RECORD, sha256_file, tree_files
+from gptoss_convert.converters.provenance import RECORD, tree_files
 from gptoss_convert.errors import ConvertError, InputError
+from gptoss_convert.io.files import HASHES, file_digest
 
 
 class CheckFailed(ConvertError):
@@ -31,6 +33,12 @@ def _record(out: Path) -> dict:
     return rec
 
 
+def _recorded_hash(meta: dict) -> tuple[str, str] | None:
+    """(algorithm, digest) of one recorded file: xxh3_128 now, sha256 in records written by
+    earlier versions (still verified)."""
+    return next(((a, meta[a]) for a in HASHES if isinstance(meta.get(a), str)), None)
+
+
 def _check_files(out: Path, rec: dict) -> list[str]:
     problems = []
     present = {p.as_posix() for p in tree_files(out)}
@@ -40,8 +48,10 @@ def _check_files(out: Path, rec: dict) -> list[str]:
             problems.append(f"{rel}: missing")
         elif f.stat().st_size != meta.get("size"):
             problems.append(f"{rel}: size {f.stat().st_size} != recorded {meta.get('size')}")
-        elif sha256_file(f) != meta.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the record (corrupted or modified)")
+        elif (recorded := _recorded_hash(meta)) is None:
+            problems.append(f"{rel}: the record gives no hash this version knows ({', '.join(HASHES)})")
+        elif file_digest(f, recorded[0]) != recorded[1]:
+            problems.append(f"{rel}: {recorded[0]} differs from the record (corrupted or modified)")
     problems += [f"{rel}: not part of the recorded output" for rel in sorted(present - set(rec["outputs"]))]
     return problems
 

@@ -16,8 +16,9 @@ from gptoss_convert import faults
 from gptoss_convert.buffers import BufferPool
 from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import sha256_files, write_record
+from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
+from gptoss_convert.io.files import temp_path
 from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
 from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header
 
@@ -87,7 +88,7 @@ def _shard_size(tensors: list[OutTensor]) -> int:
 
 
 def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
-    """Write one output shard, streaming row blocks; returns its sha256."""
+    """Write one output shard, streaming row blocks; returns its hash (files.HASH)."""
     w = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
     pool = BufferPool(keep=4)                   # the prefetched blocks + the one being written
     try:
@@ -131,7 +132,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     total = sum(t.nbytes for t in tensors)
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
                       log=log) as staged:
-        source_hashes = background(sha256_files, ck.dir, ck.files, workers=1)   # overlaps the conversion
+        sources = background(source_hashes, ck.dir, ck.files, workers=1)   # overlaps the conversion
         hashes = {}
         with progress_bar(total, "dequantize", progress) as bar:
             for fname, shard in zip(names, shards):
@@ -139,12 +140,12 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
                 if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
                     bar.update(sum(t.nbytes for t in shard))
                     continue
-                tmp = staged.path / (fname + ".tmp")
+                tmp = temp_path(staged.path / fname)
                 hashes[fname] = _write_shard(ck, tmp, shard, bar)
                 os.replace(tmp, staged.path / fname)
                 staged.mark_done(fname)
         _write_metadata(ck, staged.path, names, shards, st_dtype)
-        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=source_hashes.result(),
+        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=sources.result(),
                      options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},
                      extra={"config_unknown_fields": list(cfg.unknown_fields)}, output_hashes=hashes)
         result = staged.commit()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -11,57 +10,52 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
-from gptoss_convert.io.files import drop_cached, write_durably
+from gptoss_convert.io.files import HASH, file_digest, hub_blob_sha256, temp_path, write_durably
 
 RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 20, *, drop_cache: bool = False) -> str:
-    """sha256 of a file, read in cache-sized pieces (hashing data still in the CPU cache is
-    faster). `drop_cache`: then drop the file from the page cache (for freshly written bulk
-    output that nobody reads again soon)."""
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-        if drop_cache:
-            drop_cached(f.fileno())
-    return h.hexdigest()
-
-
-def sha256_files(root: Path, names: list[str], workers: int | None = None) -> dict[str, str]:
-    """sha256 of many files on all cores (hashlib releases the GIL), largest first."""
+def hash_files(root: Path, names: list[str], workers: int | None = None) -> dict[str, str]:
+    """{name: HASH digest} of many files, on several threads, largest first."""
     names = sorted(names, key=lambda f: -(root / f).stat().st_size)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return dict(zip(names, pool.map(lambda f: sha256_file(root / f), names)))
+        return dict(zip(names, pool.map(lambda f: file_digest(root / f), names)))
+
+
+def source_hashes(root: Path, names: list[str], workers: int | None = None) -> dict[str, dict[str, str]]:
+    """{name: {algorithm: digest}} for the source files: the sha256 a hub-cache blob is named by
+    (free, and comparable with the hub's own listing), else HASH read from the file."""
+    named = {f: {"sha256": h} for f in names if (h := hub_blob_sha256(root / f))}
+    rest = hash_files(root, [f for f in names if f not in named], workers)
+    return named | {f: {HASH: h} for f, h in rest.items()}
 
 
 def tree_files(root: Path) -> list[Path]:
     """Every regular file under `root` (relative), sorted, excluding the record (and its temporary
     file, which an interrupted write_record may leave behind) and the journal."""
-    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name not in (RECORD, RECORD + ".tmp"))
+    skip = (RECORD, temp_path(root / RECORD).name)
+    files = (p.relative_to(root) for p in root.rglob("*") if p.is_file() and p.name not in skip)
     return sorted(p for p in files if p.parts[0] != PROGRESS)
 
 
 def write_record(out_dir: Path, *, command: str, source_dir: Path, source_files: list[str],
                  options: dict, extra: dict | None = None, output_hashes: dict[str, str] | None = None) -> dict:
-    """Write `out_dir/conversion.json`; hashes of outputs not given are computed from disk.
+    """Write `out_dir/conversion.json`; HASH digests of outputs not given are computed from disk.
+    Each file's entry names its hash's algorithm: {"size": n, "xxh3_128": hex} (or "sha256").
 
-    `source_files` may instead be a {name: sha256} map (e.g. hashed in the background meanwhile)."""
-    source_hashes = source_files if isinstance(source_files, dict) else sha256_files(source_dir, source_files)
+    `source_files` may instead be source_hashes()'s map (e.g. hashed in the background meanwhile)."""
+    sources = source_files if isinstance(source_files, dict) else source_hashes(source_dir, source_files)
     hashes = dict(output_hashes or {})
     files = [rel.as_posix() for rel in tree_files(out_dir)]
-    hashes |= sha256_files(out_dir, [f for f in files if f not in hashes])
-    outputs = {f: {"size": (out_dir / f).stat().st_size, "sha256": hashes[f]} for f in files}
+    hashes |= hash_files(out_dir, [f for f in files if f not in hashes])
+    outputs = {f: {"size": (out_dir / f).stat().st_size, HASH: hashes[f]} for f in files}
     record = {
         "tool": "gptoss-convert", "version": gptoss_convert.__version__, "command": command,
         "argv": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": options,
         "source": {"path": str(source_dir), "files": {
-            f: {"size": (source_dir / f).stat().st_size, "sha256": h} for f, h in source_hashes.items()}},
+            f: {"size": (source_dir / f).stat().st_size, **h} for f, h in sources.items()}},
         "outputs": outputs, **(extra or {}),
     }
     write_durably(out_dir / RECORD, json.dumps(record, indent=1))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import ml_dtypes
@@ -21,7 +21,7 @@ from gptoss_convert.buffers import RecyclingPool
 from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
-from gptoss_convert.converters.provenance import sha256_file, sha256_files, write_record
+from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
 from gptoss_convert.mapping.layout import SCAN_AXIS
@@ -42,9 +42,8 @@ def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype, alloc=None)
     return ck.read(block.source, block.rows, dtype=dtype, alloc=alloc)
 
 
-def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dtype: np.dtype) -> list:
-    """Write every emit of `block` (x from _read_block); returns the writer's pending futures
-    (if it has any)."""
+def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dtype: np.dtype) -> list[Future]:
+    """Write every emit of `block` (x from _read_block); returns the writes' futures."""
     pending = []
     for e in block.emits:
         if isinstance(x, list):                 # already split: e.transforms[0] took part p
@@ -54,11 +53,24 @@ def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dty
         if e.slot is not None:
             y = np.expand_dims(y, SCAN_AXIS)
         y = y.astype(dtype, copy=False)
-        if hasattr(writer, "write_async"):
-            pending.append(writer.write_async(e.target, e.index, y, borrow=True))   # x is never modified
-        else:
-            writer.write(e.target, e.index, y)
+        pending.append(writer.write_async(e.target, e.index, y, borrow=True))   # x is never modified
     return pending
+
+
+RUNTIME_BYTES = 400 << 20   # the process before its first block: Python, numpy, TensorStore, the plan
+
+
+def needs(plan: Plan, ck: HFCheckpoint) -> str:
+    """One line: the disk OUT will take and an estimate of the peak memory, from the plan.
+
+    Memory is bounded by blocks, not by the model: the blocks whose writes are in flight
+    (MAX_IN_FLIGHT), read ahead (2) and being decoded (1), plus the recycled mappings
+    RecyclingPool keeps (up to 8 more of the largest size), over the runtime itself."""
+    largest = max(b.nbytes for b in plan.blocks)
+    memory = RUNTIME_BYTES + (MAX_IN_FLIGHT + 3 + 8) * largest
+    source = sum((ck.dir / f).stat().st_size for f in ck.files)
+    return (f"needs: {plan.total_bytes / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), "
+            f"peak memory at most about {memory / 1e9:.1f} GB (largest block {largest / 1e6:.0f} MB)")
 
 
 def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
@@ -87,7 +99,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize, block_bytes=block_bytes,
                                   strict_config=strict_config)
     if dry_run:
-        log(plan.describe(source_shapes(ck)))
+        log(plan.describe(source_shapes(ck)) + "\n" + needs(plan, ck))
         return plan
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
@@ -97,7 +109,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
                       log=log) as staged:
-        source_hashes = background(sha256_files, ck.dir, ck.files, workers=1)   # overlaps the conversion
+        sources = background(source_hashes, ck.dir, ck.files, workers=1)   # overlaps the conversion
         step = staged.path / STEP
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},
@@ -107,12 +119,13 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         if staged.resumed:
             writer.remove_temporaries()         # of chunk writes the interrupted run left unfinished
         try:
-            chunk_hashes = _stream(ck, plan, writer, staged, np_dtype, progress)
+            _stream(ck, plan, writer, staged, np_dtype, progress)
         finally:
             writer.close()
         writer.finalize()
+        chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
-        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_hashes.result(),
+        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=sources.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "config_unknown_fields": list(cfg.unknown_fields)},
@@ -126,13 +139,17 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
 
 
 class _MemoryWriter:
-    """The writer interface over in-memory numpy arrays (for small models and verification)."""
+    """OrbaxWriter's write interface over in-memory numpy arrays (for small models and verification)."""
 
     def __init__(self, leaves: dict[str, tuple[tuple[int, ...], np.dtype]]):
         self.arrays = {p: np.empty(shape, dtype) for p, (shape, dtype) in leaves.items()}
 
-    def write(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> None:
+    def write_async(self, path: str, index: tuple[slice, ...], block: np.ndarray, *, borrow: bool = False) -> Future:
+        """Copy `block` in; the returned future is already complete."""
         self.arrays[path][index] = block
+        done: Future = Future()
+        done.set_result(None)
+        return done
 
 
 def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, dtype: str = "fp32"):
@@ -142,58 +159,13 @@ def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, d
     _, cfg, plan = plan_for(ck, scanned=scanned, itemsize=np_dtype.itemsize)
     writer = _MemoryWriter({p: (s, np_dtype) for p, s in plan.targets.items()})
     for block in plan.blocks:
-        _write_block(writer, block, _read_block(ck, block, np_dtype), np_dtype)
+        _write_block(writer, block, _read_block(ck, block, np_dtype), np_dtype)    # complete on return
     return cfg, writer.arrays
 
 
-class _CommittedChunks:
-    """sha256 of each chunk file, taken as soon as every write into that chunk has committed.
-    Files the writer made itself come with their hash (taken from memory); the others, which
-    TensorStore wrote, are read while still in the page cache (no re-read from disk at the end)
-    and dropped from it afterwards, so the next writes reuse those pages. Runs on
-    its own thread; at most `depth` files wait. Chunks that earlier (resumed) runs filled are
-    left to write_record, which hashes what it is not given."""
-
-    def __init__(self, writer, root: Path, depth: int = 16):
-        self.writer, self.root, self.depth = writer, root, depth
-        self.filled: collections.Counter = collections.Counter()
-        self.hashes: dict[str, str] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-sha256")
-        self._pending: collections.deque = collections.deque()
-
-    def committed(self, target: str, index: tuple[slice, ...]) -> None:
-        for cell, n in self.writer.chunk_cells(target, index).items():
-            self.filled[target, cell] += n
-            if self.filled[target, cell] == self.writer.cell_size(target, cell):
-                del self.filled[target, cell]
-                path = self.writer.chunk_file(target, cell)
-                if path in self.writer.file_hashes:          # the writer made it: hashed from memory
-                    self.hashes[self._key(path)] = self.writer.file_hashes.pop(path)
-                    continue
-                while len(self._pending) >= self.depth:
-                    self._pending.popleft().result()
-                self._pending.append(self._pool.submit(self._hash, path))
-
-    def _key(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
-
-    def _hash(self, path: Path) -> None:
-        """A chunk file TensorStore wrote: read while still in the page cache, then dropped."""
-        self.hashes[self._key(path)] = sha256_file(path, drop_cache=True)
-
-    def finish(self) -> dict[str, str]:
-        try:
-            while self._pending:
-                self._pending.popleft().result()
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        return self.hashes
-
-
-def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> dict[str, str]:
-    """Write every block not yet journaled; returns {chunk file: sha256} of the chunks completed."""
+def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> None:
+    """Write every block not yet journaled, journaling each once its writes are on disk."""
     todo = [b for b in plan.blocks if not staged.is_done(b.key)]
-    chunks = _CommittedChunks(writer, staged.path)
     pool = RecyclingPool()      # each block's memory comes back when TensorStore has let go of it
     with progress_bar(plan.total_bytes, "to-orbax", progress) as bar:
         bar.update(sum(b.nbytes for b in plan.blocks if staged.is_done(b.key)))
@@ -207,16 +179,10 @@ def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: n
                     f.result()
                 faults.point("write")
                 staged.mark_done(done.key)
-                for e in done.emits:
-                    chunks.committed(e.target, e.index)
                 bar.update(done.nbytes)
 
-        try:
-            for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype, pool.empty)):
-                faults.point("read")
-                in_flight.append((block, _write_block(writer, block, x, dtype)))
-                retire(MAX_IN_FLIGHT)
-            retire(0)
-        finally:
-            hashes = chunks.finish()
-    return hashes
+        for block, x in prefetch(todo, lambda b: _read_block(ck, b, dtype, pool.empty)):
+            faults.point("read")
+            in_flight.append((block, _write_block(writer, block, x, dtype)))
+            retire(MAX_IN_FLIGHT)
+        retire(0)

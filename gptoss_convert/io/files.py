@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -10,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from gptoss_convert.errors import InputError
 
@@ -101,19 +103,15 @@ class DirectWriter:
         self._writes: list[Future | None] = [None, None]
         self._cur, self._fill, self._flushed = 0, 0, 0
         self.active = True                          # False once writes go through `fd` instead
+        self.direct_bytes = 0                       # bytes that went to the disk with O_DIRECT
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-direct")
 
     @classmethod
     def open(cls, path: Path, fd: int, stage: int = 8 << 20) -> DirectWriter | None:
         """A DirectWriter for the file `fd` has open at `path` (`stage`: bytes per write, a
         multiple of ALIGN), or None where O_DIRECT is not available."""
-        if not hasattr(os, "O_DIRECT") or stage % cls.ALIGN:
-            return None
-        try:
-            direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-        except OSError:
-            return None
-        return cls(fd, direct_fd, stage)
+        direct_fd = open_direct(path) if stage % cls.ALIGN == 0 else None
+        return None if direct_fd is None else cls(fd, direct_fd, stage)
 
     def write(self, data: memoryview) -> None:
         """Append `data` (bytes-like) to the file."""
@@ -138,17 +136,14 @@ class DirectWriter:
             future.result()
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
-        while data:
-            try:
-                n = os.pwrite(self._dfd if self.active else self.fd, data, offset)
-            except OSError as e:
-                if not self.active or e.errno != errno.EINVAL:
-                    raise
-                self.active = False                 # this file system takes O_DIRECT opens, not writes
-                continue
-            data, offset = data[n:], offset + n
-            if data and self.active:                # a short direct write leaves an unaligned rest
+        """Write `data` at `offset`: with O_DIRECT while that works, the rest through `fd`."""
+        if self.active:
+            n = direct_pwrite(self._dfd, data, offset)
+            self.direct_bytes += n
+            if n < len(data):                       # refused, or a short write left an unaligned rest
                 self.active = False
+            data, offset = data[n:], offset + n
+        pwrite_all(self.fd, data, offset)
 
     def close(self, fsync: bool = True) -> None:
         """Write what is left, wait for every write, then fsync (if `fsync`)."""
@@ -156,8 +151,7 @@ class DirectWriter:
             self._wait(1 - self._cur)
             aligned = self._fill - self._fill % self.ALIGN
             self._pwrite(self._bufs[self._cur][:aligned], self._flushed)
-            self.active = False
-            self._pwrite(self._bufs[self._cur][aligned:self._fill], self._flushed + aligned)
+            pwrite_all(self.fd, self._bufs[self._cur][aligned:self._fill], self._flushed + aligned)
             if fsync:
                 os.fsync(self.fd)
         finally:
@@ -173,32 +167,98 @@ class DirectWriter:
             self._bufs = self._maps = []            # unmapped once the last view (maybe in an error) goes
 
 
-HASH_PIECE = 256 << 10
+# The hash conversion.json records for every output file. xxh3-128 (the `xxhash` package), not
+# sha256: the record detects copies that were damaged or changed, and the record itself is not
+# signed, so a cryptographic hash would add nothing there. sha256 was 38% of dequantize's CPU
+# (perf, docs/benchmarks-history.md §2); with xxh3-128 the user CPU of dequantize and to-orbax
+# fell 45-47% (bench_ab, BENCHMARKS.md "Full size"). Records written before this change name
+# "sha256"; check verifies both (HASHES).
+HASH = "xxh3_128"
+HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
-def hash_update(h, data: np.ndarray) -> None:
-    """`h.update(data's bytes)` (a hashlib object, a C-contiguous array), through a cache-sized
-    copy: sha256 over memory the CPU cache does not hold ran at 1.1 GB/s on this project's VM;
-    copying 256 KB pieces first and hashing each copy, 1.4-1.5 GB/s (benchmarks/bench_io.py)."""
-    raw = data.reshape(-1).view(np.uint8)
-    if raw.size <= HASH_PIECE:
-        h.update(memoryview(raw))
-        return
-    piece = np.empty(HASH_PIECE, np.uint8)
-    for start in range(0, raw.size, HASH_PIECE):
-        chunk = raw[start:start + HASH_PIECE]
-        np.copyto(piece[:chunk.size], chunk)
-        h.update(memoryview(piece[:chunk.size]))
+def new_hash(algorithm: str = HASH):
+    """A fresh hash object (hashlib's interface: update, hexdigest) of `algorithm`."""
+    return HASHES[algorithm]()
 
 
-TEMP_SUFFIX = ".gptoss-tmp"     # a file being written by write_new_file; never a finished output
+def file_digest(path: Path, algorithm: str = HASH, *, bufsize: int = 1 << 20, drop_cache: bool = False) -> str:
+    """Hex digest of a file's bytes, read in cache-sized pieces. `drop_cache`: then drop the file
+    from the page cache (for freshly written bulk output that nobody reads again soon)."""
+    h = new_hash(algorithm)
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+        if drop_cache:
+            drop_cached(f.fileno())
+    return h.hexdigest()
+
+
+def hub_blob_sha256(path: Path) -> str | None:
+    """The sha256 of `path` if it is a Hugging Face hub-cache blob named by it, else None.
+
+    The hub client stores a file tracked by LFS (every weight shard) as `blobs/<sha256>` (the
+    LFS object id) and links the snapshot's file name to it; small files kept in git are named
+    by their 40-hex git blob id instead, which is not a sha256 of the bytes."""
+    real = Path(os.path.realpath(path))
+    name = real.name
+    if real.parent.name == "blobs" and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        return name
+    return None
+
+
+def open_direct(path: Path) -> int | None:
+    """A write descriptor for `path` with O_DIRECT, or None where the OS or the file system
+    has no O_DIRECT (e.g. tmpfs)."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def direct_pwrite(dfd: int, data: memoryview, offset: int) -> int:
+    """Write the whole pages of `data` at `offset` through the O_DIRECT descriptor `dfd`;
+    returns how many bytes were written. Less than len(data) means the caller writes the rest
+    through an ordinary descriptor: an unaligned tail, a short write, or a file system that
+    takes O_DIRECT opens but refuses the writes (EINVAL), the one fallback for all of them."""
+    done, stop = 0, len(data) - len(data) % DirectWriter.ALIGN
+    while done < stop:
+        try:
+            n = os.pwrite(dfd, data[done:stop], offset + done)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                break
+            raise
+        done += n
+        if n % DirectWriter.ALIGN:                 # a short write leaves an unaligned rest
+            break
+    return done
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (os.pwrite may write less than asked)."""
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+TEMP_SUFFIX = ".gptoss-tmp"     # the one naming rule for a file being written; never a finished output
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (its name + TEMP_SUFFIX)."""
+    return path.with_name(path.name + TEMP_SUFFIX)
 
 
 def write_new_file(path: Path, data: np.ndarray, trailer: bytes = b"") -> None:
     """Make `path` hold the bytes of `data` (a C-contiguous array, in memory order) followed by
-    `trailer`, atomically and durably: they go to a temporary sibling (name + TEMP_SUFFIX),
-    which is fsynced, renamed over `path`, and the directory fsynced. So `path` is absent, or
-    old, or complete, also after a crash; and on disk when this returns.
+    `trailer`, atomically and durably: they go to `temp_path(path)`, which is fsynced, renamed
+    over `path`, and the directory fsynced. So `path` is absent, or old, or complete, also after
+    a crash; and on disk when this returns.
 
     Where `data` starts on a page boundary (the blocks of `buffers.empty` and the pools do), its
     whole pages are written with O_DIRECT, from `data` itself: no copy, no page cache (see
@@ -206,12 +266,12 @@ def write_new_file(path: Path, data: np.ndarray, trailer: bytes = b"") -> None:
     has no O_DIRECT, goes through the ordinary descriptor. Either way the file is the same.
     """
     raw = memoryview(data.reshape(-1).view(np.uint8))
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        done = _write_direct(tmp, raw, data.ctypes.data) if len(raw) >= DirectWriter.ALIGN else 0
-        _pwrite_all(fd, raw[done:], done)
-        _pwrite_all(fd, memoryview(trailer), len(raw))
+        done = _write_direct(tmp, raw) if data.ctypes.data % DirectWriter.ALIGN == 0 else 0
+        pwrite_all(fd, raw[done:], done)
+        pwrite_all(fd, memoryview(trailer), len(raw))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -222,42 +282,23 @@ def write_new_file(path: Path, data: np.ndarray, trailer: bytes = b"") -> None:
     fsync_dir(path.parent)
 
 
-def _write_direct(path: Path, raw: memoryview, address: int) -> int:
-    """Write the whole pages of `raw` (memory at `address`) to the start of `path` with O_DIRECT;
-    return how many bytes went that way (0 where the memory is unaligned or O_DIRECT refused)."""
-    align = DirectWriter.ALIGN
-    if address % align or not hasattr(os, "O_DIRECT"):
+def _write_direct(path: Path, raw: memoryview) -> int:
+    """Write the whole pages of `raw` (page-aligned memory) to the start of `path` with
+    O_DIRECT; returns how many bytes went that way."""
+    if len(raw) < DirectWriter.ALIGN:
+        return 0
+    dfd = open_direct(path)
+    if dfd is None:
         return 0
     try:
-        dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return 0
-    done, stop = 0, len(raw) - len(raw) % align
-    try:
-        while done < stop:
-            try:
-                n = os.pwrite(dfd, raw[done:stop], done)
-            except OSError as e:
-                if e.errno == errno.EINVAL:        # the file system takes O_DIRECT opens, not writes
-                    break
-                raise
-            done += n
-            if n % align:                          # a short write leaves an unaligned rest
-                break
+        return direct_pwrite(dfd, raw, 0)
     finally:
         os.close(dfd)
-    return done
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 def write_durably(path: Path, text: str) -> None:
     """Write a small file so that it is either absent or complete, and on disk when we return."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

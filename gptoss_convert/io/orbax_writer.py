@@ -35,7 +35,7 @@ Choices and why:
   chunk's bytes in C order, then the 20-byte shard index (`shard_index`), and we have those
   bytes in hand. Written from our block with O_DIRECT (`io.files.write_new_file`), they skip the
   page cache, which on this project's VM costs more kernel time than the rest of a conversion,
-  and their sha256 comes from memory instead of a re-read (docs/benchmarks-history.md §2). Durability is
+  and their hash comes from memory instead of a re-read (docs/benchmarks-history.md §2). Durability is
   TensorStore's: temporary file, fsync, rename, fsync of the directory. TensorStore still
   creates every array and writes compressed chunks, partial ones (edge chunks, blocks smaller
   than a chunk) and anything on a big-endian host. tests/test_orbax_io.py checks that the
@@ -48,22 +48,23 @@ Choices and why:
 
 from __future__ import annotations
 
+import collections
 import functools
-import hashlib
 import itertools
 import json
 import math
 import struct
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import OutputError
-from gptoss_convert.io.files import TEMP_SUFFIX, hash_update, write_durably, write_new_file
+from gptoss_convert.io.files import TEMP_SUFFIX, file_digest, new_hash, write_durably, write_new_file
 
 # orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -75,6 +76,7 @@ VALUE_TYPE_NUMPY = "np.ndarray"
 ZSTD_LEVEL = 3  # Orbax's zarr3 compression (tensorstore_utils._build_zarr3_metadata)
 TS_CONTEXT = {"file_io_concurrency": {"limit": 128}}  # Orbax's base TensorStore context
 CHUNK_WRITERS = 4  # threads writing whole uncompressed chunk files ourselves (OrbaxWriter.write_async)
+HASH_DEPTH = 16    # chunk files TensorStore wrote that may wait for their hash (see _ChunkFiles)
 
 
 @functools.lru_cache(maxsize=1)
@@ -191,6 +193,8 @@ class OrbaxWriter:
     Usage: `create()`, any number of `write()`s (in any order, from a resumed run too), then
     `finalize()`. Processes writing disjoint chunks of one step need no coordination beyond
     running `finalize()` once, after all of them are done (a design property, not tested here).
+    The writer owns its chunk files: `chunk_hashes()` gives the hash of every chunk file that
+    this writer's writes completed (for the conversion record), taken as each one completes.
     """
 
     def __init__(self, step_dir: Path, leaves: dict[str, tuple[tuple[int, ...], np.dtype]], *,
@@ -210,7 +214,7 @@ class OrbaxWriter:
         self._stores: dict[str, ts.TensorStore] = {}
         self._init_ns: int | None = None
         self._chunk_pool: ThreadPoolExecutor | None = None
-        self.file_hashes: dict[Path, str] = {}     # sha256 of each chunk file written by us
+        self._files = _ChunkFiles(self)
 
     def _chunk_shapes(self, given: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         unknown = sorted(set(given) - set(self.leaves))
@@ -274,15 +278,16 @@ class OrbaxWriter:
         dtype if needed. Synchronous: the data is on disk when this returns."""
         self.write_async(path, index, block).result()
 
-    def write_async(self, path: str, index: tuple[slice, ...], block: np.ndarray, *, borrow: bool = False):
+    def write_async(self, path: str, index: tuple[slice, ...], block: np.ndarray, *, borrow: bool = False) -> Future:
         """As `write`, but returns before the data is on disk; the returned future completes
-        when it is. Callers bound how many they keep pending.
+        when it is (and the chunk files it completed are counted). Callers bound how many
+        they keep pending.
 
-        `borrow=False`: returns once TensorStore holds its own copy; `block` may then be
-        reused. `borrow=True`: TensorStore encodes straight from `block` (one copy fewer,
-        measured ~20% faster conversions) and may keep a reference to it for as long as it
-        likes, even after the future completes; the caller must never modify `block` again
-        (buffers.RecyclingPool reuses such memory only once that reference is gone)."""
+        `borrow=False`: returns once the writer holds its own copy; `block` may then be
+        reused. `borrow=True`: the block is encoded or written straight from `block` (one copy
+        fewer, measured ~20% faster conversions) and TensorStore may keep a reference to it for
+        as long as it likes, even after the future completes; the caller must never modify
+        `block` again (buffers.RecyclingPool reuses such memory only once that reference is gone)."""
         store = self._store(path)
         shape, dtype = self.leaves[path]
         region = _region_shape(path, shape, index)
@@ -295,12 +300,13 @@ class OrbaxWriter:
         if cell is not None:                    # the chunk file is exactly this block's bytes
             if self._chunk_pool is None:
                 self._chunk_pool = ThreadPoolExecutor(CHUNK_WRITERS, thread_name_prefix="gptoss-chunk")
-            if not borrow:
-                block = block.copy()
-            return self._chunk_pool.submit(self._write_chunk, self.chunk_file(path, cell), block)
+            return self._chunk_pool.submit(self._write_chunk, path, cell, block if borrow else block.copy())
+        self._files.wait_for_hashes(HASH_DEPTH)
         futures = store[index].write(block, can_reference_source_data_indefinitely=borrow)
         futures.copy.result()
-        return futures.commit
+        done: Future = Future()
+        futures.commit.add_done_callback(lambda f: self._files.committed(path, index, f, done))
+        return done
 
     def _whole_chunk(self, path: str, index: tuple[slice, ...], block: np.ndarray) -> tuple[int, ...] | None:
         """The chunk grid cell that `block` at `index` fills exactly, if we write it ourselves:
@@ -313,15 +319,22 @@ class OrbaxWriter:
         (cell, n), = cells.items()
         return cell if n == math.prod(self.chunks[path]) else None
 
-    def _write_chunk(self, file: Path, block: np.ndarray) -> None:
+    def _write_chunk(self, path: str, cell: tuple[int, ...], block: np.ndarray) -> None:
+        """One whole chunk file from memory: written with O_DIRECT, hashed without a re-read."""
         data = np.ascontiguousarray(block)
         trailer = shard_index(data.nbytes)
-        digest = hashlib.sha256()
-        hash_update(digest, data)
+        digest = new_hash()
+        digest.update(memoryview(data.reshape(-1).view(np.uint8)))
         digest.update(trailer)
+        file = self.chunk_file(path, cell)
         file.parent.mkdir(parents=True, exist_ok=True)
         write_new_file(file, data, trailer)
-        self.file_hashes[file] = digest.hexdigest()
+        self._files.completed(file, digest.hexdigest())
+
+    def chunk_hashes(self) -> dict[Path, str]:
+        """{chunk file: hash (files.HASH)} of every chunk file this writer's writes completed so far.
+        Chunks that an earlier (resumed) run filled are not included. Call after close()."""
+        return dict(self._files.hashes)
 
     def remove_temporaries(self) -> int:
         """Delete what an interrupted writer left beside the chunks: our temporary files and
@@ -333,10 +346,12 @@ class OrbaxWriter:
         return len(stale)
 
     def close(self) -> None:
-        """Wait for the chunk files being written and stop their threads (finalize() does this)."""
+        """Wait for the chunk files being written and hashed, and stop their threads (finalize()
+        does this). Raises the first error of a chunk file's hash."""
         if self._chunk_pool is not None:
             self._chunk_pool.shutdown(wait=True)
             self._chunk_pool = None
+        self._files.close()
 
     def _store(self, path: str) -> ts.TensorStore:
         if path not in self.leaves:
@@ -392,6 +407,69 @@ class OrbaxWriter:
         write_durably(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
         write_durably(self.step_dir / COMMIT_SUCCESS_FILE,
                        f"Checkpoint commit was successful to {self.step_dir}")
+
+
+class _ChunkFiles:
+    """Which chunk files of an OrbaxWriter are complete, and their hashes.
+
+    A chunk file is complete once every write into it has committed. Files the writer made
+    itself come with their hash (taken from memory); the others, which TensorStore wrote, are
+    hashed on a thread of their own while still in the page cache (no re-read from disk at the
+    end) and dropped from it afterwards, so the next writes reuse those pages. Commits are
+    reported from TensorStore's and the chunk writers' threads, hence the lock."""
+
+    def __init__(self, writer: OrbaxWriter):
+        self.writer = writer
+        self.filled: collections.Counter = collections.Counter()
+        self.hashes: dict[Path, str] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque = collections.deque()      # hash jobs of TensorStore's files
+
+    def completed(self, file: Path, digest: str) -> None:
+        """A chunk file written whole by the writer itself."""
+        with self._lock:
+            self.hashes[file] = digest
+
+    def committed(self, path: str, index: tuple[slice, ...], commit, done: Future) -> None:
+        """TensorStore committed the write at `index` (its future `commit`): count it, hash the
+        chunk files it completed, then complete `done` (the caller's future)."""
+        try:
+            if commit.exception() is not None:
+                raise commit.exception()
+            self._count(path, index)
+        except BaseException as e:  # noqa: BLE001 - on TensorStore's thread: the caller gets it
+            done.set_exception(e)
+            return
+        done.set_result(None)
+
+    def _count(self, path: str, index: tuple[slice, ...]) -> None:
+        with self._lock:
+            full = []
+            for cell, n in self.writer.chunk_cells(path, index).items():
+                self.filled[path, cell] += n
+                if self.filled[path, cell] == self.writer.cell_size(path, cell):
+                    del self.filled[path, cell]
+                    full.append(self.writer.chunk_file(path, cell))
+            if full and self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-hash")
+            self._pending.extend(self._pool.submit(self._hash, file) for file in full)
+
+    def _hash(self, file: Path) -> None:
+        self.completed(file, file_digest(file, drop_cache=True))
+
+    def wait_for_hashes(self, depth: int) -> None:
+        """Wait until at most `depth` hash jobs are pending (bounds the page cache they hold)."""
+        while len(self._pending) > depth:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.wait_for_hashes(0)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
 
 def _region_shape(path: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:

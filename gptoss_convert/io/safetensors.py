@@ -10,7 +10,6 @@ little-endian header length, a JSON header, then the raw little-endian data.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import mmap
@@ -24,7 +23,7 @@ import numpy as np
 
 from gptoss_convert.buffers import empty
 from gptoss_convert.errors import CorruptTensorError
-from gptoss_convert.io.files import DirectWriter, WriteBehind
+from gptoss_convert.io.files import DirectWriter, WriteBehind, new_hash
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
@@ -219,9 +218,8 @@ class ShardWriter:
     """Writes one safetensors file whose tensor list is known up front, streaming row blocks.
 
     Tensors must arrive in the order given; each may come whole (`write`) or as consecutive
-    blocks of rows along axis 0 (`append`). The file's sha256 is computed on the way out: each
-    `PIECE` is hashed right after it was copied out, while it is still in the CPU cache (sha256
-    runs ~1.4x faster that way than from main memory on this project's VM, benchmarks/bench_io.py).
+    blocks of rows along axis 0 (`append`). The file's hash (files.HASH) is computed on the way
+    out: each `PIECE` is hashed right after it was copied out, while it is still in the CPU cache.
     The bytes go to disk with O_DIRECT where the file system allows it (files.DirectWriter, and
     `direct=False` to refuse it); otherwise through the page cache, synced and dropped from it
     behind the writer (files.WriteBehind).
@@ -235,7 +233,7 @@ class ShardWriter:
         prefix, _ = build_header(entries, metadata)
         self._todo = [(n, DTYPES[d], tuple(s), math.prod(s) * DTYPES[d].itemsize) for n, d, s in entries]
         self._i, self._left = 0, self._todo[0][3] if self._todo else 0
-        self.sha = hashlib.sha256()
+        self.hash = new_hash()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
         self._pos = 0
         try:
@@ -258,11 +256,11 @@ class ShardWriter:
             piece = mv[start:start + self.PIECE]
             if self._direct:
                 self._direct.write(piece)
-                self.sha.update(piece)
+                self.hash.update(piece)
                 continue
             while piece:                        # os.write may write less than asked
                 n = os.write(self._fd, piece)
-                self.sha.update(piece[:n])
+                self.hash.update(piece[:n])
                 piece = piece[n:]
         self._pos += len(mv)
         if self._behind:
@@ -293,14 +291,14 @@ class ShardWriter:
         self.append(name, np.atleast_1d(array))
 
     def close(self, fsync: bool = True) -> str:
-        """Finish the file (on disk when `fsync`); returns its sha256."""
+        """Finish the file (on disk when `fsync`); returns its hash (files.HASH)."""
         if self._i != len(self._todo):
             raise ValueError(f"{self.path}: closed with tensor {self._todo[self._i][0]!r} incomplete")
         try:
             (self._direct or self._behind).close(fsync=fsync)
         finally:
             self._release()
-        return self.sha.hexdigest()
+        return self.hash.hexdigest()
 
     def abort(self) -> None:
         """Stop writing (after an error); safe to call after close() too."""
