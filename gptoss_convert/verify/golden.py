@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import temp_path
 from gptoss_convert.verify.prompts import DEFAULT_PROMPTS, LONG_PASSAGE
 
 _TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -82,7 +83,7 @@ def golden(hf_dir: str | os.PathLike, out: str | os.PathLike, *, prompts: str | 
         raise InputError(f"{d}: no usable tokenizer ({' '.join(str(e).split())[:200]})") from None
     model = load_hf_model(d, dtype)
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)
     with open(tmp, "w") as f:
         for p in items:
             tokens = tok(p)["input_ids"]
