@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from gptoss_convert.backends import policy
+from gptoss_convert.backends.policy import COMMON_INERT
 from gptoss_convert.errors import ConfigError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -98,14 +100,8 @@ _FIXED = {"tie_word_embeddings": False, "attention_bias": True, "hidden_act": "s
 _MATH = set(_REQUIRED) | set(_OPTIONAL) | set(_FIXED) | {
     "model_type", "layer_types", "rope_theta", "rope_scaling", "rope_parameters", "experts_per_token",
     "quantization_config"}
-# Accepted and ignored: bookkeeping, training-only, generation-only or HF-runtime fields.
-_INERT = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
-    "pad_token_id", "initializer_range", "use_cache", "router_aux_loss_coef", "output_router_logits",
-    "attention_dropout", "initial_context_length", "output_hidden_states", "output_attentions",
-    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
-    "problem_type", "_name_or_path", "auto_map", "tokenizer_class", "torchscript", "use_return_dict",
-}
+# Accepted and ignored beyond the fields every family ignores: OpenAI's own context length.
+_INERT = COMMON_INERT | {"initial_context_length"}
 # One quantity, two spellings (transformers 4.55 and 5): both may be present, but must agree.
 _SYNONYMS = [("num_experts_per_tok", "experts_per_token"), ("torch_dtype", "dtype")]
 _QUANT_METHODS = ("mxfp4",)
@@ -186,26 +182,17 @@ def _rope(raw: dict, problems: list[str]) -> tuple[float, RopeScaling]:
 
 def unknown_fields(raw: dict) -> list[str]:
     """Top-level fields of `raw` that this tool neither reads nor knows to be inert."""
-    return sorted(set(raw) - _MATH - _INERT)
+    return policy.unknown_fields(raw, _MATH | _INERT)
 
 
 def _policy(raw: dict, strict: bool, problems: list[str]) -> None:
-    """Model type, fixed-value fields, quantization, duplicate spellings, unknown fields (strict)."""
-    if raw.get("model_type") != "gpt_oss":
-        problems.append(f"model_type is {raw.get('model_type')!r}, expected 'gpt_oss'")
-    for k, v in _FIXED.items():
-        if k in raw and raw[k] != v:
-            problems.append(f"{k}={raw[k]!r} is not supported (gpt-oss has {v!r})")
+    """The shared checks (backends/policy.py), and quantization: only MXFP4 is read."""
+    policy.check_policy(raw, model_type="gpt_oss", family="gpt-oss", fixed=_FIXED, synonyms=_SYNONYMS,
+                        known=_MATH | _INERT, strict=strict, problems=problems)
     q = raw.get("quantization_config")
     method = q.get("quant_method") if isinstance(q, dict) else q
     if q is not None and method not in _QUANT_METHODS:
         problems.append(f"quantization_config.quant_method={method!r} is not supported (supported: {', '.join(_QUANT_METHODS)})")
-    for a, b in _SYNONYMS:
-        if raw.get(a) is not None and raw.get(b) is not None and raw[a] != raw[b]:
-            problems.append(f"{a}={raw[a]!r} and {b}={raw[b]!r} disagree; remove one spelling or make them equal")
-    if strict and (unknown := unknown_fields(raw)):
-        problems.append(f"unknown fields {unknown} (--strict-config refuses fields this tool does not know; "
-                        "drop the option to accept them as inert)")
 
 
 def config_from_dict(raw: dict, source: str = "config.json", *, strict: bool = False) -> GptOssConfig:

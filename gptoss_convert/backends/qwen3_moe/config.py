@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+from gptoss_convert.backends import policy
+from gptoss_convert.backends.policy import COMMON_INERT
 from gptoss_convert.errors import ConfigError
 
 
@@ -76,13 +78,7 @@ _MATH = set(_FIELDS) | set(_FIXED) | {"model_type", "num_local_experts", "rope_s
 # Accepted and ignored: bookkeeping, training-only, generation-only or HF-runtime fields, and the
 # fields that only matter for what _FIXED refuses (intermediate_size sizes the dense MLP of
 # mlp_only_layers; sliding_window and max_window_layers apply only with use_sliding_window).
-_INERT = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
-    "pad_token_id", "initializer_range", "use_cache", "router_aux_loss_coef", "output_router_logits",
-    "attention_dropout", "intermediate_size", "sliding_window", "max_window_layers", "output_hidden_states",
-    "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
-    "label2id", "problem_type", "_name_or_path", "auto_map", "tokenizer_class", "torchscript", "use_return_dict",
-}
+_INERT = COMMON_INERT | {"intermediate_size", "sliding_window", "max_window_layers"}
 # One quantity, two spellings (transformers 4 and 5): both may be present, but must agree.
 _SYNONYMS = [("num_experts", "num_local_experts"), ("torch_dtype", "dtype")]
 
@@ -123,27 +119,19 @@ def _rope_theta(raw: dict, problems: list[str]) -> Any:
 
 def unknown_fields(raw: dict) -> list[str]:
     """Top-level fields of `raw` that this tool neither reads nor knows to be inert."""
-    return sorted(set(raw) - _MATH - _INERT)
+    return policy.unknown_fields(raw, _MATH | _INERT)
 
 
 def _policy(raw: dict, strict: bool, problems: list[str]) -> None:
-    """Model type, fixed-value fields, quantization, duplicate spellings, unknown fields (strict)."""
-    if raw.get("model_type") != "qwen3_moe":
-        problems.append(f"model_type is {raw.get('model_type')!r}, expected 'qwen3_moe'")
-    problems += [f"{k}={raw[k]!r} is not supported (implemented: {v!r})" for k, v in _FIXED.items()
-                 if k in raw and raw[k] != v]
+    """The shared checks (backends/policy.py), and quantization: none is read."""
+    policy.check_policy(raw, model_type="qwen3_moe", family="Qwen3-MoE", fixed=_FIXED, synonyms=_SYNONYMS,
+                        known=_MATH | _INERT, strict=strict, problems=problems)
     q = raw.get("quantization_config")
     if q is not None:
         method = q.get("quant_method") if isinstance(q, dict) else q
         problems.append(f"quantization_config.quant_method={method!r}: quantized checkpoints are not supported"
                         + (" (this is an FP8 checkpoint; convert the BF16 release instead)" if method == "fp8" else
                            " (convert the BF16 release instead)"))
-    for a, b in _SYNONYMS:
-        if raw.get(a) is not None and raw.get(b) is not None and raw[a] != raw[b]:
-            problems.append(f"{a}={raw[a]!r} and {b}={raw[b]!r} disagree; remove one spelling or make them equal")
-    if strict and (unknown := unknown_fields(raw)):
-        problems.append(f"unknown fields {unknown} (--strict-config refuses fields this tool does not know; "
-                        "drop the option to accept them as inert)")
 
 
 def config_from_dict(raw: dict, source: str = "config.json", *, strict: bool = False) -> Qwen3MoeConfig:
