@@ -159,9 +159,22 @@ def child_cpu() -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
-def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int) -> dict:
+def set_source_cache(src: Source, how: str) -> None:
+    """Put the source in the page cache ("warm": read it through), out of it ("cold": drop its
+    pages, so the conversion reads the disk as a fresh download would), or leave it ("as-is")."""
+    for f in sorted(src.dir.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            if how == "cold":
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            elif how == "warm":
+                while fh.read(64 << 20):
+                    pass
+
+
+def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int, source_cache: str = "as-is") -> dict:
     """One conversion in its own process, then check, the oracle and the O_DIRECT baseline."""
     shutil.rmtree(out, ignore_errors=True)
+    set_source_cache(src, source_cache)
     cpu0 = child_cpu()
     secs, rss = run_child([cmd, str(src.dir), str(out)])
     user, sys_ = (b - a for a, b in zip(cpu0, child_cpu()))
@@ -173,7 +186,8 @@ def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int) 
     shutil.rmtree(out)
     direct = direct_write_bandwidth(out.parent / "bandwidth.bin", min(written, baseline_bytes))
     gbps = written / secs / 1e9
-    return {"command": cmd if cmd == "dequantize" else f"to-orbax --{cmd}", "written_GB": round(written / 1e9, 2),
+    return {"command": cmd if cmd == "dequantize" else f"to-orbax --{cmd}", "source_cache": source_cache,
+            "written_GB": round(written / 1e9, 2),
             "seconds": round(secs, 1), "GB_per_s": round(gbps, 3), "peak_rss_GB": round(rss, 2),
             "user_s": round(user, 1), "sys_s": round(sys_, 1), "load_1m": round(os.getloadavg()[0], 1),
             "o_direct_GB_per_s": direct and round(direct, 3), "ratio_to_o_direct": direct and round(gbps / direct, 2),
@@ -205,6 +219,8 @@ def main() -> None:
     ap.add_argument("--baseline-gb", type=float, default=16.0, help="GB written for each O_DIRECT baseline")
     ap.add_argument("--config", default=None, help="a gpt-oss-20b config.json instead of the published one")
     ap.add_argument("--config-120b", default=None, help="a gpt-oss-120b config.json instead of the published one")
+    ap.add_argument("--source-cache", nargs="+", choices=["as-is", "warm", "cold"], default=["as-is"],
+                    help="before each conversion: leave the source's pages, read them in, or drop them (one row each)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -215,9 +231,10 @@ def main() -> None:
     print(json.dumps({"source_GB": round(tree_bytes(src.dir) / 1e9, 2), "made_or_found_s": round(time.perf_counter() - t0, 1)}))
     s = samples(cfg, a.experts, a.rows)
     rows = []
-    for cmd in a.commands:
-        rows.append(convert_row(cmd, src, work / f"out-{cmd}", s, int(a.baseline_gb * 1e9)))
-        print(json.dumps(rows[-1]), flush=True)
+    for cache in a.source_cache:
+        for cmd in a.commands:
+            rows.append(convert_row(cmd, src, work / f"out-{cmd}", s, int(a.baseline_gb * 1e9), cache))
+            print(json.dumps(rows[-1]), flush=True)
     plan_120b = dry_run_120b(work, published_config("120b", a.config_120b))
     print(json.dumps(plan_120b))
     report = {"machine": machine(), "samples": s, "rows": rows, "gpt-oss-120b": plan_120b}
