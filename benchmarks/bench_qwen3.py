@@ -3,7 +3,8 @@
 128 experts of 768, 32/4 heads of 128), in the published on-disk format (BF16, one tensor per
 expert, ~4 GB shards numbered from 1), converted by `to-orbax --scanned` and `--unscanned`, each
 output checked (`check`) and compared with the source bit for bit; then the full 48-layer
-model's plan from real-shape sparse shards (`to-orbax --dry-run`).
+model's plan from real-shape sparse shards (`to-orbax --dry-run`), and the same for
+Qwen3-235B-A22B's sizes (SIZES_235B).
 
     python -m benchmarks.bench_qwen3 --workdir /work/bench-q3 --layers 4 [--json qwen3.json]
 
@@ -23,16 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks import synthetic
 from benchmarks.bench_convert import tree_bytes
-from benchmarks.bench_fullsize import Source, bits, compare_all, convert_row, dry_run, expected_rows, read_orbax_rows, samples
+from benchmarks.bench_fullsize import (Source, bits, compare_all, convert_row, dry_run, expected_rows, read_orbax_rows,
+                                       samples)
 from benchmarks.common import machine
 from gptoss_convert.testing.qwen3 import published_qwen3, qwen3_specs, write_sparse_qwen3
 
 LEAVES = {"gate_proj": "wi_0", "up_proj": "wi_1", "down_proj": "wo"}   # each HF [out, in] -> [in, out]
 SHARD_BYTES = 4 * 10**9       # Qwen/Qwen3-30B-A3B: 16 shards of <= 4 GB for its 61 GB
+# Qwen3-235B-A22B's sizes (its config.json is not package data here; these are the sizes the
+# THUDM/slime training scripts use for it), over the 30B file's other fields: a plan, not a claim
+# about the published file.
+SIZES_235B = dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+                  head_dim=128, intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
+                  num_experts_per_tok=8, max_window_layers=94)
 
 
 def qwen_shard_name(k: int, n: int) -> str:
@@ -79,10 +88,18 @@ def write_source(work: Path, layers: int) -> tuple[Source, dict]:
     return Source(out), cfg
 
 
+def plan_full(work: Path, raw: dict, shards: int) -> dict:
+    """The dry run's summary on sparse real-shape shards of `raw` (~4 GB each, as published)."""
+    plan = dry_run(work / "sparse-qwen3", partial(write_sparse_qwen3, raw=raw, shards=shards))
+    print(json.dumps(plan), flush=True)
+    return plan
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="not inside a repository: needs ~2.6 GB free per layer")
-    ap.add_argument("--layers", type=int, required=True, help="num_hidden_layers of the synthetic source (published: 48)")
+    ap.add_argument("--layers", type=int, required=True,
+                    help="num_hidden_layers of the synthetic source (published: 48)")
     ap.add_argument("--commands", nargs="+", default=["scanned", "unscanned"])
     ap.add_argument("--experts", type=int, default=8, help="sampled (layer, expert) pairs, at least")
     ap.add_argument("--rows", type=int, default=8, help="sampled embedding rows and LM-head columns")
@@ -97,10 +114,9 @@ def main() -> None:
     for cmd in a.commands:
         rows.append(convert_row(cmd, src, work / f"out-{cmd}", s, int(a.baseline_gb * 1e9), oracle=compare))
         print(json.dumps(rows[-1]), flush=True)
-    full = published_qwen3()
-    plan = dry_run(work / "sparse-qwen3-30b", lambda d: write_sparse_qwen3(d, full, shards=16))
-    print(json.dumps(plan))
-    report = {"machine": machine(), "layers": a.layers, "samples": s, "rows": rows, "Qwen3-30B-A3B dry run": plan}
+    plans = {"Qwen3-30B-A3B": plan_full(work, published_qwen3(), 16),
+             "Qwen3-235B-A22B sizes": plan_full(work, published_qwen3() | SIZES_235B, 118)}
+    report = {"machine": machine(), "layers": a.layers, "samples": s, "rows": rows, "dry runs": plans}
     print(f"machine: {report['machine']}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))
