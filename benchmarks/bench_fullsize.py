@@ -49,7 +49,8 @@ def samples(cfg: dict, n_experts: int, n_rows: int, seed: int = 0) -> dict:
     """(layer, expert) pairs spread over all layers (both attention kinds) and token ids,
     first and last included."""
     rng = np.random.default_rng(seed)
-    L, E, V = cfg["num_hidden_layers"], cfg["num_local_experts"], cfg["vocab_size"]
+    L, V = cfg["num_hidden_layers"], cfg["vocab_size"]
+    E = cfg.get("num_local_experts") or cfg["num_experts"]                  # gpt-oss or Qwen3-MoE
     layers = [int(x) for x in np.linspace(0, L - 1, n_experts).round()]
     pairs = sorted({(layer, int(rng.integers(E))) for layer in layers} | {(0, 0), (L - 1, E - 1)})
     rows = sorted({0, V - 1, *(int(r) for r in rng.integers(0, V, n_rows - 2))})
@@ -92,7 +93,11 @@ def expected(src: Source, s: dict):
     for layer, e in s["experts"]:
         for proj in PROJECTIONS:
             yield f"layer {layer} expert {e} {proj}", bits(src.expert(layer, e, proj)[0]), ("expert", layer, e, proj)
-    rows = s["rows"]
+    yield from expected_rows(src, s["rows"])
+
+
+def expected_rows(src: Source, rows: list[int]):
+    """The sampled embedding and LM-head rows, as the source's own BF16 (any family)."""
     yield f"embedding rows {rows}", np.stack([bits(src.slice("model.embed_tokens.weight", r)) for r in rows]), ("embed",)
     yield f"LM head rows {rows}", np.stack([bits(src.slice("lm_head.weight", r)) for r in rows]), ("lm_head",)
 
@@ -112,12 +117,8 @@ def read_orbax(out: Path, key: tuple, rows: list[int], scanned: bool) -> np.ndar
     rebuilt from wi_0 (even columns) and wi_1 (odd), the LM head from logits_dense's columns."""
     from gptoss_convert.io.orbax_reader import open_leaf
     step = out / "0"
-    if key[0] == "embed":
-        leaf = open_leaf(step, "token_embedder/embedding")
-        return np.stack([bits(leaf[r].read().result()) for r in rows])
-    if key[0] == "lm_head":
-        leaf = open_leaf(step, "decoder/logits_dense/kernel")                 # [H, V]
-        return np.stack([bits(leaf[:, r].read().result()) for r in rows])
+    if key[0] != "expert":
+        return read_orbax_rows(out, key, rows)
     _, layer, e, proj = key
     prefix = f"decoder/layers/layers_{layer % 2}/GptOssMlp/" if scanned else f"decoder/layers_{layer}/GptOssMlp/"
     at = (e, layer // 2) if scanned else (e,)                                 # scanned: slot at axis 1
@@ -129,14 +130,29 @@ def read_orbax(out: Path, key: tuple, rows: list[int], scanned: bool) -> np.ndar
     return gate_up
 
 
+def read_orbax_rows(out: Path, key: tuple, rows: list[int]) -> np.ndarray:
+    """The embedding rows (key ("embed",)) or LM-head rows (("lm_head",): logits_dense's columns)
+    of an Orbax output, read with TensorStore; the same leaves in every family."""
+    from gptoss_convert.io.orbax_reader import open_leaf
+    if key[0] == "embed":
+        leaf = open_leaf(out / "0", "token_embedder/embedding")
+        return np.stack([bits(leaf[r].read().result()) for r in rows])
+    leaf = open_leaf(out / "0", "decoder/logits_dense/kernel")                # [H, V]
+    return np.stack([bits(leaf[:, r].read().result()) for r in rows])
+
+
 def compare(src: Source, out: Path, cmd: str, s: dict) -> dict:
     """Every sampled value of `out` against the oracle; {compared, mismatches}."""
+    if cmd == "dequantize":
+        return compare_all(expected(src, s), lambda key: read_safetensors(out, key, s["rows"]))
+    return compare_all(expected(src, s), lambda key: read_orbax(out, key, s["rows"], scanned=(cmd == "scanned")))
+
+
+def compare_all(items, read) -> dict:
+    """Each (what, reference bits, key) of `items` against `read(key)`; {compared, mismatches}."""
     mismatches, n = [], 0
-    for what, want, key in expected(src, s):
-        if cmd == "dequantize":
-            got = read_safetensors(out, key, s["rows"])
-        else:
-            got = read_orbax(out, key, s["rows"], scanned=(cmd == "scanned"))
+    for what, want, key in items:
+        got = read(key)
         n += 1
         if got.shape != want.shape or not np.array_equal(got, want):
             mismatches.append(what)
@@ -171,8 +187,9 @@ def set_source_cache(src: Source, how: str) -> None:
                     pass
 
 
-def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int, source_cache: str = "as-is") -> dict:
-    """One conversion in its own process, then check, the oracle and the O_DIRECT baseline."""
+def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int, oracle=compare,
+                source_cache: str = "as-is") -> dict:
+    """One conversion in its own process, then check, `oracle(src, out, cmd, s)` and the O_DIRECT baseline."""
     shutil.rmtree(out, ignore_errors=True)
     set_source_cache(src, source_cache)
     cpu0 = child_cpu()
@@ -181,7 +198,7 @@ def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int, 
     written = tree_bytes(out)
     check_s = check_output(out)
     t0 = time.perf_counter()
-    oracle = compare(src, out, cmd, s)
+    found = oracle(src, out, cmd, s)
     oracle_s = time.perf_counter() - t0
     shutil.rmtree(out)
     direct = direct_write_bandwidth(out.parent / "bandwidth.bin", min(written, baseline_bytes))
@@ -191,20 +208,25 @@ def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int, 
             "seconds": round(secs, 1), "GB_per_s": round(gbps, 3), "peak_rss_GB": round(rss, 2),
             "user_s": round(user, 1), "sys_s": round(sys_, 1), "load_1m": round(os.getloadavg()[0], 1),
             "o_direct_GB_per_s": direct and round(direct, 3), "ratio_to_o_direct": direct and round(gbps / direct, 2),
-            "check_s": round(check_s, 1), "oracle_compared": oracle["compared"],
-            "oracle_mismatches": oracle["mismatches"], "oracle_s": round(oracle_s, 1)}
+            "check_s": round(check_s, 1), "oracle_compared": found["compared"],
+            "oracle_mismatches": found["mismatches"], "oracle_s": round(oracle_s, 1)}
 
 
 # --- gpt-oss-120b: the plan from sparse shards -----------------------------------------------
 
 def dry_run_120b(work: Path, cfg: dict) -> dict:
-    """`to-orbax --dry-run --scanned` on real-shape sparse 120b shards (15, as published): its
-    summary lines and the source's size."""
-    from gptoss_convert.converters.to_orbax import to_orbax
+    """`to-orbax --dry-run --scanned` on real-shape sparse 120b shards (15, as published)."""
     from gptoss_convert.testing.tiny import write_sparse_checkpoint
-    src = write_sparse_checkpoint(work / "sparse-120b", cfg, shards=15)
+    return dry_run(work / "sparse-120b", lambda d: write_sparse_checkpoint(d, cfg, shards=15))
+
+
+def dry_run(src: Path, write_sparse) -> dict:
+    """`to-orbax --dry-run --scanned` on the real-shape sparse shards `write_sparse(src)` writes
+    (any family): its summary lines and the source's size; the shards are deleted after."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    write_sparse(src)
     lines: list[str] = []
-    to_orbax(src, work / "never-written", scanned=True, dry_run=True, log=lines.append)
+    to_orbax(src, src.parent / "never-written", scanned=True, dry_run=True, log=lines.append)
     source = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     shutil.rmtree(src)
     return {"source_GB": round(source / 1e9, 2), "summary": lines[-1].splitlines()[-3:]}
@@ -233,7 +255,7 @@ def main() -> None:
     rows = []
     for cache in a.source_cache:
         for cmd in a.commands:
-            rows.append(convert_row(cmd, src, work / f"out-{cmd}", s, int(a.baseline_gb * 1e9), cache))
+            rows.append(convert_row(cmd, src, work / f"out-{cmd}", s, int(a.baseline_gb * 1e9), source_cache=cache))
             print(json.dumps(rows[-1]), flush=True)
     plan_120b = dry_run_120b(work, published_config("120b", a.config_120b))
     print(json.dumps(plan_120b))

@@ -90,20 +90,27 @@ def _write_tensor(w: ShardWriter, rng, name: str, dtype: str, shape: tuple[int, 
         w.append(name, _random(rng, name, dtype, (min(rows, shape[0] - start), *shape[1:])))
 
 
+def gpt_oss_shard_name(k: int, n: int) -> str:
+    """openai/gpt-oss numbering: from zero, `-of-` the last index."""
+    return f"model-{k:05d}-of-{n - 1:05d}.safetensors"
+
+
 def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int = 4 << 30, seed: int = 0,
-          cfg: dict | None = None) -> Path:
+          cfg: dict | None = None, specs: list[tuple[str, str, tuple[int, ...]]] | None = None,
+          shard_name=gpt_oss_shard_name) -> Path:
     """Write the synthetic checkpoint (with `cfg` as its config.json if given, else `config(model,
-    layers)`); returns its directory (skips work if already complete). Memory: one row block."""
+    layers)`; its tensors `specs` if given, else gpt-oss's for that config; shard k of n named
+    `shard_name(k, n)`); returns its directory (skips work if already complete). Memory: one row block."""
     out = Path(out)
     if (out / "config.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
     c = cfg or config(model, layers)
-    shards = split_shards(tensor_specs(c), shard_bytes)
+    shards = split_shards(specs or tensor_specs(c), shard_bytes)
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
-        fname = f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors"   # the published naming
+        fname = shard_name(k, len(shards))
         w = ShardWriter(out / fname, shard, {"format": "pt"})
         for name, dtype, shape in shard:
             _write_tensor(w, rng, name, dtype, shape)
@@ -113,7 +120,6 @@ def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(c, indent=2))     # last: marks the checkpoint complete
     return out
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)

@@ -24,9 +24,8 @@ from gptoss_convert.backends.qwen3_moe.params import abstract_params, flat_shape
 from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.errors import ConfigError, InputError
 from gptoss_convert.io.orbax_reader import load_params
-from gptoss_convert.io.safetensors import build_header
 from gptoss_convert.testing.published import DATA
-from gptoss_convert.testing.tiny import shard_names, split_evenly
+from gptoss_convert.testing.qwen3 import write_sparse_qwen3
 from gptoss_convert.testing.tokenizer import write_tokenizer
 from gptoss_convert.tree import flatten, unflatten
 from gptoss_convert.verify.golden import golden
@@ -260,36 +259,6 @@ def test_published_config_traces_the_forward_at_real_shape():
     tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
     out = jax.eval_shape(lambda p, t: forward(p, t, cfg, dtype=jax.numpy.bfloat16), tree, tokens)
     assert out.shape == (1, 8, 151936) and out.dtype == np.float32
-
-
-def write_sparse_qwen3(out, raw: dict, shards: int):
-    """Every tensor of the published per-expert BF16 layout at its real shape, as sparse shards
-    (real headers, holes for data): a plan and dry run at full size without the bytes."""
-    H, I, E, V = raw["hidden_size"], raw["moe_intermediate_size"], raw["num_experts"], raw["vocab_size"]
-    Nq, Nkv, D = raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]
-    specs = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
-    for i in range(raw["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        specs |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                  p + "self_attn.q_proj.weight": (Nq * D, H), p + "self_attn.k_proj.weight": (Nkv * D, H),
-                  p + "self_attn.v_proj.weight": (Nkv * D, H), p + "self_attn.o_proj.weight": (H, Nq * D),
-                  p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,),
-                  p + "mlp.gate.weight": (E, H)}
-        for j in range(E):
-            specs |= {f"{p}mlp.experts.{j}.gate_proj.weight": (I, H), f"{p}mlp.experts.{j}.up_proj.weight": (I, H),
-                      f"{p}mlp.experts.{j}.down_proj.weight": (H, I)}
-    nbytes = {n: 2 * math.prod(s) for n, s in specs.items()}
-    groups = split_evenly(nbytes, shards)
-    names = shard_names(len(groups))
-    for fname, group in zip(names, groups):
-        prefix, _ = build_header([(n, "BF16", specs[n]) for n in group], {"format": "pt"})
-        with open(out / fname, "wb") as f:
-            f.write(prefix)
-            f.truncate(len(prefix) + sum(nbytes[n] for n in group))
-    index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": {n: f for f, g in zip(names, groups) for n in g}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
-    return sum(nbytes.values())
 
 
 @pytest.mark.parametrize("layout", ["--scanned", "--unscanned"])

@@ -199,9 +199,15 @@ def write_sparse_checkpoint(out_dir: str | os.PathLike, raw_config: dict, *, sha
     """A checkpoint directory with `raw_config` as config.json and every tensor of the published
     MXFP4 layout at its real shape, in `shards` files whose data regions are holes (nothing is
     allocated on disk; reading a tensor gives zeros). Good for plans and dry runs at full size."""
+    return write_sparse_shards(out_dir, hf_specs(config_from_dict(raw_config)), raw_config, shards=shards)
+
+
+def write_sparse_shards(out_dir: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], str]],
+                        raw_config: dict, *, shards: int) -> Path:
+    """`specs` ({name: (shape, dtype)}, in order) as `shards` safetensors files of real headers
+    over data holes, with an index and `raw_config` as config.json; any model family."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = hf_specs(config_from_dict(raw_config))
     nbytes = {n: DTYPES[dt].itemsize * math.prod(shape) for n, (shape, dt) in specs.items()}
     groups = split_evenly(nbytes, shards)
     names = shard_names(len(groups))
