@@ -14,22 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from gptoss_convert.io.safetensors import DTYPES, ShardWriter
-from gptoss_convert.testing.tiny import MXFP4_CONFIG
-
-REAL = {"20b": dict(num_local_experts=32), "120b": dict(num_local_experts=128)}
-
+from gptoss_convert.testing.published import published_config
 
 def config(model: str = "20b", layers: int = 2) -> dict:
-    return {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "vocab_size": 201088,
-            "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": layers,
-            "num_experts_per_tok": 4, "experts_per_token": 4, "num_attention_heads": 64, "num_key_value_heads": 8,
-            "head_dim": 64, "sliding_window": 128, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
-            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
-            "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
-                                                   "beta_slow": 1.0, "original_max_position_embeddings": 4096,
-                                                   "truncate": False},
-            "attention_bias": True, "tie_word_embeddings": False, "max_position_embeddings": 131072,
-            "torch_dtype": "bfloat16", "quantization_config": MXFP4_CONFIG, **REAL[model]}
+    """The published gpt-oss-<model> config.json with only the layer count cut to `layers`."""
+    c = published_config(f"gpt-oss-{model}")
+    c.update(num_hidden_layers=layers, layer_types=c["layer_types"][:layers])
+    return c
 
 
 def tensor_specs(c: dict) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -124,7 +115,7 @@ def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out")
-    ap.add_argument("--model", choices=sorted(REAL), default="20b")
+    ap.add_argument("--model", choices=["20b", "120b"], default="20b")
     ap.add_argument("--layers", type=int, default=2)
     a = ap.parse_args()
     print(write(a.out, a.model, a.layers))

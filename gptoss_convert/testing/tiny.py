@@ -30,7 +30,6 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_local_experts=5, num_experts_per_tok=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, sliding_window=5)
 SIZE_FIELDS = tuple(TINY)
-MXFP4_CONFIG = published_config("gpt-oss-20b")["quantization_config"]
 # Token ids must index the tiny vocabulary (the published ones are 199999/200002).
 TINY_TOKENS = {"eos_token_id": 2, "pad_token_id": 0}
 
