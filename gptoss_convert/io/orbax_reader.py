@@ -29,7 +29,7 @@ PREFIX = ("params", "params")  # TrainState.params = {"params": tree} (docs/maxt
 
 def _dirs(step_dir, item_name: str) -> tuple[Path, Path]:
     """(step dir, item dir); accepts `<root>/<step>` or, as MaxText does, `<root>/<step>/items`."""
-    path = Path(step_dir)
+    path = Path(step_dir).absolute()        # Orbax refuses a relative path to an OCDBT checkpoint
     if (path / PYTREE_METADATA_FILE).is_file() or path.name == item_name:
         return path.parent, path
     return path, path / item_name
