@@ -220,28 +220,86 @@ def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, 
     _SCRATCH.put(scratch)
 
 
-def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+SCALE_RULES = ("triton", "ocp")
+
+
+def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
     """Encode float weights [..., K] (K % 32 == 0) as MXFP4 blocks [..., K/32, 16], scales [..., K/32].
 
-    OCP MX rule: shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax), clamped
-    to the E8M0 range [-127, 127]; elements are rounded to the nearest E2M1 value, ties to the
-    even code, saturating at +-6. An all-zero group gets scale byte 127. The sign is kept, so
-    -0.0 (and a negative value rounding to zero) encodes as code 8 (-0).
+    rule="ocp" (OCP MX): shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax),
+    clamped to the E8M0 range [-127, 127]; elements are rounded to the nearest E2M1 value, ties
+    to the even code, saturating at +-6. An all-zero group gets scale byte 127.
+    rule="triton" (triton_kernels' downcast_to_mxfp, DequantScaleRoundingMode.ROUND_UP, what
+    OpenAI's tooling quantizes with): scale = 2**ceil(log2(fp32(amax / 6))) taken from the fp32
+    bits, so nothing saturates; elements are multiplied by 1/scale in fp32 and rounded by its
+    guard/sticky rule (ties to even; below 0.5 the bits shifted out do not count as sticky); an
+    all-zero group gets scale byte 0. See `quantize_report` for what a rule lost.
+    The sign is kept under both rules, so -0.0 encodes as code 8 (-0).
     """
+    if rule not in SCALE_RULES:
+        raise ValueError(f"rule: expected one of {SCALE_RULES}, got {rule!r}")
     w = np.asarray(weights)
     if w.ndim < 1 or w.shape[-1] % 32:
         raise ValueError(f"weights: last axis must be a multiple of 32, got shape {w.shape}")
     if w.dtype.kind not in "fiub" and w.dtype != ml_dtypes.bfloat16:
         raise ValueError(f"weights: expected a real float array, got dtype {w.dtype}")
-    w = w.astype(np.float64 if w.dtype == np.float64 else np.float32)  # exact for every float input
+    if rule == "triton":
+        if w.dtype == np.float64:
+            raise ValueError("weights: rule 'triton' takes bf16, fp16 or fp32 (as triton_kernels does), not float64")
+        w = w.astype(np.float32)
+    else:
+        w = w.astype(np.float64 if w.dtype == np.float64 else np.float32)  # exact for every float input
     if not np.isfinite(w).all():
         raise ValueError("weights: contain inf or NaN, which MXFP4 cannot encode")
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)           # [..., G, 32]
-    exp = _shared_exponent(np.abs(groups).max(axis=-1))                # [..., G] int32
-    scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
-    code = _round_magnitude(scaled) | (np.signbit(groups).astype(np.uint8) << 3)
+    if rule == "triton":
+        code, scales = _triton_codes(groups)
+    else:
+        exp = _shared_exponent(np.abs(groups).max(axis=-1))            # [..., G] int32
+        scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
+        code = _round_magnitude(scaled) | (np.signbit(groups).astype(np.uint8) << 3)
+        scales = (exp + 127).astype(np.uint8)
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)                  # element 2b low nibble, 2b+1 high
-    return blocks.astype(np.uint8), (exp + 127).astype(np.uint8)
+    return blocks.astype(np.uint8), scales
+
+
+def _triton_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """groups [..., G, 32] fp32 -> (E2M1 codes [..., G, 32], scale bytes [..., G]) by the
+    ROUND_UP rule of triton_kernels' downcast_to_mxfp, bit for bit in fp32."""
+    amax = np.abs(groups).max(axis=-1)
+    dq = (amax / np.float32(6.0)).astype(np.float32).view(np.uint32)
+    dq_exp = (dq + np.uint32(0x007FFFFF)) & np.uint32(0x7F800000)     # 2**ceil(log2), as fp32 bits
+    scale = dq_exp.view(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale == 0, np.float32(0), np.float32(1) / scale).astype(np.float32)
+    q = (groups * inv[..., None]).astype(np.float32).view(np.uint32)
+    sign = (q >> 31).astype(np.uint8)
+    exp = (q >> 23) & np.uint32(0xFF)
+    man = q & np.uint32(0x7FFFFF)
+    shift = np.minimum(np.uint32(126) - np.minimum(exp, np.uint32(126)), np.uint32(31))
+    man = np.where(exp < 127, (np.uint32(0x400000) | (man >> 1)) >> shift, man)   # below 1: denormal E2M1
+    e2 = np.maximum(exp, np.uint32(126)) - np.uint32(126)
+    m2 = man >> 21
+    inc = (m2 & 1) & (((man & np.uint32(0x1FFFFF)) != 0) | ((m2 >> 1) & 1))
+    code = np.minimum((((e2 << 2) | m2) + inc) >> 1, np.uint32(7)).astype(np.uint8)
+    return code | (sign << 3), (dq_exp >> 23).astype(np.uint8)
+
+
+def quantize_report(weights: np.ndarray, blocks: np.ndarray, scales: np.ndarray, rule: str) -> dict:
+    """What quantizing `weights` to (blocks, scales) lost: sum of squared errors and of squared
+    weights (relative RMS error = sqrt(err2 / ref2)), values that saturated (|w| beyond 6x their
+    group's scale), and groups clamped because E8M0's smallest scale is still too large for them."""
+    w = np.asarray(weights).astype(np.float32)
+    back = dequantize(blocks, scales, np.float32, workers=1).reshape(w.shape)
+    groups = np.abs(w).reshape(*w.shape[:-1], -1, 32)
+    amax = groups.max(axis=-1)
+    limit = 6 * np.ldexp(np.float32(1), scales.astype(np.int32) - 127)
+    with np.errstate(divide="ignore"):
+        ideal = np.floor(np.log2(amax)) - 2 if rule == "ocp" else np.ceil(np.log2(amax / 6))
+    d = (back - w).astype(np.float64)
+    return {"err2": float(np.sum(d * d)), "ref2": float(np.sum(w.astype(np.float64) ** 2)),
+            "saturated": int(np.sum(groups > limit[..., None])),
+            "clamped_groups": int(np.sum((amax > 0) & (ideal < (-127 if rule == "ocp" else -126))))}
 
 
 def _shared_exponent(amax: np.ndarray) -> np.ndarray:
