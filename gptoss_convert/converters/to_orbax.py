@@ -82,7 +82,8 @@ def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
              dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
              allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
-             strict_config: bool = False, log=print) -> Path | Plan:
+             strict_config: bool = False, like: str | os.PathLike | None = None, step: int | None = None,
+             log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
@@ -91,7 +92,17 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     `compression="zstd"` compresses chunks as Orbax does by default (smaller, ~2x slower to write).
     `strict_config=True` refuses config.json fields this tool does not know (by default they are
     accepted as inert, warned about and recorded in conversion.json).
+    `src` may also be an Orbax checkpoint (this tool's, MaxText's params-only or training
+    checkpoint; `step` picks one, `like` gives the config of one MaxText wrote): its params are
+    relaid out bit-exact (converters/relayout.py).
     """
+    from gptoss_convert.io.orbax_source import is_orbax
+
+    if is_orbax(src):
+        from gptoss_convert.converters.relayout import relayout
+        return relayout(src, out, scanned=scanned, dtype=dtype, like=like, step=step, dry_run=dry_run,
+                        overwrite=overwrite, resume=resume, progress=progress, block_bytes=block_bytes,
+                        compression=compression, log=log)
     t0 = time.perf_counter()
     np_dtype = _NP[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
