@@ -107,7 +107,7 @@ def export_plan(backend: Backend, cfg, src: OrbaxSource, *, mxfp4: bool, itemsiz
             for i in range(cfg.L) if rule.per_layer else [None]:
                 places = [layout.place(i, t, ()) if i is not None else None for t in rule.targets]
                 sources = tuple((p.path, p.slot) if p else (t, None) for p, t in zip(places, rule.targets))
-                name = rule.sources[0].format(i=i).replace("{j}", str(j))
+                name = rule.sources[0].replace("{j}", str(j)).format(i=i)
                 local = _local_shape(src.leaves[sources[0][0]][0], sources[0][1], j)
                 shape = out_shape(inv.transforms, local)
                 row_axis = out_axis(rule.transforms, 0, shape) if shape else None
