@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
-from gptoss_convert.converters.common import progress_bar, resolve_dtype
+from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
@@ -116,7 +116,6 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
         log(f"relayout {'scanned' if source.scanned else 'unscanned'} -> {layout}: {len(targets)} leaves, "
             f"{len(moves)} blocks, {total / 1e9:.2f} GB to write, from step {source.step_dir.name} of {source.step_dir.parent}")
         return moves
-    from gptoss_convert.converters.to_orbax import ITEM, STEP, maxtext_flags
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
     fingerprint = {"command": "to-orbax", "relayout": True, "layout": layout, "dtype": np_dtype.name,

@@ -18,7 +18,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
+from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
@@ -27,11 +27,8 @@ from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
 from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import apply
 
-STEP = "0"
-ITEM = "items"
 _NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 MAX_IN_FLIGHT = 4           # blocks whose writes may be pending at once (overlaps I/O with decoding)
-KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
 def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype, alloc=None) -> np.ndarray | list[np.ndarray]:
@@ -71,12 +68,6 @@ def needs(plan: Plan, ck: HFCheckpoint) -> str:
     source = sum((ck.dir / f).stat().st_size for f in ck.files)
     return (f"needs: {plan.total_bytes / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), "
             f"peak memory at most about {memory / 1e9:.1f} GB (largest block {largest / 1e6:.0f} MB)")
-
-
-def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
-    name = KNOWN_MODELS.get((cfg.L, cfg.E))
-    flags = f"load_parameters_path={out}/{STEP}/{ITEM} scan_layers={str(scanned).lower()}"
-    return (f"model_name={name} " if name else "") + flags
 
 
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
