@@ -333,3 +333,40 @@ def test_cli_to_hf_and_its_errors(bf16_round, tmp_path):
     assert "model.layers.0.mlp.experts.down_proj_blocks" in stored(tmp_path / "out")
     r = cli(tmp_path / "nothing", tmp_path / "out2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nothing: not a directory" in r.stderr
+
+
+@pytest.mark.parametrize("rule", ["ocp", "triton"])
+def test_bf16_fast_path_equals_the_float_path_on_every_bf16_pattern(rule):
+    """The integer path quantize() takes for bf16 against its float32 path (the rule's
+    arithmetic step by step), on every finite bf16 value that keeps the scale in range, in
+    shuffled groups, plus all-zero and -0 groups."""
+    from gptoss_convert.mxfp4.codec import _quantize_bf16
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    finite = ((bits & 0x7FFF) < 0x7F80) & (((bits >> 7) & 0xFF) >= 12)
+    vals = np.random.default_rng(0).permutation(bits[finite])
+    vals = np.concatenate([vals[: len(vals) // 32 * 32], np.zeros(32, np.uint16), np.full(32, 0x8000, np.uint16)])
+    for arr in (vals.view(BF16).reshape(-1, 64), np.sort(vals).view(BF16).reshape(-1, 32)):
+        fast = _quantize_bf16(arr, rule)
+        slow = quantize(arr.astype(np.float32), rule)
+        assert fast is not None
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("amax, ocp_scale, triton_scale, ocp_code, triton_code", [
+    (6.0, 0, 0, 7, 7),        # 6 = 1.5 * 2**2: both rules scale 2**0, code 6.0
+    (4.0, 0, 0, 6, 6),
+    (7.0, 0, 1, 7, 6),        # OCP saturates 7 -> 6; triton scales 2**1: 3.5 -> 4.0 (tie to even code)
+    (3.25, -1, 0, 7, 5),      # triton rounds 3.25 -> 3.0 (code 5) at 2**0; OCP 6.5 -> 6 at 2**-1
+    (1.0, -2, -2, 6, 6),
+])
+def test_scale_rules_by_hand(amax, ocp_scale, triton_scale, ocp_code, triton_code):
+    w = np.zeros(32, np.float32)
+    w[5] = amax
+    for rule, scale, code in (("ocp", ocp_scale, ocp_code), ("triton", triton_scale, triton_code)):
+        blocks, scales = quantize(w, rule)
+        assert int(scales[0]) - 127 == scale and (int(blocks[0, 2]) >> 4) == code, rule
+        b16, s16 = quantize(w.astype(BF16), rule)
+        assert b16.tobytes() == blocks.tobytes() and s16.tobytes() == scales.tobytes()
+    assert quantize(np.zeros(32, np.float32), "triton")[1][0] == 0 and quantize(np.zeros(32, np.float32), "ocp")[1][0] == 127

@@ -243,6 +243,10 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
         raise ValueError(f"weights: last axis must be a multiple of 32, got shape {w.shape}")
     if w.dtype.kind not in "fiub" and w.dtype != ml_dtypes.bfloat16:
         raise ValueError(f"weights: expected a real float array, got dtype {w.dtype}")
+    if w.dtype == ml_dtypes.bfloat16:
+        fast = _quantize_bf16(np.ascontiguousarray(w), rule)
+        if fast is not None:
+            return fast
     if rule == "triton":
         if w.dtype == np.float64:
             raise ValueError("weights: rule 'triton' takes bf16, fp16 or fp32 (as triton_kernels does), not float64")
@@ -261,6 +265,47 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
         scales = (exp + 127).astype(np.uint8)
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)                  # element 2b low nibble, 2b+1 high
     return blocks.astype(np.uint8), scales
+
+
+# bf16 magnitude bits (exponent << 7 | mantissa) of a value already divided by its scale -> its
+# E2M1 magnitude code. For bf16 inputs both rules round elements the same way (to nearest, ties
+# to even, saturating at 6: triton's dropped sticky bits are zero for 7-bit mantissas), so one
+# table serves both; built from _round_magnitude on every such value.
+CHUNK_ROWS_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_code_table() -> np.ndarray:
+    bits = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32)
+    return _round_magnitude(bits)
+
+
+def _quantize_bf16(w: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """quantize() for bf16 weights by integer ops on their bits, in cache-sized chunks; the same
+    bytes as the float path (tested), ~10x faster. None when a group needs the float path:
+    NaN/inf (its error), or a largest magnitude so small that the scale leaves E8M0's range."""
+    bits = w.view(np.uint16).reshape(-1, 32)                           # [groups, 32]
+    mag = bits & np.uint16(0x7FFF)
+    amax = mag.max(axis=-1)
+    if amax.max(initial=0) >= 0x7F80 or ((amax > 0) & (amax < (8 << 7))).any():
+        return None
+    e, m = (amax >> 7).astype(np.int32), (amax & 0x7F).astype(np.int32)
+    k = e - 129 + ((m > 64) if rule == "triton" else 0)                # log2 of the scale
+    zero = amax == 0
+    k[zero] = 0
+    scales = np.where(zero, np.uint8(0 if rule == "triton" else 127), (k + 127).astype(np.uint8))
+    table = _bf16_code_table()
+    codes = np.empty(bits.shape, np.uint8)
+    step = max(1, CHUNK_ROWS_BYTES // 128)
+    for a in range(0, bits.shape[0], step):
+        b = min(a + step, bits.shape[0])
+        idx = mag[a:b].astype(np.int32) - (k[a:b, None] << 7)          # q = |w| / 2**k as bf16 bits
+        np.maximum(idx, 0, out=idx)                                    # underflowed: code 0
+        np.take(table, idx, out=codes[a:b])
+        codes[a:b] |= ((bits[a:b] >> 15) << 3).astype(np.uint8)
+    blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    shape = w.shape[:-1] + (w.shape[-1] // 32,)
+    return blocks.reshape(*shape, 16), scales.reshape(shape)
 
 
 def _triton_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,17 +334,18 @@ def quantize_report(weights: np.ndarray, blocks: np.ndarray, scales: np.ndarray,
     """What quantizing `weights` to (blocks, scales) lost: sum of squared errors and of squared
     weights (relative RMS error = sqrt(err2 / ref2)), values that saturated (|w| beyond 6x their
     group's scale), and groups clamped because E8M0's smallest scale is still too large for them."""
-    w = np.asarray(weights).astype(np.float32)
-    back = dequantize(blocks, scales, np.float32, workers=1).reshape(w.shape)
-    groups = np.abs(w).reshape(*w.shape[:-1], -1, 32)
-    amax = groups.max(axis=-1)
-    limit = 6 * np.ldexp(np.float32(1), scales.astype(np.int32) - 127)
+    w = np.asarray(weights).astype(np.float32).reshape(-1, 32)
+    back = dequantize(blocks, scales, np.float32, workers=1).reshape(-1, 32)
+    back -= w
+    flat_d, flat_w = back.reshape(-1), w.reshape(-1)
+    np.abs(w, out=w)
+    amax = w.max(axis=-1)
+    limit = 6 * np.ldexp(np.float32(1), scales.reshape(-1).astype(np.int32) - 127)
     with np.errstate(divide="ignore"):
         ideal = np.floor(np.log2(amax)) - 2 if rule == "ocp" else np.ceil(np.log2(amax / 6))
-    d = (back - w).astype(np.float64)
-    return {"err2": float(np.sum(d * d)), "ref2": float(np.sum(w.astype(np.float64) ** 2)),
-            "saturated": int(np.sum(groups > limit[..., None])),
-            "clamped_groups": int(np.sum((amax > 0) & (ideal < (-127 if rule == "ocp" else -126))))}
+    return {"err2": float(np.dot(flat_d, flat_d)), "ref2": float(np.dot(flat_w, flat_w)),
+            "saturated": int(np.count_nonzero(w > limit[:, None])),
+            "clamped_groups": int(np.count_nonzero((amax > 0) & (ideal < (-127 if rule == "ocp" else -126))))}
 
 
 def _shared_exponent(amax: np.ndarray) -> np.ndarray:
