@@ -329,7 +329,7 @@ def test_cli_to_hf_and_its_errors(bf16_round, tmp_path):
     assert r.returncode == 0 and "model.layers.0.mlp.experts.gate_up_proj [5, 64, 192] <- " in r.stdout
     assert "-> MXFP4 blocks+scales" in r.stdout and not (tmp_path / "dry").exists()
     r = cli(orbax / "0" / "items", tmp_path / "out", "--mxfp4", "--scale-rule", "ocp")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert "model.layers.0.mlp.experts.down_proj_blocks" in stored(tmp_path / "out")
     r = cli(tmp_path / "nothing", tmp_path / "out2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nothing: not a directory" in r.stderr
@@ -370,3 +370,19 @@ def test_scale_rules_by_hand(amax, ocp_scale, triton_scale, ocp_code, triton_cod
         b16, s16 = quantize(w.astype(BF16), rule)
         assert b16.tobytes() == blocks.tobytes() and s16.tobytes() == scales.tobytes()
     assert quantize(np.zeros(32, np.float32), "triton")[1][0] == 0 and quantize(np.zeros(32, np.float32), "ocp")[1][0] == 127
+
+
+@pytest.mark.parametrize("rule", ["ocp", "triton"])
+def test_one_pass_report_equals_the_report_from_dequantized_values(rule):
+    """quantize_with_report's table-driven figures (bf16) against quantize_report, which
+    dequantizes the result and compares it with the weights."""
+    from gptoss_convert.mxfp4.codec import quantize_report, quantize_with_report
+
+    w = (np.random.default_rng(4).standard_t(3, (96, 256)) * 0.02).astype(BF16)
+    w[3, :32] = 0
+    blocks, scales, fast = quantize_with_report(w, rule)
+    slow = quantize_report(w, blocks, scales, rule)
+    assert fast["saturated"] == slow["saturated"] and fast["clamped_groups"] == slow["clamped_groups"] == 0
+    assert (fast["saturated"] > 0) == (rule == "ocp")
+    for key in ("err2", "ref2"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-5)

@@ -33,8 +33,8 @@ from gptoss_convert.io.hf_checkpoint import BLOCKS, INDEX, SCALES, SIDECAR_FILES
 from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
 from gptoss_convert.io.safetensors import ShardWriter, build_header
 from gptoss_convert.mapping.layout import SCAN_AXIS
-from gptoss_convert.mapping.transforms import apply, out_axis, out_shape
-from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize, quantize_report
+from gptoss_convert.mapping.transforms import apply, out_axis, out_shape, transposed
+from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_with_report
 
 DEFAULT_SCALE_RULE = "triton"     # what OpenAI's tooling (triton_kernels downcast_to_mxfp) does; docs/formats.md
 # gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
@@ -147,9 +147,8 @@ def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.
 
 def _requantize(x: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """HF [e, in, out] rows -> MXFP4 blocks [e, out, in/32, 16], scales [e, out, in/32] (+ report)."""
-    w = np.ascontiguousarray(np.swapaxes(x, -1, -2))
-    blocks, scales = quantize(w, rule)
-    return blocks, scales, quantize_report(w, blocks, scales, rule)
+    w = np.stack([transposed(m) for m in x]) if x.ndim == 3 else np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    return quantize_with_report(w, rule)
 
 
 def _add(total: dict, rep: dict) -> None:
@@ -170,7 +169,7 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
     try:
         pending: list[np.ndarray] = []
         items = [(t, rows) for t in tensors for rows in t.row_blocks()]
-        for i, ((t, _), got) in enumerate(prefetch(items, load)):
+        for i, ((t, _), got) in enumerate(prefetch(items, load, depth=opts["workers"] + 1, workers=opts["workers"])):
             faults.point("read")
             w.append(t.name + (BLOCKS if t.mxfp4 else ""), got[0])
             if t.mxfp4:
@@ -270,7 +269,8 @@ def summarize(reports: dict[str, dict]) -> dict:
 def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False, scale_rule: str = DEFAULT_SCALE_RULE,
           like: str | os.PathLike | None = None, step: int | None = None, max_shard_size: str | int = "5GB",
           dtype: str = "bf16", dry_run: bool = False, overwrite: bool = False, resume: bool = False,
-          allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20, log=print):
+          allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
+          workers: int | None = None, log=print):
     """Export the Orbax checkpoint `src` (this tool's output, a MaxText params-only or training
     checkpoint; a run root, step directory or its items; `step` picks one) to an HF checkpoint.
 
@@ -279,7 +279,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     per-tensor error report is logged and recorded in conversion.json. config.json, tokenizer and
     chat template come from the files to-orbax wrote beside `src`, or from `like` (an HF
     directory or hub id; needed for MaxText's own checkpoints). Returns OUT (the plan with
-    dry_run=True)."""
+    dry_run=True). `workers` threads read and requantize blocks (None: one per core)."""
     t0 = time.perf_counter()
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
@@ -297,7 +297,8 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     if dry_run:
         log(describe(tensors, source) + f"\n{len(tensors)} HF tensors in {n} shard(s), {total / 1e9:.2f} GB to write")
         return tensors
-    opts = {"rule": scale_rule, "np_dtype": np_dtype, "allow_nonfinite": allow_nonfinite}
+    opts = {"rule": scale_rule, "np_dtype": np_dtype, "allow_nonfinite": allow_nonfinite,
+            "workers": workers or os.cpu_count() or 1}
     fingerprint = {"command": "to-hf", "mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
                    "shards": [[t.name for t in s] for s in shards], "source": str(source.step_dir),
                    "source_files": {f: (source.step_dir / f).stat().st_size for f in source.files()}}
