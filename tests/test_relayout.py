@@ -138,3 +138,18 @@ def test_qwen3_bf16_round_trip_through_the_generic_inverse(tmp_path):
     with pytest.raises(Exception, match="gpt-oss only"):
         to_hf(orbax, tmp_path / "mx", mxfp4=True, **QUIET)
     assert os.path.isdir(src)
+
+
+def test_relayout_refuses_nan_unless_allowed(direct, tmp_path):
+    from test_export import write_orbax
+
+    params = leaves(direct[True])
+    a = params["decoder/layers/layers_0/GptOssAttention/sinks"].copy()
+    a.reshape(-1)[1] = np.inf
+    params["decoder/layers/layers_0/GptOssAttention/sinks"] = a
+    src = write_orbax(tmp_path / "inf", params, direct[True], True)
+    with pytest.raises(Exception, match=r"layers_0/GptOssAttention/sinks \(rows 0:4, slot 1\).*NaN or inf.*--allow-nonfinite"):
+        to_orbax(src, tmp_path / "out", scanned=False, **QUIET)
+    assert not (tmp_path / "out").exists()
+    out = to_orbax(src, tmp_path / "out", scanned=False, allow_nonfinite=True, **QUIET)
+    assert np.isinf(leaves(out)["decoder/layers_2/GptOssAttention/sinks"].astype(np.float32)).sum() == 1

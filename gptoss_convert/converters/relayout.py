@@ -23,6 +23,7 @@ from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.to_hf import backend_config
+from gptoss_convert.errors import InputError
 from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
 from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
 from gptoss_convert.mapping.layout import SCAN_AXIS, layer_relative
@@ -93,13 +94,17 @@ def _chunks(moves: list[Move], targets: dict[str, tuple[int, ...]]) -> dict[str,
     return out
 
 
-def _read(src: OrbaxSource, m: Move, dtype: np.dtype) -> np.ndarray:
+def _read(src: OrbaxSource, m: Move, dtype: np.dtype, allow_nonfinite: bool) -> np.ndarray:
+    """The block of `m`, in `dtype`; NaN/inf refused unless allowed (as to-orbax does)."""
     x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.rows, keep_slot=False))
+    if not allow_nonfinite and not np.isfinite(x).all():
+        raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{'' if m.src_slot is None else f', slot {m.src_slot}'}) "
+                         f"in {src.item_dir}: NaN or inf weights; pass --allow-nonfinite to copy them anyway")
     return np.ascontiguousarray(x.astype(dtype, copy=False))
 
 
 def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: int | None = None,
-             dry_run: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             allow_nonfinite: bool = False, dry_run: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
              block_bytes: int = 64 << 20, compression: str | None = None, log=print):
     """Write the params of the Orbax checkpoint `src` (a run root, step or items; `step` picks
     one) as a params-only checkpoint at `out`, scanned or not; see `to_orbax`."""
@@ -131,7 +136,7 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
         if staged.resumed:
             writer.remove_temporaries()
         try:
-            _stream(source, moves, writer, staged, np_dtype, total, progress)
+            _stream(source, moves, writer, staged, lambda m: _read(source, m, np_dtype, allow_nonfinite), total, progress)
         finally:
             writer.close()
         writer.finalize()
@@ -161,7 +166,7 @@ def _copy_sidecars(sidecars, raw: dict, out) -> None:
             (out / f).write_bytes((sidecars / f).read_bytes())
 
 
-def _stream(source, moves, writer, staged, dtype, total, progress) -> None:
+def _stream(source, moves, writer, staged, read, total, progress) -> None:
     """Copy every block not yet journaled; at most MAX_IN_FLIGHT blocks' writes pending."""
     todo = [m for m in moves if not staged.is_done(m.key)]
     with progress_bar(total, "to-orbax", progress) as bar:
@@ -176,7 +181,7 @@ def _stream(source, moves, writer, staged, dtype, total, progress) -> None:
                 staged.mark_done(m.key)
                 bar.update(m.nbytes)
 
-        for m, x in prefetch(todo, lambda m: _read(source, m, dtype)):
+        for m, x in prefetch(todo, read):
             faults.point("read")
             if m.dst_slot is not None:
                 x = np.expand_dims(x, SCAN_AXIS)

@@ -72,6 +72,7 @@ class ExportTensor:
         return sum(math.prod(s) * (1 if d == "U8" else self.itemsize) for _, d, s in self.entries)
 
     def row_blocks(self) -> list[slice | None]:
+        """The HF row ranges read at a time (None: the whole tensor)."""
         if self.row_axis is None or not self.rows_per_block or self.rows_per_block >= self.shape[0]:
             return [None]
         n = self.rows_per_block

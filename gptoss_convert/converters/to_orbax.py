@@ -92,6 +92,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     if is_orbax(src):
         from gptoss_convert.converters.relayout import relayout
         return relayout(src, out, scanned=scanned, dtype=dtype, like=like, step=step, dry_run=dry_run,
+                        allow_nonfinite=allow_nonfinite,
                         overwrite=overwrite, resume=resume, progress=progress, block_bytes=block_bytes,
                         compression=compression, log=log)
     t0 = time.perf_counter()
