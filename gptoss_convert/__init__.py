@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _API = {
     "dequantize": "gptoss_convert.converters.dequantize",
     "to_orbax": "gptoss_convert.converters.to_orbax",
+    "to_hf": "gptoss_convert.converters.to_hf",
     "check": "gptoss_convert.converters.check",
     "golden": "gptoss_convert.verify.golden",
     "verify_checkpoint": "gptoss_convert.verify.verify:verify",   # `verify` is the subpackage

@@ -91,17 +91,45 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the checked plan and exit; writes nothing.")
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
+@click.option("--like", default=None, help="Orbax SRC without config.json beside it (MaxText's): the HF model (dir or id) it came from.")
+@click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
 @common_options
 @_run
-def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, overwrite, resume, workers, no_progress, allow_nonfinite,
-                 strict_config):
-    """MXFP4 or BF16 SRC (directory or hub id) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
+def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite, resume, workers, no_progress,
+                 allow_nonfinite, strict_config):
+    """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
     to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
              overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-             strict_config=strict_config)
+             strict_config=strict_config, like=like, step=step)
+
+
+@main.command("to-hf")
+@click.argument("src")
+@click.argument("out", type=click.Path())
+@click.option("--mxfp4", is_flag=True, help="Requantize the expert weights to MXFP4 in the published layout (gpt-oss).")
+@click.option("--scale-rule", type=click.Choice(["triton", "ocp"]), default="triton", show_default=True,
+              help="MXFP4 shared exponent: triton_kernels' round-up (nothing saturates) or OCP's floor(log2 amax)-2.")
+@click.option("--like", default=None, help="HF model (dir or id) for config.json and tokenizer (needed for MaxText's own checkpoints).")
+@click.option("--step", type=int, default=None, help="SRC given as a run root: this step (default: the latest committed).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
+@click.option("--dry-run", is_flag=True, help="Print the checked plan and exit; writes nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores).")
+@_run
+def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dry_run, overwrite, resume, no_progress,
+              allow_nonfinite, workers):
+    """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT."""
+    from gptoss_convert.converters.to_hf import to_hf
+    to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype, max_shard_size=max_shard_size,
+          dry_run=dry_run, overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
+          workers=workers)
 
 
 @main.command("golden")

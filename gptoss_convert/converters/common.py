@@ -16,6 +16,9 @@ from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+STEP = "0"              # where to-orbax puts its one step: OUT/0/items
+ITEM = "items"
+KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -39,6 +42,13 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise ConvertError(f"size {size!r} must be positive")
     return value
+
+
+def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
+    """The MaxText flags that load the Orbax checkpoint at `out`."""
+    name = KNOWN_MODELS.get((cfg.L, cfg.E))
+    flags = f"load_parameters_path={out}/{STEP}/{ITEM} scan_layers={str(scanned).lower()}"
+    return (f"model_name={name} " if name else "") + flags
 
 
 def source_shapes(ck: HFCheckpoint) -> dict[str, tuple[tuple[int, ...], str]]:

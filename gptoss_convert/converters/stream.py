@@ -11,13 +11,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def prefetch(items: Iterable[T], fn: Callable[[T], R], depth: int = 2) -> Iterator[tuple[T, R]]:
-    """Yield (item, fn(item)) in order with at most `depth` results computed ahead.
+def prefetch(items: Iterable[T], fn: Callable[[T], R], depth: int = 2, workers: int = 1) -> Iterator[tuple[T, R]]:
+    """Yield (item, fn(item)) in order with at most `depth` results computed ahead, on
+    `workers` threads.
 
     Memory is bounded by `depth` + 1 results; numpy and file reads release the GIL, so reading
-    and decoding overlap with the caller's writes.
+    and decoding overlap with the caller's writes (and with each other when workers > 1).
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-read") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptoss-read") as pool:
         queue: collections.deque = collections.deque()
         it = iter(items)
         for item in it:

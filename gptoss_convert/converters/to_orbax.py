@@ -18,7 +18,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
+from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
@@ -27,11 +27,8 @@ from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
 from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import apply
 
-STEP = "0"
-ITEM = "items"
 _NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 MAX_IN_FLIGHT = 4           # blocks whose writes may be pending at once (overlaps I/O with decoding)
-KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
 def _read_block(ck: HFCheckpoint, block: ReadBlock, dtype: np.dtype, alloc=None) -> np.ndarray | list[np.ndarray]:
@@ -73,16 +70,11 @@ def needs(plan: Plan, ck: HFCheckpoint) -> str:
             f"peak memory at most about {memory / 1e9:.1f} GB (largest block {largest / 1e6:.0f} MB)")
 
 
-def maxtext_flags(out: Path, scanned: bool, cfg) -> str:
-    name = KNOWN_MODELS.get((cfg.L, cfg.E))
-    flags = f"load_parameters_path={out}/{STEP}/{ITEM} scan_layers={str(scanned).lower()}"
-    return (f"model_name={name} " if name else "") + flags
-
-
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
              dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
              allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
-             strict_config: bool = False, log=print) -> Path | Plan:
+             strict_config: bool = False, like: str | os.PathLike | None = None, step: int | None = None,
+             log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
@@ -91,7 +83,18 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     `compression="zstd"` compresses chunks as Orbax does by default (smaller, ~2x slower to write).
     `strict_config=True` refuses config.json fields this tool does not know (by default they are
     accepted as inert, warned about and recorded in conversion.json).
+    `src` may also be an Orbax checkpoint (this tool's, MaxText's params-only or training
+    checkpoint; `step` picks one, `like` gives the config of one MaxText wrote): its params are
+    relaid out bit-exact (converters/relayout.py).
     """
+    from gptoss_convert.io.orbax_source import is_orbax
+
+    if is_orbax(src):
+        from gptoss_convert.converters.relayout import relayout
+        return relayout(src, out, scanned=scanned, dtype=dtype, like=like, step=step, dry_run=dry_run,
+                        allow_nonfinite=allow_nonfinite,
+                        overwrite=overwrite, resume=resume, progress=progress, block_bytes=block_bytes,
+                        compression=compression, log=log)
     t0 = time.perf_counter()
     np_dtype = _NP[resolve_dtype(dtype)]
     ck = open_checkpoint(src)

@@ -220,28 +220,167 @@ def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, 
     _SCRATCH.put(scratch)
 
 
-def quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+SCALE_RULES = ("triton", "ocp")
+
+
+def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
     """Encode float weights [..., K] (K % 32 == 0) as MXFP4 blocks [..., K/32, 16], scales [..., K/32].
 
-    OCP MX rule: shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax), clamped
-    to the E8M0 range [-127, 127]; elements are rounded to the nearest E2M1 value, ties to the
-    even code, saturating at +-6. An all-zero group gets scale byte 127. The sign is kept, so
-    -0.0 (and a negative value rounding to zero) encodes as code 8 (-0).
+    rule="ocp" (OCP MX): shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax),
+    clamped to the E8M0 range [-127, 127]; elements are rounded to the nearest E2M1 value, ties
+    to the even code, saturating at +-6. An all-zero group gets scale byte 127.
+    rule="triton" (triton_kernels' downcast_to_mxfp, DequantScaleRoundingMode.ROUND_UP, what
+    OpenAI's tooling quantizes with): scale = 2**ceil(log2(fp32(amax / 6))) taken from the fp32
+    bits, so nothing saturates; elements are multiplied by 1/scale in fp32 and rounded by its
+    guard/sticky rule (ties to even; below 0.5 the bits shifted out do not count as sticky); an
+    all-zero group gets scale byte 0. See `quantize_report` for what a rule lost.
+    The sign is kept under both rules, so -0.0 encodes as code 8 (-0).
     """
+    if rule not in SCALE_RULES:
+        raise ValueError(f"rule: expected one of {SCALE_RULES}, got {rule!r}")
     w = np.asarray(weights)
     if w.ndim < 1 or w.shape[-1] % 32:
         raise ValueError(f"weights: last axis must be a multiple of 32, got shape {w.shape}")
     if w.dtype.kind not in "fiub" and w.dtype != ml_dtypes.bfloat16:
         raise ValueError(f"weights: expected a real float array, got dtype {w.dtype}")
-    w = w.astype(np.float64 if w.dtype == np.float64 else np.float32)  # exact for every float input
+    if w.dtype == ml_dtypes.bfloat16:
+        fast = _quantize_bf16(np.ascontiguousarray(w), rule)
+        if fast is not None:
+            return fast
+    if rule == "triton":
+        if w.dtype == np.float64:
+            raise ValueError("weights: rule 'triton' takes bf16, fp16 or fp32 (as triton_kernels does), not float64")
+        w = w.astype(np.float32)
+    else:
+        w = w.astype(np.float64 if w.dtype == np.float64 else np.float32)  # exact for every float input
     if not np.isfinite(w).all():
         raise ValueError("weights: contain inf or NaN, which MXFP4 cannot encode")
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)           # [..., G, 32]
-    exp = _shared_exponent(np.abs(groups).max(axis=-1))                # [..., G] int32
-    scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
-    code = _round_magnitude(scaled) | (np.signbit(groups).astype(np.uint8) << 3)
+    if rule == "triton":
+        code, scales = _triton_codes(groups)
+    else:
+        exp = _shared_exponent(np.abs(groups).max(axis=-1))            # [..., G] int32
+        scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
+        code = _round_magnitude(scaled) | (np.signbit(groups).astype(np.uint8) << 3)
+        scales = (exp + 127).astype(np.uint8)
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)                  # element 2b low nibble, 2b+1 high
-    return blocks.astype(np.uint8), (exp + 127).astype(np.uint8)
+    return blocks.astype(np.uint8), scales
+
+
+# bf16 magnitude bits (exponent << 7 | mantissa) of a value already divided by its scale -> its
+# E2M1 magnitude code. For bf16 inputs both rules round elements the same way (to nearest, ties
+# to even, saturating at 6: triton's dropped sticky bits are zero for 7-bit mantissas), so one
+# table serves both; built from _round_magnitude on every such value.
+CHUNK_ROWS_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_code_table() -> np.ndarray:
+    bits = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32)
+    return _round_magnitude(bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_error_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(squared rounding error, squared value) of every scaled bf16 magnitude, at scale 1."""
+    with np.errstate(invalid="ignore", over="ignore"):      # the inf/NaN patterns are never looked up
+        q = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+        err = q - np.abs(FP4_VALUES[_bf16_code_table()]).astype(np.float64)
+        return (err * err).astype(np.float32), (q * q).astype(np.float32)
+
+
+SAT_BITS = 0x40C0          # bf16 bits of 6.0: a scaled magnitude above it saturated
+
+
+def quantize_with_report(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """quantize() plus quantize_report()'s figures; for bf16 both come from one pass over
+    the bits (the error of each value read from a table of every scaled bf16 magnitude)."""
+    w = np.asarray(weights)
+    if w.dtype == ml_dtypes.bfloat16 and rule in SCALE_RULES and w.ndim and w.shape[-1] % 32 == 0:
+        report: dict = {"err2": 0.0, "ref2": 0.0, "saturated": 0, "clamped_groups": 0}
+        fast = _quantize_bf16(np.ascontiguousarray(w), rule, report)
+        if fast is not None:
+            return (*fast, report)
+    blocks, scales = quantize(w, rule)
+    return blocks, scales, quantize_report(w, blocks, scales, rule)
+
+
+def _quantize_bf16(w: np.ndarray, rule: str, report: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """quantize() for bf16 weights by integer ops on their bits, in cache-sized chunks; the same
+    bytes as the float path (tested), ~10x faster. None when a group needs the float path:
+    NaN/inf (its error), or a largest magnitude so small that the scale leaves E8M0's range."""
+    bits = w.view(np.uint16).reshape(-1, 32)                           # [groups, 32]
+    mag = bits & np.uint16(0x7FFF)
+    amax = mag.max(axis=-1)
+    if amax.max(initial=0) >= 0x7F80 or ((amax > 0) & (amax < (8 << 7))).any():
+        return None
+    e, m = (amax >> 7).astype(np.int32), (amax & 0x7F).astype(np.int32)
+    k = e - 129 + ((m > 64) if rule == "triton" else 0)                # log2 of the scale
+    zero = amax == 0
+    k[zero] = 0
+    scales = np.where(zero, np.uint8(0 if rule == "triton" else 127), (k + 127).astype(np.uint8))
+    table = _bf16_code_table()
+    codes = np.empty(bits.shape, np.uint8)
+    step = max(1, CHUNK_ROWS_BYTES // 128)
+    for a in range(0, bits.shape[0], step):
+        b = min(a + step, bits.shape[0])
+        idx = mag[a:b].astype(np.int32) - (k[a:b, None] << 7)          # q = |w| / 2**k as bf16 bits
+        np.maximum(idx, 0, out=idx)                                    # underflowed: code 0
+        np.take(table, idx, out=codes[a:b])
+        codes[a:b] |= ((bits[a:b] >> 15) << 3).astype(np.uint8)
+        if report is not None:
+            _add_stats(report, idx, k[a:b])
+    blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    shape = w.shape[:-1] + (w.shape[-1] // 32,)
+    return blocks.reshape(*shape, 16), scales.reshape(shape)
+
+
+def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray) -> None:
+    """Add a chunk's squared error, squared weights and saturated count (idx: scaled bf16 bits)."""
+    err_t, val_t = _bf16_error_tables()
+    factor = np.ldexp(1.0, 2 * k.astype(np.int64))                     # per group: scale**2
+    report["err2"] += float(np.dot(np.take(err_t, idx).sum(axis=-1, dtype=np.float64), factor))
+    report["ref2"] += float(np.dot(np.take(val_t, idx).sum(axis=-1, dtype=np.float64), factor))
+    report["saturated"] += int(np.count_nonzero(idx > SAT_BITS))
+
+
+def _triton_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """groups [..., G, 32] fp32 -> (E2M1 codes [..., G, 32], scale bytes [..., G]) by the
+    ROUND_UP rule of triton_kernels' downcast_to_mxfp, bit for bit in fp32."""
+    amax = np.abs(groups).max(axis=-1)
+    dq = (amax / np.float32(6.0)).astype(np.float32).view(np.uint32)
+    dq_exp = (dq + np.uint32(0x007FFFFF)) & np.uint32(0x7F800000)     # 2**ceil(log2), as fp32 bits
+    scale = dq_exp.view(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale == 0, np.float32(0), np.float32(1) / scale).astype(np.float32)
+    q = (groups * inv[..., None]).astype(np.float32).view(np.uint32)
+    sign = (q >> 31).astype(np.uint8)
+    exp = (q >> 23) & np.uint32(0xFF)
+    man = q & np.uint32(0x7FFFFF)
+    shift = np.minimum(np.uint32(126) - np.minimum(exp, np.uint32(126)), np.uint32(31))
+    man = np.where(exp < 127, (np.uint32(0x400000) | (man >> 1)) >> shift, man)   # below 1: denormal E2M1
+    e2 = np.maximum(exp, np.uint32(126)) - np.uint32(126)
+    m2 = man >> 21
+    inc = (m2 & 1) & (((man & np.uint32(0x1FFFFF)) != 0) | ((m2 >> 1) & 1))
+    code = np.minimum((((e2 << 2) | m2) + inc) >> 1, np.uint32(7)).astype(np.uint8)
+    return code | (sign << 3), (dq_exp >> 23).astype(np.uint8)
+
+
+def quantize_report(weights: np.ndarray, blocks: np.ndarray, scales: np.ndarray, rule: str) -> dict:
+    """What quantizing `weights` to (blocks, scales) lost: sum of squared errors and of squared
+    weights (relative RMS error = sqrt(err2 / ref2)), values that saturated (|w| beyond 6x their
+    group's scale), and groups clamped because E8M0's smallest scale is still too large for them."""
+    w = np.asarray(weights).astype(np.float32).reshape(-1, 32)
+    d = dequantize(blocks, scales, np.float32, workers=1).reshape(-1, 32)
+    d -= w
+    amax = np.maximum(w.max(axis=-1), -w.min(axis=-1))
+    limit = 6 * np.ldexp(np.float32(1), scales.reshape(-1).astype(np.int32) - 127)
+    over = amax > limit                                                # groups with a saturated value
+    with np.errstate(divide="ignore"):
+        ideal = np.floor(np.log2(amax)) - 2 if rule == "ocp" else np.ceil(np.log2(amax / 6))
+    return {"err2": float(np.dot(d.reshape(-1), d.reshape(-1))), "ref2": float(np.dot(w.reshape(-1), w.reshape(-1))),
+            "saturated": int(np.count_nonzero(np.abs(w[over]) > limit[over, None])),
+            "clamped_groups": int(np.count_nonzero((amax > 0) & (ideal < (-127 if rule == "ocp" else -126))))}
 
 
 def _shared_exponent(amax: np.ndarray) -> np.ndarray:

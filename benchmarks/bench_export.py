@@ -1,0 +1,158 @@
+"""The round trip MXFP4 -> Orbax -> MXFP4 at real gpt-oss-20b shapes: `to-orbax --scanned` on a
+synthetic MXFP4 checkpoint (benchmarks/synthetic.py: the published config, every tensor at its
+real shape; `--layers` cuts only the layer count), then `to-hf --mxfp4` of that Orbax checkpoint.
+
+    python -m benchmarks.bench_export --workdir /work/bench-tmp/export [--layers 24] [--json export.json]
+
+Each conversion runs in a fresh process (its own peak RSS, VmHWM). Rates are given on the BF16
+side (bytes of the Orbax checkpoint: what to-orbax writes and to-hf reads), so the two compare
+directly. Before to-orbax, the sampled experts' source blocks and scales are kept; the source is
+then deleted (`--keep-source` keeps it) so that at most source + Orbax exist at once.
+
+The oracle, on `--experts` sampled (layer, expert) pairs of both projections: every dequantized
+value of the export equals the source's (value-exact), and the bytes differ exactly in the
+groups where they must: the ones whose largest magnitude is below code 4.0 (re-encoded at a
+smaller scale by either rule) and all-zero groups when the rule's zero scale differs; the
+prediction is made from the source bytes alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import synthetic
+from benchmarks.bench_convert import run_child, tree_bytes
+from benchmarks.bench_fullsize import check_output, samples
+from benchmarks.common import machine, run_isolated
+
+EXPORT = """
+import json, sys, time
+from gptoss_convert.converters.to_hf import to_hf
+src, out, rule = sys.argv[1:4]
+t0 = time.perf_counter()
+to_hf(src, out, mxfp4=True, scale_rule=rule, progress=False, log=lambda *_: None)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def keep_samples(src: Path, pairs: list[tuple[int, int]]) -> dict:
+    """{(layer, expert, proj): (blocks, scales)} read from the source before it is deleted."""
+    from gptoss_convert.io.hf_checkpoint import open_checkpoint
+    from gptoss_convert.io.safetensors import read_tensor
+    ck = open_checkpoint(src)
+    out = {}
+    for layer, e in pairs:
+        for proj in PROJECTIONS:
+            vt = ck.tensors[f"model.layers.{layer}.mlp.experts.{proj}"]
+            blocks, scales = (read_tensor(info, slice(e, e + 1)) for info in vt.sources)
+            out[layer, e, proj] = (blocks, scales)
+    return out
+
+
+def expected_diff(blocks: np.ndarray, scales: np.ndarray, rule: str) -> np.ndarray:
+    """Groups whose bytes a requantization of their values must change (see the module doc)."""
+    from gptoss_convert.mxfp4.codec import FP4_VALUES
+    codes = np.stack([blocks & 0xF, blocks >> 4], -1).reshape(*scales.shape, 32)
+    mag = np.abs(FP4_VALUES[codes]).max(-1)
+    zero_scale = 0 if rule == "triton" else 127
+    return ((mag > 0) & (mag < 4)) | ((mag == 0) & (scales != zero_scale))
+
+
+def compare(out: Path, kept: dict, rule: str) -> dict:
+    """The oracle on every kept sample; {compared, mismatches, groups_reencoded}."""
+    from gptoss_convert.io.safetensors import read_header, read_tensor
+    from gptoss_convert.mxfp4.codec import dequantize
+    infos = {}
+    for f in sorted(out.glob("*.safetensors")):
+        infos |= read_header(f)[0]
+    mismatches, reencoded = [], 0
+    for (layer, e, proj), (wb, ws) in kept.items():
+        name = f"model.layers.{layer}.mlp.experts.{proj}"
+        gb = read_tensor(infos[name + "_blocks"], slice(e, e + 1))
+        gs = read_tensor(infos[name + "_scales"], slice(e, e + 1))
+        same_values = np.array_equal(dequantize(gb, gs, np.float32).view(np.uint32),
+                                     dequantize(wb, ws, np.float32).view(np.uint32))
+        differ = (gs != ws) | (gb != wb).any(-1)
+        want = expected_diff(wb, ws, rule)
+        reencoded += int(differ.sum())
+        if not same_values or not np.array_equal(differ, want):
+            mismatches.append(f"{name} expert {e}")
+    return {"compared": len(kept), "mismatches": mismatches, "groups_reencoded": reencoded}
+
+
+def cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(fn, *args) -> tuple[float, float, float]:
+    """(seconds, peak RSS GB, CPU seconds) of one child conversion."""
+    cpu0 = cpu_children()
+    secs, rss = fn(*args)
+    return secs, rss, cpu_children() - cpu0
+
+
+def export_child(src: Path, out: Path, rule: str) -> tuple[float, float]:
+    result, peak_mb = run_isolated(EXPORT, [str(src), str(out), rule])
+    return result["seconds"], peak_mb * 2**20 / 1e9
+
+
+def row(command: str, secs: float, rss: float, cpu: float, bf16_bytes: int, written: int) -> dict:
+    return {"command": command, "seconds": round(secs, 1), "bf16_GB": round(bf16_bytes / 1e9, 2),
+            "bf16_GB_per_s": round(bf16_bytes / secs / 1e9, 3), "written_GB": round(written / 1e9, 2),
+            "peak_rss_GB": round(rss, 2), "cpu_s": round(cpu, 1), "load_1m": round(os.getloadavg()[0], 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="not inside a repository; needs source + Orbax of disk")
+    ap.add_argument("--layers", type=int, default=24, help="layers of the synthetic 20b (24 = full size)")
+    ap.add_argument("--rule", choices=["triton", "ocp"], default="triton")
+    ap.add_argument("--experts", type=int, default=16, help="sampled (layer, expert) pairs, at least")
+    ap.add_argument("--keep-source", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = synthetic.config("20b", a.layers)
+    t0 = time.perf_counter()
+    src = synthetic.write(work / f"synthetic-20b-{a.layers}L", cfg=cfg, shard_bytes=5 << 30)
+    source_bytes = tree_bytes(src)
+    print(json.dumps({"source_GB": round(source_bytes / 1e9, 2), "made_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    kept = keep_samples(src, samples(cfg, a.experts, 2)["experts"])
+    orbax, hf = work / "orbax", work / "hf-mxfp4"
+    shutil.rmtree(orbax, ignore_errors=True)
+    secs, rss, cpu = timed(run_child, ["scanned", str(src), str(orbax)])
+    bf16 = tree_bytes(orbax)
+    rows = [row("to-orbax --scanned", secs, rss, cpu, bf16, bf16)]
+    print(json.dumps(rows[-1]), flush=True)
+    if not a.keep_source:
+        shutil.rmtree(src)
+    shutil.rmtree(hf, ignore_errors=True)
+    secs, rss, cpu = timed(export_child, orbax, hf, a.rule)
+    rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule}", secs, rss, cpu, bf16, tree_bytes(hf)))
+    rows[-1]["ratio_to_to_orbax"] = round(rows[-1]["bf16_GB_per_s"] / rows[0]["bf16_GB_per_s"], 2)
+    rows[-1]["check_s"] = round(check_output(hf), 1)
+    rows[-1]["oracle"] = compare(hf, kept, a.rule)
+    rows[-1]["requantization"] = {k: v for k, v in json.loads((hf / "conversion.json").read_text())
+                                  ["requantization"].items() if k != "tensors"}
+    print(json.dumps(rows[-1]), flush=True)
+    shutil.rmtree(orbax)
+    shutil.rmtree(hf)
+    report = {"machine": machine(), "layers": a.layers, "source_GB": round(source_bytes / 1e9, 2), "rows": rows}
+    print(f"machine: {report['machine']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,388 @@
+"""`to-hf`: Orbax -> HF BF16 / MXFP4, checked against the source bytes, against transformers'
+own loading and logits, and against this project's forward on a changed checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+
+from conftest import run_env
+from gptoss_convert.converters.check import check
+from gptoss_convert.converters.to_hf import to_hf
+from gptoss_convert.converters.to_orbax import to_orbax
+from gptoss_convert.errors import InputError, PlanError
+from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
+from gptoss_convert.io.orbax_reader import load_params
+from gptoss_convert.io.orbax_writer import OrbaxWriter
+from gptoss_convert.io.safetensors import read_header, read_tensor, save_file
+from gptoss_convert.mxfp4.codec import FP4_VALUES, dequantize, quantize
+from gptoss_convert.tree import unflatten
+
+QUIET = dict(progress=False, log=lambda *_: None)
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def stored(d: Path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF directory as stored (raw dtype), by the safetensors header."""
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out |= {n: read_tensor(i) for n, i in read_header(f)[0].items()}
+    return out
+
+
+def tree_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def rule_fixture(root: Path, bf16_dir: Path, rule: str) -> Path:
+    """An MXFP4 checkpoint whose expert weights were quantized with `rule` from fresh random
+    BF16 weights (so the scales are that rule's), with one all-zero group per row of expert 0."""
+    out = root / f"mx-{rule}"
+    shutil.copytree(bf16_dir, out)
+    tensors = stored(bf16_dir)
+    rng = np.random.default_rng(5)
+    for name in [n for n in tensors if n.endswith(EXPERTS)]:
+        x = rng.normal(0, 0.05, tensors.pop(name).shape).astype(BF16)     # [E, in, out]
+        x[0, :32, :] = 0
+        tensors[name + "_blocks"], tensors[name + "_scales"] = quantize(np.swapaxes(x, -1, -2), rule)
+    for f in list(out.glob("*.safetensors")) + [out / "model.safetensors.index.json"]:
+        f.unlink()
+    save_file(tensors, out / "model.safetensors", {"format": "pt"})
+    conf = json.loads((out / "config.json").read_text())
+    conf.pop("torch_dtype", None)
+    conf["quantization_config"] = json.loads((Path(__file__).parents[1] / "gptoss_convert/testing/data/gpt-oss-20b.config.json")
+                                             .read_text())["quantization_config"]
+    (out / "config.json").write_text(json.dumps(conf))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_round(bf16_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16round")
+    out = {}
+    for scanned in (True, False):
+        orbax = to_orbax(bf16_dir, root / f"orbax-{scanned}", scanned=scanned, **QUIET)
+        out[scanned] = (orbax, to_hf(orbax, root / f"hf-{scanned}", max_shard_size="300KB", **QUIET))
+    return out
+
+
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])
+def test_bf16_round_trip_is_byte_identical(bf16_dir, bf16_round, scanned):
+    orbax, hf = bf16_round[scanned]
+    want, got = stored(bf16_dir), stored(hf)
+    assert sorted(got) == sorted(want)
+    for n in want:
+        assert got[n].dtype == want[n].dtype and got[n].tobytes() == want[n].tobytes(), n
+    assert len(list(hf.glob("model-*.safetensors"))) > 1 and (hf / "model.safetensors.index.json").is_file()
+    conf = json.loads((hf / "config.json").read_text())
+    assert "quantization_config" not in conf and conf["dtype"] == "bfloat16"
+    for f in SIDECAR_FILES:
+        assert (hf / f).is_file() == (bf16_dir / f).is_file(), f
+    assert check(hf, log=lambda *_: None)["command"] == "to-hf"
+
+
+def _load(d: Path, mxfp4: bool):
+    from transformers import GptOssForCausalLM, Mxfp4Config
+    kw = {"quantization_config": Mxfp4Config(dequantize=True)} if mxfp4 else {}
+    model, info = GptOssForCausalLM.from_pretrained(d, dtype=torch.float32, output_loading_info=True, **kw)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _logits(model, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+TOKENS = np.random.default_rng(3).integers(0, 300, (2, 9))
+
+
+def test_bf16_export_loads_in_transformers_with_every_key(bf16_dir, bf16_round):
+    got = _logits(_load(bf16_round[True][1], False), TOKENS)
+    want = _logits(_load(bf16_dir, False), TOKENS)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def rule_round(bf16_dir, tmp_path_factory):
+    """{(fixture rule, layout, export rule): (fixture dir, export dir)}."""
+    root = tmp_path_factory.mktemp("mxround")
+    out = {}
+    for made in ("ocp", "triton"):
+        src = rule_fixture(root, bf16_dir, made)
+        for scanned in (True, False):
+            orbax = to_orbax(src, root / f"orbax-{made}-{scanned}", scanned=scanned, **QUIET)
+            for rule in ("ocp", "triton"):
+                out[made, scanned, rule] = (src, to_hf(orbax, root / f"hf-{made}-{scanned}-{rule}", mxfp4=True,
+                                                       scale_rule=rule, **QUIET))
+    return out
+
+
+def _expected_group_diffs(blocks: np.ndarray, scales: np.ndarray, made: str, rule: str) -> np.ndarray:
+    """Groups whose bytes cannot survive a requantization of their values, read off the fixture's
+    bytes: the all-zero groups when the rules differ (OCP writes scale 127, triton 0), and groups
+    whose largest magnitude is code 3.0 (only triton's round-up makes them: amax in (3, 3.5)x the
+    scale); either rule re-encodes those at half the scale (the same values, codes doubled)."""
+    codes = np.stack([blocks & 0xF, blocks >> 4], -1).reshape(*scales.shape, 32)
+    mag = np.abs(FP4_VALUES[codes]).max(-1)
+    return ((mag == 0) & (made != rule)) | (mag == 3.0)
+
+
+@pytest.mark.parametrize("made", ["ocp", "triton"])
+@pytest.mark.parametrize("rule", ["ocp", "triton"])
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])
+def test_mxfp4_round_trip_value_exact_and_byte_exact_where_possible(rule_round, made, rule, scanned):
+    src, hf = rule_round[made, scanned, rule]
+    want, got = stored(src), stored(hf)
+    assert sorted(got) == sorted(want)
+    for n in want:
+        if not n.endswith(("_blocks", "_scales")):
+            assert got[n].tobytes() == want[n].tobytes(), n
+            continue
+        if n.endswith("_scales"):
+            continue
+        base = n[:-len("_blocks")]
+        wb, ws, gb, gs = want[n], want[base + "_scales"], got[n], got[base + "_scales"]
+        assert gb.shape == wb.shape and gs.shape == ws.shape and gb.dtype == gs.dtype == np.uint8
+        np.testing.assert_array_equal(dequantize(gb, gs, np.float32).view(np.uint32),
+                                      dequantize(wb, ws, np.float32).view(np.uint32), err_msg=n)
+        differ = (gs != ws) | (gb != wb).any(-1)
+        np.testing.assert_array_equal(differ, _expected_group_diffs(wb, ws, made, rule), err_msg=n)
+    if made == "ocp":       # OCP's scales are canonical: its own rule gives every byte back
+        assert all(got[n].tobytes() == want[n].tobytes() for n in want) == (rule == "ocp")
+    conf = json.loads((hf / "config.json").read_text())
+    assert conf["quantization_config"]["quant_method"] == "mxfp4"
+    rep = json.loads((hf / "conversion.json").read_text())["requantization"]
+    assert rep["rel_rms"] == 0 and rep["saturated"] == 0 and rep["clamped_groups"] == 0
+    assert len(rep["tensors"]) == 2 * 6
+
+
+def test_mxfp4_export_loads_in_transformers_and_gives_the_sources_logits(rule_round):
+    src, hf = rule_round["triton", True, "triton"]
+    np.testing.assert_array_equal(_logits(_load(hf, True), TOKENS), _logits(_load(src, True), TOKENS))
+
+
+def write_orbax(root: Path, params: dict[str, np.ndarray], sidecars: Path | None, scanned: bool) -> Path:
+    """A params checkpoint written by OrbaxWriter (as a fine-tune's output), config beside it."""
+    w = OrbaxWriter(root / "0", {p: (a.shape, a.dtype) for p, a in params.items()},
+                    custom_metadata={"scan_layers": scanned})
+    w.create()
+    for p, a in params.items():
+        w.write(p, tuple(slice(0, d) for d in a.shape), a)
+    w.close()
+    w.finalize()
+    if sidecars is not None:
+        for f in ("config.json", *SIDECAR_FILES):
+            if (sidecars / f).is_file():
+                shutil.copyfile(sidecars / f, root / f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def changed(bf16_round, tmp_path_factory):
+    """(params, root): every leaf of the converted checkpoint moved by noise, in BF16."""
+    orbax = bf16_round[True][0]
+    rng = np.random.default_rng(11)
+    params = {}
+    for p, a in _flat(load_params(orbax / "0")).items():
+        a = a.astype(np.float32)
+        params[p] = (a + rng.normal(0, 0.1 * (a.std() + 1e-3), a.shape)).astype(BF16)
+    return params, write_orbax(tmp_path_factory.mktemp("changed") / "ckpt", params, orbax, True)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": np.asarray(v)}
+    return out
+
+
+def test_changed_weights_export_equals_our_forward(changed, bf16_dir, tmp_path):
+    from gptoss_convert.backends.gpt_oss.model import forward
+    from gptoss_convert.testing import tiny_config
+
+    params, root = changed
+    hf = to_hf(root, tmp_path / "hf", **QUIET)
+    ours = np.asarray(forward(unflatten({p: a.astype(np.float32) for p, a in params.items()}),
+                              TOKENS.astype(np.int32), tiny_config(), moe="dense"))
+    theirs = _logits(_load(hf, False), TOKENS)
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_changed_weights_mxfp4_report_and_kl(changed, tmp_path):
+    from gptoss_convert.verify.verify import verify
+
+    _, root = changed
+    lines: list[str] = []
+    hf = to_hf(root, tmp_path / "mx", mxfp4=True, progress=False, log=lines.append)
+    rep = json.loads((hf / "conversion.json").read_text())["requantization"]
+    assert 0.01 < rep["rel_rms"] < 0.3 and rep["saturated"] == 0 and rep["clamped_groups"] == 0
+    assert all(0 < t["rel_rms"] < 0.3 for t in rep["tensors"].values())
+    assert any(line.startswith("requantized 12 expert tensors (triton scales)") for line in lines)
+    ocp_rep = json.loads((to_hf(root, tmp_path / "mx-ocp", mxfp4=True, scale_rule="ocp", **QUIET)
+                          / "conversion.json").read_text())["requantization"]
+    assert ocp_rep["saturated"] > 0            # OCP's floor rule clips the groups' largest values
+    # the KL between the BF16 model (SRC) and its MXFP4 export: verify SRC against the export
+    report = verify(root, hf=hf, moe="dense", max_kl=10.0, atol=100, rtol=100, log=lambda *_: None)
+    kl = max(r["max_kl"] for r in report["prompts"])
+    assert 0 < kl < 1.0
+
+
+def test_training_state_saved_by_orbax_exports(changed, bf16_dir, tmp_path):
+    """MaxText's training checkpoint: params/params beside opt_state and step, OCDBT + zarr3,
+    saved by Orbax's CheckpointManager, no config beside it and no scan_layers metadata."""
+    params, root = changed
+    run = tmp_path / "run"
+    mgr = ocp.CheckpointManager(run, item_names=("items",), item_handlers={
+        "items": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)})
+    state = {"params": {"params": unflatten(params)},
+             "opt_state": {"mu": unflatten({p: np.zeros(a.shape, np.float32) for p, a in params.items()})},
+             "step": np.int32(7)}
+    for step in (5, 7):
+        mgr.save(step, args=ocp.args.Composite(items=ocp.args.PyTreeSave(state)))
+    mgr.wait_until_finished()
+    assert (run / "7" / "items" / "manifest.ocdbt").is_file()
+    shutil.copytree(run / "7", run / "9")           # a save cut short: no commit marker
+    (run / "9" / "commit_success.txt").unlink()
+    meta = json.loads((run / "9" / "_CHECKPOINT_METADATA").read_text())
+    meta.pop("commit_timestamp_nsecs")
+    (run / "9" / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    before = tree_digest(run)
+
+    with pytest.raises(InputError, match="pass --like"):
+        to_hf(run, tmp_path / "x", **QUIET)
+    with pytest.raises(InputError, match=r"9: Orbax step without its commit marker"):
+        to_hf(run, tmp_path / "x", step=9, like=bf16_dir, **QUIET)
+    lines: list[str] = []
+    hf = to_hf(run, tmp_path / "hf", like=bf16_dir, progress=False, log=lines.append)   # latest committed: 7
+    assert "from step 7 (scanned)" in lines[-1]
+    ref = to_hf(root, tmp_path / "ref", **QUIET)
+    want, got = stored(ref), stored(hf)
+    assert sorted(want) == sorted(got) and all(want[n].tobytes() == got[n].tobytes() for n in want)
+    assert json.loads((hf / "conversion.json").read_text())["source_other_leaves"] == len(params) + 1
+    hf5 = to_hf(run / "5" / "items", tmp_path / "hf5", like=bf16_dir, **QUIET)
+    assert stored(hf5).keys() == got.keys()
+    assert tree_digest(run) == before and not (tmp_path / "x").exists()
+
+
+def test_non_gpt_oss_tree_names_missing_and_unexpected_leaves(changed, tmp_path):
+    params, root = changed
+    bad = dict(params)
+    bad.pop("decoder/decoder_norm/scale")
+    bad["decoder/extra_norm/scale"] = params["decoder/decoder_norm/scale"]
+    src = write_orbax(tmp_path / "bad", bad, root, True)
+    with pytest.raises(PlanError, match=r"missing leaves: decoder/decoder_norm/scale.*unexpected leaves: decoder/extra_norm/scale"):
+        to_hf(src, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shapes_disagreeing_with_like_config_are_named(changed, bf16_dir, tmp_path):
+    _, root = changed
+    like = tmp_path / "like"
+    like.mkdir()
+    conf = json.loads((bf16_dir / "config.json").read_text()) | {"intermediate_size": 128}
+    (like / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(PlanError, match=r"GptOssMlp/wi_0 is \[5, 3, 64, 96\], config needs \[5, 3, 64, 128\]"):
+        to_hf(root, tmp_path / "out", like=like, **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_refused_unless_allowed_and_never_requantized(changed, tmp_path):
+    params, root = changed
+    bad = dict(params)
+    a = bad["decoder/layers/layers_1/GptOssMlp/wi_1"].copy()
+    a.reshape(-1)[7] = np.nan
+    bad["decoder/layers/layers_1/GptOssMlp/wi_1"] = a
+    src = write_orbax(tmp_path / "nan", bad, root, True)
+    before = tree_digest(src)
+    with pytest.raises(InputError, match=r"model.layers.1.mlp.experts.gate_up_proj.*NaN or inf.*--allow-nonfinite"):
+        to_hf(src, tmp_path / "a", **QUIET)
+    with pytest.raises(InputError, match=r"gate_up_proj.*MXFP4 cannot encode them"):
+        to_hf(src, tmp_path / "b", mxfp4=True, allow_nonfinite=True, **QUIET)
+    hf = to_hf(src, tmp_path / "c", allow_nonfinite=True, **QUIET)
+    assert np.isnan(stored(hf)["model.layers.1.mlp.experts.gate_up_proj"].astype(np.float32)).sum() == 1
+    assert tree_digest(src) == before and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_to_hf_and_its_errors(bf16_round, tmp_path):
+    orbax = bf16_round[False][0]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gptoss_convert", "to-hf", *map(str, args), "--no-progress"],
+                              capture_output=True, text=True, env=run_env(), timeout=300)
+    r = cli(orbax, tmp_path / "dry", "--mxfp4", "--dry-run")
+    assert r.returncode == 0 and "model.layers.0.mlp.experts.gate_up_proj [5, 64, 192] <- " in r.stdout
+    assert "-> MXFP4 blocks+scales" in r.stdout and not (tmp_path / "dry").exists()
+    r = cli(orbax / "0" / "items", tmp_path / "out", "--mxfp4", "--scale-rule", "ocp")
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    assert "model.layers.0.mlp.experts.down_proj_blocks" in stored(tmp_path / "out")
+    r = cli(tmp_path / "nothing", tmp_path / "out2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nothing: not a directory" in r.stderr
+
+
+@pytest.mark.parametrize("rule", ["ocp", "triton"])
+def test_bf16_fast_path_equals_the_float_path_on_every_bf16_pattern(rule):
+    """The integer path quantize() takes for bf16 against its float32 path (the rule's
+    arithmetic step by step), on every finite bf16 value that keeps the scale in range, in
+    shuffled groups, plus all-zero and -0 groups."""
+    from gptoss_convert.mxfp4.codec import _quantize_bf16
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    finite = ((bits & 0x7FFF) < 0x7F80) & (((bits >> 7) & 0xFF) >= 12)
+    vals = np.random.default_rng(0).permutation(bits[finite])
+    vals = np.concatenate([vals[: len(vals) // 32 * 32], np.zeros(32, np.uint16), np.full(32, 0x8000, np.uint16)])
+    for arr in (vals.view(BF16).reshape(-1, 64), np.sort(vals).view(BF16).reshape(-1, 32)):
+        fast = _quantize_bf16(arr, rule)
+        slow = quantize(arr.astype(np.float32), rule)
+        assert fast is not None
+        np.testing.assert_array_equal(fast[0], slow[0])
+        np.testing.assert_array_equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("amax, ocp_scale, triton_scale, ocp_code, triton_code", [
+    (6.0, 0, 0, 7, 7),        # 6 = 1.5 * 2**2: both rules scale 2**0, code 6.0
+    (4.0, 0, 0, 6, 6),
+    (7.0, 0, 1, 7, 6),        # OCP saturates 7 -> 6; triton scales 2**1: 3.5 -> 4.0 (tie to even code)
+    (3.25, -1, 0, 7, 5),      # triton rounds 3.25 -> 3.0 (code 5) at 2**0; OCP 6.5 -> 6 at 2**-1
+    (1.0, -2, -2, 6, 6),
+])
+def test_scale_rules_by_hand(amax, ocp_scale, triton_scale, ocp_code, triton_code):
+    w = np.zeros(32, np.float32)
+    w[5] = amax
+    for rule, scale, code in (("ocp", ocp_scale, ocp_code), ("triton", triton_scale, triton_code)):
+        blocks, scales = quantize(w, rule)
+        assert int(scales[0]) - 127 == scale and (int(blocks[0, 2]) >> 4) == code, rule
+        b16, s16 = quantize(w.astype(BF16), rule)
+        assert b16.tobytes() == blocks.tobytes() and s16.tobytes() == scales.tobytes()
+    assert quantize(np.zeros(32, np.float32), "triton")[1][0] == 0 and quantize(np.zeros(32, np.float32), "ocp")[1][0] == 127
+
+
+@pytest.mark.parametrize("rule", ["ocp", "triton"])
+def test_one_pass_report_equals_the_report_from_dequantized_values(rule):
+    """quantize_with_report's table-driven figures (bf16) against quantize_report, which
+    dequantizes the result and compares it with the weights."""
+    from gptoss_convert.mxfp4.codec import quantize_report, quantize_with_report
+
+    w = (np.random.default_rng(4).standard_t(3, (96, 256)) * 0.02).astype(BF16)
+    w[3, :32] = 0
+    blocks, scales, fast = quantize_with_report(w, rule)
+    slow = quantize_report(w, blocks, scales, rule)
+    assert fast["saturated"] == slow["saturated"] and fast["clamped_groups"] == slow["clamped_groups"] == 0
+    assert (fast["saturated"] > 0) == (rule == "ocp")
+    for key in ("err2", "ref2"):
+        assert fast[key] == pytest.approx(slow[key], rel=1e-5)
