@@ -112,3 +112,61 @@ def test_relative_path_reads_the_same(trained, monkeypatch):
     expected = flatten(trained[2])
     assert relative.keys() == expected.keys()
     assert all(np.array_equal(relative[k], expected[k]) for k in expected)
+
+
+# --- issue 14 §5: back out of MaxText from a checkpoint MaxText's train loop wrote ---------------
+
+QUIET = dict(progress=False, log=lambda *_: None)
+RUN_ROOT = DATA / "checkpoints"              # the run's checkpoint root: to-hf picks the latest step
+
+
+def _tree_digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_to_hf_export_reproduces_maxtext_logits_in_transformers(tmp_path):
+    """Oracle: transformers' GptOss model on the fp32 export equals MaxText's own logits of the
+    params MaxText trained (the export is read from the run root, optimizer state left behind)."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from gptoss_convert.converters.to_hf import to_hf
+
+    before = _tree_digest(RUN_ROOT)
+    out = to_hf(RUN_ROOT, tmp_path / "hf", like=DATA, dtype="fp32", **QUIET)
+    assert _tree_digest(RUN_ROOT) == before                  # SRC untouched
+    model, info = GptOssForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ref = np.load(DATA / "logits.npz")
+    with torch.no_grad():
+        got = model.eval()(torch.tensor(ref["tokens"], dtype=torch.long)).logits.numpy()
+    assert got.shape == ref["logits"].shape
+    assert np.abs(got - ref["logits"]).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_relayout_to_unscanned_restores_through_maxtexts_call(trained, tmp_path):
+    """Training state (scanned, OCDBT + zarr3, opt state) -> params-only unscanned checkpoint:
+    MaxText's load call (ocp.v1 load of `items`, partial) restores it, and our forward on the
+    unscanned params still gives MaxText's logits."""
+    import jax
+    from orbax.checkpoint import v1
+
+    from gptoss_convert.backends.gpt_oss.params import abstract_params
+    from gptoss_convert.converters.to_orbax import to_orbax
+    from gptoss_convert.tree import flatten
+
+    backend, cfg, _ = trained
+    out = to_orbax(RUN_ROOT, tmp_path / "unscanned", scanned=False, dtype="fp32", like=DATA, **QUIET)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            abstract_params(cfg, False, jnp.float32))
+    options = v1.options.PyTreeOptions(loading=v1.options.PyTreeOptions.Loading(partial_load=True))
+    with v1.Context(pytree_options=options):
+        restored = v1.load(out / "0", {"params": {"params": abstract}}, checkpointable_name="items")
+    tree = restored["params"]["params"]
+    assert set(flatten(tree)) == set(flat_shapes(cfg, scanned=False))
+    ref = np.load(DATA / "logits.npz")
+    ours = np.asarray(backend.forward(tree, jnp.asarray(ref["tokens"]), cfg, moe="ragged_dot", dtype=jnp.float32))
+    assert np.abs(ours - ref["logits"]).max() < 1e-4
