@@ -14,13 +14,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
+from gptoss_convert.backends.common import sharding
 # The pieces the families share as they are: norms, rotation, masks, packing, embedding, the untied head.
 from gptoss_convert.backends.common.layers import (  # noqa: F401  (re-exported: the model's API)
     apply_rope, causal_visibility, embed, is_scanned, precision, rms_norm, run_layers, unembed)
 from gptoss_convert.backends.qwen3_moe.config import Qwen3MoeConfig
 from gptoss_convert.backends.qwen3_moe.moe import moe as moe_block
-from gptoss_convert.backends.qwen3_moe.params import layout_for
+from gptoss_convert.backends.qwen3_moe.params import GLOBAL_LEAVES, LAYER_LEAVES, layout_for
 
 Params = dict[str, Any]
 
@@ -111,3 +113,18 @@ def forward(params: Params, tokens, cfg: Qwen3MoeConfig, *, moe: str = "ragged_d
         return decoder_layer(lp, x, cfg, ctx, moe=moe, dtype=dtype)
 
     return unembed(params, run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: the mesh axes come from params.py's leaf tables (the rule is common.sharding's)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for the Qwen3-MoE leaf at `path` with global `shape` (an axis the mesh lacks
+    or that does not divide the dimension is replicated; None on a scanned stack axis)."""
+    return sharding.partition_spec(path, shape, mesh, GLOBAL_LEAVES, LAYER_LEAVES)
+
+
+def param_shardings(abstract_tree: Params, mesh: Mesh) -> Params:
+    """Same-structure tree of NamedSharding for a Qwen3-MoE parameter tree (arrays or ShapeDtypeStructs)."""
+    return sharding.param_shardings(abstract_tree, mesh, GLOBAL_LEAVES, LAYER_LEAVES)
