@@ -180,6 +180,17 @@ def test_period_one_scan_is_one_stack_without_a_group_level():
     assert layer_relative("decoder/layers_3/moe_block/wo") == ("moe_block/wo", False)
 
 
+@pytest.mark.parametrize("shape", [(77, 2048), (2048, 77), (40, 4096)])
+def test_transpose_of_4k_strided_rows_is_exact_in_short_tiles(shape):
+    """Qwen3's expert and head tensors have rows of 4 KiB (bf16 x 2048): `transposed` copies them
+    8 rows at a time (they share one L1 set) and still gives numpy's transpose, ragged tile included."""
+    from gptoss_convert.mapping.transforms import transpose_tile_rows, transposed
+    x = np.random.default_rng(0).integers(0, 1 << 16, shape, dtype=np.uint16)
+    assert transpose_tile_rows(x.shape[1] * x.itemsize) == (8 if x.shape[1] in (2048, 4096) else (2 << 20) // 154)
+    np.testing.assert_array_equal(transposed(x), x.T)
+    assert transpose_tile_rows(2880 * 2) == (2 << 20) // 5760     # gpt-oss's 5760-byte rows: tiles unchanged
+
+
 # ---- the config policy (as gpt-oss's) ------------------------------------------------------------
 
 
