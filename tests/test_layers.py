@@ -21,6 +21,7 @@ LAYERS = [
     [f"{PKG}.mxfp4"],
     [f"{PKG}.io"],
     [f"{PKG}.mapping"],
+    [f"{PKG}.backends.common"],
     [f"{PKG}.backends"],
     [f"{PKG}.testing"],
     [f"{PKG}.converters"],
@@ -112,6 +113,28 @@ def test_no_import_runs_up_a_layer(graph):
     assert upward_imports(graph) == []
 
 
+def family_of(module: str) -> str | None:
+    """The model family folder `module` is in (backends/<family>/), or None."""
+    parts = module.split(".")
+    if len(parts) > 3 and parts[1] == "backends" and parts[2] != "common":
+        return parts[2]
+    return None
+
+
+def cross_family_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import from one family's folder into another's (shared parts live in backends/common)."""
+    return [f"{m} imports {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+            if family_of(m) and family_of(d) and family_of(m) != family_of(d)]
+
+
+def test_no_family_imports_another(graph):
+    assert {family_of(m) for m in graph} >= {"gpt_oss", "qwen3_moe", None}
+    assert cross_family_imports(graph) == []
+    crossed = {**graph, f"{PKG}.backends.qwen3_moe.model": graph[f"{PKG}.backends.qwen3_moe.model"]
+               | {f"{PKG}.backends.gpt_oss.model"}}
+    assert cross_family_imports(crossed) == [f"{PKG}.backends.qwen3_moe.model imports {PKG}.backends.gpt_oss.model"]
+
+
 def test_no_import_cycle(graph):
     assert find_cycle(graph) is None
 
@@ -120,7 +143,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(graph):
     """The same checks on the real graph plus one bad import each (a checker that never fires
     would pass the two tests above)."""
     up = {**graph, f"{PKG}.io.files": graph[f"{PKG}.io.files"] | {f"{PKG}.converters.plan"}}
-    assert upward_imports(up) == [f"{PKG}.io.files (layer 2) imports {PKG}.converters.plan (layer 6)"]
+    assert upward_imports(up) == [f"{PKG}.io.files (layer 2) imports {PKG}.converters.plan (layer 7)"]
     looped = {**graph, f"{PKG}.converters.plan": graph[f"{PKG}.converters.plan"] | {f"{PKG}.converters.common"}}
     cycle = find_cycle(looped)
     assert cycle[0] == cycle[-1] and set(cycle) == {f"{PKG}.converters.common", f"{PKG}.converters.plan"}

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gptoss_convert.backends.gpt_oss import moe as moe_mod
+from gptoss_convert.backends.common import moe as moe_mod   # the shared strategies: their one-time warning
 from gptoss_convert.backends.gpt_oss.moe import STRATEGIES, MoeArgumentError, grouped_matmul, moe
 from gptoss_convert.errors import ConvertError
 

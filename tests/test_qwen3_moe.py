@@ -1,7 +1,8 @@
-"""Qwen3-MoE, the second family: a checkpoint written by transformers' own `save_pretrained` (one
-tensor per expert, as the published repos) converts to the MaxText tree both ways, and our forward
-matches HF's `Qwen3MoeForCausalLM` for every MoE strategy. The published Qwen3-30B-A3B config
-plans and traces at its real shapes."""
+"""Qwen3-MoE, the second family: what is particular to it. The oracles every family passes
+(to-orbax both layouts against HF's tensors, forward = HF's `Qwen3MoeForCausalLM` for every MoE
+strategy, verify in memory and streamed, generate = HF greedy, check, real-shape trace and dry run)
+are tests/test_families.py's; here: the pinned MaxText tree, the config policy, FP8 refusal, the
+per-expert plan and verify straight from the HF directory."""
 
 from __future__ import annotations
 
@@ -11,146 +12,29 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
-import torch
 
 from conftest import run_env
+from family_cases import QWEN3_TINY, write_tiny_qwen3
 from gptoss_convert.backends import get_backend
 from gptoss_convert.backends.qwen3_moe.config import config_from_dict
-from gptoss_convert.backends.qwen3_moe.model import forward
-from gptoss_convert.backends.qwen3_moe.params import abstract_params, flat_shapes
+from gptoss_convert.backends.qwen3_moe.params import flat_shapes
 from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.errors import ConfigError, InputError
-from gptoss_convert.io.orbax_reader import load_params
 from gptoss_convert.testing.published import DATA
-from gptoss_convert.testing.qwen3 import write_sparse_qwen3
-from gptoss_convert.testing.tokenizer import write_tokenizer
-from gptoss_convert.tree import flatten, unflatten
 from gptoss_convert.verify.golden import golden
 from gptoss_convert.verify.verify import verify
 
 QUIET = dict(progress=False, log=lambda *_: None)
-# V 300, H 24, I 10, E 7, k 2, Nq 6, Nkv 3, D 8, L 4: all distinct (Nq*D = 48 != H, so a missed
-# transpose of q/o cannot hide). Few layers and experts: megablox runs in interpret mode on CPU.
-TINY = dict(vocab_size=300, hidden_size=24, moe_intermediate_size=10, intermediate_size=36, num_hidden_layers=4,
-            num_experts=7, num_experts_per_tok=2, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
-            norm_topk_prob=True, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
+TINY = QWEN3_TINY      # all dimensions distinct (family_cases.py)
 PUBLISHED_30B = DATA / "Qwen3-30B-A3B.config.json"
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A tiny Qwen3MoeForCausalLM saved by transformers (BF16, per-expert tensors)."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY)).eval()
-    with torch.no_grad():       # HF inits every norm at 1: make q/k/layer norms count
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-            elif "experts" in name or "gate" in name:
-                p.normal_(0, 0.3)
-    d = tmp_path_factory.mktemp("qwen3") / "saved"
-    model.to(torch.bfloat16).save_pretrained(d)
-    write_tokenizer(d, TINY["vocab_size"])        # golden and verify tokenize prompts
-    return d
-
-
-def _hf_tensors(d) -> dict[str, np.ndarray]:
-    """The saved tensors as fp32 numpy, read by safetensors (not by our reader)."""
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out |= {k: v.float().numpy() for k, v in load_file(f).items()}
-    return out
-
-
-def _expected_leaves(sd: dict[str, np.ndarray], cfg, scanned: bool) -> dict[str, np.ndarray]:
-    """Independent re-derivation of the MaxText tree from the HF per-expert tensors."""
-    H, Nq, Nkv, D, E = cfg.H, cfg.Nq, cfg.Nkv, cfg.D, cfg.E
-
-    def layer(i):
-        p = f"model.layers.{i}."
-        experts = lambda name: np.stack([sd[f"{p}mlp.experts.{j}.{name}.weight"].T for j in range(E)])  # noqa: E731
-        return {
-            "pre_self_attention_layer_norm/scale": sd[p + "input_layernorm.weight"],
-            "post_self_attention_layer_norm/scale": sd[p + "post_attention_layernorm.weight"],
-            "self_attention/query/kernel": sd[p + "self_attn.q_proj.weight"].T.reshape(H, Nq, D),
-            "self_attention/key/kernel": sd[p + "self_attn.k_proj.weight"].T.reshape(H, Nkv, D),
-            "self_attention/value/kernel": sd[p + "self_attn.v_proj.weight"].T.reshape(H, Nkv, D),
-            "self_attention/out/kernel": sd[p + "self_attn.o_proj.weight"].T.reshape(Nq, D, H),
-            "self_attention/query_norm/scale": sd[p + "self_attn.q_norm.weight"],
-            "self_attention/key_norm/scale": sd[p + "self_attn.k_norm.weight"],
-            "moe_block/gate/kernel": sd[p + "mlp.gate.weight"].T,         # [H, E]
-            "moe_block/wi_0": experts("gate_proj"),                        # [E, H, I]
-            "moe_block/wi_1": experts("up_proj"),
-            "moe_block/wo": experts("down_proj"),                          # [E, I, H]
-        }
-
-    out = {"token_embedder/embedding": sd["model.embed_tokens.weight"],
-           "decoder/decoder_norm/scale": sd["model.norm.weight"],
-           "decoder/logits_dense/kernel": sd["lm_head.weight"].T}
-    layers = [layer(i) for i in range(cfg.L)]
-    for rel in layers[0]:
-        if scanned:     # MaxText scans the Qwen3 decoder layer itself: one stack, layers at axis 1
-            out[f"decoder/layers/{rel}"] = np.stack([lv[rel] for lv in layers], axis=1)
-        else:
-            out |= {f"decoder/layers_{i}/{rel}": lv[rel] for i, lv in enumerate(layers)}
-    return out
-
-
-@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unscanned"])
-def converted_root(request, hf_dir, tmp_path_factory):
-    return request.param, to_orbax(hf_dir, tmp_path_factory.mktemp("o") / "out", scanned=request.param, dtype="fp32", **QUIET)
-
-
-@pytest.fixture(scope="module")
-def converted(converted_root):
-    scanned, root = converted_root
-    return scanned, flatten(load_params(root / "0"))
-
-
-def test_to_orbax_leaves_equal_independent_rederivation(hf_dir, converted):
-    scanned, got = converted
-    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
-    want = _expected_leaves(_hf_tensors(hf_dir), cfg, scanned)
-    assert sorted(got) == sorted(want) == sorted(flat_shapes(cfg, scanned))
-    for k in want:
-        np.testing.assert_array_equal(np.asarray(got[k]), want[k], err_msg=k)
-
-
-@pytest.fixture(scope="module")
-def hf_logits(hf_dir):
-    from transformers import Qwen3MoeForCausalLM
-    ref = Qwen3MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
-                                              experts_implementation="eager").eval()
-    tokens = np.random.default_rng(1).integers(0, TINY["vocab_size"], (2, 11))
-    with torch.no_grad():
-        return tokens, ref(torch.tensor(tokens)).logits.numpy()
-
-
-@pytest.mark.parametrize("moe", ["ragged_dot", "dense", "megablox"])
-def test_forward_matches_hf(hf_dir, converted, hf_logits, moe):
-    scanned, got = converted
-    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
-    tokens, want = hf_logits
-    ours = np.asarray(forward(unflatten({k: np.asarray(v) for k, v in got.items()}), tokens.astype(np.int32), cfg, moe=moe))
-    assert np.abs(ours - want).max() < 1e-4
-    logp, logq = jax.nn.log_softmax(want, -1), jax.nn.log_softmax(ours, -1)
-    assert float(np.max(np.sum(np.exp(logp) * (logp - logq), -1))) < 1e-6
-
-
-@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
-def test_golden_then_verify_passes(hf_dir, converted_root, tmp_path, streamed):
-    """golden (HF on the saved dir) -> verify the Orbax output, in memory or layer by layer."""
-    scanned, root = converted_root
-    g = golden(hf_dir, tmp_path / "g.jsonl", log=lambda *_: None)
-    report = verify(root, golden=g, streamed=streamed, log=lambda *_: None,
-                    atol=1e-4, rtol=0, max_kl=1e-6)                      # fp32 both sides: tight
-    assert report["pass"] and report["layout"] == ("scanned" if scanned else "unscanned")
-    assert len(report["prompts"]) >= 3 and report["moe"] == ("streamed per-expert" if streamed else "ragged_dot")
+    return write_tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "saved")
 
 
 def test_verify_accepts_the_hf_directory_itself(hf_dir, tmp_path):
@@ -158,41 +42,6 @@ def test_verify_accepts_the_hf_directory_itself(hf_dir, tmp_path):
     g = golden(hf_dir, tmp_path / "g.jsonl", prompts="the quick brown fox", log=lambda *_: None)
     report = verify(hf_dir, golden=g, moe="dense", atol=1e-4, rtol=0, max_kl=1e-6, log=lambda *_: None)
     assert report["pass"] and report["kind"] == "hf" and len(report["prompts"]) == 1
-
-
-def test_generate_equals_hf_greedy(hf_dir, converted):
-    """Greedy KV-cache decoding of a left-padded batch gives HF's greedy continuation of each prompt."""
-    from transformers import Qwen3MoeForCausalLM
-    scanned, got = converted
-    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
-    ref = Qwen3MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
-                                              experts_implementation="eager").eval()
-    prompts = [[5, 17, 230, 41, 99, 7, 64], [120, 3, 288]]
-    params = unflatten({k: np.asarray(v) for k, v in got.items()})
-    ours, stats = get_backend("qwen3_moe").generate(params, cfg, prompts, max_new_tokens=8)
-    for p, new in zip(prompts, ours):
-        with torch.no_grad():
-            want = ref.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, len(p):].tolist()
-        assert new == want
-    assert stats.batch == 2 and stats.prompt_tokens == 10
-
-
-def test_cli_check_and_generate_on_the_output(hf_dir, converted_root, converted):
-    """`check` confirms the output against its record; `generate` reads it with the tokenizer
-    copied beside it and continues greedily with the ids the library call gives."""
-    scanned, root = converted_root
-    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "check", str(root)], capture_output=True, text=True,
-                       env=run_env(), timeout=600)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "generate", str(root), "--prompt", "the quick brown fox",
-                        "--max-new-tokens", "5"], capture_output=True, text=True, env=run_env(), timeout=600)
-    assert r.returncode == 0, r.stderr
-    ids = json.loads(r.stdout.split("prompt ids: ")[1].splitlines()[0])
-    new = json.loads(r.stdout.split("new ids: ")[1].splitlines()[0])
-    cfg = config_from_dict(json.loads((hf_dir / "config.json").read_text()))
-    params = unflatten({k: np.asarray(v) for k, v in converted[1].items()})
-    assert new == get_backend("qwen3_moe").generate(params, cfg, ids, max_new_tokens=5)[0][0]
 
 
 def test_fp8_checkpoint_refused(hf_dir, tmp_path):
@@ -250,28 +99,6 @@ def test_published_config_is_read_whole_and_gives_the_pinned_tree():
     assert unscanned["decoder/layers_47/moe_block/wo"] == (128, 768, 2048) and len(unscanned) == 3 + 12 * 48
     params = sum(math.prod(s) for s in unscanned.values())
     assert abs(params / 30.5e9 - 1) < 0.01                     # the model card's 30.5B
-
-
-def test_published_config_traces_the_forward_at_real_shape():
-    """jax.eval_shape runs the whole forward over the real-shape abstract tree (nothing allocated)."""
-    cfg = config_from_dict(published_30b())
-    tree = abstract_params(cfg, scanned=True)
-    tokens = jax.ShapeDtypeStruct((1, 8), np.int32)
-    out = jax.eval_shape(lambda p, t: forward(p, t, cfg, dtype=jax.numpy.bfloat16), tree, tokens)
-    assert out.shape == (1, 8, 151936) and out.dtype == np.float32
-
-
-@pytest.mark.parametrize("layout", ["--scanned", "--unscanned"])
-def test_dry_run_plans_real_shape_shards(tmp_path, layout):
-    src = tmp_path / "Qwen3-30B-A3B"
-    src.mkdir()
-    total = write_sparse_qwen3(src, published_30b(), shards=16)
-    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(src), str(tmp_path / "out"), layout,
-                        "--dry-run"], capture_output=True, text=True, env=run_env(), timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr and not (tmp_path / "out").exists()
-    leaves = 15 if layout == "--scanned" else 3 + 12 * 48
-    assert f"{leaves} target leaves" in r.stdout and f"{total:,} bytes to write" in r.stdout   # bf16 in, bf16 out
 
 
 def test_registered_by_model_type():
@@ -351,6 +178,17 @@ def test_period_one_scan_is_one_stack_without_a_group_level():
     assert layer_relative("decoder/layers/moe_block/wo") == ("moe_block/wo", True)
     assert layer_relative("decoder/layers/layers_1/GptOssMlp/wo") == ("GptOssMlp/wo", True)   # gpt-oss unchanged
     assert layer_relative("decoder/layers_3/moe_block/wo") == ("moe_block/wo", False)
+
+
+@pytest.mark.parametrize("shape", [(77, 2048), (2048, 77), (40, 4096)])
+def test_transpose_of_4k_strided_rows_is_exact_in_short_tiles(shape):
+    """Qwen3's expert and head tensors have rows of 4 KiB (bf16 x 2048): `transposed` copies them
+    8 rows at a time (they share one L1 set) and still gives numpy's transpose, ragged tile included."""
+    from gptoss_convert.mapping.transforms import transpose_tile_rows, transposed
+    x = np.random.default_rng(0).integers(0, 1 << 16, shape, dtype=np.uint16)
+    assert transpose_tile_rows(x.shape[1] * x.itemsize) == (8 if x.shape[1] in (2048, 4096) else (2 << 20) // 154)
+    np.testing.assert_array_equal(transposed(x), x.T)
+    assert transpose_tile_rows(2880 * 2) == (2 << 20) // 5760     # gpt-oss's 5760-byte rows: tiles unchanged
 
 
 # ---- the config policy (as gpt-oss's) ------------------------------------------------------------

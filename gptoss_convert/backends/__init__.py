@@ -21,6 +21,7 @@ class Backend:
     layout_for: Callable[[Any, bool], Any]           # (cfg, scanned) -> mapping.layout.Layout
     flat_shapes: Callable[[Any, bool], dict]         # (cfg, scanned) -> {leaf path: shape}: the parameter tree
     layer_leaves: Mapping[str, Any]                  # path inside layers_{i} -> mapping.leaves.Leaf
+    global_leaves: Mapping[str, Any]                 # path of each leaf outside the layers -> Leaf
     rules: Callable[[Any], list]                     # cfg -> mapping table (mapping.rules.Rule)
     forward: Callable[..., Any]                      # (params, tokens, cfg, *, moe, attention_mask) -> logits
     streamed_logits: Callable[..., Any]              # (reader, cfg, tokens, mask, *, vocab_block) -> [logits]
@@ -30,6 +31,29 @@ class Backend:
     def expert_leaves(self) -> tuple[str, ...]:
         """Per-layer leaves with one slice per routed expert on axis 0."""
         return tuple(rel for rel, leaf in self.layer_leaves.items() if leaf.expert)
+
+    def abstract_params(self, cfg: Any, scanned: bool, dtype: Any = "bfloat16") -> dict[str, Any]:
+        """The parameter tree as nested dicts of `jax.ShapeDtypeStruct` (nothing allocated): the
+        target of a (sharded) Orbax restore."""
+        import jax
+        import jax.numpy as jnp
+
+        from gptoss_convert.tree import unflatten
+        dt = jnp.dtype(dtype)
+        return unflatten({p: jax.ShapeDtypeStruct(s, dt) for p, s in self.flat_shapes(cfg, scanned).items()})
+
+    def partition_spec(self, path: str, shape: tuple[int, ...], mesh: Any) -> Any:
+        """PartitionSpec of the leaf at `path` (either layout) on `mesh`, from the leaf tables'
+        mesh axes (backends/common/sharding.py: an axis the mesh lacks or that does not divide
+        the dimension is replicated)."""
+        from gptoss_convert.backends.common import sharding
+        return sharding.partition_spec(path, shape, mesh, self.global_leaves, self.layer_leaves)
+
+    def param_shardings(self, tree: dict[str, Any], mesh: Any) -> dict[str, Any]:
+        """Same-structure tree of NamedSharding for a parameter tree (arrays or ShapeDtypeStructs):
+        pass it to io.orbax_reader.load_params(sharding=...) to restore each device's slice."""
+        from gptoss_convert.backends.common import sharding
+        return sharding.param_shardings(tree, mesh, self.global_leaves, self.layer_leaves)
 
 
 def lazy(module: str, name: str) -> Callable[..., Any]:

@@ -12,6 +12,7 @@ BACKEND = Backend(
     layout_for=params.layout_for,
     flat_shapes=params.flat_shapes,
     layer_leaves=params.LAYER_LEAVES,
+    global_leaves=params.GLOBAL_LEAVES,
     rules=mapping.rules,
     forward=lazy(f"{_PKG}.model", "forward"),
     streamed_logits=lazy(f"{_PKG}.streamed", "streamed_logits"),

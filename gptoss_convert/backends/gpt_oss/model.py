@@ -15,28 +15,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
+from gptoss_convert.backends.common import sharding
+from gptoss_convert.backends.common.layers import (  # noqa: F401  (re-exported: the model's API)
+    apply_rope, causal_visibility, embed, is_scanned, precision, rms_norm, run_layers, segment_positions,
+    unembed)
+from gptoss_convert.backends.common.layers import cast as _cast
 from gptoss_convert.backends.gpt_oss.config import GptOssConfig
 from gptoss_convert.backends.gpt_oss.moe import moe as moe_block
 from gptoss_convert.backends.gpt_oss.params import GLOBAL_LEAVES, LAYER_LEAVES, layout_for
-from gptoss_convert.mapping.leaves import leaf_axes
 
 Params = dict[str, Any]
-
-
-def _precision(dtype) -> jax.lax.Precision | None:
-    # fp32 compute means fp32 matmuls on every backend (TPU/GPU defaults would use bf16 passes).
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _cast(tree, dtype):
-    return jax.tree.map(lambda a: a.astype(dtype), tree)
-
-
-def is_scanned(params: Params) -> bool:
-    """True for MaxText's scanned layout (`decoder/layers/layers_{0,1}` stacked at axis 1)."""
-    return "layers" in params["decoder"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,13 +69,6 @@ def rope_tables(positions, cfg: GptOssConfig, dtype=jnp.float32):
     return (jnp.cos(angles) * m).astype(dtype), (jnp.sin(angles) * m).astype(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """Split-half rotation of x [B, T, N, D] by cos/sin [B, T, D/2]: [x1·c − x2·s, x2·c + x1·s]."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
 class Context(NamedTuple):
     """Per-batch inputs shared by every layer: rotary tables and the two attention masks."""
 
@@ -98,15 +81,6 @@ class Context(NamedTuple):
         return self.sliding_mask if sliding else self.full_mask
 
 
-def segment_positions(segment_ids):
-    """Position of each token inside its segment (packed sequences restart at 0)."""
-    T = segment_ids.shape[-1]
-    idx = jnp.arange(T, dtype=jnp.int32)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool),
-                              segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
-    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
-
-
 def make_context(cfg: GptOssConfig, batch: int, length: int, *, segment_ids=None, attention_mask=None,
                  positions=None, dtype=jnp.float32) -> Context:
     """Rotary tables and masks for a [batch, length] block of tokens.
@@ -116,23 +90,9 @@ def make_context(cfg: GptOssConfig, batch: int, length: int, *, segment_ids=None
     within-segment index, else count of real tokens before (left padding starts at 0), else
     0..T-1. The sliding window is on token index (equal to position distance within a sequence).
     """
-    B, T = batch, length
-    i = jnp.arange(T)[:, None]
-    j = jnp.arange(T)[None, :]
-    visible = jnp.broadcast_to(j <= i, (B, T, T))
-    if attention_mask is not None:
-        valid = attention_mask.astype(bool)
-        visible = visible & valid[:, None, :]
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        visible = visible & same & (segment_ids[:, None, :] != 0)
-    if positions is None:
-        if segment_ids is not None:
-            positions = segment_positions(segment_ids)
-        elif attention_mask is not None:
-            positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-        else:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    visible, positions = causal_visibility(batch, length, segment_ids=segment_ids, attention_mask=attention_mask,
+                                           positions=positions)
+    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
     sliding = visible & (j > i - cfg.sliding_window)
     cos, sin = rope_tables(positions, cfg, dtype)
     return Context(cos, sin, visible, sliding)
@@ -140,13 +100,6 @@ def make_context(cfg: GptOssConfig, batch: int, length: int, *, segment_ids=None
 
 # ---------------------------------------------------------------------------------------------
 # Layers
-
-
-def rms_norm(x, scale, eps: float):
-    """x·rsqrt(mean(x²) + eps)·scale, computed in fp32, returned in x.dtype (as HF does)."""
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (scale.astype(jnp.float32) * y).astype(x.dtype)
 
 
 def sdpa_with_sinks(q, k, v, sinks, mask):
@@ -159,18 +112,18 @@ def sdpa_with_sinks(q, k, v, sinks, mask):
     Nkv = k.shape[2]
     G = Nq // Nkv
     qg = (q * D ** -0.5).reshape(B, T, Nkv, G, D)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=_precision(q.dtype),
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=precision(q.dtype),
                    preferred_element_type=jnp.float32)                       # [B, Nkv, G, T, S]
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(Nkv, G, 1, 1), (B, Nkv, G, T, 1))
     p = jax.nn.softmax(jnp.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, precision=_precision(v.dtype))
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, precision=precision(v.dtype))
     return o.reshape(B, T, Nq, D)
 
 
 def project_qkv(attn_params: Params, h, cos, sin):
     """q [B, T, Nq, D], k, v [B, T, Nkv, D] from normed h [B, T, H]; RoPE applied to q and k."""
-    p, prec = attn_params, _precision(h.dtype)
+    p, prec = attn_params, precision(h.dtype)
 
     def proj(name):   # [B, T, N, D]
         return jnp.einsum("bth,hnd->btnd", h, p[name]["kernel"], precision=prec) + p[name]["bias"]
@@ -181,7 +134,7 @@ def project_qkv(attn_params: Params, h, cos, sin):
 def project_out(attn_params: Params, o):
     """Attention output o [B, T, Nq, D] -> [B, T, H] through the out projection."""
     p = attn_params["out"]
-    return jnp.einsum("btnd,ndh->bth", o, p["kernel"], precision=_precision(o.dtype)) + p["bias"]
+    return jnp.einsum("btnd,ndh->bth", o, p["kernel"], precision=precision(o.dtype)) + p["bias"]
 
 
 def attention(attn_params: Params, h, cfg: GptOssConfig, ctx: Context, *, sliding: bool):
@@ -202,44 +155,6 @@ def decoder_layer(layer_params: Params, x, cfg: GptOssConfig, sliding: bool, ctx
     return x + moe_block(h, p["GptOssMlp"], cfg, strategy=moe)
 
 
-def embed(params: Params, tokens, dtype=jnp.float32):
-    """tokens [B, T] -> x₀ [B, T, H] (no embedding scaling)."""
-    return params["token_embedder"]["embedding"][tokens].astype(dtype)
-
-
-def unembed(params: Params, x, cfg: GptOssConfig):
-    """Final RMSNorm and the untied LM head: x [B, T, H] -> fp32 logits [B, T, V]."""
-    h = rms_norm(x, params["decoder"]["decoder_norm"]["scale"], cfg.rms_norm_eps)
-    w = params["decoder"]["logits_dense"]["kernel"].astype(x.dtype)
-    return jnp.einsum("bth,hv->btv", h, w, precision=_precision(x.dtype), preferred_element_type=jnp.float32)
-
-
-def _layers_unscanned(params, x, cfg, ctx, moe, dtype):
-    for i in range(cfg.L):
-        x = decoder_layer(params["decoder"][f"layers_{i}"], x, cfg, cfg.is_sliding(i), ctx, moe=moe, dtype=dtype)
-    return x
-
-
-def _layers_scanned(params, x, cfg, ctx, moe, dtype):
-    """lax.scan over stack slots; each step runs layers_0 (sliding) then layers_1 (full), i.e. one
-    period of the layout.
-
-    Each step slices its slot out of the stack axis (no transposed copy of the stacked weights).
-    """
-    stacks = params["decoder"]["layers"]
-    layout = layout_for(cfg, True)
-
-    def step(x, slot):
-        for j in range(layout.period):
-            lp = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, layout.axis, keepdims=False),
-                              stacks[f"layers_{j}"])
-            x = decoder_layer(lp, x, cfg, cfg.is_sliding(j), ctx, moe=moe, dtype=dtype)
-        return x, None
-
-    x, _ = jax.lax.scan(step, x, jnp.arange(layout.stack_size))
-    return x
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "moe", "dtype"))
 def forward(params: Params, tokens, cfg: GptOssConfig, *, moe: str = "ragged_dot", dtype=jnp.float32,
             segment_ids=None, attention_mask=None, positions=None):
@@ -252,9 +167,11 @@ def forward(params: Params, tokens, cfg: GptOssConfig, *, moe: str = "ragged_dot
     B, T = tokens.shape
     ctx = make_context(cfg, B, T, segment_ids=segment_ids, attention_mask=attention_mask,
                        positions=positions, dtype=dtype)
-    x = embed(params, tokens, dtype)
-    run = _layers_scanned if is_scanned(params) else _layers_unscanned
-    return unembed(params, run(params, x, cfg, ctx, moe, dtype), cfg)
+
+    def layer(lp, x, i):   # scanned: i is the position in the (sliding, full) period
+        return decoder_layer(lp, x, cfg, cfg.is_sliding(i), ctx, moe=moe, dtype=dtype)
+
+    return unembed(params, run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,25 +179,11 @@ def forward(params: Params, tokens, cfg: GptOssConfig, *, moe: str = "ragged_dot
 
 
 def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for the leaf at `path` (a `flat_shapes` path) with global `shape`.
-
-    A mesh axis is used only if the mesh has it and it divides that dimension; otherwise the
-    dimension is replicated (e.g. 5 experts on a 4-way expert axis). Scanned leaves get None on
-    the stack axis.
-    """
-    axes = leaf_axes(path, GLOBAL_LEAVES, LAYER_LEAVES)
-    if axes is None:
-        raise ValueError(f"{path}: no sharding rule for this leaf (not a gpt-oss MaxText parameter path)")
-    if len(axes) != len(shape):
-        raise ValueError(f"{path}: shape {shape} does not match the sharding rule {tuple(axes)}")
-    sizes = dict(mesh.shape)   # works for Mesh and AbstractMesh
-    return PartitionSpec(*(a if a in sizes and dim % sizes[a] == 0 else None for a, dim in zip(axes, shape)))
+    """PartitionSpec for the gpt-oss leaf at `path` with global `shape` (common.sharding's rule
+    over params.py's tables: an axis the mesh lacks or that does not divide is replicated)."""
+    return sharding.partition_spec(path, shape, mesh, GLOBAL_LEAVES, LAYER_LEAVES)
 
 
 def param_shardings(abstract_tree: Params, mesh: Mesh) -> Params:
-    """Same-structure tree of NamedSharding for a parameter tree (arrays or ShapeDtypeStructs)."""
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            return {k: walk(v, f"{prefix}/{k}" if prefix else k) for k, v in node.items()}
-        return NamedSharding(mesh, partition_spec(prefix, tuple(node.shape), mesh))
-    return walk(abstract_tree, "")
+    """Same-structure tree of NamedSharding for a gpt-oss parameter tree (arrays or ShapeDtypeStructs)."""
+    return sharding.param_shardings(abstract_tree, mesh, GLOBAL_LEAVES, LAYER_LEAVES)

@@ -16,11 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss_convert.backends.common.streamed import HIGHEST, embedded, head_logits, routed_experts
 from gptoss_convert.backends.gpt_oss import model
 from gptoss_convert.backends.gpt_oss.moe import route, swiglu
 from gptoss_convert.backends.gpt_oss.params import EXPERT_LEAVES
-
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sliding"))
@@ -40,23 +39,11 @@ def _expert(h, w0, b0, w1, b1, wo, bo, cfg):
     return jnp.dot(swiglu(g, u, cfg), wo, precision=HIGHEST) + bo
 
 
-def _bucket(n: int) -> int:
-    """Pad row counts to powers of two so the expert kernel compiles a handful of times."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _moe(reader, layer: int, h: np.ndarray, gate: dict, valid: np.ndarray, cfg) -> np.ndarray:
     """The MoE block for rows h [N, H], reading only the experts that real tokens selected."""
     weights, experts = (np.asarray(a) for a in route(jnp.asarray(h), gate, cfg.num_experts_per_tok))
-    out = np.zeros_like(h)
-    for e in np.unique(experts[valid]):
-        n_idx, k_idx = np.nonzero((experts == e) & valid[:, None])
-        w = {rel.split("/")[1]: reader.layer(layer, rel, int(e)) for rel in EXPERT_LEAVES}
-        rows = np.zeros((_bucket(len(n_idx)), cfg.H), np.float32)
-        rows[:len(n_idx)] = h[n_idx]
-        y = np.asarray(_expert(rows, w["wi_0"], w["wi_0_bias"], w["wi_1"], w["wi_1_bias"], w["wo"], w["wo_bias"], cfg))
-        np.add.at(out, n_idx, weights[n_idx, k_idx][:, None] * y[:len(n_idx)])
-    return out
+    return routed_experts(reader, layer, h, weights, experts, valid, EXPERT_LEAVES, lambda rows, w: _expert(
+        rows, w["wi_0"], w["wi_0_bias"], w["wi_1"], w["wi_1_bias"], w["wo"], w["wo_bias"], cfg))
 
 
 def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_block: int = 16384) -> list[np.ndarray]:
@@ -73,22 +60,3 @@ def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_
         out = _moe(reader, i, np.asarray(h2).reshape(-1, cfg.H), p["GptOssMlp"]["gate"], valid, cfg)
         x = x + jnp.asarray(out.reshape(B, T, cfg.H))
     return head_logits(reader, x, mask, cfg, vocab_block)
-
-
-def embedded(reader, tokens: np.ndarray):
-    """x₀ [B, T, H] for `tokens` [B, T], reading only the embedding rows the tokens use."""
-    uniq, inverse = np.unique(tokens, return_inverse=True)
-    return jnp.asarray(reader.rows("token_embedder/embedding", uniq)[inverse.reshape(tokens.shape)])
-
-
-def head_logits(reader, x, mask: np.ndarray, cfg, vocab_block: int) -> list[np.ndarray]:
-    """Final RMSNorm of x [B, T, H] and the LM head read in column blocks, for the real tokens
-    only: one fp32 [len_b, V] array per row (shared by the families: same leaves, same math)."""
-    valid = np.asarray(mask, bool).reshape(-1)
-    h = np.asarray(model.rms_norm(x, jnp.asarray(reader.leaf("decoder/decoder_norm/scale")), cfg.rms_norm_eps))
-    h = h.reshape(-1, cfg.H)[valid]                                                           # [N_real, H]
-    logits = np.empty((h.shape[0], cfg.V), np.float32)
-    for v0 in range(0, cfg.V, vocab_block):
-        k = reader.leaf("decoder/logits_dense/kernel", (slice(None), slice(v0, min(v0 + vocab_block, cfg.V))))  # [H, vb]
-        logits[:, v0:v0 + k.shape[1]] = np.asarray(jnp.dot(h, k, precision=HIGHEST))
-    return np.split(logits, np.cumsum(np.asarray(mask, bool).sum(1))[:-1])

@@ -1,5 +1,5 @@
 """KV-cache decoding over the MaxText Qwen3-MoE tree: the family's one-token step; the loop,
-sampling and padding are gpt-oss's (`gpt_oss.generate.decode`), unchanged.
+sampling and padding are the shared ones (`common.decode.decode`), unchanged.
 
 Every layer attends over everything (no sliding window), so each keeps a cache of `max_len`
 entries. A step attends over concat(cache, new keys) masked by key position (−1 = empty or left
@@ -15,7 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptoss_convert.backends.gpt_oss.generate import GenerateStats, KVCache, decode, key_mask
+from gptoss_convert.backends.common.decode import GenerateStats, KVCache, decode, empty_caches, extend_cache
+from gptoss_convert.backends.common.layers import key_mask
+from gptoss_convert.backends.common.layers import layer_params as common_layer_params
 from gptoss_convert.backends.qwen3_moe import model as M
 from gptoss_convert.backends.qwen3_moe.config import Qwen3MoeConfig
 from gptoss_convert.backends.qwen3_moe.moe import moe as moe_block
@@ -26,18 +28,12 @@ Params = dict[str, Any]
 
 def init_caches(cfg: Qwen3MoeConfig, batch: int, max_len: int, dtype=jnp.float32) -> tuple[KVCache, ...]:
     """Empty caches of `max_len` entries for every layer."""
-    def empty():
-        shape = (batch, max_len, cfg.Nkv, cfg.D)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, max_len), -1, jnp.int32))
-    return tuple(empty() for _ in range(cfg.L))
+    return empty_caches([max_len] * cfg.L, batch, cfg.Nkv, cfg.D, dtype)
 
 
 def layer_params(params: Params, cfg: Qwen3MoeConfig, i: int) -> Params:
     """Layer i's subtree with unscanned shapes, from either layout."""
-    if not M.is_scanned(params):
-        return params["decoder"][f"layers_{i}"]
-    axis = layout_for(cfg, True).axis
-    return jax.tree.map(lambda a: jax.lax.index_in_dim(a, i, axis, keepdims=False), params["decoder"]["layers"])
+    return common_layer_params(params, layout_for(cfg, True), i)
 
 
 def _layer(p: Params, x, cache: KVCache, cfg: Qwen3MoeConfig, cos, sin, q_pos, moe: str, dtype):
@@ -46,14 +42,11 @@ def _layer(p: Params, x, cache: KVCache, cfg: Qwen3MoeConfig, cos, sin, q_pos, m
     h = M.rms_norm(x, p["pre_self_attention_layer_norm"]["scale"], cfg.rms_norm_eps)
     attn = p["self_attention"]
     q, k, v = M.project_qkv(attn, h, cos, sin, cfg.rms_norm_eps)
-    keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)        # [B, S+T, Nkv, D]
-    values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
-    k_pos = jnp.concatenate([cache.pos, q_pos], axis=1)                        # [B, S+T]
+    keys, values, k_pos, cache = extend_cache(cache, k, v, q_pos)
     o = M.sdpa(q, keys.astype(q.dtype), values.astype(q.dtype), key_mask(q_pos, k_pos, None))
     x = x + jnp.einsum("btnd,ndh->bth", o, attn["out"]["kernel"], precision=M.precision(o.dtype))
-    S = cache.pos.shape[1]
     h = M.rms_norm(x, p["post_self_attention_layer_norm"]["scale"], cfg.rms_norm_eps)
-    return x + moe_block(h, p["moe_block"], cfg, strategy=moe), KVCache(keys[:, -S:], values[:, -S:], k_pos[:, -S:])
+    return x + moe_block(h, p["moe_block"], cfg, strategy=moe), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe", "dtype"), donate_argnames=("caches",))

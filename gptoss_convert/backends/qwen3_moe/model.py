@@ -14,20 +14,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
-# The pieces the families share as they are: norms, rotation, packing, embedding and the untied head.
-from gptoss_convert.backends.gpt_oss.model import apply_rope, embed, rms_norm, segment_positions, unembed
+from gptoss_convert.backends.common import sharding
+# The pieces the families share as they are: norms, rotation, masks, packing, embedding, the untied head.
+from gptoss_convert.backends.common.layers import (  # noqa: F401  (re-exported: the model's API)
+    apply_rope, causal_visibility, embed, is_scanned, precision, rms_norm, run_layers, unembed)
 from gptoss_convert.backends.qwen3_moe.config import Qwen3MoeConfig
 from gptoss_convert.backends.qwen3_moe.moe import moe as moe_block
-from gptoss_convert.backends.qwen3_moe.moe import precision
-from gptoss_convert.backends.qwen3_moe.params import layout_for
+from gptoss_convert.backends.qwen3_moe.params import GLOBAL_LEAVES, LAYER_LEAVES, layout_for
 
 Params = dict[str, Any]
-
-
-def is_scanned(params: Params) -> bool:
-    """True for MaxText's scanned layout (every layer stacked at axis 1 under `decoder/layers`)."""
-    return "layers" in params["decoder"]
 
 
 def rope_tables(positions, cfg: Qwen3MoeConfig, dtype=jnp.float32):
@@ -49,18 +46,8 @@ def make_context(cfg: Qwen3MoeConfig, batch: int, length: int, *, segment_ids=No
                  positions=None, dtype=jnp.float32) -> Context:
     """Rotary tables and the mask for a [batch, length] block; padding and positions as gpt-oss's
     `make_context` (attention_mask 1 = real token; segment_ids 0 = padding)."""
-    i, j = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
-    visible = jnp.broadcast_to(j <= i, (batch, length, length))
-    if attention_mask is not None:
-        visible = visible & attention_mask.astype(bool)[:, None, :]
-    if segment_ids is not None:
-        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-    if positions is None and segment_ids is not None:
-        positions = segment_positions(segment_ids)
-    elif positions is None and attention_mask is not None:
-        positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
-    elif positions is None:
-        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    visible, positions = causal_visibility(batch, length, segment_ids=segment_ids, attention_mask=attention_mask,
+                                           positions=positions)
     cos, sin = rope_tables(positions, cfg, dtype)
     return Context(cos, sin, visible)
 
@@ -110,20 +97,6 @@ def decoder_layer(layer_params: Params, x, cfg: Qwen3MoeConfig, ctx: Context, *,
     return x + moe_block(h, p["moe_block"], cfg, strategy=moe)
 
 
-def _layers(params, x, cfg, ctx, moe, dtype):
-    if not is_scanned(params):
-        for i in range(cfg.L):
-            x = decoder_layer(params["decoder"][f"layers_{i}"], x, cfg, ctx, moe=moe, dtype=dtype)
-        return x
-    stack, axis = params["decoder"]["layers"], layout_for(cfg, True).axis
-
-    def step(x, slot):   # slice layer `slot` out of the stack axis (no transposed copy of the stack)
-        lp = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, axis, keepdims=False), stack)
-        return decoder_layer(lp, x, cfg, ctx, moe=moe, dtype=dtype), None
-
-    return jax.lax.scan(step, x, jnp.arange(cfg.L))[0]
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "moe", "dtype"))
 def forward(params: Params, tokens, cfg: Qwen3MoeConfig, *, moe: str = "ragged_dot", dtype=jnp.float32,
             segment_ids=None, attention_mask=None, positions=None):
@@ -135,4 +108,23 @@ def forward(params: Params, tokens, cfg: Qwen3MoeConfig, *, moe: str = "ragged_d
     B, T = tokens.shape
     ctx = make_context(cfg, B, T, segment_ids=segment_ids, attention_mask=attention_mask,
                        positions=positions, dtype=dtype)
-    return unembed(params, _layers(params, embed(params, tokens, dtype), cfg, ctx, moe, dtype), cfg)
+
+    def layer(lp, x, i):
+        return decoder_layer(lp, x, cfg, ctx, moe=moe, dtype=dtype)
+
+    return unembed(params, run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: the mesh axes come from params.py's leaf tables (the rule is common.sharding's)
+
+
+def partition_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for the Qwen3-MoE leaf at `path` with global `shape` (an axis the mesh lacks
+    or that does not divide the dimension is replicated; None on a scanned stack axis)."""
+    return sharding.partition_spec(path, shape, mesh, GLOBAL_LEAVES, LAYER_LEAVES)
+
+
+def param_shardings(abstract_tree: Params, mesh: Mesh) -> Params:
+    """Same-structure tree of NamedSharding for a Qwen3-MoE parameter tree (arrays or ShapeDtypeStructs)."""
+    return sharding.param_shardings(abstract_tree, mesh, GLOBAL_LEAVES, LAYER_LEAVES)

@@ -37,6 +37,7 @@ GLOBAL_LEAVES: dict[str, Leaf] = {
     "decoder/decoder_norm/scale": Leaf(("H",), (None,)),
     "decoder/logits_dense/kernel": Leaf(("H", "V"), ("fsdp", "tensor")),    # untied LM head
 }
+EXPERT_LEAVES = tuple(rel for rel, leaf in LAYER_LEAVES.items() if leaf.expert)
 
 
 def layout_for(cfg: Qwen3MoeConfig, scanned: bool) -> Layout:

@@ -2,8 +2,8 @@
 
 As gpt-oss's: each layer's dense leaves are read, the router runs, then only the experts real
 tokens selected are read (one `[e]` / `[e, slot]` slice each) and applied one by one; the
-embedding is read for the prompt's tokens only and the LM head in column blocks (gpt-oss's
-`embedded` and `head_logits`: same leaves, same math). Same math as `model.forward` (it reuses
+embedding is read for the prompt's tokens only and the LM head in column blocks (the shared
+`common.streamed` reads: same leaves, same math). Same math as `model.forward` (it reuses
 its pieces).
 """
 
@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_convert.backends.gpt_oss.streamed import embedded, head_logits
+from gptoss_convert.backends.common.streamed import HIGHEST, embedded, head_logits, routed_experts
 from gptoss_convert.backends.qwen3_moe import model
 from gptoss_convert.backends.qwen3_moe.moe import route
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from gptoss_convert.backends.qwen3_moe.params import EXPERT_LEAVES
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -40,15 +39,8 @@ def _expert(h, w0, w1, wo):
 def _moe(reader, layer: int, h: np.ndarray, gate_kernel, valid: np.ndarray, cfg) -> np.ndarray:
     """The MoE block for rows h [N, H], reading only the experts that real tokens selected."""
     weights, experts = (np.asarray(a) for a in route(jnp.asarray(h), gate_kernel, cfg))
-    out = np.zeros_like(h)
-    for e in np.unique(experts[valid]):
-        n_idx, k_idx = np.nonzero((experts == e) & valid[:, None])
-        w = [reader.layer(layer, f"moe_block/{name}", int(e)) for name in ("wi_0", "wi_1", "wo")]
-        rows = np.zeros((1 << max(len(n_idx) - 1, 0).bit_length(), cfg.H), np.float32)   # pow-2 buckets: few compiles
-        rows[:len(n_idx)] = h[n_idx]
-        y = np.asarray(_expert(rows, *w))
-        np.add.at(out, n_idx, weights[n_idx, k_idx][:, None] * y[:len(n_idx)])
-    return out
+    return routed_experts(reader, layer, h, weights, experts, valid, EXPERT_LEAVES,
+                          lambda rows, w: _expert(rows, w["wi_0"], w["wi_1"], w["wo"]))
 
 
 def streamed_logits(reader, cfg, tokens: np.ndarray, mask: np.ndarray, *, vocab_block: int = 16384) -> list[np.ndarray]:
