@@ -153,7 +153,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
                 staged.mark_done(fname)
         merged = dist.merge_shares(cluster, staged, hashes, sources.result())
         if merged is None:                      # another process of a distributed run: its shards are on disk
-            return dist.finish(cluster, None)
+            return dist.finish(cluster, None, log, f"{sum(mine)} of {n} shards")
         _write_metadata(ck, staged.path, names, shards, st_dtype)
         write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=merged[1],
                      options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},

@@ -21,6 +21,7 @@ terminates the others ("the leader task was preempted/died").
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import threading
@@ -35,7 +36,7 @@ DEFAULT_TIMEOUT_S = 3600.0      # the longest one process waits for the others a
 DEFAULT_HEARTBEAT_S = 60.0      # a process silent this long is taken as dead
 _KV = "gptoss/"
 _POLL_S = 0.1
-_BYE_S = 30.0                   # how long the leader waits for the others to say goodbye
+_BYE_S = 30.0                   # how long the leader waits for the others to disconnect
 
 
 class ClusterError(ConvertError):
@@ -52,6 +53,7 @@ class Cluster:
         self.client, self.process_id, self.num_processes = client, process_id, num_processes
         self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
         self._seen: dict[str, tuple[str, float]] = {}       # process -> (its last heartbeat, when seen)
+        self.failed: str | None = None          # another process's error, as seen by the heartbeat
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="gptoss-heartbeat", daemon=True)
         self._beat.start()
@@ -66,6 +68,18 @@ class Cluster:
             n += 1
             with contextlib.suppress(Exception):   # the service going away is noticed by the waits
                 self.client.key_value_set(f"{_KV}alive/{self.process_id}", str(n), allow_overwrite=True)
+                if not self.leader:
+                    self._interrupt_on_error()
+
+    def _interrupt_on_error(self) -> None:
+        """Stop this (non-leader) process's work as soon as another process has failed, instead
+        of at its next wait: the leader stops the service soon after failing."""
+        failed = self._dir("error")
+        if failed and self.failed is None and not self._stop.is_set():
+            p, msg = min(failed.items())
+            self.failed = (f"process {p} failed ({msg}); stopped without committing; fix that and "
+                           "rerun the same command with --resume on every process")
+            _thread.interrupt_main()            # a KeyboardInterrupt, turned into ClusterError by session()
 
     def publish(self, name: str, value: str = "") -> None:
         """Post this process's `value` under `name`."""
@@ -132,17 +146,17 @@ class Cluster:
             self.publish("error", message)
 
     def close(self) -> None:
-        """Say goodbye; the leader, which hosts the service, waits (bounded) for the others'
-        goodbyes first, so that no live process loses the service while it still needs it."""
+        """Leave the job. The leader, which hosts the service, first waits (bounded) until every
+        other process has disconnected or gone silent: a process that loses the service while
+        still connected is aborted by JAX."""
+        self._stop.set()
         with contextlib.suppress(Exception):
-            self.publish("bye")
             deadline = time.monotonic() + _BYE_S
+            everyone = list(range(self.num_processes))
             while self.leader and time.monotonic() < deadline:
-                gone = set(self._dir("bye")) | set(self.silent())
-                if len(gone) >= self.num_processes:
+                if set(self.client.get_live_nodes(everyone)) - set(self.silent()) <= {0}:
                     break
                 time.sleep(_POLL_S)
-        self._stop.set()
         import jax
 
         with contextlib.suppress(Exception):
@@ -178,6 +192,11 @@ def session(coordinator_address=None, num_processes=None, process_id=None, *, ti
     cluster = connect(coordinator_address, num_processes, process_id, timeout_s=timeout_s, heartbeat_s=heartbeat_s)
     try:
         yield cluster
+    except KeyboardInterrupt:
+        if cluster.failed:                          # another process failed: say so, not "interrupted"
+            raise ClusterError(cluster.failed) from None
+        cluster.fail("interrupted")
+        raise
     except BaseException as e:
         if not isinstance(e, ClusterError):         # the others know already
             one = e.one_line() if isinstance(e, ConvertError) else " ".join(f"{type(e).__name__}: {e}".split())
@@ -272,12 +291,15 @@ def load_shares(cluster: Cluster, staged: StagedOutput) -> list[dict]:
     return shares
 
 
-def finish(cluster: Cluster, result: Path | None) -> Path:
-    """The leader announces the commit; the others wait for it. Returns OUT on every process."""
+def finish(cluster: Cluster, result: Path | None, log=print, did: str = "") -> Path:
+    """The leader announces the commit; the others wait for it (and say what they `did`).
+    Returns OUT on every process."""
     if cluster.leader:
         cluster.publish("committed", str(result))
         return result
-    return Path(cluster.leader_says("committed"))
+    out = Path(cluster.leader_says("committed"))
+    log(f"process {cluster.process_id} of {cluster.num_processes}: wrote {did}; process 0 committed {out}")
+    return out
 
 
 def distributable(fn):

@@ -129,7 +129,9 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
         merged = dist.merge_shares(cluster, staged, chunk_hashes, sources.result())
         if merged is None:                      # another process of a distributed run: its share is on disk
-            return dist.finish(cluster, None)
+            did = [b for b, m in zip(plan.blocks, mine) if m]
+            return dist.finish(cluster, None, log, f"{len(did)} of {len(plan.blocks)} blocks "
+                                                   f"({sum(b.nbytes for b in did) / 1e9:.3f} GB)")
         chunk_hashes, source_files = merged
         writer.finalize()
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
