@@ -3,6 +3,12 @@
 shape-faithful synthetic gpt-oss-20b checkpoint.
 
     python -m benchmarks.bench_distributed --workdir /tmp/gptoss-bench --layers 2 [--json out.json]
+    python -m benchmarks.bench_distributed --workdir /tmp/gptoss-bench --paper 120b
+
+`--paper MODEL` measures nothing: it builds the real plan of gpt-oss-MODEL (a sparse checkpoint
+of real headers over holes) and prints, for N processes, the bytes the busiest and the idlest
+process read and write under the code's own assignment (`converters.distributed.balance`),
+and the time that implies at a given single-process rate (docs/multihost.md).
 
 Each row is one CLI run (every process a fresh `python -m gptoss_convert`): wall seconds from
 launching the processes until the last one exits (imports and jax.distributed start-up
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -97,14 +104,62 @@ def bench(workdir: Path, layers: int, procs: list[int]) -> dict:
     return {"machine": machine(), "layers": layers, "rows": rows}
 
 
+def shares(model: str, workdir: Path, procs: list[int]) -> list[dict]:
+    """Per command and N: GB read and written by the busiest and the idlest process."""
+    from gptoss_convert.converters import distributed as dist
+    from gptoss_convert.converters.common import plan_for
+    from gptoss_convert.converters.dequantize import _out_tensors, _shards
+    from gptoss_convert.io.hf_checkpoint import HFCheckpoint
+    from gptoss_convert.testing.published import published_config
+    from gptoss_convert.testing.tiny import write_sparse_checkpoint
+
+    src = workdir / f"sparse-{model}"
+    if not (src / "config.json").is_file():
+        write_sparse_checkpoint(src, published_config(f"gpt-oss-{model}"), shards=15)
+    ck = HFCheckpoint(src)
+
+    def read_per_out(name: str) -> float:             # source bytes read per output byte of a tensor
+        vt = ck.tensors[name]
+        return sum(t.nbytes for t in vt.sources) / (math.prod(vt.shape) * 2)
+
+    units = {}
+    for scanned in (True, False):
+        _, _, plan = plan_for(ck, scanned=scanned, itemsize=2)
+        groups = dist.shared_chunk_groups(plan.blocks, plan.chunk_shapes())
+        units[f"to-orbax --{'un' * (not scanned)}scanned"] = (
+            [b.nbytes for b in plan.blocks], [b.nbytes * read_per_out(b.source) for b in plan.blocks], groups)
+    shards = _shards(_out_tensors(ck, "BF16", 64 << 20), 5 * 10**9)
+    units["dequantize (5GB shards)"] = ([sum(t.nbytes for t in s) for s in shards],
+                                        [sum(t.nbytes * read_per_out(t.name) for t in s) for s in shards], None)
+    rows = []
+    for name, (written, read, groups) in units.items():
+        for n in procs:
+            owners = dist.balance(written, groups if groups is not None else list(range(len(written))), n)
+            w = [sum(x for x, o in zip(written, owners) if o == p) for p in range(n)]
+            r = [sum(x for x, o in zip(read, owners) if o == p) for p in range(n)]
+            rows.append({"command": name, "processes": n, "units": len(written), "write GB max": round(max(w) / 1e9, 2),
+                         "write GB min": round(min(w) / 1e9, 2), "read GB max": round(max(r) / 1e9, 2),
+                         "total write GB": round(sum(w) / 1e9, 2), "total read GB": round(sum(r) / 1e9, 2)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gptoss-bench"))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--paper", choices=["20b", "120b"], default=None, help="Shares of the real plan; no conversion.")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.paper:
+        rows = shares(a.paper, a.workdir, [1, 2, 4, 8, 16, 32, 64])
+        print("| command | N | units | GB written, busiest / idlest process | GB read, busiest | total written / read GB |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['command']} | {r['processes']} | {r['units']} | {r['write GB max']} / {r['write GB min']} "
+                  f"| {r['read GB max']} | {r['total write GB']} / {r['total read GB']} |")
+        return
     result = bench(a.workdir, a.layers, a.processes)
     print("| command | processes | wall s | leader s | GB written | GB/s (wall) | wall ratio to plain | identical |")
     print("|---|---|---|---|---|---|---|---|")

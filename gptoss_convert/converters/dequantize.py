@@ -133,7 +133,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     fingerprint = {"command": "dequantize", "dtype": st_dtype, "shards": [[t.name for t in s] for s in shards],
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     total = sum(t.nbytes for t in tensors)
-    dist.agree_on(cluster, fingerprint, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
+    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
                   max_shard_size=parse_size(max_shard_size))
     staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
     mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import hashlib
 import json
 import threading
 import time
@@ -319,10 +320,12 @@ def distributable(fn):
     return wrapper
 
 
-def agree_on(cluster: Cluster | None, fingerprint: dict, **more) -> None:
-    """agree() on the staging fingerprint plus `more` (OUT, flags); nothing without a cluster."""
+def agree_on(cluster: Cluster | None, fingerprint: dict, config: dict, **more) -> None:
+    """agree() on the staging fingerprint (options, source file sizes), the source's config.json
+    and `more` (OUT, flags); nothing without a cluster."""
     if cluster is not None:
-        agree(cluster, {**fingerprint, **more})
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        agree(cluster, {**fingerprint, "config.json": digest, **more})
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     fingerprint = {"command": "to-orbax", "layout": layout, "dtype": np_dtype.name, "block_bytes": block_bytes,
                    "compression": compression,
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
-    dist.agree_on(cluster, fingerprint, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume)
+    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume)
     staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
     meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
     writer = OrbaxWriter(staged.path / STEP, {p: (s, np_dtype) for p, s in plan.targets.items()},
