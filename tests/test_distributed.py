@@ -9,8 +9,7 @@ cluster, one journal) and `check` re-reading every file against conversion.json.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import resource
 import signal
 import socket
 import subprocess
@@ -18,19 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from conftest import run_env
-from gptoss_convert.cli import main
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import plan_for
-from gptoss_convert.converters.dequantize import dequantize
-from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 from gptoss_convert.io.orbax_writer import OrbaxWriter
+from test_reliability import SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
 
-QUIET = dict(progress=False, log=lambda *_: None)
-SHARD = "200KB"                          # ~7 output shards for the tiny model
 WAIT_S = 120                             # the longest a test waits for its processes
 COMMANDS = {"scanned": ["to-orbax", "--scanned"], "unscanned": ["to-orbax", "--unscanned"],
             "dequantize": ["dequantize", "--max-shard-size", SHARD]}
@@ -42,9 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(n: int, kind: str, src: Path, out: Path, *extra: str, per_process=None, env_of=None) -> list:
+def _launch(n: int, kind: str, src: Path, out: Path, *extra: str, per_process=None, env_of=None, fsize_of=None) -> list:
     """Run `n` processes of one conversion to the end (bounded); [(returncode, stdout, stderr)].
-    `per_process(i)`/`env_of(i)`: more arguments / environment for process i. None is left running."""
+    `per_process(i)`/`env_of(i)`/`fsize_of(i)`: more arguments / environment / a file size limit
+    ("disk full") for process i. None is left running."""
     cmd, *opts = COMMANDS[kind]
     port = _free_port()
     procs = []
@@ -53,8 +48,10 @@ def _launch(n: int, kind: str, src: Path, out: Path, *extra: str, per_process=No
             args = [sys.executable, "-m", "gptoss_convert", cmd, str(src), str(out), *opts, "--no-progress",
                     "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i),
                     "--heartbeat-timeout", "5", "--distributed-timeout", "60", *extra, *(per_process(i) if per_process else ())]
+            limit = fsize_of and fsize_of(i)
+            preexec = (lambda lim=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))) if limit else None
             procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          env=run_env() | ((env_of and env_of(i)) or {})))
+                                          env=run_env() | ((env_of and env_of(i)) or {}), preexec_fn=preexec))
         outputs = [p.communicate(timeout=WAIT_S) for p in procs]
         return [(p.returncode, *o) for p, o in zip(procs, outputs)]
     finally:
@@ -64,44 +61,8 @@ def _launch(n: int, kind: str, src: Path, out: Path, *extra: str, per_process=No
             p.wait(timeout=10)
 
 
-def _content(out: Path) -> dict:
-    """Every file of an output; what legitimately differs between two runs is taken out:
-    timestamps (`_CHECKPOINT_METADATA`), the staging path (`commit_success.txt`), and
-    conversion.json's `created`/`argv` and its entries for those files."""
-    volatile = {"_CHECKPOINT_METADATA", "commit_success.txt"}
-    files = {}
-    for p in sorted(q for q in out.rglob("*") if q.is_file()):
-        rel = p.relative_to(out).as_posix()
-        if p.name == "commit_success.txt":
-            files[rel] = "present"
-        elif p.name == "_CHECKPOINT_METADATA":
-            files[rel] = {k: v for k, v in json.loads(p.read_text()).items() if not k.endswith("timestamp_nsecs")}
-        elif rel == "conversion.json":
-            rec = {k: v for k, v in json.loads(p.read_text()).items() if k not in ("created", "argv")}
-            rec["outputs"] = {f: "present" if Path(f).name in volatile else v for f, v in rec["outputs"].items()}
-            files[rel] = rec
-        else:
-            files[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return files
-
-
-def _assert_same(out: Path, ref: Path) -> None:
-    assert _content(out) == _content(ref)
-    r = CliRunner().invoke(main, ["check", str(out)])
-    assert r.exit_code == 0 and "check: OK" in r.output, r.output
-    assert not (out.parent / f".{out.name}.partial").exists() and not (out.parent / f".{out.name}.lock").exists()
-
-
 def _ok(results) -> None:
     assert all(rc == 0 for rc, _, _ in results), [(rc, err[-600:]) for rc, _, err in results]
-
-
-@pytest.fixture(scope="module")
-def refs(mxfp4_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    return {"scanned": to_orbax(mxfp4_dir, root / "scanned", scanned=True, **QUIET),
-            "unscanned": to_orbax(mxfp4_dir, root / "unscanned", scanned=False, **QUIET),
-            "dequantize": dequantize(mxfp4_dir, root / "dequantize", max_shard_size=SHARD, **QUIET)}
 
 
 # -- the share: disjoint chunk files, balanced by bytes ---------------------------------------------
@@ -136,12 +97,12 @@ def test_balance_keeps_groups_together_and_is_deterministic():
 
 
 # -- real processes ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["scanned", "dequantize"])
+@pytest.mark.parametrize("kind", ["scanned", pytest.param("dequantize", marks=pytest.mark.slow)])
 def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind):
     out = tmp_path / "o"
     results = _launch(2, kind, mxfp4_dir, out)
     _ok(results)
-    _assert_same(out, refs[kind])
+    _assert_complete(out, refs[kind])
     assert "wrote" in results[0][1]                      # the leader committed; the other did its share
     assert "process 1 of 2: wrote " in results[1][1] and f"process 0 committed {out}" in results[1][1]
     assert " 0 of " not in results[1][1]
@@ -152,7 +113,7 @@ def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_
 def test_four_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind):
     out = tmp_path / "o"
     _ok(_launch(4, kind, mxfp4_dir, out))
-    _assert_same(out, refs[kind])
+    _assert_complete(out, refs[kind])
 
 
 @pytest.mark.slow
@@ -174,7 +135,22 @@ def test_killed_process_stops_the_others_then_resume_on_all_finishes(mxfp4_dir, 
     resumed = _launch(n, kind, mxfp4_dir, out, "--resume")
     _ok(resumed)
     assert "resuming" in resumed[0][1]
-    _assert_same(out, refs[kind])
+    _assert_complete(out, refs[kind])
+
+
+@pytest.mark.slow
+def test_an_error_in_one_process_stops_the_others_then_resume_finishes(mxfp4_dir, refs, tmp_path):
+    """Process 1 runs out of space (its file size limit) mid-share: it fails with its own error,
+    the others stop with it, naming it; nothing commits; --resume without the limit finishes."""
+    out = tmp_path / "o"
+    failed = _launch(3, "scanned", mxfp4_dir, out, fsize_of=lambda i: 4096 if i == 1 else None)
+    errors = [[ln for ln in err.splitlines() if ln.startswith("error: ")] for _, _, err in failed]
+    assert failed[1][0] == 3 and "file size limit" in errors[1][0], failed[1][2]
+    for i in (0, 2):
+        assert failed[i][0] == 3 and len(errors[i]) == 1 and "process 1 failed (" in errors[i][0], failed[i][2]
+    assert not out.exists()
+    _ok(_launch(3, "scanned", mxfp4_dir, out, "--resume"))
+    _assert_complete(out, refs["scanned"])
 
 
 def test_processes_started_differently_are_refused(mxfp4_dir, tmp_path):

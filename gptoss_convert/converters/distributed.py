@@ -24,6 +24,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -53,8 +54,10 @@ class Cluster:
     def __init__(self, client, process_id: int, num_processes: int, *, timeout_s: float, heartbeat_s: float):
         self.client, self.process_id, self.num_processes = client, process_id, num_processes
         self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
-        self._seen: dict[str, tuple[str, float]] = {}       # process -> (its last heartbeat, when seen)
+        self._seen: dict[int, tuple[str | None, float]] = {}       # process -> (its last heartbeat, when seen)
         self.failed: str | None = None          # another process's error, as seen by the heartbeat
+        self._interruptible = True              # until every share is written (the commit is never cut)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="gptoss-heartbeat", daemon=True)
         self._beat.start()
@@ -69,18 +72,22 @@ class Cluster:
             n += 1
             with contextlib.suppress(Exception):   # the service going away is noticed by the waits
                 self.client.key_value_set(f"{_KV}alive/{self.process_id}", str(n), allow_overwrite=True)
-                if not self.leader:
-                    self._interrupt_on_error()
+                self._interrupt_on_error()
 
     def _interrupt_on_error(self) -> None:
-        """Stop this (non-leader) process's work as soon as another process has failed, instead
-        of at its next wait: the leader stops the service soon after failing."""
-        failed = self._dir("error")
-        if failed and self.failed is None and not self._stop.is_set():
-            p, msg = min(failed.items())
-            self.failed = (f"process {p} failed ({msg}); stopped without committing; fix that and "
-                           "rerun the same command with --resume on every process")
-            _thread.interrupt_main()            # a KeyboardInterrupt, turned into ClusterError by session()
+        """Stop this process's work as soon as another process has failed, instead of at its
+        next wait (a whole share later; and the leader stops the service soon after failing)."""
+        failed = self._failure()
+        with self._lock:
+            if failed and self._interruptible and self.failed is None and not self._stop.is_set():
+                self.failed = failed
+                _thread.interrupt_main()
+
+    def work_done(self) -> None:
+        """Every share is on disk: from now on another process's error no longer interrupts this
+        one (an interrupt already sent arrives before the caller's next step)."""
+        with self._lock:
+            self._interruptible = False            # a KeyboardInterrupt, turned into ClusterError by session()
 
     def publish(self, name: str, value: str = "") -> None:
         """Post this process's `value` under `name`."""
@@ -109,16 +116,22 @@ class Cluster:
             got = ready()
             if got is not None:
                 return got
-            failed = self._dir("error")
+            failed = self._failure()
             if failed:
-                p, msg = min(failed.items())
-                raise ClusterError(f"process {p} failed ({msg}); stopped without committing; fix that and "
-                                   "rerun the same command with --resume on every process")
+                raise ClusterError(failed)
             self._check_alive(what)
             if time.monotonic() > deadline:
                 raise ClusterError(f"waited {self.timeout_s:.0f} s for {what}; stopped without committing; "
                                    "rerun the same command with --resume on every process (or raise --distributed-timeout)")
             time.sleep(_POLL_S)
+
+    def _failure(self) -> str | None:
+        """What to say if another process has posted an error."""
+        failed = self._dir("error")
+        if not failed:
+            return None
+        p, msg = min(failed.items())
+        return f"process {p} failed ({msg}); stopped without committing; fix that and rerun the same command with --resume on every process"
 
     def silent(self) -> list[int]:
         """The other processes whose heartbeat has not changed for heartbeat_s."""
@@ -259,15 +272,10 @@ def shared_chunk_groups(blocks, chunk_shapes: dict[str, tuple[int, ...]]) -> lis
         for e in b.emits:
             c = chunk_shapes[e.target]
             spans = [range(s.start // k, -(-s.stop // k)) for s, k in zip(e.index, c)]
-            for cell in _product(spans):
+            for cell in itertools.product(*spans):
                 j = first.setdefault((e.target, cell), i)
                 parent[root(i)] = root(j)
     return [root(i) for i in range(len(blocks))]
-
-
-def _product(spans):
-    import itertools
-    return itertools.product(*spans)
 
 
 def save_share(cluster: Cluster, staged: StagedOutput, share: dict) -> None:
@@ -364,6 +372,7 @@ def merge_shares(cluster: Cluster | None, staged: StagedOutput, outputs: dict, s
     if cluster is None:
         return outputs, sources
     save_share(cluster, staged, {"outputs": outputs, "sources": sources})
+    cluster.work_done()
     if not cluster.leader:
         return None
     for share in load_shares(cluster, staged):
