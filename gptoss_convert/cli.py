@@ -69,19 +69,50 @@ def common_options(fn):
     return fn
 
 
+_distributed = [
+    click.option("--distributed", is_flag=True,
+                 help="Be one of several processes (hosts) writing one OUT, on jax.distributed (docs/multihost.md)."),
+    click.option("--coordinator-address", default=None,
+                 help="HOST:PORT of process 0 (default: detected by JAX on TPU/GKE/SLURM, or JAX_COORDINATOR_ADDRESS)."),
+    click.option("--num-processes", type=click.IntRange(1), default=None, help="How many processes (implies --distributed)."),
+    click.option("--process-id", type=click.IntRange(0), default=None, help="This process's rank, 0-based (implies --distributed)."),
+    click.option("--distributed-timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+                 help="Seconds one process waits for the others at one point before giving up."),
+    click.option("--heartbeat-timeout", type=click.FloatRange(min=1), default=60, show_default=True,
+                 help="Seconds of silence after which another process counts as dead."),
+]
+
+
+def distributed_options(fn):
+    """The multi-process options, handed to `fn` as one dict `dist` (the library's keywords)."""
+    @functools.wraps(fn)
+    def wrapper(*args, distributed, coordinator_address, num_processes, process_id, distributed_timeout,
+                heartbeat_timeout, **kwargs):
+        given = (coordinator_address, num_processes, process_id)
+        dist = dict(distributed=distributed or any(v is not None for v in given), coordinator_address=coordinator_address,
+                    num_processes=num_processes, process_id=process_id, distributed_timeout=distributed_timeout,
+                    heartbeat_timeout=heartbeat_timeout)
+        return fn(*args, dist=dist, **kwargs)
+    for opt in reversed(_distributed):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 @main.command("dequantize")
 @click.argument("src")
 @click.argument("out", type=click.Path())
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
 @common_options
+@distributed_options
 @_run
-def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress, allow_nonfinite, strict_config):
+def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress, allow_nonfinite, strict_config,
+                   dist):
     """MXFP4 safetensors SRC (directory or hub id) -> HF BF16 checkpoint OUT."""
     from gptoss_convert.converters.dequantize import dequantize
     dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers,
                overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-               strict_config=strict_config)
+               strict_config=strict_config, **dist)
 
 
 @main.command("to-orbax")
@@ -94,16 +125,17 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--like", default=None, help="Orbax SRC without config.json beside it (MaxText's): the HF model (dir or id) it came from.")
 @click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
 @common_options
+@distributed_options
 @_run
 def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite, resume, workers, no_progress,
-                 allow_nonfinite, strict_config):
+                 allow_nonfinite, strict_config, dist):
     """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
     to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
              overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-             strict_config=strict_config, like=like, step=step)
+             strict_config=strict_config, like=like, step=step, **dist)
 
 
 @main.command("to-hf")

@@ -14,6 +14,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import BufferPool
+from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import source_hashes, write_record
@@ -105,10 +106,11 @@ def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
         raise
 
 
+@dist.distributable
 def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
-               strict_config: bool = False, log=print) -> Path:
+               strict_config: bool = False, cluster=None, log=print) -> Path:
     """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
 
     Expert matrices are dequantized (bit-exact) into HF orientation; every other tensor is
@@ -116,7 +118,8 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     blocks (one expert / `block_bytes`), whatever the model size. Output appears atomically;
     `resume=True` continues an interrupted run. `strict_config=True` refuses config.json fields
     this tool does not know (by default they are accepted as inert, warned about and recorded).
-    Returns the output path.
+    `distributed=True` runs this as one of several processes, each writing its own shards
+    (options as for to_orbax; docs/multihost.md). Returns the output path.
     """
     t0 = time.perf_counter()
     st_dtype = {"bfloat16": "BF16", "float32": "F32"}[resolve_dtype(dtype)]
@@ -130,12 +133,16 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     fingerprint = {"command": "dequantize", "dtype": st_dtype, "shards": [[t.name for t in s] for s in shards],
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     total = sum(t.nbytes for t in tensors)
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
-                      log=log) as staged:
-        sources = background(source_hashes, ck.dir, ck.files, workers=1)   # overlaps the conversion
+    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
+                  max_shard_size=parse_size(max_shard_size))
+    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
+    mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])
+    with dist.staging(cluster, staged, lambda s, first: None):
+        files = [f for f, m in zip(ck.files, dist.my_share(cluster, [1] * len(ck.files))) if m]
+        sources = background(source_hashes, ck.dir, files, workers=1)   # overlaps the conversion
         hashes = {}
-        with progress_bar(total, "dequantize", progress) as bar:
-            for fname, shard in zip(names, shards):
+        with progress_bar(sum(t.nbytes for s, m in zip(shards, mine) if m for t in s), "dequantize", progress) as bar:
+            for fname, shard in (fs for fs, m in zip(zip(names, shards), mine) if m):
                 done = staged.path / fname      # journaled, and still there whole (not lost or cut short)
                 if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
                     bar.update(sum(t.nbytes for t in shard))
@@ -144,11 +151,16 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
                 hashes[fname] = _write_shard(ck, tmp, shard, bar)
                 os.replace(tmp, staged.path / fname)
                 staged.mark_done(fname)
+        merged = dist.merge_shares(cluster, staged, hashes, sources.result())
+        if merged is None:                      # another process of a distributed run: its shards are on disk
+            return dist.finish(cluster, None, log, f"{sum(mine)} of {n} shards")
         _write_metadata(ck, staged.path, names, shards, st_dtype)
-        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=sources.result(),
+        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=merged[1],
                      options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},
-                     extra={"config_unknown_fields": list(cfg.unknown_fields)}, output_hashes=hashes)
+                     extra={"config_unknown_fields": list(cfg.unknown_fields)}, output_hashes=merged[0])
         result = staged.commit()
+    if cluster is not None:
+        dist.finish(cluster, result)
     dt = time.perf_counter() - t0
     log(f"dequantize: wrote {total / 1e9:.2f} GB in {len(names)} shard(s) to {result} in {dt:.1f} s "
         f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {sum(ck.tensors[t.name].is_mxfp4 for t in tensors)} MXFP4 tensors "

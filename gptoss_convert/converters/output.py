@@ -47,6 +47,7 @@ class StagedOutput:
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.overwrite, self.resume, self.log = overwrite, resume, log
         self.resumed = False
+        self.journal = "journal"               # one per process in a multi-process run (join())
         self._done: set[str] = set()
         self._lock_fd = None
 
@@ -110,8 +111,7 @@ class StagedOutput:
         if self.staging.exists():
             old = json.loads(plan_file.read_text()) if plan_file.is_file() else None
             if self.resume and old == self.fingerprint:
-                journal = self.staging / PROGRESS / "journal"
-                self._done = set(journal.read_text().split("\n")) - {""} if journal.is_file() else set()
+                self._done = self._journaled()
                 self.resumed = True
                 self.log(f"resuming {self.out}: {len(self._done)} unit(s) already done")
                 return
@@ -128,12 +128,27 @@ class StagedOutput:
         except OSError as e:
             raise OutputError(f"{self.out}: cannot create {self.staging} ({e.strerror}); choose another OUT") from None
 
+    def _journaled(self) -> set[str]:
+        """The units every journal in the staging directory records (a multi-process run keeps
+        one journal per process; a resume with any number of processes counts them all)."""
+        done: set[str] = set()
+        for journal in (self.staging / PROGRESS).glob("journal*"):
+            done |= set(journal.read_text().split("\n")) - {""}
+        return done
+
+    def join(self, journal: str, resumed: bool) -> "StagedOutput":
+        """Work in a staging directory that another process prepared and will commit (a
+        multi-process run): no lock, no checks, finished units recorded in `journal`."""
+        self.journal, self.resumed = journal, resumed
+        self._done = self._journaled()
+        return self
+
     def is_done(self, key: str) -> bool:
         return key in self._done
 
     def mark_done(self, key: str) -> None:
         """Record a finished unit durably (after its data has been flushed)."""
-        with open(self.staging / PROGRESS / "journal", "a") as f:
+        with open(self.staging / PROGRESS / self.journal, "a") as f:
             f.write(key + "\n")
             f.flush()
             os.fsync(f.fileno())

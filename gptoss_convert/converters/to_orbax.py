@@ -19,10 +19,12 @@ import numpy as np
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
 from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
+from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
+from gptoss_convert.errors import InputError
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
 from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import apply
@@ -70,11 +72,12 @@ def needs(plan: Plan, ck: HFCheckpoint) -> str:
             f"peak memory at most about {memory / 1e9:.1f} GB (largest block {largest / 1e6:.0f} MB)")
 
 
+@dist.distributable
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str = "bf16",
              dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
              allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
              strict_config: bool = False, like: str | os.PathLike | None = None, step: int | None = None,
-             log=print) -> Path | Plan:
+             cluster=None, log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
@@ -85,11 +88,17 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     accepted as inert, warned about and recorded in conversion.json).
     `src` may also be an Orbax checkpoint (this tool's, MaxText's params-only or training
     checkpoint; `step` picks one, `like` gives the config of one MaxText wrote): its params are
-    relaid out bit-exact (converters/relayout.py).
+    relaid out bit-exact (converters/relayout.py), in one process.
+    `distributed=True` runs this as one of several processes writing one checkpoint
+    (jax.distributed; `coordinator_address`, `num_processes`, `process_id` unless JAX detects
+    them; `distributed_timeout`, `heartbeat_timeout` in seconds; docs/multihost.md).
     """
     from gptoss_convert.io.orbax_source import is_orbax
 
     if is_orbax(src):
+        if cluster is not None:
+            raise InputError(f"{src}: --distributed converts HF sources; relayout of an Orbax checkpoint "
+                             "runs in one process (drop --distributed)")
         from gptoss_convert.converters.relayout import relayout
         return relayout(src, out, scanned=scanned, dtype=dtype, like=like, step=step, dry_run=dry_run,
                         allow_nonfinite=allow_nonfinite,
@@ -110,30 +119,37 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     fingerprint = {"command": "to-orbax", "layout": layout, "dtype": np_dtype.name, "block_bytes": block_bytes,
                    "compression": compression,
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
-                      log=log) as staged:
-        sources = background(source_hashes, ck.dir, ck.files, workers=1)   # overlaps the conversion
-        step = staged.path / STEP
-        meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
-        writer = OrbaxWriter(step, {p: (s, np_dtype) for p, s in plan.targets.items()},
-                             chunk_shapes=plan.chunk_shapes(), custom_metadata=meta,
-                             compression=compression)
-        writer.create()
-        if staged.resumed:
-            writer.remove_temporaries()         # of chunk writes the interrupted run left unfinished
+    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume)
+    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
+    meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
+    writer = OrbaxWriter(staged.path / STEP, {p: (s, np_dtype) for p, s in plan.targets.items()},
+                         chunk_shapes=plan.chunk_shapes(), custom_metadata=meta, compression=compression)
+    with dist.staging(cluster, staged, lambda s, first: _create(writer, s, first)):
+        mine = dist.my_share(cluster, [b.nbytes for b in plan.blocks],
+                             cluster and dist.shared_chunk_groups(plan.blocks, plan.chunk_shapes()))
+        files = [f for f, m in zip(ck.files, dist.my_share(cluster, [1] * len(ck.files))) if m]
+        sources = background(source_hashes, ck.dir, files, workers=1)   # overlaps the conversion
         try:
-            _stream(ck, plan, writer, staged, np_dtype, progress)
+            _stream(ck, plan, writer, staged, np_dtype, progress, [b for b, m in zip(plan.blocks, mine) if m])
         finally:
             writer.close()
-        writer.finalize()
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
+        merged = dist.merge_shares(cluster, staged, chunk_hashes, sources.result())
+        if merged is None:                      # another process of a distributed run: its share is on disk
+            did = [b for b, m in zip(plan.blocks, mine) if m]
+            return dist.finish(cluster, None, log, f"{len(did)} of {len(plan.blocks)} blocks "
+                                                   f"({sum(b.nbytes for b in did) / 1e9:.3f} GB)")
+        chunk_hashes, source_files = merged
+        writer.finalize()
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
-        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=sources.result(),
+        write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_files,
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "config_unknown_fields": list(cfg.unknown_fields)},
                      output_hashes=chunk_hashes)
         result = staged.commit()
+    if cluster is not None:
+        dist.finish(cluster, result)
     dt = time.perf_counter() - t0
     log(f"to-orbax: wrote {len(plan.targets)} {layout} leaves ({plan.total_bytes / 1e9:.2f} GB {np_dtype.name}) "
         f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
@@ -166,12 +182,23 @@ def convert_in_memory(src: str | os.PathLike | HFCheckpoint, *, scanned: bool, d
     return cfg, writer.arrays
 
 
-def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool) -> None:
-    """Write every block not yet journaled, journaling each once its writes are on disk."""
-    todo = [b for b in plan.blocks if not staged.is_done(b.key)]
+def _create(writer, staged: StagedOutput, first: bool) -> None:
+    """Create (or reopen) the arrays; the first process of a run also removes what chunk writes
+    an interrupted run left unfinished (no other process writes yet)."""
+    writer.create()
+    if first and staged.resumed:
+        writer.remove_temporaries()
+
+
+def _stream(ck: HFCheckpoint, plan: Plan, writer, staged: StagedOutput, dtype: np.dtype, progress: bool,
+            blocks: list[ReadBlock] | None = None) -> None:
+    """Write every block (of `blocks`, default all) not yet journaled, journaling each once its
+    writes are on disk."""
+    blocks = plan.blocks if blocks is None else blocks
+    todo = [b for b in blocks if not staged.is_done(b.key)]
     pool = RecyclingPool()      # each block's memory comes back when TensorStore has let go of it
-    with progress_bar(plan.total_bytes, "to-orbax", progress) as bar:
-        bar.update(sum(b.nbytes for b in plan.blocks if staged.is_done(b.key)))
+    with progress_bar(sum(b.nbytes for b in blocks), "to-orbax", progress) as bar:
+        bar.update(sum(b.nbytes for b in blocks if staged.is_done(b.key)))
         in_flight: collections.deque = collections.deque()      # (block, its pending writes)
 
         def retire(n: int) -> None:
