@@ -22,6 +22,8 @@ from gptoss_convert.converters.common import plan_for, progress_bar, resolve_dty
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
+from gptoss_convert.converters.remote_output import RemoteOutput
+from gptoss_convert.io.location import is_url, resolve
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
 from gptoss_convert.mapping.layout import SCAN_AXIS
@@ -103,11 +105,13 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         return plan
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
+    out = resolve(out)                      # a Path, or a Location for gs:// and s3://
     layout = "scanned" if scanned else "unscanned"
     fingerprint = {"command": "to-orbax", "layout": layout, "dtype": np_dtype.name, "block_bytes": block_bytes,
                    "compression": compression,
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
+    staging = RemoteOutput if is_url(out) else StagedOutput     # no rename on object stores: commit markers
+    with staging(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir,
                       log=log) as staged:
         sources = background(source_hashes, ck.dir, ck.files, workers=1)   # overlaps the conversion
         step = staged.path / STEP
@@ -122,14 +126,15 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
             _stream(ck, plan, writer, staged, np_dtype, progress)
         finally:
             writer.close()
-        writer.finalize()
-        chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
+        writer.finalize()                  # on an object store its last object is the commit marker
+        chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
+        chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=sources.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "config_unknown_fields": list(cfg.unknown_fields)},
-                     output_hashes=chunk_hashes)
+                     output_hashes=chunk_hashes, output_sizes=chunk_sizes)
         result = staged.commit()
     dt = time.perf_counter() - t0
     log(f"to-orbax: wrote {len(plan.targets)} {layout} leaves ({plan.total_bytes / 1e9:.2f} GB {np_dtype.name}) "
