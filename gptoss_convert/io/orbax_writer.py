@@ -44,6 +44,10 @@ Choices and why:
   the completion files, `finalize()` checks every chunk exists and writes them last. Before that,
   the v1 loader refuses the step (no `_CHECKPOINT_METADATA`). Note that a v0 `CheckpointManager`
   still lists an unfinalized `<root>/0` as a step (it only skips `*.orbax-checkpoint-tmp*`).
+- On an object store (`step_dir` a gs:// or s3:// `io.location.Location`) every array gets a
+  `gcs`/`s3` kvstore, whole chunks are one PUT of the same bytes, and `finalize()` writes the
+  same files in the same order, `commit_success.txt` last, as Orbax does there
+  (docs/object-stores.md).
 """
 
 from __future__ import annotations
