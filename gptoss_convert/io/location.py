@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import tensorstore as ts
 
@@ -195,7 +195,6 @@ def describe_store_error(e: BaseException, bucket: str) -> str:
 
 def resolve(x, *, s3_endpoint: str | None = None):
     """A Location for gs:// and s3:// strings (Locations pass through), else a pathlib.Path."""
-    from pathlib import Path
     if isinstance(x, Location):
         return x
     return Location.parse(x, s3_endpoint=s3_endpoint) if is_url(x) else Path(x)
