@@ -90,6 +90,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
     plus `out/0/_CHECKPOINT_METADATA` recording `scan_layers`. The plan is checked before any
     tensor byte is read; `dry_run=True` prints it and returns it without writing anything.
+    `out` may be a gs:// or s3:// URL: the same objects are written there through TensorStore,
+    Orbax's commit marker last (docs/object-stores.md).
     `compression="zstd"` compresses chunks as Orbax does by default (smaller, ~2x slower to write).
     `strict_config=True` refuses config.json fields this tool does not know (by default they are
     accepted as inert, warned about and recorded in conversion.json).
