@@ -253,6 +253,8 @@ def test_interrupted_remote_write_resumes(mxfp4_dir, remote_outs, gcs, point):
     r = _cli(*args, env={"GPTOSS_CONVERT_KILL_AT": point})
     assert r.returncode == -9, r.stderr
     _assert_incomplete(url)
+    if point == "commit:1":     # killed after the commit marker: every object and the record are there
+        assert {"0/commit_success.txt", RECORD} <= set(Location.parse(url).keys())
     if point == "journal:3":
         with pytest.raises(InputError, match="did not finish"):
             read_metadata(url + "/0")
@@ -267,6 +269,29 @@ def test_interrupted_remote_write_resumes(mxfp4_dir, remote_outs, gcs, point):
     keys = [k for k in ref.keys() if k not in PLACE_OR_TIME]
     assert sorted(done.keys()) == sorted(ref.keys())
     assert all((done / k).read_bytes() == (ref / k).read_bytes() for k in keys)
+
+
+def test_killed_before_the_commit_marker(mxfp4_dir, gcs, monkeypatch):
+    """Everything but Orbax's commit marker written (the record too): Orbax's own test of a
+    finalized GCS step, this tool's reader and check all say unfinished; --resume finishes."""
+    from orbax.checkpoint._src.path import step as ocp_step
+    from gptoss_convert.io.orbax_writer import OrbaxWriter
+
+    def die(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(OrbaxWriter, "commit", die)
+    url = "gs://bkt/before-marker"
+    with pytest.raises(KeyboardInterrupt):
+        to_orbax(mxfp4_dir, url, scanned=False, **QUIET)
+    assert RECORD in Location.parse(url).keys()
+    assert not ocp_step.is_path_finalized(url + "/0")
+    with pytest.raises(InputError, match="commit_success.txt is missing"):
+        read_metadata(url + "/0")
+    _assert_incomplete(url)
+    monkeypatch.undo()
+    to_orbax(mxfp4_dir, url, scanned=False, resume=True, **QUIET)
+    assert ocp_step.is_path_finalized(url + "/0")
+    check(url, log=lambda *_: None)
 
 
 def test_non_empty_prefix_refused(mxfp4_dir, remote_outs, s3):

@@ -3,15 +3,14 @@
 On disk, OUT is built in a hidden sibling and renamed into place (converters/output.py). A
 bucket has no rename, so the objects are written at their final keys and completeness is told
 by markers instead, as Orbax itself does for GCS (CommitFileTemporaryPath): every array and
-metadata object first, `<step>/commit_success.txt` last (OrbaxWriter.finalize). Around that:
+metadata object first, then conversion.json, then `<step>/commit_success.txt` (to_orbax). Around that:
 
     OUT/.gptoss-progress/plan.json        the run's fingerprint, written first
     OUT/.gptoss-progress/done/<unit>      one empty object per finished unit (the journal)
-    OUT/conversion.json                   after the Orbax markers
     (OUT/.gptoss-progress/ deleted)       last: the output is now complete
 
-So an interrupted write never looks complete: before finalize MaxText's loader finds no
-commit marker; until the very end `.gptoss-progress/` remains, which `check` and this tool's
+So an interrupted write never looks complete: before the commit marker Orbax (MaxText) takes
+the step as unfinished; until the very end `.gptoss-progress/` remains, which `check` and this tool's
 readers refuse. `--resume` continues from the journal when the fingerprint matches. A
 non-empty OUT prefix is refused unless --overwrite (which deletes what is there first) or
 --resume (which continues only an interrupted run of the same conversion). Object stores give

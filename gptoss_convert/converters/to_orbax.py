@@ -129,20 +129,31 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         finally:
             writer.close()
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
-        writer.finalize()                  # on an object store its last object is the commit marker
+        remote = is_url(out)
+        writer.finalize(commit=not remote)     # object stores: Orbax's commit marker only after our record
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
         chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=sources.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "config_unknown_fields": list(cfg.unknown_fields)},
-                     output_hashes=chunk_hashes, output_sizes=chunk_sizes)
+                     output_hashes=chunk_hashes, output_sizes=chunk_sizes, pending=_marker(writer, staged.path, remote))
+        if remote:
+            writer.commit()
         result = staged.commit()
     dt = time.perf_counter() - t0
     log(f"to-orbax: wrote {len(plan.targets)} {layout} leaves ({plan.total_bytes / 1e9:.2f} GB {np_dtype.name}) "
         f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
         f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
     return result
+
+
+def _marker(writer, root, remote: bool) -> dict[str, bytes] | None:
+    """{key: bytes} of the commit marker an object-store output writes after its record."""
+    if not remote:
+        return None
+    target, text = writer.commit_marker()
+    return {target.relative_to(root).as_posix(): text.encode()}
 
 
 class _MemoryWriter:

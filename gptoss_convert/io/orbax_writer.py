@@ -45,9 +45,10 @@ Choices and why:
   the v1 loader refuses the step (no `_CHECKPOINT_METADATA`). Note that a v0 `CheckpointManager`
   still lists an unfinalized `<root>/0` as a step (it only skips `*.orbax-checkpoint-tmp*`).
 - On an object store (`step_dir` a gs:// or s3:// `io.location.Location`) every array gets a
-  `gcs`/`s3` kvstore, whole chunks are one PUT of the same bytes, and `finalize()` writes the
-  same files in the same order, `commit_success.txt` last, as Orbax does there
-  (docs/object-stores.md).
+  `gcs`/`s3` kvstore, whole chunks are one PUT of the same bytes, and the same metadata files
+  follow in the same order; the step's `commit_success.txt`, which Orbax takes as "finalized"
+  there, comes last (`finalize(commit=False)`, the caller's record, then `commit()`;
+  docs/object-stores.md).
 """
 
 from __future__ import annotations
@@ -409,9 +410,11 @@ class OrbaxWriter:
                 missing[path] = (present, expected)
         return missing
 
-    def finalize(self) -> None:
+    def finalize(self, *, commit: bool = True) -> None:
         """Check every chunk was written, then write the files that make this an Orbax
-        checkpoint, step-level metadata last so a crash never leaves a step that looks whole."""
+        checkpoint, step-level metadata last so a crash never leaves a step that looks whole.
+        `commit=False` leaves out the last one, the step's commit marker: `commit()` writes it
+        (on object stores, after the caller's own record)."""
         self.close()
         missing = self.missing_chunks()
         if missing:
@@ -423,11 +426,20 @@ class OrbaxWriter:
         keys = [self._keys(p) for p in self.leaves]
         _put(self.item_dir / PYTREE_METADATA_FILE, json.dumps(pytree_metadata(keys)))
         _put(self.item_dir / COMMIT_SUCCESS_FILE,
-                       f"Checkpoint commit was successful to {self.item_dir}")
+             f"Checkpoint commit was successful to {self.item_dir}")
         meta = checkpoint_metadata(self.item_name, self.custom_metadata, self._init_ns or now, now)
         _put(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
-        _put(self.step_dir / COMMIT_SUCCESS_FILE,
-                       f"Checkpoint commit was successful to {self.step_dir}")
+        if commit:
+            self.commit()
+
+    def commit_marker(self) -> tuple[Path | Location, str]:
+        """The step's `commit_success.txt` and its text: the last file of a checkpoint (what Orbax
+        takes as "finalized" on object stores)."""
+        return self.step_dir / COMMIT_SUCCESS_FILE, f"Checkpoint commit was successful to {self.step_dir}"
+
+    def commit(self) -> None:
+        """Write the step's commit marker (finalize() does, unless told not to)."""
+        _put(*self.commit_marker())
 
 
 class _ChunkFiles:
