@@ -63,6 +63,19 @@ _common = [
 ]
 
 
+def _set_s3_endpoint(ctx, param, value):
+    """--s3-endpoint is the environment variable TensorStore's s3 spec is built from (io/location.py)."""
+    if value:
+        import os
+        from gptoss_convert.io.location import ENDPOINT_ENV
+        os.environ[ENDPOINT_ENV] = value
+
+
+s3_endpoint_option = click.option(
+    "--s3-endpoint", expose_value=False, callback=_set_s3_endpoint, default=None, metavar="URL",
+    help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000 (default: $GPTOSS_CONVERT_S3_ENDPOINT, else AWS).")
+
+
 def common_options(fn):
     for opt in reversed(_common):
         fn = opt(fn)
@@ -124,12 +137,14 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @click.option("--like", default=None, help="Orbax SRC without config.json beside it (MaxText's): the HF model (dir or id) it came from.")
 @click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
+@s3_endpoint_option
 @common_options
 @distributed_options
 @_run
 def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite, resume, workers, no_progress,
                  allow_nonfinite, strict_config, dist):
-    """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT (OUT/0/items)."""
+    """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT
+    (OUT/0/items; a directory, gs:// or s3://)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
@@ -178,7 +193,7 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 
 
 @main.command("verify")
-@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("ckpt")
 @click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--hf", default=None, help="Compute the golden logits now from this HF directory / hub id.")
 @click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
@@ -192,6 +207,7 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
 @click.option("--streamed/--in-memory", default=None,
               help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
+@s3_endpoint_option
 @_run
 def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, streamed):
     """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
@@ -202,7 +218,8 @@ def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token,
 
 
 @main.command("check")
-@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("out")
+@s3_endpoint_option
 @_run
 def check_cmd(out):
     """Re-read a finished output (safetensors or Orbax) and confirm it against its conversion.json."""
@@ -222,7 +239,7 @@ def demo_cmd(workdir):
 
 
 @main.command("generate")
-@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("ckpt")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), default=None,
               help="Directory holding tokenizer.json (default: the one holding config.json beside CKPT).")
@@ -232,6 +249,7 @@ def demo_cmd(workdir):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same tokens).")
 @click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@s3_endpoint_option
 @_run
 def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""

@@ -11,6 +11,7 @@ import numpy as np
 
 from gptoss_convert.backends import Backend, get_backend
 from gptoss_convert.errors import InputError
+from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.tree import flatten
 
 
@@ -24,7 +25,10 @@ class Checkpoint:
 
 
 def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None) -> Checkpoint:
-    """Accepts OUT, OUT/0 or OUT/0/items of a to-orbax output, or an HF checkpoint directory."""
+    """Accepts OUT, OUT/0 or OUT/0/items of a to-orbax output, or an HF checkpoint directory;
+    OUT may be a gs:// or s3:// URL (see locate_remote)."""
+    if is_url(ckpt):
+        return locate_remote(resolve(ckpt), config)
     p = Path(ckpt)
     if not p.exists():
         raise InputError(f"{p}: does not exist")
@@ -37,6 +41,36 @@ def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None) -> 
     if (p / "config.json").is_file() and (list(p.glob("*.safetensors"))):
         return Checkpoint("hf", p, Path(config) if config else p)
     raise InputError(f"{p}: neither an Orbax checkpoint (OUT/0/items) nor an HF safetensors directory")
+
+
+def locate_remote(loc: Location, config: str | os.PathLike | None = None) -> Checkpoint:
+    """A to-orbax output on an object store. Its small files beside the step (config.json,
+    tokenizer, generation config) are copied into a temporary directory, removed at exit, which
+    becomes `config_dir`; the arrays are read where they are. An unfinished write is refused."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from gptoss_convert.converters.provenance import PROGRESS
+
+    for root in (loc, loc.parent, loc.parent.parent):
+        keys = root.keys()
+        if any(k.startswith(PROGRESS + "/") for k in keys):
+            raise InputError(f"{root}: the conversion writing it did not finish ({PROGRESS}/ is still there); "
+                             "rerun it with --resume")
+        if "0/_CHECKPOINT_METADATA" in keys:
+            break
+    else:
+        raise InputError(f"{loc}: no Orbax checkpoint (OUT/0/items) under this prefix")
+    if config:
+        return Checkpoint("orbax", root / "0", Path(config))
+    local = Path(tempfile.mkdtemp(prefix="gptoss-convert-"))
+    atexit.register(shutil.rmtree, local, True)
+    for key in (k for k in keys if "/" not in k and k != "conversion.json"):
+        (local / key).write_bytes((root / key).read_bytes())
+    if not (local / "config.json").is_file():
+        raise InputError(f"{root}: no config.json beside the checkpoint; pass --config HF_DIR")
+    return Checkpoint("orbax", root / "0", local)
 
 
 def load_config(ck: Checkpoint) -> tuple[Backend, object]:
@@ -69,4 +103,8 @@ def is_scanned(ck: Checkpoint) -> bool:
 
 
 def checkpoint_bytes(ck: Checkpoint) -> int:
+    """Bytes of the checkpoint's files (on an object store: of its leaves, from their metadata)."""
+    if isinstance(ck.path, Location):
+        from gptoss_convert.io.orbax_reader import read_metadata
+        return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in read_metadata(ck.path)["leaves"].values())
     return sum(p.stat().st_size for p in ck.path.rglob("*") if p.is_file())

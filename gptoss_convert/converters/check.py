@@ -12,9 +12,10 @@ import json
 import os
 from pathlib import Path
 
-from gptoss_convert.converters.provenance import RECORD, tree_files
+from gptoss_convert.converters.provenance import PROGRESS, RECORD, tree_files
 from gptoss_convert.errors import ConvertError, InputError
 from gptoss_convert.io.files import HASHES, file_digest
+from gptoss_convert.io.location import Location, is_url, resolve
 
 
 class CheckFailed(ConvertError):
@@ -39,7 +40,29 @@ def _recorded_hash(meta: dict) -> tuple[str, str] | None:
     return next(((a, meta[a]) for a in HASHES if isinstance(meta.get(a), str)), None)
 
 
+def _check_objects(out: Location, rec: dict) -> list[str]:
+    """_check_files for an object-store prefix: every object read back and hashed."""
+    problems = []
+    present = {k for k in out.keys() if k != RECORD}
+    for rel, meta in sorted(rec["outputs"].items()):
+        recorded = _recorded_hash(meta)
+        if rel not in present:
+            problems.append(f"{rel}: missing")
+            continue
+        data = (out / rel).read_bytes()
+        if len(data) != meta.get("size"):
+            problems.append(f"{rel}: size {len(data)} != recorded {meta.get('size')}")
+        elif recorded is None:
+            problems.append(f"{rel}: the record gives no hash this version knows ({', '.join(HASHES)})")
+        elif HASHES[recorded[0]](data).hexdigest() != recorded[1]:
+            problems.append(f"{rel}: {recorded[0]} differs from the record (corrupted or modified)")
+    problems += [f"{rel}: not part of the recorded output" for rel in sorted(present - set(rec["outputs"]))]
+    return problems
+
+
 def _check_files(out: Path, rec: dict) -> list[str]:
+    if isinstance(out, Location):
+        return _check_objects(out, rec)
     problems = []
     present = {p.as_posix() for p in tree_files(out)}
     for rel, meta in sorted(rec["outputs"].items()):
@@ -83,10 +106,14 @@ def _check_safetensors(out: Path) -> list[str]:
 
 
 def check(out: str | os.PathLike, log=print) -> dict:
-    """Confirm `out` against its conversion.json; raises CheckFailed listing every problem."""
-    out = Path(out)
+    """Confirm `out` (a directory, or a gs:// or s3:// prefix) against its conversion.json;
+    raises CheckFailed listing every problem."""
+    out = resolve(out)
+    if is_url(out) and (out / PROGRESS / "plan.json").is_file():
+        raise CheckFailed(f"{out}: the conversion writing it did not finish ({PROGRESS}/ is still there); "
+                          "rerun it with --resume")
     if not out.is_dir():
-        raise InputError(f"{out}: not a directory")
+        raise InputError(f"{out}: not a directory" + (" (no object under this prefix)" if is_url(out) else ""))
     rec = _record(out)
     problems = _check_files(out, rec)
     problems += _check_orbax(out, rec) if rec.get("command") == "to-orbax" else _check_safetensors(out)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 from gptoss_convert.backends import get_backend, known_model_types
@@ -99,7 +98,7 @@ def write_sidecars(ck: HFCheckpoint, out: Path, **config_updates) -> None:
     conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"} | config_updates
     (out / "config.json").write_text(json.dumps(conf, indent=2))
     for f in ck.sidecar_files():
-        shutil.copyfile(f, out / f.name)
+        (out / f.name).write_bytes(f.read_bytes())     # small files; `out` may be an object-store Location
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from gptoss_convert import faults
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.errors import OutputError
 from gptoss_convert.io.files import fsync_dir
+from gptoss_convert.io.location import is_url
 
 _NO_SPACE = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EFBIG: "file size limit reached (EFBIG)",
              errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
@@ -40,6 +41,8 @@ class StagedOutput:
 
     def __init__(self, out: str | os.PathLike, *, fingerprint: dict, overwrite: bool = False,
                  resume: bool = False, source: str | os.PathLike | None = None, log=print):
+        if is_url(out):     # Path("gs://b/x") would quietly make a local folder "gs:"
+            raise OutputError(f"{out}: this command writes local directories only (to-orbax also writes gs:// and s3://)")
         self.out = Path(out).absolute()
         self.source = source                   # never replaced by OUT, even with --overwrite
         self.staging = self.out.parent / f".{self.out.name}.partial"

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
-from gptoss_convert.io.files import HASH, file_digest, hub_blob_sha256, temp_path, write_durably
+from gptoss_convert.io.files import HASH, file_digest, hub_blob_sha256, new_hash, temp_path, write_durably
+from gptoss_convert.io.location import Location
 
 RECORD = "conversion.json"
 PROGRESS = ".gptoss-progress"  # the staging journal (converters/output.py), never part of an output
@@ -39,17 +40,47 @@ def tree_files(root: Path) -> list[Path]:
     return sorted(p for p in files if p.parts[0] != PROGRESS)
 
 
-def write_record(out_dir: Path, *, command: str, source_dir: Path, source_files: list[str],
-                 options: dict, extra: dict | None = None, output_hashes: dict[str, str] | None = None) -> dict:
+def _digest(data: bytes) -> str:
+    h = new_hash()
+    h.update(data)
+    return h.hexdigest()
+
+
+def remote_outputs(out: Location, hashes: dict[str, str], sizes: dict[str, int],
+                   pending: dict[str, bytes]) -> dict[str, dict]:
+    """{key: {"size", HASH}} of every object under `out` (but the record and the journal) and of
+    those `pending` (written after the record): the writer's figures where it has both, else
+    the bytes hashed (objects read back)."""
+    outputs = {}
+    for key, data in pending.items():
+        hashes[key], sizes[key] = _digest(data), len(data)
+    for key in sorted(set(out.keys()) | set(pending)):
+        if key == RECORD or key.split("/")[0] == PROGRESS:
+            continue
+        if key not in hashes or key not in sizes:
+            data = (out / key).read_bytes()
+            hashes[key], sizes[key] = _digest(data), len(data)
+        outputs[key] = {"size": sizes[key], HASH: hashes[key]}
+    return outputs
+
+
+def write_record(out_dir: Path | Location, *, command: str, source_dir: Path, source_files: list[str],
+                 options: dict, extra: dict | None = None, output_hashes: dict[str, str] | None = None,
+                 output_sizes: dict[str, int] | None = None, pending: dict[str, bytes] | None = None) -> dict:
     """Write `out_dir/conversion.json`; HASH digests of outputs not given are computed from disk.
     Each file's entry names its hash's algorithm: {"size": n, "xxh3_128": hex} (or "sha256").
 
-    `source_files` may instead be source_hashes()'s map (e.g. hashed in the background meanwhile)."""
+    `source_files` may instead be source_hashes()'s map (e.g. hashed in the background meanwhile).
+    On an object store (`out_dir` a Location) `output_sizes` saves reading back those objects,
+    and `pending` {key: bytes} are recorded before they are written (Orbax's commit marker)."""
     sources = source_files if isinstance(source_files, dict) else source_hashes(source_dir, source_files)
     hashes = dict(output_hashes or {})
-    files = [rel.as_posix() for rel in tree_files(out_dir)]
-    hashes |= hash_files(out_dir, [f for f in files if f not in hashes])
-    outputs = {f: {"size": (out_dir / f).stat().st_size, HASH: hashes[f]} for f in files}
+    if isinstance(out_dir, Location):
+        outputs = remote_outputs(out_dir, hashes, dict(output_sizes or {}), dict(pending or {}))
+    else:
+        files = [rel.as_posix() for rel in tree_files(out_dir)]
+        hashes |= hash_files(out_dir, [f for f in files if f not in hashes])
+        outputs = {f: {"size": (out_dir / f).stat().st_size, HASH: hashes[f]} for f in files}
     record = {
         "tool": "gptoss-convert", "version": gptoss_convert.__version__, "command": command,
         "argv": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -58,5 +89,8 @@ def write_record(out_dir: Path, *, command: str, source_dir: Path, source_files:
             f: {"size": (source_dir / f).stat().st_size, **h} for f, h in sources.items()}},
         "outputs": outputs, **(extra or {}),
     }
-    write_durably(out_dir / RECORD, json.dumps(record, indent=1))
+    if isinstance(out_dir, Location):
+        (out_dir / RECORD).write_text(json.dumps(record, indent=1))     # one PUT: atomic
+    else:
+        write_durably(out_dir / RECORD, json.dumps(record, indent=1))
     return record

@@ -23,6 +23,8 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
+from gptoss_convert.converters.remote_output import RemoteOutput
+from gptoss_convert.io.location import is_url, resolve
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.errors import InputError
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
@@ -83,6 +85,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
     plus `out/0/_CHECKPOINT_METADATA` recording `scan_layers`. The plan is checked before any
     tensor byte is read; `dry_run=True` prints it and returns it without writing anything.
+    `out` may be a gs:// or s3:// URL: the same objects are written there through TensorStore,
+    Orbax's commit marker last (docs/object-stores.md).
     `compression="zstd"` compresses chunks as Orbax does by default (smaller, ~2x slower to write).
     `strict_config=True` refuses config.json fields this tool does not know (by default they are
     accepted as inert, warned about and recorded in conversion.json).
@@ -115,12 +119,19 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         return plan
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
+    out = resolve(out)                      # a Path, or a Location for gs:// and s3://
     layout = "scanned" if scanned else "unscanned"
     fingerprint = {"command": "to-orbax", "layout": layout, "dtype": np_dtype.name, "block_bytes": block_bytes,
                    "compression": compression,
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
-    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume)
-    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
+    remote = is_url(out)
+    if remote and cluster is not None:
+        raise InputError(f"{out}: --distributed writes to a filesystem all processes share; "
+                         "to a bucket, convert in one process (or to a shared disk, then upload)")
+    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(out if remote else Path(out).absolute()),
+                  overwrite=overwrite, resume=resume)
+    output = RemoteOutput if remote else StagedOutput     # no rename on object stores: commit markers
+    staged = output(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
     meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
     writer = OrbaxWriter(staged.path / STEP, {p: (s, np_dtype) for p, s in plan.targets.items()},
                          chunk_shapes=plan.chunk_shapes(), custom_metadata=meta, compression=compression)
@@ -140,13 +151,16 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
             return dist.finish(cluster, None, log, f"{len(did)} of {len(plan.blocks)} blocks "
                                                    f"({sum(b.nbytes for b in did) / 1e9:.3f} GB)")
         chunk_hashes, source_files = merged
-        writer.finalize()
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
+        writer.finalize(commit=not remote)     # object stores: Orbax's commit marker only after our record
+        chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_files,
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "config_unknown_fields": list(cfg.unknown_fields)},
-                     output_hashes=chunk_hashes)
+                     output_hashes=chunk_hashes, output_sizes=chunk_sizes, pending=_marker(writer, staged.path, remote))
+        if remote:
+            writer.commit()
         result = staged.commit()
     if cluster is not None:
         dist.finish(cluster, result)
@@ -155,6 +169,14 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
         f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
     return result
+
+
+def _marker(writer, root, remote: bool) -> dict[str, bytes] | None:
+    """{key: bytes} of the commit marker an object-store output writes after its record."""
+    if not remote:
+        return None
+    target, text = writer.commit_marker()
+    return {target.relative_to(root).as_posix(): text.encode()}
 
 
 class _MemoryWriter:

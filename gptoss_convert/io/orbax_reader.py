@@ -19,20 +19,29 @@ from gptoss_convert.errors import InputError
 from gptoss_convert.tree import flatten, unflatten
 from gptoss_convert.io.orbax_writer import (
     CHECKPOINT_METADATA_FILE,
+    COMMIT_SUCCESS_FILE,
     PYTREE_METADATA_FILE,
     TS_CONTEXT,
     array_name,
 )
+from gptoss_convert.io.location import Location, is_url, resolve, store_context
 
 PREFIX = ("params", "params")  # TrainState.params = {"params": tree} (docs/maxtext.md §1)
 
 
 def _dirs(step_dir, item_name: str) -> tuple[Path, Path]:
-    """(step dir, item dir); accepts `<root>/<step>` or, as MaxText does, `<root>/<step>/items`."""
-    path = Path(step_dir).absolute()        # Orbax refuses a relative path to an OCDBT checkpoint
+    """(step dir, item dir); accepts `<root>/<step>` or, as MaxText does, `<root>/<step>/items`
+    (local paths, or gs:// / s3:// URLs and Locations)."""
+    path = resolve(step_dir)
+    if isinstance(path, Path):
+        path = path.absolute()              # Orbax refuses a relative path to an OCDBT checkpoint
     if (path / PYTREE_METADATA_FILE).is_file() or path.name == item_name:
         return path.parent, path
     return path, path / item_name
+
+
+def _context(where) -> ts.Context:
+    return ts.Context(TS_CONTEXT | (store_context() if is_url(where) else {}))
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -57,7 +66,10 @@ def _leaf_spec(item_dir: Path, keys: tuple[str, ...], use_zarr3: bool) -> dict:
     folder per array; zarr3 or (Orbax's v0 default) zarr2; a missing chunk is an error."""
     name = array_name(keys)
     if (item_dir / "manifest.ocdbt").is_file():
-        kvstore = {"driver": "ocdbt", "base": {"driver": "file", "path": str(item_dir) + "/"}, "path": name}
+        base = item_dir.kvstore() if isinstance(item_dir, Location) else {"driver": "file", "path": str(item_dir) + "/"}
+        kvstore = {"driver": "ocdbt", "base": base, "path": name}
+    elif isinstance(item_dir, Location):
+        kvstore = (item_dir / name).kvstore()
     else:
         kvstore = {"driver": "file", "path": str(item_dir / name)}
     return {"driver": "zarr3" if use_zarr3 else "zarr", "kvstore": kvstore, "fill_missing_data_reads": False,
@@ -73,8 +85,12 @@ def read_metadata(step_dir, *, item_name: str = "items", prefix: tuple[str, ...]
     """
     step, item = _dirs(step_dir, item_name)
     meta = _read_json(step / CHECKPOINT_METADATA_FILE, "Orbax step metadata")
+    if isinstance(step, Location) and not (step / COMMIT_SUCCESS_FILE).is_file():
+        # no rename on object stores: Orbax's commit marker, written last, says the step is whole
+        raise InputError(f"{step / COMMIT_SUCCESS_FILE} is missing: the checkpoint's write did not finish "
+                         "(rerun the conversion with --resume)")
     keys, use_zarr3 = _item_leaves(item, tuple(prefix))
-    context = ts.Context(TS_CONTEXT)
+    context = _context(step)
     futures = [ts.open(_leaf_spec(item, k, use_zarr3), open=True, read=True, context=context) for k in keys]
     leaves = {}
     for k, future in zip(keys, futures):
@@ -93,7 +109,7 @@ def open_leaf(step_dir, path: str, *, item_name: str = "items",
     if keys not in known:
         raise InputError(f"leaf {path!r} is not in the checkpoint at {item}")
     spec = _leaf_spec(item, keys, use_zarr3)
-    return ts.open(spec, open=True, read=True, context=ts.Context(TS_CONTEXT)).result()
+    return ts.open(spec, open=True, read=True, context=_context(item)).result()
 
 
 def _check_abstract(flat: dict[str, Any], stored: dict[str, tuple]) -> None:
@@ -153,6 +169,8 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
     import jax  # heavy; read_metadata/open_leaf do not need it
     import orbax.checkpoint as ocp
 
+    if is_url(step_dir):
+        return _load_remote(step_dir, abstract_tree, dtype=dtype, sharding=sharding, item_name=item_name, prefix=prefix)
     _, item = _dirs(step_dir, item_name)
     stored = read_metadata(step_dir, item_name=item_name, prefix=prefix)["leaves"]
     if abstract_tree is None:
@@ -168,3 +186,22 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
     for key in prefix:
         restored = restored[key]
     return restored
+
+
+def _load_remote(step_dir, abstract_tree: dict | None, *, dtype, sharding, item_name: str,
+                 prefix: tuple[str, ...]) -> dict:
+    """load_params for gs:// and s3://, through the TensorStore specs of `open_leaf` (stock Orbax
+    0.12.8 cannot open s3://, orbax#359); numpy leaves only."""
+    if sharding is not None:
+        raise InputError(f"{step_dir}: sharded restores read local checkpoints only; restore to host "
+                         "(no sharding) or copy the checkpoint to a local disk")
+    stored = read_metadata(step_dir, item_name=item_name, prefix=prefix)["leaves"]
+    flat = {p: t for p, (_, t) in stored.items()} if abstract_tree is None else flatten(abstract_tree)
+    if abstract_tree is not None:
+        _check_abstract(flat, stored)
+    futures = {p: open_leaf(step_dir, p, item_name=item_name, prefix=prefix).read() for p in flat}
+    out = {}
+    for path, leaf in flat.items():
+        target = np.dtype(dtype) if dtype is not None else np.dtype(getattr(leaf, "dtype", leaf))
+        out[path] = np.asarray(futures[path].result()).astype(target, copy=False)
+    return unflatten(out)

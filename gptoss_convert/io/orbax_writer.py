@@ -44,6 +44,11 @@ Choices and why:
   the completion files, `finalize()` checks every chunk exists and writes them last. Before that,
   the v1 loader refuses the step (no `_CHECKPOINT_METADATA`). Note that a v0 `CheckpointManager`
   still lists an unfinalized `<root>/0` as a step (it only skips `*.orbax-checkpoint-tmp*`).
+- On an object store (`step_dir` a gs:// or s3:// `io.location.Location`) every array gets a
+  `gcs`/`s3` kvstore, whole chunks are one PUT of the same bytes, and the same metadata files
+  follow in the same order; the step's `commit_success.txt`, which Orbax takes as "finalized"
+  there, comes last (`finalize(commit=False)`, the caller's record, then `commit()`;
+  docs/object-stores.md).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ import tensorstore as ts
 
 from gptoss_convert.errors import OutputError
 from gptoss_convert.io.files import TEMP_SUFFIX, file_digest, new_hash, write_durably, write_new_file
+from gptoss_convert.io.location import Location, is_url, store_context
 
 # orbax-checkpoint 0.12.8 names, copied from the files it writes (see the module docstring).
 PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -175,8 +181,11 @@ def checkpoint_metadata(item_name: str, custom_metadata: dict, init_ns: int, com
             "custom_metadata": custom_metadata}
 
 
-def _chunk_files(leaf_dir: Path, ndim: int) -> int:
+def _chunk_files(leaf_dir: Path | Location, ndim: int) -> int:
     """How many chunk files a zarr3 array folder holds (default key encoding: c/i/j/...)."""
+    if isinstance(leaf_dir, Location):      # one listing, not a request per chunk
+        keys = leaf_dir.keys()
+        return int("c" in keys) if ndim == 0 else sum(k.startswith("c/") and k.rsplit("/", 1)[-1].isdigit() for k in keys)
     if ndim == 0:
         return int((leaf_dir / "c").is_file())
     root = leaf_dir / "c"
@@ -201,7 +210,8 @@ class OrbaxWriter:
                  item_name: str = "items", prefix: tuple[str, ...] = ("params", "params"),
                  chunk_shapes: dict[str, tuple[int, ...]] | None = None,
                  custom_metadata: dict | None = None, compression: str | None = "zstd"):
-        self.step_dir = Path(step_dir)
+        self.remote = is_url(step_dir)      # gs:// or s3://: every object through TensorStore's kvstore
+        self.step_dir = step_dir if self.remote else Path(step_dir)
         self.compression = compression
         self.item_dir = self.step_dir / item_name
         self.item_name = item_name
@@ -245,7 +255,7 @@ class OrbaxWriter:
     def _spec(self, path: str) -> dict:
         shape, dtype = self.leaves[path]
         return {"driver": "zarr3",
-                "kvstore": {"driver": "file", "path": str(self.item_dir / array_name(self._keys(path)))},
+                "kvstore": _kvstore(self.item_dir / array_name(self._keys(path))),
                 "store_data_equal_to_fill_value": True,
                 "metadata": zarr3_metadata(shape, dtype, self.chunks[path], self.compression)}
 
@@ -255,11 +265,12 @@ class OrbaxWriter:
         Idempotent: chunks already written are kept. An existing array whose shape, dtype or
         chunking differs raises OutputError.
         """
-        self.item_dir.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            self.item_dir.mkdir(parents=True, exist_ok=True)
         for marker in (self.step_dir / CHECKPOINT_METADATA_FILE, self.step_dir / COMMIT_SUCCESS_FILE,
                        self.item_dir / PYTREE_METADATA_FILE, self.item_dir / COMMIT_SUCCESS_FILE):
             marker.unlink(missing_ok=True)
-        context = ts.Context(TS_CONTEXT)
+        context = ts.Context(TS_CONTEXT | (store_context() if self.remote else {}))
         futures = {p: ts.open(self._spec(p), create=True, open=True, context=context) for p in self.leaves}
         problems = []
         for path, future in futures.items():
@@ -327,19 +338,30 @@ class OrbaxWriter:
         digest.update(memoryview(data.reshape(-1).view(np.uint8)))
         digest.update(trailer)
         file = self.chunk_file(path, cell)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        write_new_file(file, data, trailer)
-        self._files.completed(file, digest.hexdigest())
+        if self.remote:             # the same bytes, one object PUT (atomic: no temporary needed)
+            file.write_bytes(memoryview(data.reshape(-1).view(np.uint8)).tobytes() + trailer)
+        else:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            write_new_file(file, data, trailer)
+        self._files.completed(file, digest.hexdigest(), data.nbytes + len(trailer))
 
     def chunk_hashes(self) -> dict[Path, str]:
         """{chunk file: hash (files.HASH)} of every chunk file this writer's writes completed so far.
         Chunks that an earlier (resumed) run filled are not included. Call after close()."""
         return dict(self._files.hashes)
 
+    def chunk_sizes(self) -> dict[Path | Location, int]:
+        """{chunk file: size in bytes} for the chunk files of chunk_hashes() whose size this writer
+        knows without asking the store (all of them on an object store)."""
+        return dict(self._files.sizes)
+
     def remove_temporaries(self) -> int:
         """Delete what an interrupted writer left beside the chunks: our temporary files and
         TensorStore's `.__lock` files (its temporaries). Only while no other process writes this
-        step. Returns how many were removed."""
+        step. Returns how many were removed. Object stores have no such leftovers (each PUT is
+        atomic)."""
+        if self.remote:
+            return 0
         stale = [p for p in self.item_dir.rglob("*") if p.name.endswith((TEMP_SUFFIX, ".__lock")) and p.is_file()]
         for p in stale:
             p.unlink(missing_ok=True)
@@ -374,7 +396,7 @@ class OrbaxWriter:
         shape, _ = self.leaves[path]
         return math.prod(min(d, (i + 1) * c) - i * c for i, d, c in zip(cell, shape, self.chunks[path]))
 
-    def chunk_file(self, path: str, cell: tuple[int, ...]) -> Path:
+    def chunk_file(self, path: str, cell: tuple[int, ...]) -> Path | Location:
         """The file that holds chunk `cell` of leaf `path` (zarr3 default key encoding)."""
         return self.item_dir / array_name(self._keys(path)) / "/".join(("c", *map(str, cell)))
 
@@ -388,9 +410,11 @@ class OrbaxWriter:
                 missing[path] = (present, expected)
         return missing
 
-    def finalize(self) -> None:
+    def finalize(self, *, commit: bool = True) -> None:
         """Check every chunk was written, then write the files that make this an Orbax
-        checkpoint, step-level metadata last so a crash never leaves a step that looks whole."""
+        checkpoint, step-level metadata last so a crash never leaves a step that looks whole.
+        `commit=False` leaves out the last one, the step's commit marker: `commit()` writes it
+        (on object stores, after the caller's own record)."""
         self.close()
         missing = self.missing_chunks()
         if missing:
@@ -400,13 +424,22 @@ class OrbaxWriter:
                               "the step for resuming), then finalize() again.")
         now = time.time_ns()
         keys = [self._keys(p) for p in self.leaves]
-        write_durably(self.item_dir / PYTREE_METADATA_FILE, json.dumps(pytree_metadata(keys)))
-        write_durably(self.item_dir / COMMIT_SUCCESS_FILE,
-                       f"Checkpoint commit was successful to {self.item_dir}")
+        _put(self.item_dir / PYTREE_METADATA_FILE, json.dumps(pytree_metadata(keys)))
+        _put(self.item_dir / COMMIT_SUCCESS_FILE,
+             f"Checkpoint commit was successful to {self.item_dir}")
         meta = checkpoint_metadata(self.item_name, self.custom_metadata, self._init_ns or now, now)
-        write_durably(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
-        write_durably(self.step_dir / COMMIT_SUCCESS_FILE,
-                       f"Checkpoint commit was successful to {self.step_dir}")
+        _put(self.step_dir / CHECKPOINT_METADATA_FILE, json.dumps(meta))
+        if commit:
+            self.commit()
+
+    def commit_marker(self) -> tuple[Path | Location, str]:
+        """The step's `commit_success.txt` and its text: the last file of a checkpoint (what Orbax
+        takes as "finalized" on object stores)."""
+        return self.step_dir / COMMIT_SUCCESS_FILE, f"Checkpoint commit was successful to {self.step_dir}"
+
+    def commit(self) -> None:
+        """Write the step's commit marker (finalize() does, unless told not to)."""
+        _put(*self.commit_marker())
 
 
 class _ChunkFiles:
@@ -422,14 +455,17 @@ class _ChunkFiles:
         self.writer = writer
         self.filled: collections.Counter = collections.Counter()
         self.hashes: dict[Path, str] = {}
+        self.sizes: dict[Path | Location, int] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: collections.deque = collections.deque()      # hash jobs of TensorStore's files
 
-    def completed(self, file: Path, digest: str) -> None:
-        """A chunk file written whole by the writer itself."""
+    def completed(self, file: Path | Location, digest: str, size: int | None = None) -> None:
+        """A chunk file written whole by the writer itself (or hashed after TensorStore wrote it)."""
         with self._lock:
             self.hashes[file] = digest
+            if size is not None:
+                self.sizes[file] = size
 
     def committed(self, path: str, index: tuple[slice, ...], commit, done: Future) -> None:
         """TensorStore committed the write at `index` (its future `commit`): count it, hash the
@@ -455,8 +491,14 @@ class _ChunkFiles:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptoss-hash")
             self._pending.extend(self._pool.submit(self._hash, file) for file in full)
 
-    def _hash(self, file: Path) -> None:
-        self.completed(file, file_digest(file, drop_cache=True))
+    def _hash(self, file: Path | Location) -> None:
+        if isinstance(file, Location):      # read back what TensorStore stored (edge or compressed chunks)
+            data = file.read_bytes()
+            digest = new_hash()
+            digest.update(data)
+            self.completed(file, digest.hexdigest(), len(data))
+        else:
+            self.completed(file, file_digest(file, drop_cache=True))
 
     def wait_for_hashes(self, depth: int) -> None:
         """Wait until at most `depth` hash jobs are pending (bounds the page cache they hold)."""
@@ -470,6 +512,19 @@ class _ChunkFiles:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
+
+
+def _kvstore(where: Path | Location) -> dict:
+    """The TensorStore kvstore spec of a local folder or an object-store prefix."""
+    return where.kvstore() if isinstance(where, Location) else {"driver": "file", "path": str(where)}
+
+
+def _put(target: Path | Location, text: str) -> None:
+    """Write a small metadata file: durably on disk; one PUT (atomic) on an object store."""
+    if isinstance(target, Location):
+        target.write_text(text)
+    else:
+        write_durably(target, text)
 
 
 def _region_shape(path: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:

@@ -1,0 +1,97 @@
+"""Resumable output prefixes on object stores (gs://, s3://), where there is no rename.
+
+On disk, OUT is built in a hidden sibling and renamed into place (converters/output.py). A
+bucket has no rename, so the objects are written at their final keys and completeness is told
+by markers instead, as Orbax itself does for GCS (CommitFileTemporaryPath): every array and
+metadata object first, then conversion.json, then `<step>/commit_success.txt` (to_orbax). Around that:
+
+    OUT/.gptoss-progress/plan.json        the run's fingerprint, written first
+    OUT/.gptoss-progress/done/<unit>      one empty object per finished unit (the journal)
+    (OUT/.gptoss-progress/ deleted)       last: the output is now complete
+
+So an interrupted write never looks complete: before the commit marker Orbax (MaxText) takes
+the step as unfinished; until the very end `.gptoss-progress/` remains, which `check` and this tool's
+readers refuse. `--resume` continues from the journal when the fingerprint matches. A
+non-empty OUT prefix is refused unless --overwrite (which deletes what is there first) or
+--resume (which continues only an interrupted run of the same conversion). Object stores give
+no lock: one writer per prefix is the user's promise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+
+from gptoss_convert import faults
+from gptoss_convert.converters.provenance import PROGRESS
+from gptoss_convert.errors import InputError, OutputError
+from gptoss_convert.io.location import Location, describe_store_error
+
+
+class RemoteOutput:
+    """StagedOutput's interface (path, resumed, is_done, mark_done, commit) for an object-store prefix."""
+
+    def __init__(self, out: Location, *, fingerprint: dict, overwrite: bool = False, resume: bool = False,
+                 log=print, **_ignored):
+        self.out = out
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.overwrite, self.resume, self.log = overwrite, resume, log
+        self.resumed = False
+        self._done: set[str] = set()
+
+    @property
+    def path(self) -> Location:
+        return self.out
+
+    def __enter__(self) -> "RemoteOutput":
+        try:
+            keys = self.out.keys()
+        except InputError as e:         # a missing bucket, no access: for OUT, an output error
+            raise OutputError(str(e)) from None
+        plan = self.out / PROGRESS / "plan.json"
+        if not keys:
+            return self._start()
+        if f"{PROGRESS}/plan.json" in keys:
+            if self.resume and json.loads(plan.read_text()) == self.fingerprint:
+                done = [k.split("/", 2)[2] for k in keys if k.startswith(f"{PROGRESS}/done/")]
+                self._done = {urllib.parse.unquote(k) for k in done}
+                self.resumed = True
+                self.log(f"resuming {self.out}: {len(self._done)} unit(s) already done")
+                return self
+            if not (self.resume or self.overwrite):
+                raise OutputError(f"{self.out}: holds an interrupted conversion; pass --resume to continue it "
+                                  "or --overwrite to start over")
+            self.log(f"note: {self.out} holds an interrupted conversion with other inputs or options; starting over")
+        elif not self.overwrite:
+            raise OutputError(f"{self.out}: not empty ({len(keys)} objects); pass --overwrite to replace them "
+                              "or choose an empty prefix")
+        else:
+            self.log(f"note: deleting the {len(keys)} objects under {self.out} (--overwrite)")
+        self.out.delete_tree()
+        return self._start()
+
+    def _start(self) -> "RemoteOutput":
+        (self.out / PROGRESS / "plan.json").write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+        return self
+
+    def is_done(self, key: str) -> bool:
+        return key in self._done
+
+    def mark_done(self, key: str) -> None:
+        """Record a finished unit (after its data is stored): one empty object."""
+        (self.out / PROGRESS / "done" / urllib.parse.quote(key, safe="")).write_bytes(b"")
+        self._done.add(key)
+        faults.point("journal")
+
+    def commit(self) -> Location:
+        """Delete the journal: from now on the output is complete (its markers are in place)."""
+        faults.point("commit")
+        (self.out / PROGRESS).delete_tree()
+        return self.out
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # TensorStore's own errors (an array chunk that could not be stored) come as ValueError.
+        if isinstance(exc, ValueError) and re.match(r"[A-Z_]{5,}: ", str(exc)):
+            raise OutputError(f"{self.out}: {describe_store_error(exc, self.out.bucket)}; the objects written so far "
+                              "are kept: rerun the same command with --resume") from exc
