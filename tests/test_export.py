@@ -243,7 +243,7 @@ def test_changed_weights_mxfp4_report_and_kl(changed, tmp_path):
     assert 0 < kl < 1.0
 
 
-def test_training_state_saved_by_orbax_exports(changed, bf16_dir, tmp_path):
+def test_training_state_saved_by_orbax_exports(changed, bf16_dir, tmp_path, monkeypatch):
     """MaxText's training checkpoint: params/params beside opt_state and step, OCDBT + zarr3,
     saved by Orbax's CheckpointManager, no config beside it and no scan_layers metadata."""
     params, root = changed
@@ -275,7 +275,11 @@ def test_training_state_saved_by_orbax_exports(changed, bf16_dir, tmp_path):
     want, got = stored(ref), stored(hf)
     assert sorted(want) == sorted(got) and all(want[n].tobytes() == got[n].tobytes() for n in want)
     assert json.loads((hf / "conversion.json").read_text())["source_other_leaves"] == len(params) + 1
+    monkeypatch.setattr("gptoss_convert.converters.to_hf.SMALL_FILE", 2000)   # the blobs count as big
     hf5 = to_hf(run / "5" / "items", tmp_path / "hf5", like=bf16_dir, **QUIET)
+    files = json.loads((hf5 / "conversion.json").read_text())["source"]["files"]
+    assert all(("xxh3_128" in m) == (m["size"] < 2000) for m in files.values())
+    assert "xxh3_128" in files["_CHECKPOINT_METADATA"] and any("xxh3_128" not in m for m in files.values())
     assert stored(hf5).keys() == got.keys()
     assert tree_digest(run) == before and not (tmp_path / "x").exists()
 

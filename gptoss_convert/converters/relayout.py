@@ -20,9 +20,9 @@ import numpy as np
 from gptoss_convert import faults
 from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import source_hashes, write_record
+from gptoss_convert.converters.provenance import write_record
 from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.converters.to_hf import backend_config
+from gptoss_convert.converters.to_hf import backend_config, hash_source
 from gptoss_convert.errors import InputError
 from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
 from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
@@ -128,7 +128,7 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
                    "source_files": {f: (source.step_dir / f).stat().st_size for f in source.files()}}
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=source.step_dir,
                       log=log) as staged:
-        hashes = background(source_hashes, source.step_dir, source.files(), workers=1)
+        hashes = background(hash_source, source)
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(staged.path / STEP, {p: (s, np_dtype) for p, s in targets.items()},
                              chunk_shapes=_chunks(moves, targets), custom_metadata=meta, compression=compression)

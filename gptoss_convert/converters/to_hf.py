@@ -256,6 +256,18 @@ def _write_metadata(out: Path, sidecars: Path, conf: dict, names: list[str], sha
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+SMALL_FILE = 1 << 20
+
+
+def hash_source(source: OrbaxSource) -> dict[str, dict[str, str]]:
+    """Provenance of SRC's files: every file hashed, except in a training state (where params
+    are a fraction of the bytes, optimizer state the rest) only its small metadata files; the
+    others are recorded by size."""
+    files = source.files()
+    small = [f for f in files if not source.other_leaves or (source.step_dir / f).stat().st_size < SMALL_FILE]
+    return {f: {} for f in files} | source_hashes(source.step_dir, small, workers=1)
+
+
 def summarize(reports: dict[str, dict]) -> dict:
     """Per tensor: relative RMS error, saturated values, clamped groups; and the totals."""
     per = {n: {"rel_rms": math.sqrt(r["err2"] / r["ref2"]) if r["ref2"] else 0.0, "saturated": r["saturated"],
@@ -305,7 +317,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
                    "source_files": {f: (source.step_dir / f).stat().st_size for f in source.files()}}
     with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=source.step_dir,
                       log=log) as staged:
-        hashes_bg = background(source_hashes, source.step_dir, source.files(), workers=1)
+        hashes_bg = background(hash_source, source)
         hashes, reports = _write_shards(source, staged, names, shards, opts, total, progress)
         _write_metadata(staged.path, sidecars, out_config(raw, mxfp4=mxfp4, dtype=dt_name), names, shards)
         extra = {"source_step": source.step_dir.name, "source_scanned": source.scanned,
