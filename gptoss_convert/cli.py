@@ -157,8 +157,9 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite,
 @click.argument("src")
 @click.argument("out", type=click.Path())
 @click.option("--mxfp4", is_flag=True, help="Requantize the expert weights to MXFP4 in the published layout (gpt-oss).")
-@click.option("--scale-rule", type=click.Choice(["triton", "ocp"]), default="triton", show_default=True,
-              help="MXFP4 shared exponent: triton_kernels' round-up (nothing saturates) or OCP's floor(log2 amax)-2.")
+@click.option("--scale-rule", type=click.Choice(["triton", "triton-rtne", "ocp"]), default="triton", show_default=True,
+              help="MXFP4 rule: triton_kernels' round-up scale (nothing saturates) with element ties rounded up "
+                   "(as at gpt-oss's release; vLLM's copy) or to even (triton-rtne), or OCP's floor(log2 amax)-2.")
 @click.option("--like", default=None, help="HF model (dir or id) for config.json and tokenizer (needed for MaxText's own checkpoints).")
 @click.option("--step", type=int, default=None, help="SRC given as a run root: this step (default: the latest committed).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)

@@ -36,7 +36,7 @@ from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import apply, out_axis, out_shape, transposed
 from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_with_report
 
-DEFAULT_SCALE_RULE = "triton"     # what OpenAI's tooling (triton_kernels downcast_to_mxfp) does; docs/formats.md
+DEFAULT_SCALE_RULE = "triton"     # triton_kernels' downcast_to_mxfp as at gpt-oss's release; docs/formats.md §3
 # gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
 MXFP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _ST = {"bfloat16": ("BF16", np.dtype(ml_dtypes.bfloat16)), "float32": ("F32", np.dtype(np.float32))}
@@ -288,7 +288,8 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     checkpoint; a run root, step directory or its items; `step` picks one) to an HF checkpoint.
 
     `mxfp4=True` (gpt-oss) requantizes the expert weights into the published MXFP4 layout with
-    the shared-exponent rule `scale_rule` ("triton": triton_kernels' round-up rule, "ocp"); the
+    the rule `scale_rule` ("triton": triton_kernels' round-up scale, element ties up; "triton-rtne":
+    ties to even, as triton_kernels does since PR #8110; "ocp"); the
     per-tensor error report is logged and recorded in conversion.json. config.json, tokenizer and
     chat template come from the files to-orbax wrote beside `src`, or from `like` (an HF
     directory or hub id; needed for MaxText's own checkpoints). Returns OUT (the plan with

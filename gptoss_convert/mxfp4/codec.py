@@ -220,7 +220,18 @@ def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, 
     _SCRATCH.put(scratch)
 
 
-SCALE_RULES = ("triton", "ocp")
+SCALE_RULES = ("triton", "triton-rtne", "ocp")
+
+
+def _round_up_scale(rule: str) -> bool:
+    """Whether `rule` takes triton_kernels' round-up shared exponent (both triton rules)."""
+    return rule.startswith("triton")
+
+
+def _ties_up(rule: str) -> bool:
+    """Whether `rule` rounds an element exactly between two E2M1 values up (triton_kernels
+    before its round-to-nearest-even change, triton PR #8110) rather than to the even code."""
+    return rule == "triton"
 
 
 def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
@@ -229,12 +240,14 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
     rule="ocp" (OCP MX): shared exponent = floor(log2(max|w| of the group)) - 2 (E2M1's emax),
     clamped to the E8M0 range [-127, 127]; elements are rounded to the nearest E2M1 value, ties
     to the even code, saturating at +-6. An all-zero group gets scale byte 127.
-    rule="triton" (triton_kernels' downcast_to_mxfp, DequantScaleRoundingMode.ROUND_UP, what
-    OpenAI's tooling quantizes with): scale = 2**ceil(log2(fp32(amax / 6))) taken from the fp32
-    bits, so nothing saturates; elements are multiplied by 1/scale in fp32 and rounded by its
-    guard/sticky rule (ties to even; below 0.5 the bits shifted out do not count as sticky); an
-    all-zero group gets scale byte 0. See `quantize_report` for what a rule lost.
-    The sign is kept under both rules, so -0.0 encodes as code 8 (-0).
+    rule="triton" (triton_kernels' downcast_to_mxfp, DequantScaleRoundingMode.ROUND_UP, as it
+    was when gpt-oss was published and as vLLM still ships it): scale = 2**ceil(log2(fp32(amax
+    / 6))) taken from the fp32 bits, so nothing saturates; elements are multiplied by 1/scale in
+    fp32 and rounded to nearest with ties UP (the guard bit alone decides); an all-zero group
+    gets scale byte 0. rule="triton-rtne": the same scale, elements rounded as triton_kernels
+    does since its PR #8110 (ties to even by a guard/sticky rule; below 0.5 the bits shifted
+    out do not count as sticky). See `quantize_report` for what a rule lost.
+    The sign is kept under every rule, so -0.0 encodes as code 8 (-0).
     """
     if rule not in SCALE_RULES:
         raise ValueError(f"rule: expected one of {SCALE_RULES}, got {rule!r}")
@@ -247,7 +260,7 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
         fast = _quantize_bf16(np.ascontiguousarray(w), rule)
         if fast is not None:
             return fast
-    if rule == "triton":
+    if _round_up_scale(rule):
         if w.dtype == np.float64:
             raise ValueError("weights: rule 'triton' takes bf16, fp16 or fp32 (as triton_kernels does), not float64")
         w = w.astype(np.float32)
@@ -256,8 +269,8 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
     if not np.isfinite(w).all():
         raise ValueError("weights: contain inf or NaN, which MXFP4 cannot encode")
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // 32, 32)           # [..., G, 32]
-    if rule == "triton":
-        code, scales = _triton_codes(groups)
+    if _round_up_scale(rule):
+        code, scales = _triton_codes(groups, ties_up=_ties_up(rule))
     else:
         exp = _shared_exponent(np.abs(groups).max(axis=-1))            # [..., G] int32
         scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
@@ -268,24 +281,25 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
 
 
 # bf16 magnitude bits (exponent << 7 | mantissa) of a value already divided by its scale -> its
-# E2M1 magnitude code. For bf16 inputs both rules round elements the same way (to nearest, ties
-# to even, saturating at 6: triton's dropped sticky bits are zero for 7-bit mantissas), so one
-# table serves both; built from _round_magnitude on every such value.
+# E2M1 magnitude code. For bf16 inputs "ocp" and "triton-rtne" round elements the same way (to
+# nearest, ties to even, saturating at 6: triton's dropped sticky bits are zero for 7-bit
+# mantissas) and "triton" rounds ties up; one table per tie rule, built from _round_magnitude
+# on every such value.
 CHUNK_ROWS_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_code_table() -> np.ndarray:
+def _bf16_code_table(ties_up: bool = False) -> np.ndarray:
     bits = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32)
-    return _round_magnitude(bits)
+    return _round_magnitude(bits, ties_up=ties_up)
 
 
 @functools.lru_cache(maxsize=None)
-def _bf16_error_tables() -> tuple[np.ndarray, np.ndarray]:
+def _bf16_error_tables(ties_up: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(squared rounding error, squared value) of every scaled bf16 magnitude, at scale 1."""
     with np.errstate(invalid="ignore", over="ignore"):      # the inf/NaN patterns are never looked up
         q = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
-        err = q - np.abs(FP4_VALUES[_bf16_code_table()]).astype(np.float64)
+        err = q - np.abs(FP4_VALUES[_bf16_code_table(ties_up)]).astype(np.float64)
         return (err * err).astype(np.float32), (q * q).astype(np.float32)
 
 
@@ -315,11 +329,12 @@ def _quantize_bf16(w: np.ndarray, rule: str, report: dict | None = None) -> tupl
     if amax.max(initial=0) >= 0x7F80 or ((amax > 0) & (amax < (8 << 7))).any():
         return None
     e, m = (amax >> 7).astype(np.int32), (amax & 0x7F).astype(np.int32)
-    k = e - 129 + ((m > 64) if rule == "triton" else 0)                # log2 of the scale
+    up = _round_up_scale(rule)
+    k = e - 129 + ((m > 64) if up else 0)                              # log2 of the scale
     zero = amax == 0
     k[zero] = 0
-    scales = np.where(zero, np.uint8(0 if rule == "triton" else 127), (k + 127).astype(np.uint8))
-    table = _bf16_code_table()
+    scales = np.where(zero, np.uint8(0 if up else 127), (k + 127).astype(np.uint8))
+    table = _bf16_code_table(_ties_up(rule))
     codes = np.empty(bits.shape, np.uint8)
     step = max(1, CHUNK_ROWS_BYTES // 128)
     for a in range(0, bits.shape[0], step):
@@ -329,24 +344,25 @@ def _quantize_bf16(w: np.ndarray, rule: str, report: dict | None = None) -> tupl
         np.take(table, idx, out=codes[a:b])
         codes[a:b] |= ((bits[a:b] >> 15) << 3).astype(np.uint8)
         if report is not None:
-            _add_stats(report, idx, k[a:b])
+            _add_stats(report, idx, k[a:b], _ties_up(rule))
     blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)
     shape = w.shape[:-1] + (w.shape[-1] // 32,)
     return blocks.reshape(*shape, 16), scales.reshape(shape)
 
 
-def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray) -> None:
+def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray, ties_up: bool) -> None:
     """Add a chunk's squared error, squared weights and saturated count (idx: scaled bf16 bits)."""
-    err_t, val_t = _bf16_error_tables()
+    err_t, val_t = _bf16_error_tables(ties_up)
     factor = np.ldexp(1.0, 2 * k.astype(np.int64))                     # per group: scale**2
     report["err2"] += float(np.dot(np.take(err_t, idx).sum(axis=-1, dtype=np.float64), factor))
     report["ref2"] += float(np.dot(np.take(val_t, idx).sum(axis=-1, dtype=np.float64), factor))
     report["saturated"] += int(np.count_nonzero(idx > SAT_BITS))
 
 
-def _triton_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _triton_codes(groups: np.ndarray, ties_up: bool) -> tuple[np.ndarray, np.ndarray]:
     """groups [..., G, 32] fp32 -> (E2M1 codes [..., G, 32], scale bytes [..., G]) by the
-    ROUND_UP rule of triton_kernels' downcast_to_mxfp, bit for bit in fp32."""
+    ROUND_UP rule of triton_kernels' downcast_to_mxfp, bit for bit in fp32; elements rounded
+    with ties up (the guard bit alone) or, as since triton PR #8110, to even (guard/sticky)."""
     amax = np.abs(groups).max(axis=-1)
     dq = (amax / np.float32(6.0)).astype(np.float32).view(np.uint32)
     dq_exp = (dq + np.uint32(0x007FFFFF)) & np.uint32(0x7F800000)     # 2**ceil(log2), as fp32 bits
@@ -361,7 +377,9 @@ def _triton_codes(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     man = np.where(exp < 127, (np.uint32(0x400000) | (man >> 1)) >> shift, man)   # below 1: denormal E2M1
     e2 = np.maximum(exp, np.uint32(126)) - np.uint32(126)
     m2 = man >> 21
-    inc = (m2 & 1) & (((man & np.uint32(0x1FFFFF)) != 0) | ((m2 >> 1) & 1))
+    inc = m2 & 1
+    if not ties_up:
+        inc &= ((man & np.uint32(0x1FFFFF)) != 0) | ((m2 >> 1) & 1)
     code = np.minimum((((e2 << 2) | m2) + inc) >> 1, np.uint32(7)).astype(np.uint8)
     return code | (sign << 3), (dq_exp >> 23).astype(np.uint8)
 
@@ -377,10 +395,10 @@ def quantize_report(weights: np.ndarray, blocks: np.ndarray, scales: np.ndarray,
     limit = 6 * np.ldexp(np.float32(1), scales.reshape(-1).astype(np.int32) - 127)
     over = amax > limit                                                # groups with a saturated value
     with np.errstate(divide="ignore"):
-        ideal = np.floor(np.log2(amax)) - 2 if rule == "ocp" else np.ceil(np.log2(amax / 6))
+        ideal = np.ceil(np.log2(amax / 6)) if _round_up_scale(rule) else np.floor(np.log2(amax)) - 2
     return {"err2": float(np.dot(d.reshape(-1), d.reshape(-1))), "ref2": float(np.dot(w.reshape(-1), w.reshape(-1))),
             "saturated": int(np.count_nonzero(np.abs(w[over]) > limit[over, None])),
-            "clamped_groups": int(np.count_nonzero((amax > 0) & (ideal < (-127 if rule == "ocp" else -126))))}
+            "clamped_groups": int(np.count_nonzero((amax > 0) & (ideal < (-126 if _round_up_scale(rule) else -127))))}
 
 
 def _shared_exponent(amax: np.ndarray) -> np.ndarray:
@@ -393,9 +411,12 @@ def _shared_exponent(amax: np.ndarray) -> np.ndarray:
 _MIDPOINTS = (FP4_VALUES[1:8] + FP4_VALUES[0:7]) / 2                   # [7] 0.25 0.75 1.25 1.75 2.5 3.5 5
 
 
-def _round_magnitude(x: np.ndarray) -> np.ndarray:
-    """|x| (already divided by the scale) -> E2M1 magnitude code 0..7, nearest, ties to even code."""
+def _round_magnitude(x: np.ndarray, ties_up: bool = False) -> np.ndarray:
+    """|x| (already divided by the scale) -> E2M1 magnitude code 0..7, nearest; a tie goes to the
+    even code, or up with `ties_up`."""
     mid = _MIDPOINTS.astype(x.dtype)
+    if ties_up:
+        return np.searchsorted(mid, x, side="right").astype(np.uint8)  # count of midpoints <= x
     code = np.searchsorted(mid, x, side="left")                        # count of midpoints < x; > 5 -> 7
     tie = (code < 7) & (code % 2 == 1) & (x == mid[np.minimum(code, 6)])
     return (code + tie).astype(np.uint8)
