@@ -164,6 +164,9 @@ class Cluster:
         other process has disconnected or gone silent: a process that loses the service while
         still connected is aborted by JAX."""
         self._stop.set()
+        # The heartbeat thread must be out of the client before shutdown() destroys it: a call in
+        # flight then throws inside C++ and aborts the process (seen: rc -6 after a good run).
+        self._beat.join(timeout=_BYE_S)
         with contextlib.suppress(Exception):
             deadline = time.monotonic() + _BYE_S
             everyone = list(range(self.num_processes))
