@@ -21,13 +21,15 @@ import pytest
 from conftest import run_env
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import plan_for
+from gptoss_convert.converters.to_hf import to_hf
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 from gptoss_convert.io.orbax_writer import OrbaxWriter
-from test_reliability import SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
+from test_reliability import QUIET, SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
 
 WAIT_S = 120                             # the longest a test waits for its processes
 COMMANDS = {"scanned": ["to-orbax", "--scanned"], "unscanned": ["to-orbax", "--unscanned"],
-            "dequantize": ["dequantize", "--max-shard-size", SHARD]}
+            "dequantize": ["dequantize", "--max-shard-size", SHARD],
+            "to-hf": ["to-hf", "--mxfp4", "--max-shard-size", SHARD]}
 
 
 def _free_port() -> int:
@@ -106,6 +108,19 @@ def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_
     assert "wrote" in results[0][1]                      # the leader committed; the other did its share
     assert "process 1 of 2: wrote " in results[1][1] and f"process 0 committed {out}" in results[1][1]
     assert " 0 of " not in results[1][1]
+
+
+def test_two_processes_export_the_single_process_hf_checkpoint(refs, tmp_path):
+    """to-hf --mxfp4 from the scanned Orbax checkpoint: every shard, the index, config and
+    sidecars and conversion.json (its requantization report summed over both shares) are the
+    single-process export's; the shards were split between the processes."""
+    single = to_hf(refs["scanned"], tmp_path / "single", mxfp4=True, max_shard_size=SHARD, **QUIET)
+    out = tmp_path / "o"
+    results = _launch(2, "to-hf", refs["scanned"], out)
+    _ok(results)
+    assert len(list(out.glob("*.safetensors"))) > 2
+    _assert_complete(out, single)
+    assert "process 1 of 2: wrote " in results[1][1] and " 0 of " not in results[1][1]
 
 
 @pytest.mark.slow
