@@ -21,10 +21,17 @@ import pytest
 from conftest import run_env
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import plan_for
+from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.converters.to_hf import to_hf
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 from gptoss_convert.io.orbax_writer import OrbaxWriter
 from test_reliability import QUIET, SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
+
+try:        # the emulator fixtures (fake-gcs-server); without its package only the bucket tests skip
+    from test_object_stores import PLACE_OR_TIME, env_vars, gcs  # noqa: F401 - fixtures
+    EMULATOR = None
+except pytest.skip.Exception as e:
+    EMULATOR = str(e)
 
 WAIT_S = 120                             # the longest a test waits for its processes
 COMMANDS = {"scanned": ["to-orbax", "--scanned"], "unscanned": ["to-orbax", "--unscanned"],
@@ -186,3 +193,53 @@ def test_no_coordinator_is_one_line(mxfp4_dir, tmp_path, monkeypatch):
                        env=run_env(), timeout=WAIT_S)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode == 2 and len(lines) == 1 and "--coordinator-address" in lines[0], r.stderr
+
+
+# -- to a bucket (fake-gcs-server on 127.0.0.1) -------------------------------------------------------
+needs_gcs = pytest.mark.skipif(EMULATOR is not None, reason=f"the GCS emulator's package is missing: {EMULATOR}")
+
+
+@pytest.fixture(scope="module")
+def gs_single(mxfp4_dir, gcs):
+    """The oracle: the same conversion by one process into the same bucket."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    return str(to_orbax(mxfp4_dir, "gs://bkt/dist/single", scanned=True, **QUIET))
+
+
+def _assert_same_objects(url: str, ref: str) -> None:
+    """Every object of `url` is `ref`'s, byte for byte (but those naming where or when), no
+    journal is left, and check re-reads every object against conversion.json."""
+    from gptoss_convert.converters.check import check
+    from gptoss_convert.io.location import Location
+    done, want = Location.parse(url), Location.parse(ref)
+    assert sorted(done.keys()) == sorted(want.keys())
+    for k in want.keys():
+        if k not in PLACE_OR_TIME:
+            assert (done / k).read_bytes() == (want / k).read_bytes(), k
+    check(url, log=lambda *_: None)
+
+
+@needs_gcs
+def test_two_processes_write_the_single_process_checkpoint_to_a_bucket(mxfp4_dir, gs_single):
+    url = "gs://bkt/dist/two"
+    results = _launch(2, "scanned", mxfp4_dir, url)
+    _ok(results)
+    assert "process 1 of 2: wrote " in results[1][1] and f"process 0 committed {url}" in results[1][1]
+    assert " 0 of " not in results[1][1]
+    _assert_same_objects(url, gs_single)
+
+
+@needs_gcs
+@pytest.mark.slow
+def test_killed_process_leaves_no_commit_marker_in_the_bucket_then_resume_finishes(mxfp4_dir, gs_single):
+    from gptoss_convert.io.location import Location
+    url = "gs://bkt/dist/killed"
+    killed = _launch(2, "scanned", mxfp4_dir, url, env_of=lambda i: {"GPTOSS_CONVERT_KILL_AT": "write:2"} if i == 1 else None)
+    assert killed[1][0] == -signal.SIGKILL and killed[0][0] == 3, killed[0][2][-2000:]
+    assert "process 1 stopped responding" in killed[0][2]
+    keys = Location.parse(url).keys()
+    assert keys and "0/commit_success.txt" not in keys and f"{PROGRESS}/plan.json" in keys
+    resumed = _launch(2, "scanned", mxfp4_dir, url, "--resume")
+    _ok(resumed)
+    assert "resuming" in resumed[0][1]
+    _assert_same_objects(url, gs_single)
