@@ -36,7 +36,8 @@ except pytest.skip.Exception as e:
 WAIT_S = 120                             # the longest a test waits for its processes
 COMMANDS = {"scanned": ["to-orbax", "--scanned"], "unscanned": ["to-orbax", "--unscanned"],
             "dequantize": ["dequantize", "--max-shard-size", SHARD],
-            "to-hf": ["to-hf", "--mxfp4", "--max-shard-size", SHARD]}
+            "to-hf": ["to-hf", "--mxfp4", "--max-shard-size", SHARD],
+            "qwen3_moe": ["to-orbax", "--scanned"]}         # the other family (tests/family_cases.py)
 
 
 def _free_port() -> int:
@@ -106,12 +107,23 @@ def test_balance_keeps_groups_together_and_is_deterministic():
 
 
 # -- real processes ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["scanned", pytest.param("dequantize", marks=pytest.mark.slow)])
-def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind):
+@pytest.fixture(scope="module")
+def qwen3_ref(tmp_path_factory):
+    """(tiny Qwen3-MoE HF directory, its single-process scanned to-orbax output)."""
+    from family_cases import CASES
+    from gptoss_convert.converters.to_orbax import to_orbax
+    d = CASES["qwen3_moe"].write_tiny(tmp_path_factory.mktemp("qwen3") / "hf")
+    return d, to_orbax(d, tmp_path_factory.mktemp("qwen3ref") / "scanned", scanned=True, **QUIET)
+
+
+@pytest.mark.parametrize("kind", ["scanned", pytest.param("dequantize", marks=pytest.mark.slow),
+                                  pytest.param("qwen3_moe", marks=pytest.mark.slow)])   # ~29 s with its fixture
+def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind, request):
+    src, ref = request.getfixturevalue("qwen3_ref") if kind == "qwen3_moe" else (mxfp4_dir, refs[kind])
     out = tmp_path / "o"
-    results = _launch(2, kind, mxfp4_dir, out)
+    results = _launch(2, kind, src, out)
     _ok(results)
-    _assert_complete(out, refs[kind])
+    _assert_complete(out, ref)
     assert "wrote" in results[0][1]                      # the leader committed; the other did its share
     assert "process 1 of 2: wrote " in results[1][1] and f"process 0 committed {out}" in results[1][1]
     assert " 0 of " not in results[1][1]
