@@ -344,15 +344,19 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
         result = staged.commit()
     if cluster is not None:
         dist.finish(cluster, result)
-    dt = time.perf_counter() - t0
-    if mxfp4:
-        s = extra["requantization"]
+    _log_done(log, result, source, total, n, time.perf_counter() - t0, extra.get("requantization"), scale_rule)
+    return result
+
+
+def _log_done(log, result, source, total: int, n: int, dt: float, requantization: dict | None, scale_rule: str) -> None:
+    """What the export did: the requantization error (with --mxfp4), bytes, time, how to load it."""
+    if requantization:
+        s = requantization
         log(f"requantized {len(s['tensors'])} expert tensors ({scale_rule} scales): relative RMS error {s['rel_rms']:.3g}, "
             f"{s['saturated']} saturated values, {s['clamped_groups']} clamped groups (per tensor in conversion.json)")
     log(f"to-hf: wrote {total / 1e9:.2f} GB in {n} shard(s) to {result} in {dt:.1f} s ({total / 1e9 / max(dt, 1e-9):.2f} GB/s) "
         f"from step {source.step_dir.name} ({'scanned' if source.scanned else 'unscanned'}); load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained('{result}').")
-    return result
 
 
 def _saved_report(staged, fname: str) -> dict:
