@@ -170,14 +170,15 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite,
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores).")
+@distributed_options
 @_run
 def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dry_run, overwrite, resume, no_progress,
-              allow_nonfinite, workers):
+              allow_nonfinite, workers, dist):
     """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT."""
     from gptoss_convert.converters.to_hf import to_hf
     to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype, max_shard_size=max_shard_size,
           dry_run=dry_run, overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-          workers=workers)
+          workers=workers, **dist)
 
 
 @main.command("golden")

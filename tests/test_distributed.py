@@ -21,13 +21,23 @@ import pytest
 from conftest import run_env
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import plan_for
+from gptoss_convert.converters.provenance import PROGRESS
+from gptoss_convert.converters.to_hf import to_hf
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 from gptoss_convert.io.orbax_writer import OrbaxWriter
-from test_reliability import SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
+from test_reliability import QUIET, SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
+
+try:        # the emulator fixtures (fake-gcs-server); without its package only the bucket tests skip
+    from test_object_stores import PLACE_OR_TIME, env_vars, gcs  # noqa: F401 - fixtures
+    EMULATOR = None
+except pytest.skip.Exception as e:
+    EMULATOR = str(e)
 
 WAIT_S = 120                             # the longest a test waits for its processes
 COMMANDS = {"scanned": ["to-orbax", "--scanned"], "unscanned": ["to-orbax", "--unscanned"],
-            "dequantize": ["dequantize", "--max-shard-size", SHARD]}
+            "dequantize": ["dequantize", "--max-shard-size", SHARD],
+            "to-hf": ["to-hf", "--mxfp4", "--max-shard-size", SHARD],
+            "qwen3_moe": ["to-orbax", "--scanned"]}         # the other family (tests/family_cases.py)
 
 
 def _free_port() -> int:
@@ -97,15 +107,39 @@ def test_balance_keeps_groups_together_and_is_deterministic():
 
 
 # -- real processes ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["scanned", pytest.param("dequantize", marks=pytest.mark.slow)])
-def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind):
+@pytest.fixture(scope="module")
+def qwen3_ref(tmp_path_factory):
+    """(tiny Qwen3-MoE HF directory, its single-process scanned to-orbax output)."""
+    from family_cases import CASES
+    from gptoss_convert.converters.to_orbax import to_orbax
+    d = CASES["qwen3_moe"].write_tiny(tmp_path_factory.mktemp("qwen3") / "hf")
+    return d, to_orbax(d, tmp_path_factory.mktemp("qwen3ref") / "scanned", scanned=True, **QUIET)
+
+
+@pytest.mark.parametrize("kind", ["scanned", pytest.param("dequantize", marks=pytest.mark.slow),
+                                  pytest.param("qwen3_moe", marks=pytest.mark.slow)])   # ~29 s with its fixture
+def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind, request):
+    src, ref = request.getfixturevalue("qwen3_ref") if kind == "qwen3_moe" else (mxfp4_dir, refs[kind])
     out = tmp_path / "o"
-    results = _launch(2, kind, mxfp4_dir, out)
+    results = _launch(2, kind, src, out)
     _ok(results)
-    _assert_complete(out, refs[kind])
+    _assert_complete(out, ref)
     assert "wrote" in results[0][1]                      # the leader committed; the other did its share
     assert "process 1 of 2: wrote " in results[1][1] and f"process 0 committed {out}" in results[1][1]
     assert " 0 of " not in results[1][1]
+
+
+def test_two_processes_export_the_single_process_hf_checkpoint(refs, tmp_path):
+    """to-hf --mxfp4 from the scanned Orbax checkpoint: every shard, the index, config and
+    sidecars and conversion.json (its requantization report summed over both shares) are the
+    single-process export's; the shards were split between the processes."""
+    single = to_hf(refs["scanned"], tmp_path / "single", mxfp4=True, max_shard_size=SHARD, **QUIET)
+    out = tmp_path / "o"
+    results = _launch(2, "to-hf", refs["scanned"], out)
+    _ok(results)
+    assert len(list(out.glob("*.safetensors"))) > 2
+    _assert_complete(out, single)
+    assert "process 1 of 2: wrote " in results[1][1] and " 0 of " not in results[1][1]
 
 
 @pytest.mark.slow
@@ -171,3 +205,53 @@ def test_no_coordinator_is_one_line(mxfp4_dir, tmp_path, monkeypatch):
                        env=run_env(), timeout=WAIT_S)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert r.returncode == 2 and len(lines) == 1 and "--coordinator-address" in lines[0], r.stderr
+
+
+# -- to a bucket (fake-gcs-server on 127.0.0.1) -------------------------------------------------------
+needs_gcs = pytest.mark.skipif(EMULATOR is not None, reason=f"the GCS emulator's package is missing: {EMULATOR}")
+
+
+@pytest.fixture(scope="module")
+def gs_single(mxfp4_dir, gcs):
+    """The oracle: the same conversion by one process into the same bucket."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    return str(to_orbax(mxfp4_dir, "gs://bkt/dist/single", scanned=True, **QUIET))
+
+
+def _assert_same_objects(url: str, ref: str) -> None:
+    """Every object of `url` is `ref`'s, byte for byte (but those naming where or when), no
+    journal is left, and check re-reads every object against conversion.json."""
+    from gptoss_convert.converters.check import check
+    from gptoss_convert.io.location import Location
+    done, want = Location.parse(url), Location.parse(ref)
+    assert sorted(done.keys()) == sorted(want.keys())
+    for k in want.keys():
+        if k not in PLACE_OR_TIME:
+            assert (done / k).read_bytes() == (want / k).read_bytes(), k
+    check(url, log=lambda *_: None)
+
+
+@needs_gcs
+def test_two_processes_write_the_single_process_checkpoint_to_a_bucket(mxfp4_dir, gs_single):
+    url = "gs://bkt/dist/two"
+    results = _launch(2, "scanned", mxfp4_dir, url)
+    _ok(results)
+    assert "process 1 of 2: wrote " in results[1][1] and f"process 0 committed {url}" in results[1][1]
+    assert " 0 of " not in results[1][1]
+    _assert_same_objects(url, gs_single)
+
+
+@needs_gcs
+@pytest.mark.slow
+def test_killed_process_leaves_no_commit_marker_in_the_bucket_then_resume_finishes(mxfp4_dir, gs_single):
+    from gptoss_convert.io.location import Location
+    url = "gs://bkt/dist/killed"
+    killed = _launch(2, "scanned", mxfp4_dir, url, env_of=lambda i: {"GPTOSS_CONVERT_KILL_AT": "write:2"} if i == 1 else None)
+    assert killed[1][0] == -signal.SIGKILL and killed[0][0] == 3, killed[0][2][-2000:]
+    assert "process 1 stopped responding" in killed[0][2]
+    keys = Location.parse(url).keys()
+    assert keys and "0/commit_success.txt" not in keys and f"{PROGRESS}/plan.json" in keys
+    resumed = _launch(2, "scanned", mxfp4_dir, url, "--resume")
+    _ok(resumed)
+    assert "resuming" in resumed[0][1]
+    _assert_same_objects(url, gs_single)

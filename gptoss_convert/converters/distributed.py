@@ -8,8 +8,10 @@ after everyone is done, and renames the result into place. The result is byte-id
 single-process conversion (docs/multihost.md).
 
 Assumptions: every process sees OUT's parent directory as the same shared filesystem (a local
-disk for local processes, NFS/Lustre/GCSFuse-with-rename... across hosts), and the same source
-(checked: arguments and source files are compared before any work).
+disk for local processes, NFS/Lustre/GCSFuse-with-rename... across hosts), or OUT is one bucket
+prefix all of them can write (to-orbax to gs:// or s3://: disjoint chunk objects, one journal
+object per unit, the leader's commit marker last), and the same source (checked: arguments and
+source files are compared before any work).
 
 Failure handling: every wait for another process is bounded (`timeout_s`); a process that fails
 posts its error and the others stop with it; a process that dies stops heartbeating and the
@@ -283,11 +285,15 @@ def shared_chunk_groups(blocks, chunk_shapes: dict[str, tuple[int, ...]]) -> lis
 
 def save_share(cluster: Cluster, staged: StagedOutput, share: dict) -> None:
     """Write this process's results (hashes) beside the journal, then wait until every process
-    has (the shared filesystem carries them; the key-value store carries small values only)."""
+    has (the shared filesystem or bucket carries them; the key-value store carries small values
+    only)."""
     path = staged.path / PROGRESS / f"share-{cluster.process_id}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(share))
-    tmp.replace(path)
+    if isinstance(path, Path):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(share))
+        tmp.replace(path)
+    else:                                   # an object store: one PUT is atomic
+        path.write_text(json.dumps(share))
     cluster.gather("written")
 
 
@@ -298,18 +304,20 @@ def load_shares(cluster: Cluster, staged: StagedOutput) -> list[dict]:
         f = staged.path / PROGRESS / f"share-{p}.json"
         if not f.is_file():
             raise OutputError(f"{f}: process {p}'s results are not there; do all processes see the same "
-                              f"filesystem at {staged.out.parent}?")
+                              f"filesystem at {staged.path.parent}?")
         shares.append(json.loads(f.read_text()))
     return shares
 
 
-def finish(cluster: Cluster, result: Path | None, log=print, did: str = "") -> Path:
+def finish(cluster: Cluster, result, log=print, did: str = ""):
     """The leader announces the commit; the others wait for it (and say what they `did`).
     Returns OUT on every process."""
     if cluster.leader:
         cluster.publish("committed", str(result))
         return result
-    out = Path(cluster.leader_says("committed"))
+    from gptoss_convert.io.location import resolve
+
+    out = resolve(cluster.leader_says("committed"))      # a Path, or a Location for gs:// and s3://
     log(f"process {cluster.process_id} of {cluster.num_processes}: wrote {did}; process 0 committed {out}")
     return out
 
@@ -369,15 +377,19 @@ def my_share(cluster: Cluster | None, sizes: list[int], groups: list[int] | None
     return [o == cluster.process_id for o in owners]
 
 
-def merge_shares(cluster: Cluster | None, staged: StagedOutput, outputs: dict, sources: dict) -> tuple[dict, dict] | None:
+def merge_shares(cluster: Cluster | None, staged: StagedOutput, outputs: dict, sources: dict,
+                 sizes: dict | None = None) -> tuple[dict, dict] | None:
     """After this process's work: (all output hashes, all source hashes) on the leader (or
-    alone); None on the others, which are done."""
+    alone); None on the others, which are done. `sizes` (output sizes, an object store's record
+    needs them): on the leader, completed in place with every process's."""
     if cluster is None:
         return outputs, sources
-    save_share(cluster, staged, {"outputs": outputs, "sources": sources})
+    save_share(cluster, staged, {"outputs": outputs, "sources": sources, "sizes": sizes or {}})
     cluster.work_done()
     if not cluster.leader:
         return None
     for share in load_shares(cluster, staged):
         outputs, sources = outputs | share["outputs"], sources | share["sources"]
+        if sizes is not None:
+            sizes.update(share["sizes"])
     return outputs, sources

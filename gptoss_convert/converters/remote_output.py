@@ -54,9 +54,7 @@ class RemoteOutput:
             return self._start()
         if f"{PROGRESS}/plan.json" in keys:
             if self.resume and json.loads(plan.read_text()) == self.fingerprint:
-                done = [k.split("/", 2)[2] for k in keys if k.startswith(f"{PROGRESS}/done/")]
-                self._done = {urllib.parse.unquote(k) for k in done}
-                self.resumed = True
+                self.join("", resumed=True)
                 self.log(f"resuming {self.out}: {len(self._done)} unit(s) already done")
                 return self
             if not (self.resume or self.overwrite):
@@ -70,6 +68,16 @@ class RemoteOutput:
             self.log(f"note: deleting the {len(keys)} objects under {self.out} (--overwrite)")
         self.out.delete_tree()
         return self._start()
+
+    def join(self, journal: str, resumed: bool) -> "RemoteOutput":
+        """Write into the prefix another process (the leader) has prepared (a multi-process
+        run): no checks; each unit's journal object is written by the one process that did it,
+        so `journal` needs no name of its own here. Reads what is done when `resumed`."""
+        self.resumed = resumed
+        if resumed:
+            keys = self.out.keys()
+            self._done = {urllib.parse.unquote(k.split("/", 2)[2]) for k in keys if k.startswith(f"{PROGRESS}/done/")}
+        return self
 
     def _start(self) -> "RemoteOutput":
         (self.out / PROGRESS / "plan.json").write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))

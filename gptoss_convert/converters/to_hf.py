@@ -22,6 +22,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.backends import Backend, get_backend
+from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import parse_size, progress_bar, resolve_dtype
 from gptoss_convert.converters.dequantize import SHARD_METADATA, _shards
 from gptoss_convert.converters.output import StagedOutput
@@ -259,11 +260,11 @@ def _write_metadata(out: Path, sidecars: Path, conf: dict, names: list[str], sha
 SMALL_FILE = 1 << 20
 
 
-def hash_source(source: OrbaxSource) -> dict[str, dict[str, str]]:
-    """Provenance of SRC's files: every file hashed, except in a training state (where params
-    are a fraction of the bytes, optimizer state the rest) only its small metadata files; the
-    others are recorded by size."""
-    files = source.files()
+def hash_source(source: OrbaxSource, files: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Provenance of SRC's files (`files`, default all): every file hashed, except in a training
+    state (where params are a fraction of the bytes, optimizer state the rest) only its small
+    metadata files; the others are recorded by size."""
+    files = source.files() if files is None else files
     small = [f for f in files if not source.other_leaves or (source.step_dir / f).stat().st_size < SMALL_FILE]
     return {f: {} for f in files} | source_hashes(source.step_dir, small, workers=1)
 
@@ -279,11 +280,12 @@ def summarize(reports: dict[str, dict]) -> dict:
             "saturated": total.get("saturated", 0), "clamped_groups": total.get("clamped_groups", 0)}
 
 
+@dist.distributable
 def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False, scale_rule: str = DEFAULT_SCALE_RULE,
           like: str | os.PathLike | None = None, step: int | None = None, max_shard_size: str | int = "5GB",
           dtype: str = "bf16", dry_run: bool = False, overwrite: bool = False, resume: bool = False,
           allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
-          workers: int | None = None, log=print):
+          workers: int | None = None, cluster=None, log=print):
     """Export the Orbax checkpoint `src` (this tool's output, a MaxText params-only or training
     checkpoint; a run root, step directory or its items; `step` picks one) to an HF checkpoint.
 
@@ -316,40 +318,64 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     fingerprint = {"command": "to-hf", "mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
                    "shards": [[t.name for t in s] for s in shards], "source": str(source.step_dir),
                    "source_files": {f: (source.step_dir / f).stat().st_size for f in source.files()}}
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=source.step_dir,
-                      log=log) as staged:
-        hashes_bg = background(hash_source, source)
-        hashes, reports = _write_shards(source, staged, names, shards, opts, total, progress)
+    dist.agree_on(cluster, fingerprint, raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
+                  max_shard_size=parse_size(max_shard_size), like=None if like is None else str(like))
+    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=source.step_dir, log=log)
+    mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])
+    with dist.staging(cluster, staged, lambda s, first: None):
+        files = source.files()
+        hashes_bg = background(hash_source, source, [f for f, m in zip(files, dist.my_share(cluster, [1] * len(files))) if m])
+        hashes, reports = _write_shards(source, staged, names, shards, opts, progress, mine)
+        merged = dist.merge_shares(cluster, staged, hashes, hashes_bg.result())
+        if merged is None:                      # another process of a distributed run: its shards are on disk
+            return dist.finish(cluster, None, log, f"{sum(mine)} of {n} shards")
+        hashes, source_files = merged
+        if cluster is not None:                 # every shard's report, in shard order (as one process sums them)
+            reports = {k: v for f in names for k, v in _saved_report(staged, f).items()}
         _write_metadata(staged.path, sidecars, out_config(raw, mxfp4=mxfp4, dtype=dt_name), names, shards)
         extra = {"source_step": source.step_dir.name, "source_scanned": source.scanned,
                  "source_prefix": "/".join(source.prefix), "source_other_leaves": source.other_leaves}
         if mxfp4:
             extra["requantization"] = summarize(reports)
-        write_record(staged.path, command="to-hf", source_dir=source.step_dir, source_files=hashes_bg.result(),
+        write_record(staged.path, command="to-hf", source_dir=source.step_dir, source_files=source_files,
                      options={"mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
                               "max_shard_size": parse_size(max_shard_size), "like": None if like is None else str(like)},
                      extra=extra, output_hashes=hashes)
         result = staged.commit()
-    dt = time.perf_counter() - t0
-    if mxfp4:
-        s = extra["requantization"]
+    if cluster is not None:
+        dist.finish(cluster, result)
+    _log_done(log, result, source, total, n, time.perf_counter() - t0, extra.get("requantization"), scale_rule)
+    return result
+
+
+def _log_done(log, result, source, total: int, n: int, dt: float, requantization: dict | None, scale_rule: str) -> None:
+    """What the export did: the requantization error (with --mxfp4), bytes, time, how to load it."""
+    if requantization:
+        s = requantization
         log(f"requantized {len(s['tensors'])} expert tensors ({scale_rule} scales): relative RMS error {s['rel_rms']:.3g}, "
             f"{s['saturated']} saturated values, {s['clamped_groups']} clamped groups (per tensor in conversion.json)")
     log(f"to-hf: wrote {total / 1e9:.2f} GB in {n} shard(s) to {result} in {dt:.1f} s ({total / 1e9 / max(dt, 1e-9):.2f} GB/s) "
         f"from step {source.step_dir.name} ({'scanned' if source.scanned else 'unscanned'}); load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained('{result}').")
-    return result
 
 
-def _write_shards(source, staged, names, shards, opts, total, progress):
-    """Write every shard not yet done (resume: by shard); returns (hashes, requantization reports)."""
+def _saved_report(staged, fname: str) -> dict:
+    """The requantization report saved beside the journal for shard `fname`."""
+    return json.loads((staged.path / PROGRESS / f"{fname}.report.json").read_text())
+
+
+def _write_shards(source, staged, names, shards, opts, progress, mine=None):
+    """Write every shard (of those `mine` marks, default all) not yet done (resume: by shard);
+    returns (hashes, requantization reports)."""
     hashes, reports = {}, {}
+    mine = [True] * len(shards) if mine is None else mine
+    total = sum(t.nbytes for s, m in zip(shards, mine) if m for t in s)
     with progress_bar(total, "to-hf", progress) as bar:
-        for fname, shard in zip(names, shards):
+        for fname, shard in (fs for fs, m in zip(zip(names, shards), mine) if m):
             done = staged.path / fname
             saved = staged.path / PROGRESS / f"{fname}.report.json"
             if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
-                reports |= json.loads(saved.read_text())
+                reports |= _saved_report(staged, fname)
                 bar.update(sum(t.nbytes for t in shard))
                 continue
             tmp = temp_path(done)

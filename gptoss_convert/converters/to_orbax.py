@@ -86,7 +86,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     plus `out/0/_CHECKPOINT_METADATA` recording `scan_layers`. The plan is checked before any
     tensor byte is read; `dry_run=True` prints it and returns it without writing anything.
     `out` may be a gs:// or s3:// URL: the same objects are written there through TensorStore,
-    Orbax's commit marker last (docs/object-stores.md).
+    Orbax's commit marker last (docs/object-stores.md); with `distributed=True` too.
     `compression="zstd"` compresses chunks as Orbax does by default (smaller, ~2x slower to write).
     `strict_config=True` refuses config.json fields this tool does not know (by default they are
     accepted as inert, warned about and recorded in conversion.json).
@@ -125,9 +125,6 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                    "compression": compression,
                    "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
     remote = is_url(out)
-    if remote and cluster is not None:
-        raise InputError(f"{out}: --distributed writes to a filesystem all processes share; "
-                         "to a bucket, convert in one process (or to a shared disk, then upload)")
     dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(out if remote else Path(out).absolute()),
                   overwrite=overwrite, resume=resume)
     output = RemoteOutput if remote else StagedOutput     # no rename on object stores: commit markers
@@ -145,7 +142,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         finally:
             writer.close()
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
-        merged = dist.merge_shares(cluster, staged, chunk_hashes, sources.result())
+        chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
+        merged = dist.merge_shares(cluster, staged, chunk_hashes, sources.result(), chunk_sizes)
         if merged is None:                      # another process of a distributed run: its share is on disk
             did = [b for b, m in zip(plan.blocks, mine) if m]
             return dist.finish(cluster, None, log, f"{len(did)} of {len(plan.blocks)} blocks "
@@ -153,7 +151,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         chunk_hashes, source_files = merged
         write_sidecars(ck, staged.path)    # the Orbax tree does not say which model it is: verify/generate read these
         writer.finalize(commit=not remote)     # object stores: Orbax's commit marker only after our record
-        chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
+        chunk_sizes |= {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
         write_record(staged.path, command="to-orbax", source_dir=ck.dir, source_files=source_files,
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression},
                      extra={"leaves": {p: list(s) for p, s in plan.targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
