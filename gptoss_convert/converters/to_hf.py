@@ -33,8 +33,8 @@ from gptoss_convert.io.hf_checkpoint import BLOCKS, INDEX, SCALES, SIDECAR_FILES
 from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
 from gptoss_convert.io.safetensors import ShardWriter, build_header
 from gptoss_convert.mapping.layout import SCAN_AXIS
-from gptoss_convert.mapping.transforms import apply, out_axis, out_shape, transposed
-from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_with_report
+from gptoss_convert.mapping.transforms import apply, out_axis, out_shape
+from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_with_report_transposed
 
 DEFAULT_SCALE_RULE = "triton"     # triton_kernels' downcast_to_mxfp as at gpt-oss's release; docs/formats.md §3
 # gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
@@ -147,9 +147,9 @@ def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.
 
 
 def _requantize(x: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """HF [e, in, out] rows -> MXFP4 blocks [e, out, in/32, 16], scales [e, out, in/32] (+ report)."""
-    w = np.stack([transposed(m) for m in x]) if x.ndim == 3 else np.ascontiguousarray(np.swapaxes(x, -1, -2))
-    return quantize_with_report(w, rule)
+    """HF [e, in, out] rows -> MXFP4 blocks [e, out, in/32, 16], scales [e, out, in/32] (+ report);
+    bf16 is quantized down the columns, never transposed (codec.quantize_with_report_transposed)."""
+    return quantize_with_report_transposed(x, rule)
 
 
 def _add(total: dict, rep: dict) -> None:
