@@ -441,3 +441,14 @@ def test_column_quantizer_equals_transpose_then_quantize(rule):
         assert got[2]["saturated"] == want[2]["saturated"] and got[2]["clamped_groups"] == want[2]["clamped_groups"]
         for key in ("err2", "ref2"):
             assert got[2][key] == pytest.approx(want[2][key], rel=1e-12)
+
+
+def test_bf16_finiteness_on_bits_equals_isfinite_on_every_pattern():
+    """to-hf's NaN/inf check reads bf16 bits; against np.isfinite on each of the 65536 patterns."""
+    from gptoss_convert.converters.to_hf import _all_finite
+
+    vals = np.arange(1 << 16, dtype=np.uint16).view(BF16)
+    want = np.isfinite(vals.astype(np.float32))
+    got = np.array([_all_finite(vals[i:i + 1].reshape(1, 1)) for i in range(len(vals))])
+    np.testing.assert_array_equal(got, want)
+    assert _all_finite(vals[:0]) and _all_finite(np.float32([1, 2])) and not _all_finite(np.float32([1, np.inf]))

@@ -138,12 +138,20 @@ def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.
     parts = [src.read(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
-    if not np.isfinite(x).all() and (t.mxfp4 or not allow_nonfinite):
+    if not _all_finite(x) and (t.mxfp4 or not allow_nonfinite):
         r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
         what = ("MXFP4 cannot encode them (export BF16 instead)" if t.mxfp4
                 else "pass --allow-nonfinite to export them anyway")
         raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
     return x
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """np.isfinite(x).all(); for bf16 on the bits (exponent all ones: inf/NaN), since ml_dtypes'
+    isfinite took 81 ms for one [2880, 5760] gate_up expert and this 7."""
+    if x.dtype != _ST["bfloat16"][1]:
+        return bool(np.isfinite(x).all())
+    return x.size == 0 or int((x.view(np.uint16) & np.uint16(0x7FFF)).max()) < 0x7F80
 
 
 def _requantize(x: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
