@@ -42,11 +42,13 @@ from benchmarks.common import machine, run_isolated
 
 EXPORT = """
 import json, sys, time
+src, out, rule, *code = sys.argv[1:]
+sys.path[:0] = code          # before the working directory, which `python -c` puts first
+import gptoss_convert
 from gptoss_convert.converters.to_hf import to_hf
-src, out, rule = sys.argv[1:4]
 t0 = time.perf_counter()
 to_hf(src, out, mxfp4=True, scale_rule=rule, progress=False, log=lambda *_: None)
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "code": gptoss_convert.__file__}))
 """
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -110,8 +112,9 @@ def timed(fn, *args) -> tuple[float, float, float]:
 
 def export_child(src: Path, out: Path, rule: str, code: str | None = None) -> tuple[float, float]:
     """to-hf --mxfp4 in a fresh process, by this tree's code or that of the tree `code`."""
-    env = None if code is None else {"PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result, peak_mb = run_isolated(EXPORT, [str(src), str(out), rule], env)
+    result, peak_mb = run_isolated(EXPORT, [str(src), str(out), rule] + ([code] if code else []))
+    if code and not result["code"].startswith(str(Path(code).resolve())):
+        raise SystemExit(f"the baseline run imported {result['code']}, not the code in {code}")
     return result["seconds"], peak_mb * 2**20 / 1e9
 
 
