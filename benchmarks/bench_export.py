@@ -3,6 +3,12 @@ synthetic MXFP4 checkpoint (benchmarks/synthetic.py: the published config, every
 real shape; `--layers` cuts only the layer count), then `to-hf --mxfp4` of that Orbax checkpoint.
 
     python -m benchmarks.bench_export --workdir /work/bench-tmp/export [--layers 24] [--json export.json]
+        [--baseline DIR --repeat 2]
+
+`--baseline DIR` (a tree of an older commit, e.g. `git archive OLD | tar -x -C DIR`) measures
+the export side by side: `--repeat` rounds of to-hf by DIR's code, then by this tree's, on the
+same Orbax checkpoint, alternating so that both see the same load; the two exports' shards
+must be byte-identical.
 
 Each conversion runs in a fresh process (its own peak RSS, VmHWM). Rates are given on the BF16
 side (bytes of the Orbax checkpoint: what to-orbax writes and to-hf reads), so the two compare
@@ -19,6 +25,7 @@ prediction is made from the source bytes alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -35,11 +42,13 @@ from benchmarks.common import machine, run_isolated
 
 EXPORT = """
 import json, sys, time
+src, out, rule, *code = sys.argv[1:]
+sys.path[:0] = code          # before the working directory, which `python -c` puts first
+import gptoss_convert
 from gptoss_convert.converters.to_hf import to_hf
-src, out, rule = sys.argv[1:4]
 t0 = time.perf_counter()
 to_hf(src, out, mxfp4=True, scale_rule=rule, progress=False, log=lambda *_: None)
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "code": gptoss_convert.__file__}))
 """
 PROJECTIONS = ("gate_up_proj", "down_proj")
 
@@ -101,9 +110,39 @@ def timed(fn, *args) -> tuple[float, float, float]:
     return secs, rss, cpu_children() - cpu0
 
 
-def export_child(src: Path, out: Path, rule: str) -> tuple[float, float]:
-    result, peak_mb = run_isolated(EXPORT, [str(src), str(out), rule])
+def export_child(src: Path, out: Path, rule: str, code: str | None = None) -> tuple[float, float]:
+    """to-hf --mxfp4 in a fresh process, by this tree's code or that of the tree `code`."""
+    result, peak_mb = run_isolated(EXPORT, [str(src), str(out), rule] + ([code] if code else []))
+    if code and not result["code"].startswith(str(Path(code).resolve())):
+        raise SystemExit(f"the baseline run imported {result['code']}, not the code in {code}")
     return result["seconds"], peak_mb * 2**20 / 1e9
+
+
+def shard_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def side_by_side(orbax: Path, work: Path, a, bf16: int) -> list[dict]:
+    """Alternating rounds of to-hf by the baseline's code and this tree's; outputs compared."""
+    rows = []
+    for i in range(a.repeat):
+        digests = {}
+        for label, code in (("baseline", a.baseline), ("this tree", None)):
+            out = work / f"hf-{i}-{'new' if code is None else 'old'}"
+            shutil.rmtree(out, ignore_errors=True)
+            secs, rss, cpu = timed(export_child, orbax, out, a.rule, code)
+            rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule} ({label}, round {i + 1})", secs, rss, cpu, bf16,
+                            tree_bytes(out)))
+            digests[label] = shard_digest(out)
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(out)
+        rows[-1]["identical_to_baseline"] = len(set(digests.values())) == 1
+        if not rows[-1]["identical_to_baseline"]:
+            raise SystemExit(f"round {i + 1}: the export differs from the baseline's")
+    return rows
 
 
 def row(command: str, secs: float, rss: float, cpu: float, bf16_bytes: int, written: int) -> dict:
@@ -120,6 +159,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=16, help="sampled (layer, expert) pairs, at least")
     ap.add_argument("--keep-source", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--baseline", default=None, help="tree of an older commit: its to-hf side by side with this one")
+    ap.add_argument("--repeat", type=int, default=2, help="side-by-side rounds (with --baseline)")
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -137,6 +178,8 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     if not a.keep_source:
         shutil.rmtree(src)
+    if a.baseline:
+        rows += side_by_side(orbax, work, a, bf16)
     shutil.rmtree(hf, ignore_errors=True)
     secs, rss, cpu = timed(export_child, orbax, hf, a.rule)
     rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule}", secs, rss, cpu, bf16, tree_bytes(hf)))

@@ -414,3 +414,41 @@ def test_one_pass_report_equals_the_report_from_dequantized_values(rule):
     assert (fast["saturated"] > 0) == (rule == "ocp")
     for key in ("err2", "ref2"):
         assert fast[key] == pytest.approx(slow[key], rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["ocp", "triton", "triton-rtne"])
+def test_column_quantizer_equals_transpose_then_quantize(rule):
+    """quantize_with_report_transposed (groups down the columns, what to-hf --mxfp4 runs) against
+    transposing and quantize_with_report, on every bf16 pattern the fast path takes, and on
+    inputs that fall back: a group too small for E8M0's range, and float32."""
+    from gptoss_convert.mxfp4.codec import _quantize_bf16_columns, quantize_with_report, quantize_with_report_transposed
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    finite = ((bits & 0x7FFF) < 0x7F80) & (((bits >> 7) & 0xFF) >= 12)
+    vals = np.random.default_rng(1).permutation(bits[finite])
+    vals = np.concatenate([vals, np.zeros(-len(vals) % 960 + 32, np.uint16), np.full(32, 0x8000, np.uint16)])
+    stored_rows = vals[: len(vals) // 960 * 960].view(BF16).reshape(3, -1, 64)          # [M, out, in] as stored
+    tiny = (np.random.default_rng(2).normal(0, 0.02, (2, 5, 64))).astype(BF16)
+    tiny[1, 3, 32:] = np.float32(1e-37)                                                   # scale below E8M0: float path
+    for rows, fast in ((tiny, False), (stored_rows, True)):       # which path each input takes
+        report = dict.fromkeys(("err2", "ref2", "saturated"), 0)
+        assert (_quantize_bf16_columns(np.swapaxes(rows, -1, -2).copy(), rule, report) is not None) == fast
+    for rows in (stored_rows, tiny, tiny.astype(np.float32)):
+        want = quantize_with_report(rows, rule)
+        got = quantize_with_report_transposed(np.ascontiguousarray(np.swapaxes(rows, -1, -2)), rule)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[2]["saturated"] == want[2]["saturated"] and got[2]["clamped_groups"] == want[2]["clamped_groups"]
+        for key in ("err2", "ref2"):
+            assert got[2][key] == pytest.approx(want[2][key], rel=1e-12)
+
+
+def test_bf16_finiteness_on_bits_equals_isfinite_on_every_pattern():
+    """to-hf's NaN/inf check reads bf16 bits; against np.isfinite on each of the 65536 patterns."""
+    from gptoss_convert.converters.to_hf import _all_finite
+
+    vals = np.arange(1 << 16, dtype=np.uint16).view(BF16)
+    want = np.isfinite(vals.astype(np.float32))
+    got = np.array([_all_finite(vals[i:i + 1].reshape(1, 1)) for i in range(len(vals))])
+    np.testing.assert_array_equal(got, want)
+    assert _all_finite(vals[:0]) and _all_finite(np.float32([1, 2])) and not _all_finite(np.float32([1, np.inf]))

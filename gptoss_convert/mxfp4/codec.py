@@ -319,21 +319,75 @@ def quantize_with_report(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np
     return blocks, scales, quantize_report(w, blocks, scales, rule)
 
 
+def quantize_with_report_transposed(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`quantize_with_report(np.swapaxes(weights, -1, -2), rule)`, byte for byte, for weights
+    [..., K, N] whose groups of 32 run down the columns (HF's [E, in, out] expert parameters ->
+    the stored [E, out, in/32, 16] blocks and [E, out, in/32] scales).
+
+    For bf16 the weights are not transposed: each group's 32 values are 32 rows of a column,
+    so the group maxima and codes come from whole rows (contiguous, vectorized), and only the
+    packed result, a quarter of the input's bytes, is transposed. Other inputs take the
+    transpose and quantize_with_report."""
+    w = np.asarray(weights)
+    if w.dtype == ml_dtypes.bfloat16 and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0:
+        report: dict = {"err2": 0.0, "ref2": 0.0, "saturated": 0, "clamped_groups": 0}
+        fast = _quantize_bf16_columns(np.ascontiguousarray(w), rule, report)
+        if fast is not None:
+            return (*fast, report)
+    return quantize_with_report(np.ascontiguousarray(np.swapaxes(w, -1, -2)), rule)
+
+
+def _quantize_bf16_columns(w: np.ndarray, rule: str, report: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """_quantize_bf16 of w [..., K, N] transposed, grouping down the columns; None as there."""
+    *lead, rows, cols = w.shape
+    groups = rows // 32
+    bits = w.view(np.uint16).reshape(-1, groups, 32, cols)             # [M, G, 32, N]
+    packed = np.empty((bits.shape[0], groups * 16, cols), np.uint8)    # [M, G*16, N]
+    scales = np.empty((bits.shape[0], groups, cols), np.uint8)         # [M, G, N]
+    step = max(1, CHUNK_ROWS_BYTES // (64 * cols))                     # group rows per chunk
+    for n in range(bits.shape[0]):
+        for a in range(0, groups, step):
+            b = min(a + step, groups)
+            if not _encode_columns(bits[n, a:b], packed[n, 16 * a:16 * b], scales[n, a:b], rule, report):
+                return None
+    blocks = np.empty((bits.shape[0], cols, groups * 16), np.uint8)
+    scales_t = np.empty((bits.shape[0], cols, groups), np.uint8)
+    for n in range(bits.shape[0]):     # numpy's own loop order: 8 ms for [1440, 5760] u8; 32-row tiles took 38
+        np.copyto(blocks[n], packed[n].T)
+        np.copyto(scales_t[n], scales[n].T)
+    return blocks.reshape(*lead, cols, groups, 16), scales_t.reshape(*lead, cols, groups)
+
+
+def _encode_columns(bits: np.ndarray, packed: np.ndarray, scales: np.ndarray, rule: str, report: dict) -> bool:
+    """bits [g, 32, N] (groups down the columns) -> packed [g*16, N] bytes (element 2b low
+    nibble, 2b+1 high), scales [g, N]; False when a group needs the float path."""
+    mag = bits & np.uint16(0x7FFF)
+    scaled = _bf16_scales(mag.max(axis=1), rule)                       # max over 32 whole rows
+    if scaled is None:
+        return False
+    k, scales[...] = scaled
+    idx = mag.astype(np.int32)
+    idx -= (k << 7)[:, None, :]                                        # q = |w| / 2**k as bf16 bits
+    np.maximum(idx, 0, out=idx)                                        # underflowed: code 0
+    codes = np.take(_bf16_code_table(_ties_up(rule)), idx)
+    codes |= ((bits >> 15) << 3).astype(np.uint8)
+    _add_stats(report, idx, k, _ties_up(rule), axis=1)
+    out = packed.reshape(-1, 16, packed.shape[-1])
+    np.left_shift(codes[:, 1::2], 4, out=out)
+    out |= codes[:, 0::2]
+    return True
+
+
 def _quantize_bf16(w: np.ndarray, rule: str, report: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """quantize() for bf16 weights by integer ops on their bits, in cache-sized chunks; the same
     bytes as the float path (tested), ~10x faster. None when a group needs the float path:
     NaN/inf (its error), or a largest magnitude so small that the scale leaves E8M0's range."""
     bits = w.view(np.uint16).reshape(-1, 32)                           # [groups, 32]
     mag = bits & np.uint16(0x7FFF)
-    amax = mag.max(axis=-1)
-    if amax.max(initial=0) >= 0x7F80 or ((amax > 0) & (amax < (8 << 7))).any():
+    scaled = _bf16_scales(mag.max(axis=-1), rule)
+    if scaled is None:
         return None
-    e, m = (amax >> 7).astype(np.int32), (amax & 0x7F).astype(np.int32)
-    up = _round_up_scale(rule)
-    k = e - 129 + ((m > 64) if up else 0)                              # log2 of the scale
-    zero = amax == 0
-    k[zero] = 0
-    scales = np.where(zero, np.uint8(0 if up else 127), (k + 127).astype(np.uint8))
+    k, scales = scaled
     table = _bf16_code_table(_ties_up(rule))
     codes = np.empty(bits.shape, np.uint8)
     step = max(1, CHUNK_ROWS_BYTES // 128)
@@ -350,12 +404,27 @@ def _quantize_bf16(w: np.ndarray, rule: str, report: dict | None = None) -> tupl
     return blocks.reshape(*shape, 16), scales.reshape(shape)
 
 
-def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray, ties_up: bool) -> None:
-    """Add a chunk's squared error, squared weights and saturated count (idx: scaled bf16 bits)."""
+def _bf16_scales(amax: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per group, from its largest magnitude's bf16 bits: (log2 of the scale as int32, the scale
+    byte); None when a group needs the float path (inf/NaN, or a scale below E8M0's range)."""
+    if amax.max(initial=0) >= 0x7F80 or ((amax > 0) & (amax < (8 << 7))).any():
+        return None
+    e, m = (amax >> 7).astype(np.int32), (amax & 0x7F).astype(np.int32)
+    up = _round_up_scale(rule)
+    k = e - 129 + ((m > 64) if up else 0)                              # log2 of the scale
+    zero = amax == 0
+    k[zero] = 0
+    return k, np.where(zero, np.uint8(0 if up else 127), (k + 127).astype(np.uint8))
+
+
+def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray, ties_up: bool, axis: int = -1) -> None:
+    """Add a chunk's squared error, squared weights and saturated count (idx: scaled bf16 bits,
+    a group's 32 values along `axis`; k: log2 of each group's scale, idx's shape without `axis`)."""
     err_t, val_t = _bf16_error_tables(ties_up)
     factor = np.ldexp(1.0, 2 * k.astype(np.int64))                     # per group: scale**2
-    report["err2"] += float(np.dot(np.take(err_t, idx).sum(axis=-1, dtype=np.float64), factor))
-    report["ref2"] += float(np.dot(np.take(val_t, idx).sum(axis=-1, dtype=np.float64), factor))
+    # multiply and sum, not np.dot: BLAS's threads took ~15 ms a call on the loaded 2-core VM
+    for key, table in (("err2", err_t), ("ref2", val_t)):
+        report[key] += float(np.multiply(np.take(table, idx).sum(axis=axis, dtype=np.float64), factor).sum())
     report["saturated"] += int(np.count_nonzero(idx > SAT_BITS))
 
 
