@@ -1,7 +1,6 @@
 """to-hf and the relayout (to-orbax from an Orbax SRC) reading gs:// and s3:// checkpoints.
 
-The emulators and the two oracles come from test_object_stores (its module-scoped fixtures,
-imported here): `local_out`, a to-orbax conversion into a local directory, and `remote_outs`, the
+The emulators and the two oracles are the session's (tests/stores_fixtures.py): `local_out`, a to-orbax conversion into a local directory, and `remote_outs`, the
 same conversion written to each emulator. A command run on the bucket must write byte for byte
 what the same command writes from the local checkpoint.
 """
@@ -12,8 +11,7 @@ import json
 
 import pytest
 
-from test_object_stores import (PLACE_OR_TIME, QUIET, _cli, _last, _local_files, env_vars, gcs,  # noqa: F401
-                                local_out, remote_outs, s3)
+from test_object_stores import PLACE_OR_TIME, QUIET, _cli, _last, _local_files
 from gptoss_convert.converters.check import check
 from gptoss_convert.converters.provenance import PROGRESS, RECORD
 from gptoss_convert.converters.to_hf import to_hf

@@ -21,7 +21,7 @@ from gptoss_convert import faults
 from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import write_record
-from gptoss_convert.converters.remote_output import RemoteOutput
+from gptoss_convert.converters.remote_output import RemoteOutput, pending_marker
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.converters.to_hf import backend_config, hash_source, open_source
 from gptoss_convert.errors import InputError, OutputError
@@ -123,7 +123,6 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
         log(f"relayout {'scanned' if source.scanned else 'unscanned'} -> {layout}: {len(targets)} leaves, "
             f"{len(moves)} blocks, {total / 1e9:.2f} GB to write, from step {source.step_dir.name} of {source.step_dir.parent}")
         return moves
-    from gptoss_convert.converters.to_orbax import _marker
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
     out = resolve(out)
@@ -156,7 +155,7 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
                      extra={"leaves": {p: list(s) for p, s in targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "source_step": source.step_dir.name, "source_other_leaves_dropped": source.other_leaves},
                      output_hashes=chunk_hashes, output_sizes=chunk_sizes,
-                     pending=_marker(writer, staged.path, remote))
+                     pending=pending_marker(writer, staged.path, remote))
         if remote:
             writer.commit()
         result = staged.commit()
