@@ -170,6 +170,7 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite,
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores).")
+@s3_endpoint_option
 @distributed_options
 @_run
 def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dry_run, overwrite, resume, no_progress,

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from gptoss_convert.testing import tiny_config, write_checkpoint  # noqa: E402
+from stores_fixtures import env_vars, gcs, local_out, remote_outs, s3  # noqa: E402,F401  (object-store emulators)
 
 
 def run_env() -> dict[str, str]:

@@ -86,7 +86,8 @@ def write_record(out_dir: Path | Location, *, command: str, source_dir: Path, so
         "argv": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "options": options,
         "source": {"path": str(source_dir), "files": {
-            f: {"size": (source_dir / f).stat().st_size, **h} for f, h in sources.items()}},
+            # a bucket's objects come with their size (hash_source); files are sized here
+            f: h if "size" in h else {"size": (source_dir / f).stat().st_size, **h} for f, h in sources.items()}},
         "outputs": outputs, **(extra or {}),
     }
     if isinstance(out_dir, Location):

@@ -21,11 +21,13 @@ from gptoss_convert import faults
 from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import write_record
+from gptoss_convert.converters.remote_output import RemoteOutput, pending_marker
 from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.converters.to_hf import backend_config, hash_source
-from gptoss_convert.errors import InputError
+from gptoss_convert.converters.to_hf import backend_config, hash_source, open_source
+from gptoss_convert.errors import InputError, OutputError
 from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
-from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
+from gptoss_convert.io.location import Location, resolve
+from gptoss_convert.io.orbax_source import OrbaxSource
 from gptoss_convert.mapping.layout import SCAN_AXIS, layer_relative
 
 MAX_IN_FLIGHT = 4
@@ -110,7 +112,7 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
     one) as a params-only checkpoint at `out`, scanned or not; see `to_orbax`."""
     t0 = time.perf_counter()
     np_dtype = np.dtype(ml_dtypes.bfloat16 if resolve_dtype(dtype) == "bfloat16" else np.float32)
-    source = open_orbax(src, step=step)
+    source = open_source(src, step)
     backend, cfg, sidecars, raw = backend_config(source, like)
     targets = backend.flat_shapes(cfg, scanned)
     moves = plan_moves(targets, backend.layout_for(cfg, scanned), backend.layout_for(cfg, source.scanned),
@@ -123,11 +125,15 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
         return moves
     from gptoss_convert.io.orbax_writer import OrbaxWriter
 
+    out = resolve(out)
+    remote = isinstance(out, Location)      # no rename on object stores: commit markers (to_orbax's path)
+    _refuse_overlap(source, out)
     fingerprint = {"command": "to-orbax", "relayout": True, "layout": layout, "dtype": np_dtype.name,
                    "block_bytes": block_bytes, "compression": compression, "source": str(source.step_dir),
-                   "source_files": {f: (source.step_dir / f).stat().st_size for f in source.files()}}
-    with StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=source.step_dir,
-                      log=log) as staged:
+                   "source_files": source.sizes()}
+    output = RemoteOutput if remote else StagedOutput
+    with output(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume,
+                source=None if source.remote else source.step_dir, log=log) as staged:
         hashes = background(hash_source, source)
         meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
         writer = OrbaxWriter(staged.path / STEP, {p: (s, np_dtype) for p, s in targets.items()},
@@ -139,15 +145,19 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
             _stream(source, moves, writer, staged, lambda m: _read(source, m, np_dtype, allow_nonfinite), total, progress)
         finally:
             writer.close()
-        writer.finalize()
+        writer.finalize(commit=not remote)     # object stores: Orbax's commit marker only after our record
         chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
+        chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
         _copy_sidecars(sidecars, raw, staged.path)
         write_record(staged.path, command="to-orbax", source_dir=source.step_dir, source_files=hashes.result(),
                      options={"layout": layout, "dtype": np_dtype.name, "compression": compression,
                               "relayout_from": "scanned" if source.scanned else "unscanned"},
                      extra={"leaves": {p: list(s) for p, s in targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
                             "source_step": source.step_dir.name, "source_other_leaves_dropped": source.other_leaves},
-                     output_hashes=chunk_hashes)
+                     output_hashes=chunk_hashes, output_sizes=chunk_sizes,
+                     pending=pending_marker(writer, staged.path, remote))
+        if remote:
+            writer.commit()
         result = staged.commit()
     dt = time.perf_counter() - t0
     log(f"to-orbax: relayout of step {source.step_dir.name} ({'scanned' if source.scanned else 'unscanned'}) -> "
@@ -155,6 +165,16 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
         f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {source.other_leaves} non-param leaves dropped.\n"
         f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
     return result
+
+
+def _refuse_overlap(source: OrbaxSource, out) -> None:
+    """A bucket OUT must not be, hold or lie in SRC's step (--overwrite would delete it; local
+    OUTs are checked by StagedOutput)."""
+    src = source.step_dir
+    if not (source.remote and isinstance(out, Location)) or (out.scheme, out.bucket) != (src.scheme, src.bucket):
+        return
+    if not out.key or any(a == b or a.startswith(b + "/") for a, b in ((src.key, out.key), (out.key, src.key))):
+        raise OutputError(f"{out}: is, holds or lies in the source checkpoint {src}; choose another OUT")
 
 
 def _copy_sidecars(sidecars, raw: dict, out) -> None:

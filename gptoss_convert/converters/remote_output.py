@@ -103,3 +103,11 @@ class RemoteOutput:
         if isinstance(exc, ValueError) and re.match(r"[A-Z_]{5,}: ", str(exc)):
             raise OutputError(f"{self.out}: {describe_store_error(exc, self.out.bucket)}; the objects written so far "
                               "are kept: rerun the same command with --resume") from exc
+
+
+def pending_marker(writer, root, remote: bool) -> dict[str, bytes] | None:
+    """{key: bytes} of the commit marker an object-store output writes after its record."""
+    if not remote:
+        return None
+    target, text = writer.commit_marker()
+    return {target.relative_to(root).as_posix(): text.encode()}

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
@@ -29,9 +30,9 @@ from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import PROGRESS, source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.errors import ConfigError, InputError, PlanError
-from gptoss_convert.io.files import temp_path
+from gptoss_convert.io.files import HASH, temp_path
 from gptoss_convert.io.hf_checkpoint import BLOCKS, INDEX, SCALES, SIDECAR_FILES
-from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
+from gptoss_convert.io.orbax_source import OrbaxSource, object_digest, open_orbax
 from gptoss_convert.io.safetensors import ShardWriter, build_header
 from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import apply, out_axis, out_shape
@@ -268,13 +269,35 @@ def _write_metadata(out: Path, sidecars: Path, conf: dict, names: list[str], sha
 SMALL_FILE = 1 << 20
 
 
+def open_source(src, step: int | None) -> OrbaxSource:
+    """open_orbax, and for a gs:// / s3:// SRC written by this tool, refuse one whose conversion
+    did not finish (its journal is still there, as `check` and the other readers do)."""
+    source = open_orbax(src, step=step)
+    if source.remote and (source.step_dir.parent / PROGRESS / "plan.json").is_file():    # written first, deleted last
+        raise InputError(f"{source.step_dir.parent}: the conversion writing it did not finish ({PROGRESS}/ is "
+                         "still there); rerun it with --resume first")
+    return source
+
+
 def hash_source(source: OrbaxSource, files: list[str] | None = None) -> dict[str, dict[str, str]]:
     """Provenance of SRC's files (`files`, default all): every file hashed, except in a training
     state (where params are a fraction of the bytes, optimizer state the rest) only its small
     metadata files; the others are recorded by size."""
     files = source.files() if files is None else files
+    if source.remote:
+        return _hash_remote(source, files)
     small = [f for f in files if not source.other_leaves or (source.step_dir / f).stat().st_size < SMALL_FILE]
     return {f: {} for f in files} | source_hashes(source.step_dir, small, workers=1)
+
+
+def _hash_remote(source: OrbaxSource, files: list[str]) -> dict[str, dict]:
+    """hash_source for a bucket: each object read in pieces, hashed and sized as it is read; in
+    a training state an object over SMALL_FILE is recorded by name only ("size": None), having
+    been read no further (its size is not known without reading it)."""
+    limit = SMALL_FILE if source.other_leaves else None
+    with ThreadPoolExecutor(max_workers=8) as pool:     # per-object latency, not bandwidth, bounds this
+        got = pool.map(lambda f: object_digest(source.step_dir / f, limit), files)
+        return {f: {"size": None} if g is None else {"size": g[0], HASH: g[1]} for f, g in zip(files, got)}
 
 
 def summarize(reports: dict[str, dict]) -> dict:
@@ -309,7 +332,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
     dt_name = resolve_dtype(dtype)
     st_name, np_dtype = _ST[dt_name]
-    source = open_orbax(src, step=step)
+    source = open_source(src, step)
     backend, cfg, sidecars, raw = backend_config(source, like)
     if mxfp4 and backend.model_type != "gpt_oss":
         raise InputError(f"--mxfp4: requantization is for gpt-oss only; {backend.model_type} exports as BF16")
@@ -325,10 +348,11 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
             "workers": workers or os.cpu_count() or 1}
     fingerprint = {"command": "to-hf", "mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
                    "shards": [[t.name for t in s] for s in shards], "source": str(source.step_dir),
-                   "source_files": {f: (source.step_dir / f).stat().st_size for f in source.files()}}
+                   "source_files": source.sizes()}
     dist.agree_on(cluster, fingerprint, raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
                   max_shard_size=parse_size(max_shard_size), like=None if like is None else str(like))
-    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=source.step_dir, log=log)
+    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume,
+                          source=None if source.remote else source.step_dir, log=log)
     mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])
     with dist.staging(cluster, staged, lambda s, first: None):
         files = source.files()

@@ -23,7 +23,7 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.provenance import source_hashes, write_record
-from gptoss_convert.converters.remote_output import RemoteOutput
+from gptoss_convert.converters.remote_output import RemoteOutput, pending_marker as _marker
 from gptoss_convert.io.location import is_url, resolve
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.errors import InputError
@@ -167,14 +167,6 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         f"to {result} in {dt:.1f} s ({plan.total_bytes / 1e9 / max(dt, 1e-9):.2f} GB/s).\n"
         f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
     return result
-
-
-def _marker(writer, root, remote: bool) -> dict[str, bytes] | None:
-    """{key: bytes} of the commit marker an object-store output writes after its record."""
-    if not remote:
-        return None
-    target, text = writer.commit_marker()
-    return {target.relative_to(root).as_posix(): text.encode()}
 
 
 class _MemoryWriter:

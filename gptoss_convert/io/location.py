@@ -121,12 +121,27 @@ class Location:
         return _root(self.scheme, self.bucket, self.endpoint, self.region)
 
     # --- objects ----------------------------------------------------------------------------
-    def read_bytes(self) -> bytes:
-        """The object's bytes; FileNotFoundError if there is none."""
-        r = self._call(lambda: self._store.read(self.key).result(), writing=False)
+    def read_bytes(self, byte_range: slice | None = None) -> bytes:
+        """The object's bytes (`byte_range`: those of slice(start, stop) only, fewer at its end);
+        FileNotFoundError if there is none."""
+        r = self._call(lambda: self._read(byte_range), writing=False)
         if r.state != "value":
             raise FileNotFoundError(str(self))
         return bytes(r.value)
+
+    def _read(self, byte_range: slice | None):
+        try:
+            return self._store.read(self.key, byte_range=byte_range).result()
+        except ValueError as e:
+            # TensorStore refuses a range the object does not fill: what is left is shorter than asked
+            if byte_range is None or byte_range.stop is None or not str(e).startswith("OUT_OF_RANGE"):
+                raise
+            try:
+                return self._store.read(self.key, byte_range=slice(byte_range.start, None)).result()
+            except ValueError as end:
+                if not str(end).startswith("OUT_OF_RANGE"):
+                    raise
+                return ts.KvStore.ReadResult("value", b"")      # starts at (or past) the end
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)

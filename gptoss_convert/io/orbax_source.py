@@ -7,6 +7,10 @@ Orbax writes last; a save cut short has neither, or still has its `.orbax-checkp
 The params live under `params/params` in this tool's output, in MaxText's params-only
 checkpoints and in MaxText's training state (beside `opt_state` and `step`, OCDBT + zarr3 as
 MaxText's `create_orbax_checkpoint_manager` saves by default); other leaves are ignored.
+
+SRC may also be a `gs://` or `s3://` URL (a `Location`): the same layouts, read through
+TensorStore. There a step counts only with Orbax's `commit_success.txt` (no rename on object
+stores: the marker, written last, is what says the step is whole).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import new_hash
+from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.orbax_reader import open_leaf, read_metadata
 from gptoss_convert.io.orbax_writer import CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE
 
@@ -31,8 +37,8 @@ PREFIXES = (("params", "params"), ("params",), ())     # tried in order: the fir
 class OrbaxSource:
     """One committed step of an Orbax checkpoint, its params subtree read lazily by leaf."""
 
-    step_dir: Path
-    item_dir: Path
+    step_dir: Path | Location
+    item_dir: Path | Location
     prefix: tuple[str, ...]
     leaves: dict[str, tuple[tuple[int, ...], np.dtype]]      # path under prefix -> (shape, dtype)
     custom_metadata: dict
@@ -48,14 +54,28 @@ class OrbaxSource:
         return any(p.startswith("decoder/layers/") for p in self.leaves)
 
     @property
-    def sidecar_dir(self) -> Path | None:
+    def sidecar_dir(self) -> Path | Location | None:
         """Where to-orbax put config.json and the tokenizer (beside the step), if it did."""
         root = self.step_dir.parent
         return root if (root / "config.json").is_file() else None
 
+    @property
+    def remote(self) -> bool:
+        """Whether the checkpoint is in a bucket (gs://, s3://)."""
+        return isinstance(self.step_dir, Location)
+
     def files(self) -> list[str]:
         """The step's files (relative to step_dir), for provenance."""
+        if self.remote:
+            return self.step_dir.keys()
         return sorted(p.relative_to(self.step_dir).as_posix() for p in self.step_dir.rglob("*") if p.is_file())
+
+    def sizes(self) -> dict[str, int | None]:
+        """{file: size} of the step's files; None on object stores, where TensorStore cannot ask
+        an object's size without reading it (a committed Orbax step is never rewritten)."""
+        if self.remote:
+            return {f: None for f in self.files()}
+        return {f: (self.step_dir / f).stat().st_size for f in self.files()}
 
     def store(self, path: str) -> ts.TensorStore:
         """The TensorStore of leaf `path`, opened once."""
@@ -68,9 +88,11 @@ class OrbaxSource:
         return np.asarray(self.store(path)[index].read().result())
 
 
-def _committed(step_dir: Path) -> bool:
+def _committed(step_dir: Path | Location) -> bool:
     if (step_dir / COMMIT_FILE).is_file():
         return True
+    if isinstance(step_dir, Location):
+        return False                # a bucket's step is whole only once its marker is there
     try:
         meta = json.loads((step_dir / CHECKPOINT_METADATA_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -78,11 +100,14 @@ def _committed(step_dir: Path) -> bool:
     return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
 
 
-def _steps(root: Path) -> dict[int, Path]:
+def _steps(root: Path | Location) -> dict[int, Path | Location]:
+    if isinstance(root, Location):
+        names = {k.split("/", 1)[0] for k in root.keys() if "/" in k}
+        return {int(n): root / n for n in names if n.isdigit()}
     return {int(p.name): p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
 
 
-def _pick_step(root: Path, step: int | None) -> Path:
+def _pick_step(root, step: int | None):
     """The step directory of run root `root`: `step`, or the latest committed one."""
     steps = _steps(root)
     if step is not None:
@@ -96,7 +121,7 @@ def _pick_step(root: Path, step: int | None) -> Path:
     return steps[committed[-1]]
 
 
-def _locate(src: Path, step: int | None) -> tuple[Path, Path]:
+def _locate(src, step: int | None) -> tuple:
     """(step dir, item dir) of SRC: a step dir, its items, or a run root."""
     if (src / PYTREE_METADATA_FILE).is_file() or src.name == ITEM:
         step_dir, item = src.parent, src
@@ -108,14 +133,16 @@ def _locate(src: Path, step: int | None) -> tuple[Path, Path]:
     if step is not None and step_dir.name != str(step):
         raise InputError(f"{src}: is step {step_dir.name}, not --step {step}; give the run's root with --step")
     if not _committed(step_dir):
-        raise InputError(f"{step_dir}: Orbax step without its commit marker (no commit_timestamp_nsecs in "
-                         f"{CHECKPOINT_METADATA_FILE}, no {COMMIT_FILE}): an unfinished save; pick another step")
+        what = f"no {COMMIT_FILE}" if isinstance(step_dir, Location) else \
+            f"no commit_timestamp_nsecs in {CHECKPOINT_METADATA_FILE}, no {COMMIT_FILE}"
+        raise InputError(f"{step_dir}: Orbax step without its commit marker ({what}): an unfinished save; "
+                         "pick another step")
     if not (item / PYTREE_METADATA_FILE).is_file():
         raise InputError(f"{item}: no {PYTREE_METADATA_FILE} (not an Orbax PyTree item)")
     return step_dir, item
 
 
-def _prefix(item: Path) -> tuple[tuple[str, ...], int]:
+def _prefix(item) -> tuple[tuple[str, ...], int]:
     """(the params prefix, number of leaves outside it) from the item's tree metadata."""
     try:
         meta = json.loads((item / PYTREE_METADATA_FILE).read_text(encoding="utf-8"))
@@ -131,10 +158,12 @@ def _prefix(item: Path) -> tuple[tuple[str, ...], int]:
 
 
 def open_orbax(src, *, step: int | None = None) -> OrbaxSource:
-    """Resolve SRC (step dir, its items, or a run root; `step` picks one) to its params."""
-    path = Path(src)
+    """Resolve SRC (step dir, its items, or a run root, local or gs:// / s3://; `step` picks one)
+    to its params."""
+    path = resolve(src)
     if not path.is_dir():
-        raise InputError(f"{src}: not a directory (an Orbax checkpoint, step directory or items)")
+        what = "no objects under this prefix" if isinstance(path, Location) else "not a directory"
+        raise InputError(f"{src}: {what} (an Orbax checkpoint, step directory or items)")
     step_dir, item = _locate(path, step)
     prefix, others = _prefix(item)
     meta = read_metadata(item, item_name=ITEM, prefix=prefix)
@@ -142,7 +171,10 @@ def open_orbax(src, *, step: int | None = None) -> OrbaxSource:
 
 
 def is_orbax(src) -> bool:
-    """Whether SRC looks like an Orbax checkpoint (or step, or items) rather than an HF directory."""
+    """Whether SRC looks like an Orbax checkpoint (or step, or items) rather than an HF directory.
+    A gs:// or s3:// SRC is always taken as one (HF sources are read from disk or the hub)."""
+    if is_url(src):
+        return True
     p = Path(src)
     if not p.is_dir() or (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return False
@@ -150,3 +182,18 @@ def is_orbax(src) -> bool:
         return True
     return any(s.is_dir() and (s / ITEM).is_dir() for s in _steps(p).values())
 
+
+
+def object_digest(loc: Location, limit: int | None = None, piece: int = 64 << 20) -> tuple[int, str] | None:
+    """(size, HASH digest) of an object, read `piece` bytes at a time (bounded memory); None if it
+    is larger than `limit` (then only its first limit + 1 bytes were read)."""
+    h, size = new_hash(), 0
+    while True:
+        n = piece if limit is None else min(piece, limit + 1 - size)
+        data = loc.read_bytes(byte_range=slice(size, size + n))
+        h.update(data)
+        size += len(data)
+        if limit is not None and size > limit:
+            return None
+        if len(data) < n:
+            return size, h.hexdigest()
