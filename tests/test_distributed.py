@@ -27,8 +27,8 @@ from gptoss_convert.io.hf_checkpoint import HFCheckpoint
 from gptoss_convert.io.orbax_writer import OrbaxWriter
 from test_reliability import QUIET, SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
 
-try:        # the emulator fixtures (fake-gcs-server); without its package only the bucket tests skip
-    from test_object_stores import PLACE_OR_TIME, env_vars, gcs  # noqa: F401 - fixtures
+try:        # the emulator fixtures (env_vars, gcs) come from conftest (tests/stores_fixtures.py)
+    from test_object_stores import PLACE_OR_TIME
     EMULATOR = None
 except pytest.skip.Exception as e:
     EMULATOR = str(e)
