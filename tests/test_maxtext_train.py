@@ -120,10 +120,6 @@ QUIET = dict(progress=False, log=lambda *_: None)
 RUN_ROOT = DATA / "checkpoints"              # the run's checkpoint root: to-hf picks the latest step
 
 
-def _tree_digest(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.slow
 def test_to_hf_export_reproduces_maxtext_logits_in_transformers(tmp_path):
     """Oracle: transformers' GptOss model on the fp32 export equals MaxText's own logits of the
@@ -132,10 +128,11 @@ def test_to_hf_export_reproduces_maxtext_logits_in_transformers(tmp_path):
     from transformers import GptOssForCausalLM
 
     from gptoss_convert.converters.to_hf import to_hf
+    from test_export import tree_digest
 
-    before = _tree_digest(RUN_ROOT)
+    before = tree_digest(RUN_ROOT)
     out = to_hf(RUN_ROOT, tmp_path / "hf", like=DATA, dtype="fp32", **QUIET)
-    assert _tree_digest(RUN_ROOT) == before                  # SRC untouched
+    assert tree_digest(RUN_ROOT) == before                  # SRC untouched
     model, info = GptOssForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ref = np.load(DATA / "logits.npz")
@@ -150,23 +147,14 @@ def test_relayout_to_unscanned_restores_through_maxtexts_call(trained, tmp_path)
     """Training state (scanned, OCDBT + zarr3, opt state) -> params-only unscanned checkpoint:
     MaxText's load call (ocp.v1 load of `items`, partial) restores it, and our forward on the
     unscanned params still gives MaxText's logits."""
-    import jax
-    from orbax.checkpoint import v1
-
-    from gptoss_convert.backends.gpt_oss.params import abstract_params
     from gptoss_convert.converters.to_orbax import to_orbax
-    from gptoss_convert.tree import flatten
+    from test_to_orbax import _maxtext_load
 
     backend, cfg, _ = trained
     out = to_orbax(RUN_ROOT, tmp_path / "unscanned", scanned=False, dtype="fp32", like=DATA, **QUIET)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            abstract_params(cfg, False, jnp.float32))
-    options = v1.options.PyTreeOptions(loading=v1.options.PyTreeOptions.Loading(partial_load=True))
-    with v1.Context(pytree_options=options):
-        restored = v1.load(out / "0", {"params": {"params": abstract}}, checkpointable_name="items")
-    tree = restored["params"]["params"]
-    assert set(flatten(tree)) == set(flat_shapes(cfg, scanned=False))
+    flat = _maxtext_load(out / "0", cfg, scanned=False)
+    assert set(flat) == set(flat_shapes(cfg, scanned=False))
+    tree = unflatten(flat)
     ref = np.load(DATA / "logits.npz")
     ours = np.asarray(backend.forward(tree, jnp.asarray(ref["tokens"]), cfg, moe="ragged_dot", dtype=jnp.float32))
     assert np.abs(ours - ref["logits"]).max() < 1e-4

@@ -15,13 +15,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import run_env
-from gptoss_convert.backends.gpt_oss.params import abstract_params, flatten
 from gptoss_convert.converters.check import check
 from gptoss_convert.converters.to_hf import to_hf
 from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.io.orbax_source import open_orbax
 from gptoss_convert.tree import unflatten
 from test_export import stored, tree_digest
+from test_to_orbax import _maxtext_load
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -55,17 +55,6 @@ def test_relayout_is_bit_exact_against_direct_conversion(direct, scanned, tmp_pa
     assert tree_digest(src) == before
 
 
-def _maxtext_load(step_dir, cfg, scanned):
-    """MaxText 0.2.5's load call (ocp.v1 load of `items`, partial), as tests/test_to_orbax.py makes it."""
-    v1 = ocp.v1
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            abstract_params(cfg, scanned, jax.numpy.bfloat16))
-    with v1.Context(pytree_options=v1.options.PyTreeOptions(loading=v1.options.PyTreeOptions.Loading(partial_load=True))):
-        restored = v1.load(step_dir, {"params": {"params": abstract}}, checkpointable_name="items")
-    return {k: np.asarray(v) for k, v in flatten(restored["params"]["params"]).items()}
-
-
 def test_relayout_of_an_orbax_training_state_restores_through_maxtexts_call(direct, bf16_dir, tiny_cfg, tmp_path):
     """Params/params beside opt_state and step, OCDBT + zarr3, saved by Orbax itself; params only out."""
     params = leaves(direct[True])
@@ -78,7 +67,7 @@ def test_relayout_of_an_orbax_training_state_restores_through_maxtexts_call(dire
     mgr.wait_until_finished()
     out = to_orbax(run, tmp_path / "unscanned", scanned=False, like=bf16_dir, **QUIET)
     assert_same(leaves(out), leaves(direct[False]))
-    got = _maxtext_load(out / "0", tiny_cfg, False)
+    got = _maxtext_load(out / "0", tiny_cfg, False, jax.numpy.bfloat16)
     want = leaves(direct[False])
     assert sorted(got) == sorted(want) and all(np.array_equal(got[p], want[p]) for p in want)
     assert json.loads((out / "conversion.json").read_text())["source_other_leaves_dropped"] == len(params) + 1
