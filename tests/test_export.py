@@ -418,9 +418,10 @@ def test_one_pass_report_equals_the_report_from_dequantized_values(rule):
 
 @pytest.mark.parametrize("rule", ["ocp", "triton", "triton-rtne"])
 def test_column_quantizer_equals_transpose_then_quantize(rule):
-    """quantize_with_report_transposed (groups down the columns, what to-hf --mxfp4 runs) against
-    transposing and quantize_with_report, on every bf16 pattern the fast path takes, and on
-    inputs that fall back: a group too small for E8M0's range, and float32."""
+    """quantize_with_report_transposed (groups down the columns: to-hf --mxfp4's XLA kernel,
+    mxfp4/columns.py) against transposing and quantize_with_report (numpy, row groups), on
+    every bf16 pattern the fast path takes, and on inputs that fall back: a group too small for
+    E8M0's range, a NaN, and float32."""
     from gptoss_convert.mxfp4.codec import _quantize_bf16_columns, quantize_with_report, quantize_with_report_transposed
 
     bits = np.arange(1 << 16, dtype=np.uint16)
@@ -431,16 +432,56 @@ def test_column_quantizer_equals_transpose_then_quantize(rule):
     tiny = (np.random.default_rng(2).normal(0, 0.02, (2, 5, 64))).astype(BF16)
     tiny[1, 3, 32:] = np.float32(1e-37)                                                   # scale below E8M0: float path
     for rows, fast in ((tiny, False), (stored_rows, True)):       # which path each input takes
-        report = dict.fromkeys(("err2", "ref2", "saturated"), 0)
-        assert (_quantize_bf16_columns(np.swapaxes(rows, -1, -2).copy(), rule, report) is not None) == fast
+        assert (_quantize_bf16_columns([np.swapaxes(rows, -1, -2).copy()], rule) is not None) == fast
     for rows in (stored_rows, tiny, tiny.astype(np.float32)):
         want = quantize_with_report(rows, rule)
         got = quantize_with_report_transposed(np.ascontiguousarray(np.swapaxes(rows, -1, -2)), rule)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
         assert got[2]["saturated"] == want[2]["saturated"] and got[2]["clamped_groups"] == want[2]["clamped_groups"]
-        for key in ("err2", "ref2"):
-            assert got[2][key] == pytest.approx(want[2][key], rel=1e-12)
+        assert (got[2]["saturated"] > 0) == (rule == "ocp")
+        for key in ("err2", "ref2"):        # float32 sums of 32 (the kernel's) against float64 ones
+            assert got[2][key] == pytest.approx(want[2][key], rel=1e-6)
+    nan = stored_rows.copy()
+    nan[1, 7, 40] = np.nan
+    assert _quantize_bf16_columns([np.swapaxes(nan, -1, -2).copy()], rule) is None
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_with_report_transposed(np.swapaxes(nan, -1, -2).copy(), rule)
+
+
+@pytest.mark.parametrize("rule", ["ocp", "triton"])
+def test_interleaved_parts_quantize_as_the_interleaved_tensor(rule):
+    """quantize_columns([gate, up]) (to-hf's gate_up_proj from wi_0 and wi_1, never interleaved
+    as bf16) gives the bytes of quantizing interleave([gate, up]), bf16 and float32 alike."""
+    from gptoss_convert.mapping.transforms import interleave
+    from gptoss_convert.mxfp4.codec import quantize_columns, quantize_with_report_transposed
+
+    rng = np.random.default_rng(5)
+    for dtype in (BF16, np.float32):
+        parts = [(rng.standard_t(3, (3, 96, 40)) * 0.02).astype(dtype) for _ in range(2)]
+        got = quantize_columns(parts, rule)
+        want = quantize_with_report_transposed(interleave(parts), rule)
+        assert got[0].shape == (3, 80, 3, 16) and got[1].shape == (3, 80, 3)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[2]["saturated"] == want[2]["saturated"]
+        assert got[2]["err2"] == pytest.approx(want[2]["err2"], rel=1e-6)
+
+
+@pytest.mark.parametrize("ties_up", [False, True])
+def test_computed_codes_equal_the_code_table_on_every_magnitude(ties_up):
+    """The XLA kernel computes each E2M1 code from the bits (mxfp4/columns.codes); numpy's path
+    looks it up in a table built by searchsorted over the midpoints. All 32640 finite bf16
+    magnitudes, both tie rules."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptoss_convert.mxfp4.codec import _bf16_code_table
+    from gptoss_convert.mxfp4.columns import codes
+
+    idx = np.arange(0x7F80, dtype=np.int32)
+    got = np.asarray(jax.jit(lambda i: codes(i, ties_up))(jnp.asarray(idx)))
+    np.testing.assert_array_equal(got, _bf16_code_table(ties_up)[idx])
 
 
 def test_bf16_finiteness_on_bits_equals_isfinite_on_every_pattern():

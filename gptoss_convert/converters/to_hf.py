@@ -35,8 +35,8 @@ from gptoss_convert.io.hf_checkpoint import BLOCKS, INDEX, SCALES, SIDECAR_FILES
 from gptoss_convert.io.orbax_source import OrbaxSource, object_digest, open_orbax
 from gptoss_convert.io.safetensors import ShardWriter, build_header
 from gptoss_convert.mapping.layout import SCAN_AXIS
-from gptoss_convert.mapping.transforms import apply, out_axis, out_shape
-from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_with_report_transposed
+from gptoss_convert.mapping.transforms import Interleave, apply, out_axis, out_shape
+from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_columns
 
 DEFAULT_SCALE_RULE = "triton"     # triton_kernels' downcast_to_mxfp as at gpt-oss's release; docs/formats.md §3
 # gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
@@ -135,17 +135,26 @@ def _index(src: OrbaxSource, path: str, slot: int | None, expert: int | None, ax
     return tuple(index)
 
 
+def read_parts(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[np.ndarray]:
+    """The leaf blocks HF rows `rows` of `t` are made of (None: all), before its transforms."""
+    return [src.read(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
+
+
 def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, allow_nonfinite: bool):
     """HF rows `rows` of tensor `t` (None: all), in `dtype`; NaN/inf refused unless allowed."""
-    parts = [src.read(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
+    parts = read_parts(src, t, rows)
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
     if not _all_finite(x) and (t.mxfp4 or not allow_nonfinite):
-        r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
-        what = ("MXFP4 cannot encode them (export BF16 instead)" if t.mxfp4
-                else "pass --allow-nonfinite to export them anyway")
-        raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
+        _refuse_nonfinite(src, t, rows)
     return x
+
+
+def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None):
+    r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
+    what = ("MXFP4 cannot encode them (export BF16 instead)" if t.mxfp4
+            else "pass --allow-nonfinite to export them anyway")
+    raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
 
 
 def _all_finite(x: np.ndarray) -> bool:
@@ -156,10 +165,21 @@ def _all_finite(x: np.ndarray) -> bool:
     return x.size == 0 or int((x.view(np.uint16) & np.uint16(0x7FFF)).max()) < 0x7F80
 
 
-def _requantize(x: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """HF [e, in, out] rows -> MXFP4 blocks [e, out, in/32, 16], scales [e, out, in/32] (+ report);
-    bf16 is quantized down the columns, never transposed (codec.quantize_with_report_transposed)."""
-    return quantize_with_report_transposed(x, rule)
+def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, rule: str):
+    """HF rows `rows` of expert tensor `t` as MXFP4 (blocks [e, out, in/32, 16], scales
+    [e, out, in/32], report). A gate_up_proj is not interleaved first: its parts (wi_0, wi_1)
+    are quantized down their columns and the packed columns interleaved (codec.quantize_columns);
+    NaN/inf are refused (looked for only once the quantizer has refused a block: its own check)."""
+    parts = read_parts(src, t, rows)
+    if t.transforms and t.transforms != (Interleave(len(parts)),):
+        parts = [apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])]
+    parts = [np.ascontiguousarray(x).astype(dtype, copy=False) for x in parts]
+    try:
+        return quantize_columns(parts, rule)
+    except ValueError:                  # the float path's refusal of inf/NaN
+        if not all(map(_all_finite, parts)):
+            _refuse_nonfinite(src, t, rows)
+        raise
 
 
 def _add(total: dict, rep: dict) -> None:
@@ -174,8 +194,9 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
 
     def load(item):
         t, rows = item
-        x = read_block(src, t, rows, opts["np_dtype"], opts["allow_nonfinite"])
-        return _requantize(x, opts["rule"]) if t.mxfp4 else (x,)
+        if t.mxfp4:
+            return requantize_block(src, t, rows, opts["np_dtype"], opts["rule"])
+        return (read_block(src, t, rows, opts["np_dtype"], opts["allow_nonfinite"]),)
 
     try:
         pending: list[np.ndarray] = []

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
 
-from gptoss_convert.buffers import BufferPool, as_bits, empty
+from gptoss_convert.buffers import BufferPool, RecyclingPool, as_bits, empty
 from gptoss_convert.errors import CorruptTensorError
+from gptoss_convert.mapping.transforms import interleave
+from gptoss_convert.mxfp4 import columns
+from gptoss_convert.mxfp4.columns import SAT_BITS
 
 # E2M1 code -> value. Code 8 is -0.0 (kept as such).
 FP4_VALUES = np.array(
@@ -24,6 +28,8 @@ _OUT_DTYPES = tuple(np.dtype(t) for t in (ml_dtypes.bfloat16, np.float16, np.flo
 # Per-thread working buffers, recycled across calls: fresh ones are page-faulted and zeroed every
 # time once malloc returns them to the kernel (see gptoss_convert.buffers).
 _SCRATCH = BufferPool(keep=16, min_bytes=0)
+# The requantized blocks to-hf hands to its writer: their mappings come back once it drops them.
+_OUT = RecyclingPool(keep=8)
 # Groups decoded per step (three numpy calls). Larger steps overflow L2, but each call is a point
 # where the worker threads pass the GIL to each other, which on this project's 2-core VM costs
 # more: 8 experts of gate_up on 2 threads ran at 2.63 GB/s with 2048 groups per step, 3.86 with
@@ -303,7 +309,6 @@ def _bf16_error_tables(ties_up: bool = False) -> tuple[np.ndarray, np.ndarray]:
         return (err * err).astype(np.float32), (q * q).astype(np.float32)
 
 
-SAT_BITS = 0x40C0          # bf16 bits of 6.0: a scaled magnitude above it saturated
 
 
 def quantize_with_report(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -322,60 +327,50 @@ def quantize_with_report(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np
 def quantize_with_report_transposed(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """`quantize_with_report(np.swapaxes(weights, -1, -2), rule)`, byte for byte, for weights
     [..., K, N] whose groups of 32 run down the columns (HF's [E, in, out] expert parameters ->
-    the stored [E, out, in/32, 16] blocks and [E, out, in/32] scales).
+    the stored [E, out, in/32, 16] blocks and [E, out, in/32] scales); `quantize_columns` of one part."""
+    return quantize_columns([weights], rule)
 
-    For bf16 the weights are not transposed: each group's 32 values are 32 rows of a column,
-    so the group maxima and codes come from whole rows (contiguous, vectorized), and only the
-    packed result, a quarter of the input's bytes, is transposed. Other inputs take the
-    transpose and quantize_with_report."""
-    w = np.asarray(weights)
-    if w.dtype == ml_dtypes.bfloat16 and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0:
-        report: dict = {"err2": 0.0, "ref2": 0.0, "saturated": 0, "clamped_groups": 0}
-        fast = _quantize_bf16_columns(np.ascontiguousarray(w), rule, report)
+
+def quantize_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The weights `interleave(parts)` ([..., K, N * len(parts)], out[..., p::n] = parts[p]) as
+    quantize_with_report_transposed quantizes them, without building the interleaved array:
+    groups run down the columns, so each part is quantized alone and its packed columns are
+    interleaved as they are transposed (to-hf's gate_up_proj, from MaxText's wi_0 and wi_1).
+
+    bf16 goes through one fused XLA loop (mxfp4/columns.py) and only the packed bytes, a quarter
+    of the input, are transposed; other inputs, and bf16 groups that need the float path, are
+    interleaved, transposed and given to quantize_with_report."""
+    ws = [np.asarray(w) for w in parts]
+    w = ws[0]
+    if (w.dtype == ml_dtypes.bfloat16 and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0
+            and all(x.shape == w.shape and x.dtype == w.dtype for x in ws)):
+        fast = _quantize_bf16_columns(ws, rule)
         if fast is not None:
-            return (*fast, report)
-    return quantize_with_report(np.ascontiguousarray(np.swapaxes(w, -1, -2)), rule)
+            return fast
+    x = ws[0] if len(ws) == 1 else interleave(ws)
+    return quantize_with_report(np.ascontiguousarray(np.swapaxes(x, -1, -2)), rule)
 
 
-def _quantize_bf16_columns(w: np.ndarray, rule: str, report: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """_quantize_bf16 of w [..., K, N] transposed, grouping down the columns; None as there."""
-    *lead, rows, cols = w.shape
-    groups = rows // 32
-    bits = w.view(np.uint16).reshape(-1, groups, 32, cols)             # [M, G, 32, N]
-    packed = np.empty((bits.shape[0], groups * 16, cols), np.uint8)    # [M, G*16, N]
-    scales = np.empty((bits.shape[0], groups, cols), np.uint8)         # [M, G, N]
-    step = max(1, CHUNK_ROWS_BYTES // (64 * cols))                     # group rows per chunk
-    for n in range(bits.shape[0]):
-        for a in range(0, groups, step):
-            b = min(a + step, groups)
-            if not _encode_columns(bits[n, a:b], packed[n, 16 * a:16 * b], scales[n, a:b], rule, report):
-                return None
-    blocks = np.empty((bits.shape[0], cols, groups * 16), np.uint8)
-    scales_t = np.empty((bits.shape[0], cols, groups), np.uint8)
-    for n in range(bits.shape[0]):     # numpy's own loop order: 8 ms for [1440, 5760] u8; 32-row tiles took 38
-        np.copyto(blocks[n], packed[n].T)
-        np.copyto(scales_t[n], scales[n].T)
-    return blocks.reshape(*lead, cols, groups, 16), scales_t.reshape(*lead, cols, groups)
-
-
-def _encode_columns(bits: np.ndarray, packed: np.ndarray, scales: np.ndarray, rule: str, report: dict) -> bool:
-    """bits [g, 32, N] (groups down the columns) -> packed [g*16, N] bytes (element 2b low
-    nibble, 2b+1 high), scales [g, N]; False when a group needs the float path."""
-    mag = bits & np.uint16(0x7FFF)
-    scaled = _bf16_scales(mag.max(axis=1), rule)                       # max over 32 whole rows
-    if scaled is None:
-        return False
-    k, scales[...] = scaled
-    idx = mag.astype(np.int32)
-    idx -= (k << 7)[:, None, :]                                        # q = |w| / 2**k as bf16 bits
-    np.maximum(idx, 0, out=idx)                                        # underflowed: code 0
-    codes = np.take(_bf16_code_table(_ties_up(rule)), idx)
-    codes |= ((bits >> 15) << 3).astype(np.uint8)
-    _add_stats(report, idx, k, _ties_up(rule), axis=1)
-    out = packed.reshape(-1, 16, packed.shape[-1])
-    np.left_shift(codes[:, 1::2], 4, out=out)
-    out |= codes[:, 0::2]
-    return True
+def _quantize_bf16_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """quantize_columns for bf16 parts [..., K, N]; None when a group needs the float path."""
+    *lead, rows, cols = parts[0].shape
+    m, groups, n = math.prod(lead), rows // 32, len(parts)
+    blocks = _OUT.empty((m, cols, n, groups * 16), np.uint8)         # [M, N, parts, G*16]: interleaved columns
+    scales = _OUT.empty((m, cols, n, groups), np.uint8)
+    report: dict = {}
+    for p, w in enumerate(parts):
+        bits = np.ascontiguousarray(w).view(np.uint16).reshape(m * groups, 32, cols)
+        got = columns.encode_columns(bits, _round_up_scale(rule), _ties_up(rule))
+        if got is None:
+            return None
+        packed, s, rep = got
+        for k, v in rep.items():
+            report[k] = report.get(k, 0) + v
+        packed, s = packed.reshape(m, groups * 16, cols), s.reshape(m, groups, cols)
+        for i in range(m):     # numpy's own loop order: 8 ms for [1440, 5760] u8; 32-row tiles took 38
+            np.copyto(blocks[i, :, p], packed[i].T)
+            np.copyto(scales[i, :, p], s[i].T)
+    return blocks.reshape(*lead, cols * n, groups, 16), scales.reshape(*lead, cols * n, groups), report
 
 
 def _quantize_bf16(w: np.ndarray, rule: str, report: dict | None = None) -> tuple[np.ndarray, np.ndarray] | None:

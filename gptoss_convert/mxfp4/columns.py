@@ -1,0 +1,106 @@
+"""MXFP4 encoding of bf16 weights whose groups of 32 run down the columns, compiled by XLA.
+
+What `to-hf --mxfp4` runs: HF's expert weights are [E, in, out] and the published blocks group
+`in` (blocks [E, out, in/32, 16]), so each group is 32 rows of one column. One fused XLA loop
+on the CPU takes the bf16 bits to the group scales, the E2M1 codes, the packed bytes and the
+error figures, all in integers but the error sums; numpy then only transposes the packed bytes
+(a quarter of the input). The same bytes as `codec.quantize` under every rule (tested against
+it on every bf16 pattern), at ~40 ms per [2880, 5760] gate_up expert where numpy's table
+lookups took ~130 (BENCHMARKS.md, "to-hf --mxfp4").
+
+The codes are computed, not looked up: for q = |w| / 2**k as bf16 bits (exponent E, mantissa
+m), q >= 1 maps to E2M1's normal codes ((E - 126) << 1 | top mantissa bit, then rounded on
+the 6 bits below, saturating at 7), [0.5, 1) to 1 or 2 and [0.25, 0.5) to 0 or 1 by the tie
+rule; `codes(...)` equals `codec._bf16_code_table` on all 32768 magnitudes (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+SAT_BITS = 0x40C0          # bf16 bits of 6.0: a scaled magnitude above it saturated (OCP's rule only)
+
+
+def codes(idx, ties_up: bool):
+    """E2M1 magnitude code (int32, 0..7) of scaled bf16 magnitudes `idx` (int32 bits, >= 0)."""
+    import jax.numpy as jnp
+    e, man = idx >> 7, idx & 0x7F
+    normal = ((e - 126) << 1) | (man >> 6)                            # 2..7 for q in [1, 8)
+    rest = man & 0x3F
+    up = (rest > 32) | ((rest == 32) & (True if ties_up else (normal & 1) == 1))
+    normal = jnp.minimum(normal + up.astype(jnp.int32), 7)
+    half = 1 + (man >= 64).astype(jnp.int32)                          # [0.5, 1): the tie 0.75 -> 1.0 either way
+    quarter = jnp.ones_like(man) if ties_up else (man > 0).astype(jnp.int32)   # [0.25, 0.5): 0.25 ties
+    return jnp.where(e >= 127, normal, jnp.where(e == 126, half, jnp.where(e == 125, quarter, 0)))
+
+
+def _value(c):
+    """|E2M1 value| of code c (0..7) as float32, from its bits: 0, 0.5, then 2**(c//2 - 1) * (1 + (c&1)/2)."""
+    import jax
+    import jax.numpy as jnp
+    bits = jnp.where(c >= 2, ((126 + (c >> 1)) << 23) | ((c & 1) << 22), jnp.where(c == 1, 126 << 23, 0))
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+
+
+def _sum32(x):
+    """x [G, 32, N] summed over axis 1 by halving: elementwise adds that XLA vectorizes along N
+    (its reduce over the middle axis ran ~4x slower)."""
+    while x.shape[1] > 1:
+        h = x.shape[1] // 2
+        x = x[:, :h] + x[:, h:]
+    return x[:, 0]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(round_up: bool, ties_up: bool):
+    import jax
+    import jax.numpy as jnp
+
+    def encode(bits):
+        """uint16 [G, 32, N] -> packed [G, 16, N] u8, scale bytes [G, N], sum of squared errors and
+        of squared values per group at scale 1 [G, N] f32, saturated count, whether a group
+        needs the float path (inf/NaN, or a scale below E8M0's range)."""
+        b = bits.astype(jnp.int32)
+        mag = b & 0x7FFF
+        amax = mag.max(axis=1)                                           # [G, N]
+        e, m = amax >> 7, amax & 0x7F
+        k = e - 129 + ((m > 64).astype(jnp.int32) if round_up else 0)   # log2 of the scale
+        zero = amax == 0
+        k = jnp.where(zero, 0, k)
+        bad = ((amax >= 0x7F80) | (~zero & (amax < (8 << 7)))).any()
+        scale = jnp.where(zero, 0 if round_up else 127, k + 127).astype(jnp.uint8)
+        idx = jnp.maximum(mag - (k << 7)[:, None, :], 0)                # q = |w| / 2**k as bf16 bits
+        c = codes(idx, ties_up)
+        code = (c | ((b >> 15) << 3)).astype(jnp.uint8)
+        packed = code[:, 0::2] | (code[:, 1::2] << 4)                    # element 2b low nibble, 2b+1 high
+        q = jax.lax.bitcast_convert_type((idx << 16).astype(jnp.uint32), jnp.float32)
+        d = q - _value(c)
+        # under the round-up rule q <= 6 always (amax / 2**ceil(log2(amax / 6))): nothing saturates
+        sat = jnp.int32(0) if round_up else (idx > SAT_BITS).sum(dtype=jnp.int32)
+        return packed, scale, _sum32(d * d), _sum32(q * q), sat, bad
+
+    return jax.jit(encode)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu():
+    import jax
+    return jax.devices("cpu")[0]
+
+
+def encode_columns(bits: np.ndarray, round_up: bool, ties_up: bool):
+    """uint16 bf16 bits [G, 32, N] (groups down the columns) -> (packed [G*16, N] u8, scales
+    [G, N] u8, report {err2, ref2, saturated, clamped_groups}); None when a group needs the
+    float path. Runs on the CPU whatever JAX's default device."""
+    import jax
+    packed, scale, e2, r2, sat, bad = _kernel(round_up, ties_up)(jax.device_put(bits, _cpu()))
+    if bool(bad):
+        return None
+    scales = np.asarray(scale)
+    factor = np.ldexp(1.0, 2 * (scales.astype(np.int64) - 127))         # scale**2 (zero groups sum to 0)
+    report = {"err2": float((np.asarray(e2, np.float64) * factor).sum()),
+              "ref2": float((np.asarray(r2, np.float64) * factor).sum()),
+              "saturated": int(sat), "clamped_groups": 0}
+    return np.asarray(packed).reshape(-1, bits.shape[-1]), scales, report
