@@ -16,8 +16,12 @@ than with ordinary pages on this project's VM (docs/benchmarks-history.md §1, r
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
+import functools
 import math
 import mmap
+import os
 import threading
 import weakref
 
@@ -87,6 +91,31 @@ class RecyclingPool:
             free = self._free[len(mapping)]
             if len(free) < self.keep:
                 free.append(mapping)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for the next ones, once per process; returns
+    whether it did. The pools above recycle this project's own blocks, but TensorStore and XLA
+    allocate theirs (a chunk read, a kernel's input) with malloc, and glibc maps each one over
+    its dynamic threshold from the kernel and unmaps it on free, so every chunk's pages were
+    faulted in and zeroed again: up to half of an export's CPU time was kernel time. Here blocks
+    up to 256 MB come from the heap, the heap is trimmed only past 1 GB free, and at most 2
+    arenas (TensorStore's threads each took their own, each holding its freed blocks):
+    BENCHMARKS.md, "to-hf --mxfp4". Not glibc (or GPTOSS_CONVERT_MALLOC=default): nothing done."""
+    if os.environ.get("GPTOSS_CONVERT_MALLOC") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30)))
 
 
 def as_bits(arr: np.ndarray) -> np.ndarray:

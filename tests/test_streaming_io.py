@@ -273,6 +273,39 @@ def test_empty_maps_large_blocks_without_huge_pages():
     assert _mapping_flags(address) is None                             # unmapped with the last reference
 
 
+FAULTS_OF_REUSE = """
+import resource, sys
+import numpy as np
+from gptoss_convert.buffers import keep_freed_memory
+print(keep_freed_memory())
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+np.ones(64 << 20, np.uint8)             # a block over glibc's largest dynamic threshold (32 MB), freed
+before = faults()
+for _ in range(4):
+    np.ones(64 << 20, np.uint8)         # the same size again: its pages faulted in anew, or reused
+print((faults() - before) // 4)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux with glibc (no other OS here)")
+@pytest.mark.parametrize("setting", ["", "default"])
+def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_them_in(setting):
+    """What keep_freed_memory is for: a freed 64 MB block's pages serve the next one (no page
+    faults instead of hundreds), and GPTOSS_CONVERT_MALLOC=default leaves malloc alone.
+    In a fresh process: the setting is per process."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_CONVERT_MALLOC"} | (
+        {"GPTOSS_CONVERT_MALLOC": setting} if setting else {})
+    out = subprocess.run([sys.executable, "-c", FAULTS_OF_REUSE], env=env, capture_output=True, text=True, check=True)
+    took, faults = out.stdout.split()
+    if setting == "default":       # at least one fault per 2 MB (numpy asks for huge pages), mapped anew
+        assert took == "False" and int(faults) >= (64 << 20) // (2 << 20)
+    else:                           # the freed block, still mapped
+        assert took == "True" and int(faults) < 8
+
+
 def test_recycling_pool_takes_memory_back_only_when_the_last_view_is_gone():
     """What TensorStore's borrowed writes need: a block's memory is reused only after every
     reference to it (the array itself or any view of it) is gone, and then it comes back warm."""

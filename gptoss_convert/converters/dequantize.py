@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
-from gptoss_convert.buffers import BufferPool
+from gptoss_convert.buffers import BufferPool, keep_freed_memory
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype, write_sidecars
 from gptoss_convert.converters.output import StagedOutput
@@ -122,6 +122,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
     (options as for to_orbax; docs/multihost.md). Returns the output path.
     """
     t0 = time.perf_counter()
+    keep_freed_memory()
     st_dtype = {"bfloat16": "BF16", "float32": "F32"}[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite

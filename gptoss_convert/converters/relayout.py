@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
+from gptoss_convert.buffers import keep_freed_memory
 from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, progress_bar, resolve_dtype
 from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import write_record
@@ -111,6 +112,7 @@ def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: i
     """Write the params of the Orbax checkpoint `src` (a run root, step or items; `step` picks
     one) as a params-only checkpoint at `out`, scanned or not; see `to_orbax`."""
     t0 = time.perf_counter()
+    keep_freed_memory()
     np_dtype = np.dtype(ml_dtypes.bfloat16 if resolve_dtype(dtype) == "bfloat16" else np.float32)
     source = open_source(src, step)
     backend, cfg, sidecars, raw = backend_config(source, like)

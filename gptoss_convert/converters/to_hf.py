@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
+from gptoss_convert.buffers import keep_freed_memory
 from gptoss_convert.backends import Backend, get_backend
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import parse_size, progress_bar, resolve_dtype
@@ -349,6 +350,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     directory or hub id; needed for MaxText's own checkpoints). Returns OUT (the plan with
     dry_run=True). `workers` threads read and requantize blocks (None: one per core)."""
     t0 = time.perf_counter()
+    keep_freed_memory()
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
     dt_name = resolve_dtype(dtype)

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
-from gptoss_convert.buffers import RecyclingPool
+from gptoss_convert.buffers import RecyclingPool, keep_freed_memory
 from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, plan_for, progress_bar, resolve_dtype, source_shapes, write_sidecars
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.output import StagedOutput
@@ -109,6 +109,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
                         overwrite=overwrite, resume=resume, progress=progress, block_bytes=block_bytes,
                         compression=compression, log=log)
     t0 = time.perf_counter()
+    keep_freed_memory()
     np_dtype = _NP[resolve_dtype(dtype)]
     ck = open_checkpoint(src)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
