@@ -3,7 +3,14 @@ synthetic MXFP4 checkpoint (benchmarks/synthetic.py: the published config, every
 real shape; `--layers` cuts only the layer count), then `to-hf --mxfp4` of that Orbax checkpoint.
 
     python -m benchmarks.bench_export --workdir /work/bench-tmp/export [--layers 24] [--json export.json]
-        [--baseline DIR --repeat 2]
+        [--baseline DIR --repeat 2] [--rounds 3 --cold]
+
+`--rounds N` runs to-orbax and to-hf alternately N times, so that the two see the same
+machine; the ratio is given per round (the source is written again for each round, unless
+`--keep-source`, which needs source + Orbax + export on disk at once: ~70 GB at full size). `--cold` drops the page cache before
+each conversion (needs root): both then read their input from disk, as after a reboot or a
+copy from elsewhere, and neither gains from what the other left in memory (at full size the
+Orbax checkpoint, 42 GB, does not fit in this machine's memory anyway).
 
 `--baseline DIR` (a tree of an older commit, e.g. `git archive OLD | tar -x -C DIR`) measures
 the export side by side: `--repeat` rounds of to-hf by DIR's code, then by this tree's, on the
@@ -98,6 +105,13 @@ def compare(out: Path, kept: dict, rule: str) -> dict:
     return {"compared": len(kept), "mismatches": mismatches, "groups_reencoded": reencoded}
 
 
+def drop_page_cache() -> None:
+    """Write back dirty pages and drop the page cache (root only): each conversion starts cold,
+    and none pays for the previous one's write-back."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def cpu_children() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
@@ -161,37 +175,52 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--baseline", default=None, help="tree of an older commit: its to-hf side by side with this one")
     ap.add_argument("--repeat", type=int, default=2, help="side-by-side rounds (with --baseline)")
+    ap.add_argument("--rounds", type=int, default=1, help="to-orbax and to-hf alternately, this many times")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each conversion (root)")
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cfg = synthetic.config("20b", a.layers)
-    t0 = time.perf_counter()
-    src = synthetic.write(work / f"synthetic-20b-{a.layers}L", cfg=cfg, shard_bytes=5 << 30)
-    source_bytes = tree_bytes(src)
-    print(json.dumps({"source_GB": round(source_bytes / 1e9, 2), "made_s": round(time.perf_counter() - t0, 1)}), flush=True)
-    kept = keep_samples(src, samples(cfg, a.experts, 2)["experts"])
-    orbax, hf = work / "orbax", work / "hf-mxfp4"
-    shutil.rmtree(orbax, ignore_errors=True)
-    secs, rss, cpu = timed(run_child, ["scanned", str(src), str(orbax)])
-    bf16 = tree_bytes(orbax)
-    rows = [row("to-orbax --scanned", secs, rss, cpu, bf16, bf16)]
-    print(json.dumps(rows[-1]), flush=True)
-    if not a.keep_source:
-        shutil.rmtree(src)
-    if a.baseline:
-        rows += side_by_side(orbax, work, a, bf16)
-    shutil.rmtree(hf, ignore_errors=True)
-    secs, rss, cpu = timed(export_child, orbax, hf, a.rule)
-    rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule}", secs, rss, cpu, bf16, tree_bytes(hf)))
-    rows[-1]["ratio_to_to_orbax"] = round(rows[-1]["bf16_GB_per_s"] / rows[0]["bf16_GB_per_s"], 2)
-    rows[-1]["check_s"] = round(check_output(hf), 1)
-    rows[-1]["oracle"] = compare(hf, kept, a.rule)
-    rows[-1]["requantization"] = {k: v for k, v in json.loads((hf / "conversion.json").read_text())
-                                  ["requantization"].items() if k != "tensors"}
-    print(json.dumps(rows[-1]), flush=True)
+    src, orbax, hf = work / f"synthetic-20b-{a.layers}L", work / "orbax", work / "hf-mxfp4"
+    rows, kept = [], None
+    for r in range(a.rounds):
+        last = r + 1 == a.rounds
+        shutil.rmtree(orbax, ignore_errors=True)
+        if kept is None or not src.exists():         # the same bytes each time (a fixed seed)
+            t0 = time.perf_counter()
+            synthetic.write(src, cfg=cfg, shard_bytes=5 << 30)
+            source_bytes = tree_bytes(src)
+            print(json.dumps({"source_GB": round(source_bytes / 1e9, 2), "made_s": round(time.perf_counter() - t0, 1)}),
+                  flush=True)
+            kept = kept or keep_samples(src, samples(cfg, a.experts, 2)["experts"])
+        if a.cold:
+            drop_page_cache()
+        secs, rss, cpu = timed(run_child, ["scanned", str(src), str(orbax)])
+        bf16 = tree_bytes(orbax)
+        rows.append(row("to-orbax --scanned", secs, rss, cpu, bf16, bf16) | {"round": r + 1})
+        print(json.dumps(rows[-1]), flush=True)
+        if not a.keep_source:
+            shutil.rmtree(src)
+        if last and a.baseline:
+            rows += side_by_side(orbax, work, a, bf16)
+        shutil.rmtree(hf, ignore_errors=True)
+        if a.cold:
+            drop_page_cache()
+        secs, rss, cpu = timed(export_child, orbax, hf, a.rule)
+        rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule}", secs, rss, cpu, bf16, tree_bytes(hf)) | {"round": r + 1})
+        rows[-1]["ratio_to_to_orbax"] = round(rows[-1]["bf16_GB_per_s"] / rows[-2]["bf16_GB_per_s"], 2)
+        if last:
+            rows[-1]["check_s"] = round(check_output(hf), 1)
+            rows[-1]["oracle"] = compare(hf, kept, a.rule)
+            rows[-1]["requantization"] = {k: v for k, v in json.loads((hf / "conversion.json").read_text())
+                                          ["requantization"].items() if k != "tensors"}
+        else:
+            shutil.rmtree(hf)
+        print(json.dumps(rows[-1]), flush=True)
     shutil.rmtree(orbax)
     shutil.rmtree(hf)
-    report = {"machine": machine(), "layers": a.layers, "source_GB": round(source_bytes / 1e9, 2), "rows": rows}
+    report = {"machine": machine(), "layers": a.layers, "source_GB": round(source_bytes / 1e9, 2), "cold": a.cold,
+              "rows": rows}
     print(f"machine: {report['machine']}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1))

@@ -177,6 +177,112 @@ def test_mxfp4_export_loads_in_transformers_and_gives_the_sources_logits(rule_ro
     np.testing.assert_array_equal(_logits(_load(hf, True), TOKENS), _logits(_load(src, True), TOKENS))
 
 
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])
+def test_chunk_files_are_exactly_the_files_a_read_needs(bf16_round, bf16_dir, scanned, tmp_path):
+    """OrbaxSource.chunk_files (what to-hf's read-ahead hash reads before each block, and what
+    whole_chunk reads itself) against TensorStore's own reads: in a copy of the checkpoint where
+    the leaves' other chunk files are gone, each block reads the same values; without any one
+    of the files named, the read fails."""
+    from gptoss_convert.converters.to_hf import _index, backend_config, export_plan, open_source, read_parts
+
+    orbax = bf16_round[scanned][0]
+    src = open_source(orbax, None)
+    backend, cfg, _, _ = backend_config(src, None)
+    tensors = export_plan(backend, cfg, src, mxfp4=False, itemsize=2, block_bytes=4096)
+    picks = [(t, rows) for t in tensors for rows in t.row_blocks()
+             if t.name.endswith(("embed_tokens.weight", "lm_head.weight", "layers.1.mlp.experts.gate_up_proj",
+                                 "layers.0.mlp.experts.down_proj", "layers.1.self_attn.q_proj.weight"))]
+    assert len({t.name for t, _ in picks}) == 5 and len(picks) > 8      # row blocks of several chunks
+    everything = set(src.files())
+    whole = 0
+    for k, (t, rows) in enumerate(picks[::3]):
+        indices = [(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
+        files = [f for p, i in indices for f in src.chunk_files(p, i)]
+        whole += sum(src.whole_chunk(p, i) is not None for p, i in indices)
+        assert files and set(files) <= everything and len(set(files)) == len(files)
+        copy = tmp_path / f"c{k}"
+        shutil.copytree(orbax, copy)
+        step = copy / src.step_dir.name
+        chunk_dirs = {(step / f).parent.as_posix().split("/c/")[0] for f in files}
+        for f in everything - set(files):              # every other chunk of the leaves read
+            if (step / f).as_posix().split("/c/")[0] in chunk_dirs and "/c/" in f:
+                (step / f).unlink()
+        want = [src.read(p, i) for p, i in indices]    # TensorStore's reads of the original
+        got = read_parts(open_source(copy, None), t, rows)
+        assert all(np.array_equal(a.view(np.uint16), b.view(np.uint16)) for a, b in zip(want, got)), t.name
+        for f in files:
+            data = (step / f).read_bytes()
+            (step / f).unlink()
+            with pytest.raises(Exception):
+                read_parts(open_source(copy, None), t, rows)
+            (step / f).write_bytes(data)
+    assert whole > 2                                   # the expert blocks: whole chunks, read by us
+
+
+@pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])
+def test_whole_chunk_reads_equal_tensorstore_and_hash_their_file(bf16_round, scanned, tmp_path):
+    """OrbaxSource.read_whole_chunk (to-hf's O_DIRECT read of this tool's chunk files) against
+    TensorStore's read of the same index, on every expert of every expert leaf, and its digest
+    against the file's; a shard index that is not a whole chunk's goes to TensorStore, which
+    refuses it."""
+    from gptoss_convert.io.files import file_digest
+    from gptoss_convert.io.orbax_source import open_orbax
+
+    orbax = bf16_round[scanned][0]
+    src = open_orbax(orbax)
+    n = 0
+    for path, (shape, _) in src.leaves.items():
+        if not path.endswith(("wi_0", "wi_1", "wo")):
+            continue
+        for e in range(shape[0]):
+            index = (slice(e, e + 1), 1) if scanned else (e,)
+            file = src.whole_chunk(path, index)
+            assert file is not None, (path, index)
+            arr, digest = src.read_whole_chunk(path, index, file)
+            ref = src.read(path, index)
+            assert arr.shape == ref.shape and np.array_equal(arr.view(np.uint16), ref.view(np.uint16))
+            assert digest == file_digest(src.step_dir / file)
+            n += 1
+            last = path, index, file
+    assert n >= 3 * 4
+    path, index, file = last
+    assert src.whole_chunk(path, (slice(0, 2),)) is None                  # two chunks: TensorStore's
+    copy = tmp_path / "c"
+    shutil.copytree(orbax, copy)
+    bad = open_orbax(copy)
+    f = bad.step_dir / file
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF                                                       # the index's crc32c
+    f.write_bytes(bytes(data))
+    assert bad.read_whole_chunk(path, index, file) is None
+    with pytest.raises(Exception, match="(?i)digest mismatch"):
+        bad.read(path, index)
+
+
+def test_block_files_none_where_chunks_are_not_files():
+    """MaxText's own training checkpoint is OCDBT: no file per chunk, so nothing to read ahead
+    (to-hf then hashes in the background)."""
+    from gptoss_convert.io.orbax_source import open_orbax
+
+    src = open_orbax(Path(__file__).parent / "data" / "maxtext_train" / "checkpoints")
+    path = next(iter(src.leaves))
+    assert src.chunk_files(path, ()) is None
+
+
+def test_export_records_the_hash_of_every_source_file(bf16_round):
+    """The read-ahead hash (a file per block, then the rest) gives every source file's digest,
+    the same as hashing each file on its own."""
+    from gptoss_convert.io.files import file_digest
+
+    orbax, hf = bf16_round[True]
+    rec = json.loads((hf / "conversion.json").read_text())["source"]
+    step = Path(rec["path"])
+    files = sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
+    assert sorted(rec["files"]) == files and len(files) > 50
+    for f in files:
+        assert rec["files"][f] == {"size": (step / f).stat().st_size, "xxh3_128": file_digest(step / f)}, f
+
+
 def write_orbax(root: Path, params: dict[str, np.ndarray], sidecars: Path | None, scanned: bool) -> Path:
     """A params checkpoint written by OrbaxWriter (as a fine-tune's output), config beside it."""
     w = OrbaxWriter(root / "0", {p: (a.shape, a.dtype) for p, a in params.items()},

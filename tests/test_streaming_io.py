@@ -407,3 +407,39 @@ def test_mapped_files_drop_takes_the_pages_out_of_rss(tmp_path):
     mapped.drop(info)
     assert _rss_file_kb() - before < 4 << 10
     np.testing.assert_array_equal(mapped.view(info, slice(3, 5)), data[3:5])
+
+
+def test_read_ahead_hashes_stay_ahead_by_at_most_the_bound_and_hash_every_file(tmp_path, monkeypatch):
+    """ReadAheadHashes (to-hf's source hash): files hashed block by block at most `ahead` blocks
+    before the writer took them, then the rest; every digest that of the file on its own."""
+    import threading
+    import time
+
+    from gptoss_convert.converters import provenance
+    from gptoss_convert.io.files import file_digest
+
+    names = [f"d/{i}" for i in range(12)]
+    (tmp_path / "d").mkdir()
+    for i, n in enumerate(names):
+        (tmp_path / n).write_bytes(bytes([i]) * (1000 + i))
+    read: list[str] = []
+    lock = threading.Lock()
+
+    def digest(path, *a, **k):
+        with lock:
+            read.append(Path(path).relative_to(tmp_path).as_posix())
+        return file_digest(path, *a, **k)
+
+    monkeypatch.setattr(provenance, "file_digest", digest)
+    hasher = provenance.ReadAheadHashes(tmp_path, names, ahead=2)
+    hasher.expect([[names[0], names[1]], [names[2]], [names[3]], [], [names[4], names[0]]])
+    time.sleep(0.3)
+    assert read == names[:3]                       # two blocks ahead of a writer that took none
+    hasher.taken()
+    time.sleep(0.3)
+    assert read == names[:4]
+    for _ in range(4):
+        hasher.taken()
+    got = hasher.result()                          # then every other file, each once
+    assert sorted(read) == sorted(names) and len(read) == len(names) and read[:5] == names[:5]
+    assert got == {n: {"xxh3_128": file_digest(tmp_path / n)} for n in names}

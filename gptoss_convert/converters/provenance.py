@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import queue
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gptoss_convert
+from gptoss_convert.converters.stream import background
 from gptoss_convert.io.files import HASH, file_digest, hub_blob_sha256, new_hash, temp_path, write_durably
 from gptoss_convert.io.location import Location
 
@@ -30,6 +33,53 @@ def source_hashes(root: Path, names: list[str], workers: int | None = None) -> d
     named = {f: {"sha256": h} for f in names if (h := hub_blob_sha256(root / f))}
     rest = hash_files(root, [f for f in names if f not in named], workers)
     return named | {f: {HASH: h} for f, h in rest.items()}
+
+
+class ReadAheadHashes:
+    """The source's files hashed in the order a conversion reads them, a bounded distance ahead.
+
+    A source bigger than memory (the 20b's BF16 Orbax checkpoint is 42 GB) was read from disk
+    twice: once by the conversion and once, in another order, by the background hash. Here the
+    hash reads each block's files just before the conversion does (at most `ahead` blocks
+    before the writer takes them), so the conversion finds them in the page cache: one read
+    from disk, and the hash's read doubles as read-ahead. `expect` queues each block's files
+    (in the order the writer will take the blocks), `taken` says the writer took one, and
+    `result()` hashes the rest of `files` (metadata, and what no block read: shards a resumed
+    run skipped, chunks that are not files) and returns source_hashes()'s map of `files`."""
+
+    def __init__(self, root: Path, files: list[str], ahead: int):
+        self.root, self._files = root, files
+        self._blocks: queue.Queue = queue.Queue()
+        self._room = threading.Semaphore(ahead)
+        self._done: dict[str, str] = {}
+        self._future = background(self._run)
+
+    def expect(self, blocks: list[list[str]]) -> None:
+        for files in blocks:
+            self._blocks.put(files)
+
+    def taken(self) -> None:
+        self._room.release()
+
+    def have(self, file: str, digest: str) -> None:
+        """`file`'s digest, from bytes someone else read (then it is not read again)."""
+        self._done[file] = digest
+
+    def result(self) -> dict[str, dict[str, str]]:
+        self._blocks.put(None)
+        return self._future.result()
+
+    def _hash(self, files: list[str]) -> None:
+        for f in files:
+            if f not in self._done:
+                self._done[f] = file_digest(self.root / f)
+
+    def _run(self) -> dict[str, dict[str, str]]:
+        while (files := self._blocks.get()) is not None:
+            self._room.acquire()
+            self._hash(files)
+        self._hash(self._files)
+        return {f: {HASH: self._done[f]} for f in self._files}
 
 
 def tree_files(root: Path) -> list[Path]:

@@ -28,7 +28,7 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import parse_size, progress_bar, resolve_dtype
 from gptoss_convert.converters.dequantize import SHARD_METADATA, _shards
 from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import PROGRESS, source_hashes, write_record
+from gptoss_convert.converters.provenance import PROGRESS, ReadAheadHashes, source_hashes, write_record
 from gptoss_convert.converters.stream import background, prefetch
 from gptoss_convert.errors import ConfigError, InputError, PlanError
 from gptoss_convert.io.files import HASH, temp_path
@@ -136,14 +136,33 @@ def _index(src: OrbaxSource, path: str, slot: int | None, expert: int | None, ax
     return tuple(index)
 
 
-def read_parts(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[np.ndarray]:
-    """The leaf blocks HF rows `rows` of `t` are made of (None: all), before its transforms."""
-    return [src.read(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
+def read_parts(src: OrbaxSource, t: ExportTensor, rows: slice | None, hashes=None) -> list[np.ndarray]:
+    """The leaf blocks HF rows `rows` of `t` are made of (None: all), before its transforms. A
+    block that is one whole chunk file of this tool's output is read by OrbaxSource itself (one
+    O_DIRECT read, no page cache copy) and its file's digest handed to `hashes.have` (the
+    provenance hash, without a second read); the rest through TensorStore."""
+    parts = []
+    for p, slot in t.sources:
+        index = _index(src, p, slot, t.expert, t.row_axis, rows)
+        file = src.whole_chunk(p, index)
+        got = src.read_whole_chunk(p, index, file) if file else None
+        if got is not None and hashes is not None:
+            hashes.have(file, got[1])
+        parts.append(src.read(p, index) if got is None else got[0])
+    return parts
 
 
-def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, allow_nonfinite: bool):
+def block_files(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[str]:
+    """The source files TensorStore reads for these rows in read_parts ([] where chunks are not
+    files; whole chunks read_parts reads itself are hashed from its own read)."""
+    indices = [(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
+    return [f for p, i in indices if not src.whole_chunk(p, i) for f in src.chunk_files(p, i) or []]
+
+
+def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, allow_nonfinite: bool,
+               hashes=None):
     """HF rows `rows` of tensor `t` (None: all), in `dtype`; NaN/inf refused unless allowed."""
-    parts = read_parts(src, t, rows)
+    parts = read_parts(src, t, rows, hashes)
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
     if not _all_finite(x) and (t.mxfp4 or not allow_nonfinite):
@@ -166,12 +185,12 @@ def _all_finite(x: np.ndarray) -> bool:
     return x.size == 0 or int((x.view(np.uint16) & np.uint16(0x7FFF)).max()) < 0x7F80
 
 
-def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, rule: str):
+def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, rule: str, hashes=None):
     """HF rows `rows` of expert tensor `t` as MXFP4 (blocks [e, out, in/32, 16], scales
     [e, out, in/32], report). A gate_up_proj is not interleaved first: its parts (wi_0, wi_1)
     are quantized down their columns and the packed columns interleaved (codec.quantize_columns);
     NaN/inf are refused (looked for only once the quantizer has refused a block: its own check)."""
-    parts = read_parts(src, t, rows)
+    parts = read_parts(src, t, rows, hashes)
     if t.transforms and t.transforms != (Interleave(len(parts)),):
         parts = [apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])]
     parts = [np.ascontiguousarray(x).astype(dtype, copy=False) for x in parts]
@@ -196,13 +215,18 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
     def load(item):
         t, rows = item
         if t.mxfp4:
-            return requantize_block(src, t, rows, opts["np_dtype"], opts["rule"])
-        return (read_block(src, t, rows, opts["np_dtype"], opts["allow_nonfinite"]),)
+            return requantize_block(src, t, rows, opts["np_dtype"], opts["rule"], opts.get("hasher"))
+        return (read_block(src, t, rows, opts["np_dtype"], opts["allow_nonfinite"], opts.get("hasher")),)
 
     try:
         pending: list[np.ndarray] = []
         items = [(t, rows) for t in tensors for rows in t.row_blocks()]
+        hasher = opts.get("hasher")
+        if hasher is not None:
+            hasher.expect([block_files(src, t, rows) for t, rows in items])
         for i, ((t, _), got) in enumerate(prefetch(items, load, depth=opts["workers"] + 1, workers=opts["workers"])):
+            if hasher is not None:
+                hasher.taken()
             faults.point("read")
             w.append(t.name + (BLOCKS if t.mxfp4 else ""), got[0])
             if t.mxfp4:
@@ -379,9 +403,13 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])
     with dist.staging(cluster, staged, lambda s, first: None):
         files = source.files()
-        hashes_bg = background(hash_source, source, [f for f, m in zip(files, dist.my_share(cluster, [1] * len(files))) if m])
+        my_files = [f for f, m in zip(files, dist.my_share(cluster, [1] * len(files))) if m]
+        if cluster is None and not source.remote and not source.other_leaves:    # a file per chunk, read once
+            hashing = opts["hasher"] = ReadAheadHashes(source.step_dir, my_files, ahead=opts["workers"] + 3)
+        else:                                   # hashed in the background, in no particular order
+            hashing = background(hash_source, source, my_files)
         hashes, reports = _write_shards(source, staged, names, shards, opts, progress, mine)
-        merged = dist.merge_shares(cluster, staged, hashes, hashes_bg.result())
+        merged = dist.merge_shares(cluster, staged, hashes, hashing.result())
         if merged is None:                      # another process of a distributed run: its shards are on disk
             return dist.finish(cluster, None, log, f"{sum(mine)} of {n} shards")
         hashes, source_files = merged

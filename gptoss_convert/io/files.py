@@ -209,6 +209,54 @@ def hub_blob_sha256(path: Path) -> str | None:
     return None
 
 
+def read_file(path: Path, buf: np.ndarray) -> int:
+    """Read the whole of `path` into `buf` (contiguous; for O_DIRECT page-aligned, its length a
+    multiple of DirectWriter.ALIGN) and return the file's size: with O_DIRECT where the OS and
+    the file system take it (from the disk into `buf`, no copy through the page cache), else an
+    ordinary read. A file larger than `buf` returns its size and `buf` holds its start."""
+    view = memoryview(buf).cast("B")
+    fd = _open_direct_read(path) if _aligned(view) else None
+    if fd is not None:
+        try:
+            return _read_all(fd, view, DirectWriter.ALIGN)
+        except OSError as e:
+            if e.errno != errno.EINVAL:      # EINVAL: a file system that opens with O_DIRECT but refuses reads
+                raise
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _read_all(fd, view, 1)
+    finally:
+        os.close(fd)
+
+
+def _open_direct_read(path: Path) -> int | None:
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:          # EINVAL: no O_DIRECT on this file system (tmpfs)
+            raise
+        return None
+
+
+def _aligned(view: memoryview) -> bool:
+    address = np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
+    return address % DirectWriter.ALIGN == 0 and len(view) % DirectWriter.ALIGN == 0
+
+
+def _read_all(fd: int, view: memoryview, align: int) -> int:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], done)
+        done += n
+        if n == 0 or done % align:             # end of file (O_DIRECT: an unaligned count is the tail)
+            return done
+    return max(done, os.fstat(fd).st_size)
+
+
 def open_direct(path: Path) -> int | None:
     """A write descriptor for `path` with O_DIRECT, or None where the OS or the file system
     has no O_DIRECT (e.g. tmpfs)."""

@@ -16,21 +16,35 @@ stores: the marker, written last, is what says the step is whole).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import InputError
-from gptoss_convert.io.files import new_hash
+from gptoss_convert.buffers import RecyclingPool
+from gptoss_convert.io.files import new_hash, read_file
 from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.orbax_reader import open_leaf, read_metadata
-from gptoss_convert.io.orbax_writer import CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE
+from gptoss_convert.io.orbax_writer import CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES, shard_index
 
 ITEM = "items"
 COMMIT_FILE = "commit_success.txt"
 PREFIXES = (("params", "params"), ("params",), ())     # tried in order: the first that holds a decoder
+_CHUNKS = RecyclingPool(keep=8)                         # whole chunk files read by read_whole_chunk
+
+
+def _plain_shard_codecs(chunk: tuple[int, ...]) -> list[dict]:
+    """zarr3 codecs of a shard whose one inner chunk is the whole shard, uncompressed, little-endian,
+    index at the end (as TensorStore reports them for this tool's uncompressed output)."""
+    little = {"configuration": {"endian": "little"}, "name": "bytes"}
+    return [{"configuration": {"chunk_shape": list(chunk), "codecs": [little],
+                               "index_codecs": [little, {"name": "crc32c"}], "index_location": "end"},
+             "name": "sharding_indexed"}]
 
 
 @dataclasses.dataclass
@@ -44,6 +58,8 @@ class OrbaxSource:
     custom_metadata: dict
     other_leaves: int                                         # leaves outside the params (opt_state, step)
     _stores: dict = dataclasses.field(default_factory=dict)
+    _layouts: dict = dataclasses.field(default_factory=dict)
+    _plain: dict = dataclasses.field(default_factory=dict)      # leaf -> its shards are whole plain chunks
 
     @property
     def scanned(self) -> bool:
@@ -82,6 +98,82 @@ class OrbaxSource:
         if path not in self._stores:
             self._stores[path] = open_leaf(self.step_dir, path, prefix=self.prefix)
         return self._stores[path]
+
+    def chunk_files(self, path: str, index: tuple) -> list[str] | None:
+        """The files (relative to step_dir) that hold leaf `path`[index], for a local leaf stored
+        a file per chunk (zarr3, or zarr2, in a folder per leaf: this tool's output); None where
+        chunks are not files of their own (OCDBT, as MaxText saves by default; buckets).
+        `index` as `read` takes it: an int or a slice (step 1) per leading axis."""
+        layout = self._chunk_layout(path)
+        if layout is None:
+            return None
+        folder, chunk, prefix, sep = layout
+        ranges = []
+        for d, size in enumerate(self.leaves[path][0]):
+            i = index[d] if d < len(index) else slice(None)
+            start, stop = (i, i + 1) if isinstance(i, (int, np.integer)) else i.indices(size)[:2]
+            if stop <= start:
+                return []
+            ranges.append(range(start // chunk[d], (stop - 1) // chunk[d] + 1))
+        keys = [sep.join(prefix + [str(c) for c in cell]) for cell in itertools.product(*ranges)]
+        return [f"{folder}/{k}" for k in keys] if ranges else [f"{folder}/{sep.join(prefix) or '0'}"]
+
+    def _chunk_layout(self, path: str):
+        """(leaf folder relative to step_dir, chunk shape, key prefix, separator) or None."""
+        if path not in self._layouts:
+            self._layouts[path] = None
+            if not self.remote:
+                spec = self.store(path).spec().to_json()
+                kv, meta = spec.get("kvstore", {}), spec.get("metadata", {})
+                if kv.get("driver") == "file":
+                    folder = Path(kv["path"]).relative_to(Path(self.step_dir).absolute()).as_posix()
+                    chunk = tuple(self.store(path).chunk_layout.write_chunk.shape)
+                    if spec.get("driver") == "zarr3":
+                        enc = meta.get("chunk_key_encoding", {"name": "default"})
+                        default = enc.get("name") == "default"
+                        sep = enc.get("configuration", {}).get("separator", "/" if default else ".")
+                        self._layouts[path] = (folder, chunk, ["c"] if default else [], sep)
+                        self._plain[path] = meta.get("codecs") == _plain_shard_codecs(chunk)
+                    elif spec.get("driver") == "zarr":
+                        self._layouts[path] = (folder, chunk, [], meta.get("dimension_separator", "."))
+        return self._layouts[path]
+
+    def whole_chunk(self, path: str, index: tuple) -> str | None:
+        """The file (relative to step_dir) of the one chunk that leaf `path`[index] is, whole and
+        not at the edge, if `read_whole_chunk` can read it: a local zarr3 shard holding one
+        uncompressed little-endian inner chunk (how this tool writes whole chunks,
+        io/orbax_writer.py) on a little-endian host; else None."""
+        files = self.chunk_files(path, index)
+        if not files or len(files) != 1 or not self._plain.get(path) or sys.byteorder != "little":
+            return None
+        chunk, shape = self._layouts[path][1], self.leaves[path][0]
+        for d, (size, c) in enumerate(zip(shape, chunk)):
+            i = index[d] if d < len(index) else slice(None)
+            start, stop = (i, i + 1) if isinstance(i, (int, np.integer)) else i.indices(size)[:2]
+            if start % c or stop - start != c:
+                return None
+        return files[0]
+
+    def read_whole_chunk(self, path: str, index: tuple, file: str) -> tuple[np.ndarray, str] | None:
+        """(leaf `path`[index], the HASH digest of its file) from the file `whole_chunk` named,
+        read once with O_DIRECT into recycled memory: no page cache copy, no TensorStore
+        copy, and the provenance hash from the bytes in hand instead of a second read. None
+        (TensorStore reads it, and says what is wrong) if the shard index is not the one
+        whole chunk it should be (its crc32c, offset 0, the chunk's size)."""
+        shape, dtype = self.leaves[path]
+        chunk = self._chunk_layout(path)[1]
+        nbytes = math.prod(chunk) * dtype.itemsize
+        size = nbytes + SHARD_INDEX_BYTES
+        buf = _CHUNKS.empty((-(-size // 4096) * 4096,), np.uint8)
+        if read_file(self.step_dir / file, buf) != size:
+            return None
+        trailer = bytes(buf[nbytes:size])
+        if trailer != shard_index(nbytes):
+            return None
+        h = new_hash()
+        h.update(memoryview(buf[:size]))
+        keep = [n for d, n in enumerate(chunk) if not (d < len(index) and isinstance(index[d], (int, np.integer)))]
+        return buf[:nbytes].view(dtype).reshape(keep), h.hexdigest()
 
     def read(self, path: str, index: tuple) -> np.ndarray:
         """leaf[index] as a numpy array (only the chunks it touches are read)."""

@@ -103,6 +103,9 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
+SHARD_INDEX_BYTES = 20     # [offset, nbytes] as two little-endian uint64, then their crc32c
+
+
 def shard_index(nbytes: int) -> bytes:
     """The end of a chunk file holding one uncompressed inner chunk of `nbytes` (zarr3_metadata
     with compression=None): the index [offset 0, nbytes] as little-endian uint64, then its crc32c."""
