@@ -147,6 +147,8 @@ def side_by_side(orbax: Path, work: Path, a, bf16: int) -> list[dict]:
         for label, code in (("baseline", a.baseline), ("this tree", None)):
             out = work / f"hf-{i}-{'new' if code is None else 'old'}"
             shutil.rmtree(out, ignore_errors=True)
+            if a.cold:
+                drop_page_cache()
             secs, rss, cpu = timed(export_child, orbax, out, a.rule, code)
             rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule} ({label}, round {i + 1})", secs, rss, cpu, bf16,
                             tree_bytes(out)))
