@@ -12,7 +12,6 @@ import numpy as np
 
 from gptoss_convert.buffers import BufferPool, RecyclingPool, as_bits, empty
 from gptoss_convert.errors import CorruptTensorError
-from gptoss_convert.mapping.transforms import interleave
 from gptoss_convert.mxfp4 import columns
 from gptoss_convert.mxfp4.columns import SAT_BITS
 
@@ -347,7 +346,7 @@ def quantize_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np
         fast = _quantize_bf16_columns(ws, rule)
         if fast is not None:
             return fast
-    x = ws[0] if len(ws) == 1 else interleave(ws)
+    x = ws[0] if len(ws) == 1 else np.stack(ws, axis=-1).reshape(*ws[0].shape[:-1], -1)   # out[..., p::n] = parts[p]
     return quantize_with_report(np.ascontiguousarray(np.swapaxes(x, -1, -2)), rule)
 
 

@@ -94,7 +94,7 @@ def _kernel(round_up: bool, ties_up: bool):
 @functools.lru_cache(maxsize=None)
 def _cpu():
     import jax
-    return jax.devices("cpu")[0]
+    return jax.local_devices(backend="cpu")[0]          # this process's (under jax.distributed too)
 
 
 # scale byte s -> the square of its scale, 4**(s - 127): what a group's error sums at scale 1 are worth
