@@ -443,3 +443,20 @@ def test_read_ahead_hashes_stay_ahead_by_at_most_the_bound_and_hash_every_file(t
     got = hasher.result()                          # then every other file, each once
     assert sorted(read) == sorted(names) and len(read) == len(names) and read[:5] == names[:5]
     assert got == {n: {"xxh3_128": file_digest(tmp_path / n)} for n in names}
+
+
+@pytest.mark.parametrize("size", [MAP_MIN_BYTES + 4096, MAP_MIN_BYTES + 1234, 5000])
+def test_read_file_reads_every_byte_direct_or_not(tmp_path, size):
+    """read_file (to-hf's read of a whole chunk file): with O_DIRECT into a page-aligned mapped
+    buffer (sizes not a multiple of the page included: the tail comes short), or an ordinary
+    read into numpy's own memory; the same bytes as the file either way, and the file's size."""
+    from gptoss_convert.io.files import _aligned, read_file
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    pool = RecyclingPool(keep=1)
+    buf = pool.empty((-(-size // 4096) * 4096,), np.uint8)
+    assert _aligned(memoryview(buf)) == (size > MAP_MIN_BYTES)      # mapped memory: O_DIRECT
+    assert read_file(tmp_path / "f", buf) == size and bytes(buf[:size]) == data
+    small = np.zeros(size - 1000, np.uint8)                         # too small: its start, and the size
+    assert read_file(tmp_path / "f", small) == size and bytes(small) == data[:size - 1000]
