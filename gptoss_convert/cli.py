@@ -169,7 +169,7 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores, at least 4).")
 @s3_endpoint_option
 @distributed_options
 @_run

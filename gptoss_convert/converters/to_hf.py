@@ -313,6 +313,10 @@ def _write_metadata(out: Path, sidecars: Path, conf: dict, names: list[str], sha
 
 
 SMALL_FILE = 1 << 20
+# Default threads reading and requantizing blocks: at least 4 where there are fewer cores, since
+# each holds a chunk read in flight: the cold full-size export took 49.9-50.6 s with 4 and
+# 53.9-56.3 s with 2 on the 2-core VM (alternating, BENCHMARKS.md "Back out").
+READ_WORKERS = 4
 
 
 def open_source(src, step: int | None) -> OrbaxSource:
@@ -372,7 +376,8 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     per-tensor error report is logged and recorded in conversion.json. config.json, tokenizer and
     chat template come from the files to-orbax wrote beside `src`, or from `like` (an HF
     directory or hub id; needed for MaxText's own checkpoints). Returns OUT (the plan with
-    dry_run=True). `workers` threads read and requantize blocks (None: one per core)."""
+    dry_run=True). `workers` threads read and requantize blocks (None: one per core, at least
+    READ_WORKERS)."""
     t0 = time.perf_counter()
     keep_freed_memory()
     if scale_rule not in SCALE_RULES:
@@ -392,7 +397,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
         log(describe(tensors, source) + f"\n{len(tensors)} HF tensors in {n} shard(s), {total / 1e9:.2f} GB to write")
         return tensors
     opts = {"rule": scale_rule, "np_dtype": np_dtype, "allow_nonfinite": allow_nonfinite,
-            "workers": workers or os.cpu_count() or 1}
+            "workers": workers or max(READ_WORKERS, os.cpu_count() or 1)}
     fingerprint = {"command": "to-hf", "mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
                    "shards": [[t.name for t in s] for s in shards], "source": str(source.step_dir),
                    "source_files": source.sizes()}
