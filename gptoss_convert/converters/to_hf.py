@@ -137,19 +137,11 @@ def _index(src: OrbaxSource, path: str, slot: int | None, expert: int | None, ax
 
 
 def read_parts(src: OrbaxSource, t: ExportTensor, rows: slice | None, hashes=None) -> list[np.ndarray]:
-    """The leaf blocks HF rows `rows` of `t` are made of (None: all), before its transforms. A
-    block that is one whole chunk file of this tool's output is read by OrbaxSource itself (one
-    O_DIRECT read, no page cache copy) and its file's digest handed to `hashes.have` (the
-    provenance hash, without a second read); the rest through TensorStore."""
-    parts = []
-    for p, slot in t.sources:
-        index = _index(src, p, slot, t.expert, t.row_axis, rows)
-        file = src.whole_chunk(p, index)
-        got = src.read_whole_chunk(p, index, file) if file else None
-        if got is not None and hashes is not None:
-            hashes.have(file, got[1])
-        parts.append(src.read(p, index) if got is None else got[0])
-    return parts
+    """The leaf blocks HF rows `rows` of `t` are made of (None: all), before its transforms; the
+    digest of a whole chunk file OrbaxSource.read reads itself goes to `hashes.have` (the
+    provenance hash, without a second read)."""
+    have = None if hashes is None else hashes.have
+    return [src.read(p, _index(src, p, slot, t.expert, t.row_axis, rows), have) for p, slot in t.sources]
 
 
 def block_files(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[str]:

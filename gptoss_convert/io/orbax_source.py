@@ -38,6 +38,15 @@ PREFIXES = (("params", "params"), ("params",), ())     # tried in order: the fir
 _CHUNKS = RecyclingPool(keep=8)                         # whole chunk files read by read_whole_chunk
 
 
+def _spans(index: tuple, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) per axis of `index` (an int or a step-1 slice per leading axis) on `shape`."""
+    out = []
+    for d, size in enumerate(shape):
+        i = index[d] if d < len(index) else slice(None)
+        out.append((i, i + 1) if isinstance(i, (int, np.integer)) else i.indices(size)[:2])
+    return out
+
+
 def _plain_shard_codecs(chunk: tuple[int, ...]) -> list[dict]:
     """zarr3 codecs of a shard whose one inner chunk is the whole shard, uncompressed, little-endian,
     index at the end (as TensorStore reports them for this tool's uncompressed output)."""
@@ -108,13 +117,10 @@ class OrbaxSource:
         if layout is None:
             return None
         folder, chunk, prefix, sep = layout
-        ranges = []
-        for d, size in enumerate(self.leaves[path][0]):
-            i = index[d] if d < len(index) else slice(None)
-            start, stop = (i, i + 1) if isinstance(i, (int, np.integer)) else i.indices(size)[:2]
-            if stop <= start:
-                return []
-            ranges.append(range(start // chunk[d], (stop - 1) // chunk[d] + 1))
+        spans = _spans(index, self.leaves[path][0])
+        if any(stop <= start for start, stop in spans):
+            return []
+        ranges = [range(start // c, (stop - 1) // c + 1) for (start, stop), c in zip(spans, chunk)]
         keys = [sep.join(prefix + [str(c) for c in cell]) for cell in itertools.product(*ranges)]
         return [f"{folder}/{k}" for k in keys] if ranges else [f"{folder}/{sep.join(prefix) or '0'}"]
 
@@ -146,12 +152,9 @@ class OrbaxSource:
         files = self.chunk_files(path, index)
         if not files or len(files) != 1 or not self._plain.get(path) or sys.byteorder != "little":
             return None
-        chunk, shape = self._layouts[path][1], self.leaves[path][0]
-        for d, (size, c) in enumerate(zip(shape, chunk)):
-            i = index[d] if d < len(index) else slice(None)
-            start, stop = (i, i + 1) if isinstance(i, (int, np.integer)) else i.indices(size)[:2]
-            if start % c or stop - start != c:
-                return None
+        spans = _spans(index, self.leaves[path][0])
+        if any(start % c or stop - start != c for (start, stop), c in zip(spans, self._layouts[path][1])):
+            return None
         return files[0]
 
     def read_whole_chunk(self, path: str, index: tuple, file: str) -> tuple[np.ndarray, str] | None:
@@ -175,9 +178,18 @@ class OrbaxSource:
         keep = [n for d, n in enumerate(chunk) if not (d < len(index) and isinstance(index[d], (int, np.integer)))]
         return buf[:nbytes].view(dtype).reshape(keep), h.hexdigest()
 
-    def read(self, path: str, index: tuple) -> np.ndarray:
-        """leaf[index] as a numpy array (only the chunks it touches are read)."""
-        return np.asarray(self.store(path)[index].read().result())
+    def read(self, path: str, index: tuple, on_whole_file=None) -> np.ndarray:
+        """leaf[index] as a numpy array (only the chunks it touches are read). One whole chunk
+        file of this tool's output is read by `read_whole_chunk` (one O_DIRECT read, no page
+        cache copy) and `on_whole_file(file, digest)` is told its digest; the rest, and that
+        too where its shard index is not as expected, through TensorStore."""
+        file = self.whole_chunk(path, index)
+        got = self.read_whole_chunk(path, index, file) if file else None
+        if got is None:
+            return np.asarray(self.store(path)[index].read().result())
+        if on_whole_file is not None:
+            on_whole_file(file, got[1])
+        return got[0]
 
 
 def _committed(step_dir: Path | Location) -> bool:

@@ -308,8 +308,6 @@ def _bf16_error_tables(ties_up: bool = False) -> tuple[np.ndarray, np.ndarray]:
         return (err * err).astype(np.float32), (q * q).astype(np.float32)
 
 
-
-
 def quantize_with_report(weights: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """quantize() plus quantize_report()'s figures; for bf16 both come from one pass over
     the bits (the error of each value read from a table of every scaled bf16 magnitude)."""
@@ -412,14 +410,14 @@ def _bf16_scales(amax: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray] |
     return k, np.where(zero, np.uint8(0 if up else 127), (k + 127).astype(np.uint8))
 
 
-def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray, ties_up: bool, axis: int = -1) -> None:
+def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray, ties_up: bool) -> None:
     """Add a chunk's squared error, squared weights and saturated count (idx: scaled bf16 bits,
-    a group's 32 values along `axis`; k: log2 of each group's scale, idx's shape without `axis`)."""
+    a group's 32 values along the last axis; k: log2 of each group's scale, idx's shape without it)."""
     err_t, val_t = _bf16_error_tables(ties_up)
     factor = np.ldexp(1.0, 2 * k.astype(np.int64))                     # per group: scale**2
     # multiply and sum, not np.dot: BLAS's threads took ~15 ms a call on the loaded 2-core VM
     for key, table in (("err2", err_t), ("ref2", val_t)):
-        report[key] += float(np.multiply(np.take(table, idx).sum(axis=axis, dtype=np.float64), factor).sum())
+        report[key] += float(np.multiply(np.take(table, idx).sum(axis=-1, dtype=np.float64), factor).sum())
     report["saturated"] += int(np.count_nonzero(idx > SAT_BITS))
 
 
