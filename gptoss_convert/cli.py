@@ -7,59 +7,128 @@ and a non-zero exit (a traceback only with --debug).
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import click
 
-from gptoss_convert.errors import ConvertError
+from gptoss_convert.errors import ConvertError, OutputError
+
+
+DEBUG_ENV = "GPTOSS_CONVERT_DEBUG"
+
+
+class _Group(click.Group):
+    """The command group: `--debug` is accepted anywhere on the line (also after the command)."""
+
+    def parse_args(self, ctx, args):
+        if "--debug" in args[1:]:
+            args = ["--debug"] + [a for a in args if a != "--debug"]
+        return super().parse_args(ctx, args)
+
+
+def _debug(ctx) -> bool:
+    return bool(ctx.find_root().params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _writable(path: str, what: str) -> Path:
+    """Check, before any work, that `path` can be written (its directory exists and is writable)."""
+    p = Path(path).absolute()
+    if p.is_dir():
+        raise OutputError(f"{what} {path}: is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise OutputError(f"{what} {path}: directory {p.parent} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise OutputError(f"{what} {path}: cannot write there (read-only or no permission); choose another path")
+    return p
+
+
+def _summary(path: Path | None, command: str, t0: float, code: int, result=None, error: str | None = None) -> None:
+    """--json FILE: one schema for every command."""
+    if path is None:
+        return
+    doc = {"command": command, "ok": code == 0, "exit_code": code, "seconds": round(time.perf_counter() - t0, 3),
+           "result": None if result is None else (str(result) if isinstance(result, (str, os.PathLike)) else result),
+           "error": error}
+    path.write_text(json.dumps(doc, indent=1, default=str))
 
 
 def _run(fn):
-    """Turn library errors into `error: ...` + exit code; --debug keeps the traceback."""
+    """Turn library errors into `error: ...` + exit code (--debug or GPTOSS_CONVERT_DEBUG=1 keep
+    the traceback); usage errors stay click's (exit 2); `--json FILE` gets the summary."""
     @functools.wraps(fn)
     @click.pass_context
     def wrapper(ctx, *args, **kwargs):
-        debug = ctx.find_root().params.get("debug", False)
+        debug, t0, command = _debug(ctx), time.perf_counter(), ctx.info_name
+        summary = kwargs.pop("json_summary", None)
+        code, error, result = 0, None, None
         try:
-            return fn(*args, **kwargs)
+            summary = summary and _writable(summary, "--json")
+            result = fn(*args, **kwargs)
+            return result
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+            raise
+        except click.ClickException:
+            code = 2
+            raise
         except ConvertError as e:
             if debug:
                 raise
-            click.echo(f"error: {e.one_line()}", err=True)
-            sys.exit(e.exit_code)
+            code, error = e.exit_code, e.one_line()
+            click.echo(f"error: {error}", err=True)
+            sys.exit(code)
         except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command with --resume to continue", err=True)
-            sys.exit(130)
-        except click.exceptions.Exit:
-            raise
+            code, error = 130, "interrupted"
+            resumable = any(p.name == "resume" for p in ctx.command.params)
+            click.echo("interrupted" + ("; rerun the same command with --resume to continue" if resumable else ""), err=True)
+            sys.exit(code)
         except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
             if debug:
                 raise
             msg = " ".join(str(e).split()) or type(e).__name__
             from gptoss_convert.converters.output import disk_full
             if why := disk_full(e):
-                click.echo(f"error: cannot write: {why} ({msg}); free space (or raise the file size limit) and rerun", err=True)
-                sys.exit(3)
-            click.echo(f"error: {type(e).__name__}: {msg} (rerun with --debug for a traceback)", err=True)
-            sys.exit(1)
+                code, error = 3, f"cannot write: {why} ({msg}); free space (or raise the file size limit) and rerun"
+            else:
+                code, error = 1, f"{type(e).__name__}: {msg} (rerun with --debug for a traceback)"
+            click.echo(f"error: {error}", err=True)
+            sys.exit(code)
+        finally:
+            if isinstance(summary, Path):
+                _summary(summary, command, t0, code, result, error)
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show Python tracebacks on errors.")
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help=f"Show Python tracebacks on errors (anywhere on the line; or {DEBUG_ENV}=1).")
 @click.version_option(package_name="gptoss-convert")
 def main(debug: bool) -> None:
     """Convert gpt-oss checkpoints (MXFP4 safetensors) to HF BF16 and MaxText Orbax, and verify them."""
 
 
+json_option = click.option("--json", "json_summary", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                           help="Write a machine-readable summary here (command, ok, exit_code, seconds, result, error).")
+
+
+DTYPE = click.Choice(["bf16", "fp32", "bfloat16", "float32"])
+_LONG = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
+
+
 _common = [
+    click.option("--dtype", type=DTYPE, default="bf16", show_default=True, help="Output dtype (bfloat16, float32 also accepted)."),
+    click.option("--dry-run", is_flag=True, help="Print the checked plan (and what it needs) and exit; writes nothing."),
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-    click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT."),
+    click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT (only from the same source bytes)."),
     click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads (default: all cores)."),
-    click.option("--no-progress", is_flag=True, help="No progress bar."),
+    click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress bar or progress lines."),
     click.option("--allow-nonfinite", is_flag=True, help="Convert even if BF16 weights hold NaN/inf."),
     click.option("--strict-config", is_flag=True,
                  help="Refuse config.json fields this tool does not know (default: accept them as inert, with a warning)."),
+    click.option("--no-space-check", is_flag=True, help="Write even if OUT's filesystem has less free space than the output needs."),
 ]
 
 
@@ -77,9 +146,16 @@ s3_endpoint_option = click.option(
 
 
 def common_options(fn):
-    for opt in reversed(_common):
-        fn = opt(fn)
-    return fn
+    """The options every converting command takes, handed to `fn` as one dict `opts` (the library's
+    keywords) beside `dtype`, `dry_run` and `workers`; plus --json and --s3-endpoint."""
+    @functools.wraps(fn)
+    def wrapper(*args, overwrite, resume, no_progress, allow_nonfinite, strict_config, no_space_check, **kwargs):
+        opts = dict(overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
+                    strict_config=strict_config, check_space=not no_space_check)
+        return fn(*args, opts=opts, **kwargs)
+    for opt in reversed(_common + [json_option, s3_endpoint_option]):
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 _distributed = [
@@ -111,75 +187,70 @@ def distributed_options(fn):
     return wrapper
 
 
+_like = click.option("--like", default=None, metavar="HF_DIR_OR_ID",
+                     help="The HF model (dir or hub id) whose config.json and tokenizer go with SRC (needed for MaxText's own checkpoints).")
+_step = click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
+_shard = click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
+
+
 @main.command("dequantize")
 @click.argument("src")
-@click.argument("out", type=click.Path())
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
+@click.argument("out")
+@_shard
 @common_options
 @distributed_options
 @_run
-def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, no_progress, allow_nonfinite, strict_config,
-                   dist):
-    """MXFP4 safetensors SRC (directory or hub id) -> HF BF16 checkpoint OUT."""
+def dequantize_cmd(src, out, max_shard_size, dtype, dry_run, workers, opts, dist):
+    """MXFP4 safetensors SRC (directory or hub id) -> HF BF16 checkpoint OUT (a directory, gs:// or s3://)."""
     from gptoss_convert.converters.dequantize import dequantize
-    dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers,
-               overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-               strict_config=strict_config, **dist)
+    return dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers, dry_run=dry_run, **opts, **dist)
+
+
+def _layout(ctx, scanned: bool, unscanned: bool) -> bool:
+    if scanned == unscanned:
+        raise click.UsageError("choose one layout: --scanned (training) or --unscanned (decoding)"
+                               + ("" if not scanned else ", not both"), ctx)
+    return scanned
 
 
 @main.command("to-orbax")
 @click.argument("src")
-@click.argument("out", type=click.Path())
-@click.option("--scanned/--unscanned", default=None, help="Layout: scanned (training) or unscanned (decoding).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print the checked plan and exit; writes nothing.")
+@click.argument("out")
+@click.option("--scanned", is_flag=True, help="Layout for training (layers stacked, scan_layers=true).")
+@click.option("--unscanned", is_flag=True, help="Layout for decoding (one subtree per layer, scan_layers=false).")
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
-@click.option("--like", default=None, help="Orbax SRC without config.json beside it (MaxText's): the HF model (dir or id) it came from.")
-@click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
-@s3_endpoint_option
+@_like
+@_step
 @common_options
 @distributed_options
 @_run
-def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite, resume, workers, no_progress,
-                 allow_nonfinite, strict_config, dist):
+def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, dtype, dry_run, workers, opts, dist):
     """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT
     (OUT/0/items; a directory, gs:// or s3://)."""
-    if scanned is None:
-        raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
+    scanned = _layout(click.get_current_context(), scanned, unscanned)
     from gptoss_convert.converters.to_orbax import to_orbax
-    to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
-             overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-             strict_config=strict_config, like=like, step=step, **dist)
+    return to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers,
+                    compression="zstd" if zstd else None, like=like, step=step, **opts, **dist)
 
 
 @main.command("to-hf")
 @click.argument("src")
-@click.argument("out", type=click.Path())
+@click.argument("out")
 @click.option("--mxfp4", is_flag=True, help="Requantize the expert weights to MXFP4 in the published layout (gpt-oss).")
 @click.option("--scale-rule", type=click.Choice(["triton", "triton-rtne", "ocp"]), default="triton", show_default=True,
               help="MXFP4 rule: triton_kernels' round-up scale (nothing saturates) with element ties rounded up "
                    "(as at gpt-oss's release; vLLM's copy) or to even (triton-rtne), or OCP's floor(log2 amax)-2.")
-@click.option("--like", default=None, help="HF model (dir or id) for config.json and tokenizer (needed for MaxText's own checkpoints).")
-@click.option("--step", type=int, default=None, help="SRC given as a run root: this step (default: the latest committed).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True)
-@click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
-@click.option("--dry-run", is_flag=True, help="Print the checked plan and exit; writes nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
-@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores, at least 4).")
-@s3_endpoint_option
+@_like
+@_step
+@_shard
+@common_options
 @distributed_options
 @_run
-def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dry_run, overwrite, resume, no_progress,
-              allow_nonfinite, workers, dist):
-    """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT."""
+def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, max_shard_size, dtype, dry_run, workers, opts, dist):
+    """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT (a directory, gs:// or s3://)."""
     from gptoss_convert.converters.to_hf import to_hf
-    to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype, max_shard_size=max_shard_size,
-          dry_run=dry_run, overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-          workers=workers, **dist)
+    return to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype,
+                 max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
 
 
 @main.command("golden")
@@ -187,12 +258,14 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dr
 @click.option("--out", required=True, type=click.Path(), help="Golden file to write (JSON lines).")
 @click.option("--prompts", default=None, help="';'-separated prompts (default: MaxText's three + a long passage).")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None, help="One prompt per line.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
+@json_option
 @_run
 def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
     """Reference logits from HF transformers on HF_DIR (MXFP4 or BF16), MaxText's golden format."""
     from gptoss_convert.verify.golden import golden
-    golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, dtype=dtype)
+    _writable(out, "--out")
+    return golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, dtype=_LONG[dtype])
 
 
 @main.command("verify")
@@ -205,8 +278,8 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 @click.option("--max-kl", type=float, default=3e-4, show_default=True)
 @click.option("--skip-first-token", is_flag=True)
 @click.option("--json", "json_report", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
-@click.option("--config", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Directory holding config.json, if not beside the checkpoint.")
+@click.option("--like", "--config", "config", type=click.Path(exists=True, file_okay=False), default=None,
+              help="HF directory holding config.json (and tokenizer), if not beside the checkpoint.")
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
 @click.option("--streamed/--in-memory", default=None,
               help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
@@ -223,46 +296,52 @@ def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token,
 @main.command("check")
 @click.argument("out")
 @s3_endpoint_option
+@json_option
 @_run
 def check_cmd(out):
     """Re-read a finished output (safetensors or Orbax) and confirm it against its conversion.json."""
     from gptoss_convert.converters.check import check
-    check(out)
+    return check(out)
 
 
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@json_option
 @_run
 def demo_cmd(workdir):
     """Generate a tiny gpt-oss and run dequantize, to-orbax (both layouts), golden and verify."""
     from gptoss_convert.demo import demo
     rows = demo(workdir)
     if any(r["verdict"] == "FAIL" for r in rows):
-        sys.exit(4)
+        from gptoss_convert.errors import VerifyFailed
+        raise VerifyFailed("demo: a step failed (see the table above)")
+    return rows
 
 
 @main.command("generate")
 @click.argument("ckpt")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Directory holding tokenizer.json (default: the one holding config.json beside CKPT).")
+@click.option("--like", "--tokenizer", "tokenizer", type=click.Path(exists=True, file_okay=False), default=None,
+              help="HF directory holding config.json and tokenizer.json, if not beside CKPT.")
 @click.option("--max-new-tokens", type=click.IntRange(0), default=32, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same tokens).")
 @click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
 @s3_endpoint_option
+@json_option
 @_run
 def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""
     from gptoss_convert.generate import generate_from_checkpoint
     r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=dtype)
+                                 temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=_LONG[dtype])
     click.echo(r["prompt"] + r["text"])
     click.echo(f"prompt ids: {r['prompt_ids']}")
     click.echo(f"new ids: {r['new_ids']}")
     click.echo(r["stats"].summary(), err=True)
+    return {k: r[k] for k in ("prompt_ids", "new_ids", "text")}
 
 
 if __name__ == "__main__":

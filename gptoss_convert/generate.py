@@ -37,7 +37,8 @@ def generate_from_checkpoint(ckpt: str | os.PathLike, prompt: str, *, tokenizer:
                              moe: str = "ragged_dot", dtype="float32") -> dict:
     """Load CKPT (OUT, OUT/0, OUT/0/items of to-orbax, or an HF directory), tokenize `prompt` with the
     tokenizer beside it (or `tokenizer`), and continue it. Returns prompt/text/ids/stats."""
-    ck = locate(ckpt)
+    like = tokenizer if tokenizer and (Path(tokenizer) / "config.json").is_file() else None
+    ck = locate(ckpt, like)
     backend, cfg = load_config(ck)
     tok = _tokenizer(Path(tokenizer) if tokenizer else ck.config_dir)
     prompt_ids = tok.encode(prompt).ids

@@ -81,7 +81,7 @@ def _ok(results) -> None:
 def test_shares_never_split_a_chunk_file_and_are_balanced(mxfp4_dir, tmp_path, scanned, n):
     _, _, plan = plan_for(HFCheckpoint(mxfp4_dir), scanned=scanned, itemsize=2)
     chunks = plan.chunk_shapes()
-    groups = dist.shared_chunk_groups(plan.blocks, chunks)
+    groups = dist.shared_chunk_groups([[(e.target, e.index) for e in b.emits] for b in plan.blocks], chunks)
     owners = dist.balance([b.nbytes for b in plan.blocks], groups, n)
     # the oracle for "which chunk files does a block touch" is the writer's own chunk_cells
     writer = OrbaxWriter(tmp_path / "0", {p: (s, "bfloat16") for p, s in plan.targets.items()}, chunk_shapes=chunks)

@@ -183,11 +183,13 @@ def test_chunk_files_are_exactly_the_files_a_read_needs(bf16_round, bf16_dir, sc
     whole_chunk reads itself) against TensorStore's own reads: in a copy of the checkpoint where
     the leaves' other chunk files are gone, each block reads the same values; without any one
     of the files named, the read fails."""
-    from gptoss_convert.converters.to_hf import _index, backend_config, export_plan, open_source, read_parts
+    from gptoss_convert.converters.sources import OrbaxSrc, open_source
+    from gptoss_convert.converters.to_hf import _index, export_plan, read_parts
 
     orbax = bf16_round[scanned][0]
     src = open_source(orbax, None)
-    backend, cfg, _, _ = backend_config(src, None)
+    s = OrbaxSrc(src)
+    backend, cfg = s.backend, s.cfg
     tensors = export_plan(backend, cfg, src, mxfp4=False, itemsize=2, block_bytes=4096)
     picks = [(t, rows) for t in tensors for rows in t.row_blocks()
              if t.name.endswith(("embed_tokens.weight", "lm_head.weight", "layers.1.mlp.experts.gate_up_proj",
@@ -381,7 +383,7 @@ def test_training_state_saved_by_orbax_exports(changed, bf16_dir, tmp_path, monk
     want, got = stored(ref), stored(hf)
     assert sorted(want) == sorted(got) and all(want[n].tobytes() == got[n].tobytes() for n in want)
     assert json.loads((hf / "conversion.json").read_text())["source_other_leaves"] == len(params) + 1
-    monkeypatch.setattr("gptoss_convert.converters.to_hf.SMALL_FILE", 2000)   # the blobs count as big
+    monkeypatch.setattr("gptoss_convert.converters.sources.SMALL_FILE", 2000)   # the blobs count as big
     hf5 = to_hf(run / "5" / "items", tmp_path / "hf5", like=bf16_dir, **QUIET)
     files = json.loads((hf5 / "conversion.json").read_text())["source"]["files"]
     assert all(("xxh3_128" in m) == (m["size"] < 2000) for m in files.values())

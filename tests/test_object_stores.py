@@ -220,15 +220,6 @@ def test_overwrite_replaces_a_prefix(mxfp4_dir, s3):
     check(str(loc), log=lambda *_: None)
 
 
-def test_dequantize_refuses_a_bucket(mxfp4_dir, tmp_path, monkeypatch):
-    """dequantize writes local directories only: a URL is refused, not taken as a folder 'gs:'."""
-    from gptoss_convert.converters.dequantize import dequantize
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(OutputError, match="^gs://bkt/hf: this command writes local directories only"):
-        dequantize(mxfp4_dir, "gs://bkt/hf", **QUIET)
-    assert not any(tmp_path.iterdir())
-
-
 def test_dropped_connection_mid_write(mxfp4_dir, s3, monkeypatch):
     """The S3 server stops after the second block: a one-line error naming the URL; after it comes
     back (moto keeps its objects in this process) nothing looks complete and --resume finishes."""

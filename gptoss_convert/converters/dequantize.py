@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import time
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
-from gptoss_convert.buffers import BufferPool, keep_freed_memory
+from gptoss_convert.buffers import BufferPool
 from gptoss_convert.converters import distributed as dist
-from gptoss_convert.converters.common import check_against_backend, parse_size, progress_bar, resolve_dtype, write_sidecars
-from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import source_hashes, write_record
-from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.io.files import temp_path
-from gptoss_convert.io.hf_checkpoint import INDEX, HFCheckpoint, open_checkpoint
-from gptoss_convert.io.safetensors import DTYPES, ShardWriter, build_header
+from gptoss_convert.converters import job
+from gptoss_convert.converters.common import check_against_backend, parse_size
+from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write_index
+from gptoss_convert.converters.sources import DType, HFSource, dtype_of, write_sidecars
+from gptoss_convert.converters.stream import prefetch
+from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
+from gptoss_convert.io.safetensors import DTYPES, ShardWriter
 
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
 
@@ -36,6 +34,11 @@ class OutTensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """What the shard holds for it: (name, dtype, shape)."""
+        return [(self.name, self.dtype, self.shape)]
 
 
 def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTensor]:
@@ -55,18 +58,6 @@ def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTens
     return out
 
 
-def _shards(tensors: list[OutTensor], max_shard: int) -> list[list[OutTensor]]:
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
 def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None, pool: BufferPool) -> np.ndarray:
     np_dtype = np.float32 if t.dtype == "F32" else ml_dtypes.bfloat16
     arr = ck.read(t.name, rows, dtype=np_dtype, alloc=pool.get)    # into a recycled buffer
@@ -77,15 +68,6 @@ def _row_slices(t: OutTensor):
     if t.rows_per_block is None:
         return [None]
     return [slice(r, min(r + t.rows_per_block, t.shape[0])) for r in range(0, t.shape[0], t.rows_per_block)]
-
-
-SHARD_METADATA = {"format": "pt"}
-
-
-def _shard_size(tensors: list[OutTensor]) -> int:
-    """Bytes of a finished shard: length prefix + header + data."""
-    prefix, _ = build_header([(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
-    return len(prefix) + sum(t.nbytes for t in tensors)
 
 
 def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
@@ -107,72 +89,59 @@ def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
 
 
 @dist.distributable
-def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16",
+def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | DType = "bf16",
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
-               strict_config: bool = False, cluster=None, log=print) -> Path:
+               strict_config: bool = False, dry_run: bool = False, check_space: bool = True,
+               cluster=None, log=print) -> Path | ShardsTarget:
     """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
 
     Expert matrices are dequantized (bit-exact) into HF orientation; every other tensor is
     copied bit for bit (or cast to float32 with dtype="fp32"). Memory stays bounded by a few
-    blocks (one expert / `block_bytes`), whatever the model size. Output appears atomically;
-    `resume=True` continues an interrupted run. `strict_config=True` refuses config.json fields
-    this tool does not know (by default they are accepted as inert, warned about and recorded).
-    `distributed=True` runs this as one of several processes, each writing its own shards
-    (options as for to_orbax; docs/multihost.md). Returns the output path.
+    blocks (one expert / `block_bytes`), whatever the model size. `out` is a directory (it
+    appears atomically) or a gs:// / s3:// prefix (complete once its journal is gone);
+    `resume=True` continues an interrupted run onto the same source bytes. `strict_config=True`
+    refuses config.json fields this tool does not know (by default they are accepted as inert,
+    warned about and recorded). `distributed=True` runs this as one of several processes, each
+    writing its own shards (options as for to_orbax; docs/multihost.md). Returns the output
+    path (the checked plan with dry_run=True).
     """
-    t0 = time.perf_counter()
-    keep_freed_memory()
-    st_dtype = {"bfloat16": "BF16", "float32": "F32"}[resolve_dtype(dtype)]
+    dt = dtype_of(dtype)
     ck = open_checkpoint(src)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
+    target = dequantize_target(ck, dt, parse_size(max_shard_size), block_bytes, strict_config)
+    if dry_run:
+        log(describe(target))
+        return target
+    return job.run(HFSource(ck), target, out, job.JobOptions(overwrite, resume, progress, check_space), cluster, log)
+
+
+def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: int, strict_config: bool) -> ShardsTarget:
+    """The checked plan: every tensor of `ck` (MXFP4 dequantized to `dt`, the rest copied) in shards."""
     cfg = check_against_backend(ck, strict_config=strict_config)
-    tensors = _out_tensors(ck, st_dtype, block_bytes)
-    shards = _shards(tensors, parse_size(max_shard_size))
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    fingerprint = {"command": "dequantize", "dtype": st_dtype, "shards": [[t.name for t in s] for s in shards],
-                   "source": {f: (ck.dir / f).stat().st_size for f in ck.files}}
-    total = sum(t.nbytes for t in tensors)
-    dist.agree_on(cluster, fingerprint, ck.config_raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
-                  max_shard_size=parse_size(max_shard_size))
-    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume, source=ck.dir, log=log)
-    mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])
-    with dist.staging(cluster, staged, lambda s, first: None):
-        files = [f for f, m in zip(ck.files, dist.my_share(cluster, [1] * len(ck.files))) if m]
-        sources = background(source_hashes, ck.dir, files, workers=1)   # overlaps the conversion
-        hashes = {}
-        with progress_bar(sum(t.nbytes for s, m in zip(shards, mine) if m for t in s), "dequantize", progress) as bar:
-            for fname, shard in (fs for fs, m in zip(zip(names, shards), mine) if m):
-                done = staged.path / fname      # journaled, and still there whole (not lost or cut short)
-                if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
-                    bar.update(sum(t.nbytes for t in shard))
-                    continue
-                tmp = temp_path(staged.path / fname)
-                hashes[fname] = _write_shard(ck, tmp, shard, bar)
-                os.replace(tmp, staged.path / fname)
-                staged.mark_done(fname)
-        merged = dist.merge_shares(cluster, staged, hashes, sources.result())
-        if merged is None:                      # another process of a distributed run: its shards are on disk
-            return dist.finish(cluster, None, log, f"{sum(mine)} of {n} shards")
-        _write_metadata(ck, staged.path, names, shards, st_dtype)
-        write_record(staged.path, command="dequantize", source_dir=ck.dir, source_files=merged[1],
-                     options={"dtype": st_dtype, "max_shard_size": parse_size(max_shard_size)},
-                     extra={"config_unknown_fields": list(cfg.unknown_fields)}, output_hashes=merged[0])
-        result = staged.commit()
-    if cluster is not None:
-        dist.finish(cluster, result)
-    dt = time.perf_counter() - t0
-    log(f"dequantize: wrote {total / 1e9:.2f} GB in {len(names)} shard(s) to {result} in {dt:.1f} s "
-        f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {sum(ck.tensors[t.name].is_mxfp4 for t in tensors)} MXFP4 tensors "
-        f"dequantized to {st_dtype}, the rest copied; load it with transformers.AutoModelForCausalLM.from_pretrained('{result}').")
-    return result
+    tensors = _out_tensors(ck, dt.st, block_bytes)
+    mxfp4 = sum(ck.tensors[t.name].is_mxfp4 for t in tensors)
+
+    def summary(result, seconds: float) -> str:
+        total = sum(t.nbytes for t in tensors)
+        return (f"dequantize: wrote {total / 1e9:.2f} GB in {len(target.names)} shard(s) to {result} in {seconds:.1f} s "
+                f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); {mxfp4} MXFP4 tensors dequantized to {dt.st}, the rest "
+                f"copied; load it with transformers.AutoModelForCausalLM.from_pretrained('{result}').")
+
+    def metadata(out, names, shards) -> None:
+        conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"} | {"dtype": dt.name}
+        write_sidecars(out, conf | ({"torch_dtype": dt.name} if "torch_dtype" in ck.config_raw else {}), ck.sidecar_files())
+        write_index(out, names, shards)
+
+    target = ShardsTarget("dequantize", tensors, max_shard, lambda path, shard, bar: (_write_shard(ck, path, shard, bar), {}),
+                          metadata, {"dtype": dt.st, "max_shard_size": max_shard}, summary,
+                          extra={"config_unknown_fields": list(cfg.unknown_fields)})
+    return target
 
 
-def _write_metadata(ck: HFCheckpoint, out: Path, names: list[str], shards, st_dtype: str) -> None:
-    name = "float32" if st_dtype == "F32" else "bfloat16"
-    write_sidecars(ck, out, dtype=name, **({"torch_dtype": name} if "torch_dtype" in ck.config_raw else {}))
-    if len(names) > 1:
-        weight_map = {t.name: f for f, s in zip(names, shards) for t in s}
-        total = sum(t.nbytes for s in shards for t in s)
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+def describe(target: ShardsTarget) -> str:
+    """The plan, one line per shard: its tensors and bytes."""
+    lines = [f"{name}: {len(s)} tensors, {sum(t.nbytes for t in s) / 1e9:.3f} GB ({', '.join(t.name for t in s[:3])}"
+             f"{', ...' if len(s) > 3 else ''})" for name, s in zip(target.names, target.shards)]
+    total = sum(u.nbytes for u in target.units)
+    return "\n".join(lines + [f"{len(target.tensors)} tensors in {len(target.names)} shard(s), {total / 1e9:.2f} GB to write"])

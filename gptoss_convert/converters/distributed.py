@@ -32,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-from gptoss_convert.converters.output import StagedOutput
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.errors import ConvertError, InputError, OutputError
 
@@ -49,7 +48,90 @@ class ClusterError(ConvertError):
     exit_code = 3
 
 
-class Cluster:
+class _Protocol:
+    """The steps of converters/job.py that depend on how many processes share the work; the same
+    methods for one process (Solo) and many (Cluster)."""
+
+    process_id, num_processes = 0, 1
+
+    @property
+    def leader(self) -> bool:
+        return self.process_id == 0
+
+    def agree_on(self, fingerprint: dict, config: dict, **more) -> None:
+        """agree() on the staging fingerprint, the source's config.json and `more` (OUT, flags)."""
+        if self.num_processes > 1:
+            digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+            agree(self, {**fingerprint, "config.json": digest, **more})
+
+    def my_share(self, sizes: list[int], groups: list[int | None] | None = None) -> list[bool]:
+        """For each unit (by size), whether this process does it (all, alone)."""
+        if self.num_processes == 1:
+            return [True] * len(sizes)
+        groups = [i if g is None else g for i, g in enumerate(groups or [None] * len(sizes))]
+        return [o == self.process_id for o in balance(sizes, groups, self.num_processes)]
+
+    @contextlib.contextmanager
+    def staging(self, output, prepare):
+        """Enter `output` (the leader, or alone) or join it once the leader has, and run
+        `prepare(path, first, resumed)` before any process writes: first=True once (create what
+        all share, clean up after a crash), then on every other process."""
+        if self.leader:
+            with output:
+                prepare(output.path, True, output.resumed)
+                if self.num_processes > 1:
+                    self.publish("staged", json.dumps({"resumed": output.resumed}))
+                yield output
+            return
+        info = json.loads(self.leader_says("staged"))
+        output.join(f"journal-{self.process_id}", info["resumed"])
+        prepare(output.path, False, output.resumed)
+        yield output
+
+    def all_hashed(self) -> bool:
+        """Whether every process has hashed its share of the source (this one has)."""
+        if self.num_processes == 1:
+            return True
+        self.publish("hashed")
+        return len(self._dir("hashed")) == self.num_processes
+
+    def wait_all_hashed(self) -> None:
+        if self.num_processes > 1:
+            self.gather("hashed")
+
+    def merge_shares(self, staged, outputs: dict, sources: dict, sizes: dict) -> tuple[dict, dict, dict] | None:
+        """After this process's work: (all output hashes, all source hashes, all output sizes) on
+        the leader (or alone); None on the others, which are done."""
+        if self.num_processes == 1:
+            return outputs, sources, sizes
+        save_share(self, staged, {"outputs": outputs, "sources": sources, "sizes": sizes})
+        self.work_done()
+        if not self.leader:
+            return None
+        for share in load_shares(self, staged):
+            outputs, sources, sizes = outputs | share["outputs"], sources | share["sources"], sizes | share["sizes"]
+        return outputs, sources, sizes
+
+    def finish(self, result, log=print, did: str = ""):
+        """The leader announces the commit; the others wait for it (and say what they `did`).
+        Returns OUT on every process."""
+        if self.num_processes == 1:
+            return result
+        if self.leader:
+            self.publish("committed", str(result))
+            return result
+        from gptoss_convert.io.location import resolve
+
+        out = resolve(self.leader_says("committed"))      # a Path, or a Location for gs:// and s3://
+        log(f"process {self.process_id} of {self.num_processes}: wrote {did}; process 0 committed {out}")
+        return out
+
+
+class Solo(_Protocol):
+    """One process alone: every unit is its own, nothing to agree on or wait for."""
+
+
+class Cluster(_Protocol):
     """This process's view of a jax.distributed job: who it is, and bounded waits on the others
     through the coordination service's key-value store."""
 
@@ -63,10 +145,6 @@ class Cluster:
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="gptoss-heartbeat", daemon=True)
         self._beat.start()
-
-    @property
-    def leader(self) -> bool:
-        return self.process_id == 0
 
     def _heartbeat(self) -> None:
         n = 0
@@ -261,10 +339,10 @@ def balance(sizes: list[int], groups: list[int], n: int) -> list[int]:
     return [owner[g] for g in groups]
 
 
-def shared_chunk_groups(blocks, chunk_shapes: dict[str, tuple[int, ...]]) -> list[int]:
-    """For each plan block, a group id; blocks that write into one output chunk share a group
-    (two processes must never write one chunk file)."""
-    parent = list(range(len(blocks)))
+def shared_chunk_groups(writes: list[list[tuple[str, tuple[slice, ...]]]], chunk_shapes: dict[str, tuple[int, ...]]) -> list[int]:
+    """For each unit (the (target leaf, index) pairs it writes), a group id; units that write
+    into one output chunk share a group (two processes must never write one chunk file)."""
+    parent = list(range(len(writes)))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -273,17 +351,17 @@ def shared_chunk_groups(blocks, chunk_shapes: dict[str, tuple[int, ...]]) -> lis
         return i
 
     first: dict[tuple, int] = {}
-    for i, b in enumerate(blocks):
-        for e in b.emits:
-            c = chunk_shapes[e.target]
-            spans = [range(s.start // k, -(-s.stop // k)) for s, k in zip(e.index, c)]
+    for i, unit in enumerate(writes):
+        for target, index in unit:
+            c = chunk_shapes[target]
+            spans = [range(s.start // k, -(-s.stop // k)) for s, k in zip(index, c)]
             for cell in itertools.product(*spans):
-                j = first.setdefault((e.target, cell), i)
+                j = first.setdefault((target, cell), i)
                 parent[root(i)] = root(j)
-    return [root(i) for i in range(len(blocks))]
+    return [root(i) for i in range(len(writes))]
 
 
-def save_share(cluster: Cluster, staged: StagedOutput, share: dict) -> None:
+def save_share(cluster: Cluster, staged, share: dict) -> None:
     """Write this process's results (hashes) beside the journal, then wait until every process
     has (the shared filesystem or bucket carries them; the key-value store carries small values
     only)."""
@@ -297,7 +375,7 @@ def save_share(cluster: Cluster, staged: StagedOutput, share: dict) -> None:
     cluster.gather("written")
 
 
-def load_shares(cluster: Cluster, staged: StagedOutput) -> list[dict]:
+def load_shares(cluster: Cluster, staged) -> list[dict]:
     """Every process's share (leader, after save_share)."""
     shares = []
     for p in range(cluster.num_processes):
@@ -309,22 +387,9 @@ def load_shares(cluster: Cluster, staged: StagedOutput) -> list[dict]:
     return shares
 
 
-def finish(cluster: Cluster, result, log=print, did: str = ""):
-    """The leader announces the commit; the others wait for it (and say what they `did`).
-    Returns OUT on every process."""
-    if cluster.leader:
-        cluster.publish("committed", str(result))
-        return result
-    from gptoss_convert.io.location import resolve
-
-    out = resolve(cluster.leader_says("committed"))      # a Path, or a Location for gs:// and s3://
-    log(f"process {cluster.process_id} of {cluster.num_processes}: wrote {did}; process 0 committed {out}")
-    return out
-
-
 def distributable(fn):
     """Give converter `fn` (which takes `cluster=`) the multi-process options: with
-    `distributed=True` it runs inside a session(), else with cluster=None."""
+    `distributed=True` it runs inside a session(), else with a Solo cluster."""
     import functools
 
     @functools.wraps(fn)
@@ -332,64 +397,11 @@ def distributable(fn):
                 num_processes: int | None = None, process_id: int | None = None,
                 distributed_timeout: float = DEFAULT_TIMEOUT_S, heartbeat_timeout: float = DEFAULT_HEARTBEAT_S, **kwargs):
         if not distributed:
-            return fn(*args, cluster=None, **kwargs)
+            return fn(*args, cluster=Solo(), **kwargs)
         with session(coordinator_address, num_processes, process_id, timeout_s=distributed_timeout,
                      heartbeat_s=heartbeat_timeout) as cluster:
             return fn(*args, cluster=cluster, **kwargs)
     return wrapper
 
 
-def agree_on(cluster: Cluster | None, fingerprint: dict, config: dict, **more) -> None:
-    """agree() on the staging fingerprint (options, source file sizes), the source's config.json
-    and `more` (OUT, flags); nothing without a cluster."""
-    if cluster is not None:
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-        agree(cluster, {**fingerprint, "config.json": digest, **more})
 
-
-@contextlib.contextmanager
-def staging(cluster: Cluster | None, staged: StagedOutput, prepare):
-    """Enter `staged` and run `prepare(staged, first)` before any process writes: first=True
-    once (single process, or the leader: create what all share, clean up after a crash), then
-    first=False on every other process, once the leader is done."""
-    if cluster is None:
-        with staged:
-            prepare(staged, True)
-            yield staged
-        return
-    if cluster.leader:
-        with staged:
-            prepare(staged, True)
-            cluster.publish("staged", json.dumps({"resumed": staged.resumed}))
-            yield staged
-        return
-    info = json.loads(cluster.leader_says("staged"))
-    staged.join(f"journal-{cluster.process_id}", info["resumed"])
-    prepare(staged, False)
-    yield staged
-
-
-def my_share(cluster: Cluster | None, sizes: list[int], groups: list[int] | None = None) -> list[bool]:
-    """For each unit (by size), whether this process does it (all, without a cluster)."""
-    if cluster is None:
-        return [True] * len(sizes)
-    owners = balance(sizes, groups if groups is not None else list(range(len(sizes))), cluster.num_processes)
-    return [o == cluster.process_id for o in owners]
-
-
-def merge_shares(cluster: Cluster | None, staged: StagedOutput, outputs: dict, sources: dict,
-                 sizes: dict | None = None) -> tuple[dict, dict] | None:
-    """After this process's work: (all output hashes, all source hashes) on the leader (or
-    alone); None on the others, which are done. `sizes` (output sizes, an object store's record
-    needs them): on the leader, completed in place with every process's."""
-    if cluster is None:
-        return outputs, sources
-    save_share(cluster, staged, {"outputs": outputs, "sources": sources, "sizes": sizes or {}})
-    cluster.work_done()
-    if not cluster.leader:
-        return None
-    for share in load_shares(cluster, staged):
-        outputs, sources = outputs | share["outputs"], sources | share["sources"]
-        if sizes is not None:
-            sizes.update(share["sizes"])
-    return outputs, sources

@@ -19,12 +19,22 @@ from pathlib import Path
 
 from gptoss_convert import faults
 from gptoss_convert.converters.provenance import PROGRESS
+from gptoss_convert.converters.remote_output import RemoteOutput, units_done
 from gptoss_convert.errors import OutputError
 from gptoss_convert.io.files import fsync_dir
 from gptoss_convert.io.location import is_url
 
 _NO_SPACE = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EFBIG: "file size limit reached (EFBIG)",
              errno.EDQUOT: "disk quota exceeded (EDQUOT)"}
+
+
+def open_output(out, **kw):
+    """The output for destination `out`: a staged local directory, or a bucket prefix with
+    commit markers (converters/remote_output.py). Nothing is checked or written until entered."""
+    from gptoss_convert.io.location import Location, resolve
+
+    out = resolve(out)
+    return RemoteOutput(out, **kw) if isinstance(out, Location) else StagedOutput(out, **kw)
 
 
 def disk_full(exc: BaseException | None) -> str | None:
@@ -40,10 +50,11 @@ class StagedOutput:
     """Context manager around one output directory; `path` is where to write meanwhile."""
 
     def __init__(self, out: str | os.PathLike, *, fingerprint: dict, overwrite: bool = False,
-                 resume: bool = False, source: str | os.PathLike | None = None, log=print):
+                 resume: bool = False, source: str | os.PathLike | None = None, need_bytes: int = 0, log=print):
         if is_url(out):     # Path("gs://b/x") would quietly make a local folder "gs:"
-            raise OutputError(f"{out}: this command writes local directories only (to-orbax also writes gs:// and s3://)")
+            raise OutputError(f"{out}: a bucket URL; open it with open_output()")
         self.out = Path(out).absolute()
+        self.need_bytes = need_bytes           # free space required before anything is written
         self.source = source                   # never replaced by OUT, even with --overwrite
         self.staging = self.out.parent / f".{self.out.name}.partial"
         self.lockfile = self.out.parent / f".{self.out.name}.lock"
@@ -66,11 +77,15 @@ class StagedOutput:
             raise OutputError(f"{self.out}: already exists; pass --overwrite to replace it")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError(f"{self.out}: cannot write in {parent} (read-only or no permission); choose another OUT")
-        if self.source is not None:
+        if self.source is not None and not is_url(self.source):     # a bucket SRC cannot hold a local OUT
             src, out = Path(self.source).resolve(), self.out.resolve()
             if out == src or out in src.parents:
                 raise OutputError(f"{self.out}: is or contains the source checkpoint {self.source}; "
                                   "writing OUT there would replace the source; choose another OUT")
+            if src in out.parents:
+                raise OutputError(f"{self.out}: lies inside the source checkpoint {self.source}; "
+                                  "the output would become part of the source; choose an OUT outside it")
+        self._check_space(parent)
         self._lock()
         try:
             if self.out.exists() and not self.overwrite:   # another process finished it while we took the lock
@@ -80,6 +95,18 @@ class StagedOutput:
             self._unlock()
             raise
         return self
+
+    def _check_space(self, parent: Path) -> None:
+        """Refuse before writing anything when the filesystem has less free space than the
+        output needs (work a resumed run has already done counts as written)."""
+        if not self.need_bytes:
+            return
+        free = shutil.disk_usage(parent).free
+        if self.resume and self.staging.is_dir():
+            free += sum(f.stat().st_size for f in self.staging.rglob("*") if f.is_file())
+        if free < self.need_bytes:
+            raise OutputError(f"{self.out}: needs {self.need_bytes / 1e9:.2f} GB of disk, {free / 1e9:.2f} GB available "
+                              f"on {parent}; free space, choose another OUT, or pass --no-space-check")
 
     def _lock(self) -> None:
         try:
@@ -116,7 +143,7 @@ class StagedOutput:
             if self.resume and old == self.fingerprint:
                 self._done = self._journaled()
                 self.resumed = True
-                self.log(f"resuming {self.out}: {len(self._done)} unit(s) already done")
+                self.log(f"resuming {self.out}: {units_done(self._done)} unit(s) already done")
                 return
             if self.resume:
                 self.log(f"note: {self.staging} was made with other inputs or options; starting over")
@@ -149,14 +176,19 @@ class StagedOutput:
     def is_done(self, key: str) -> bool:
         return key in self._done
 
-    def mark_done(self, key: str) -> None:
+    def entries(self) -> set[str]:
+        """Every journal entry (units done, source hashes recorded), of every process."""
+        return set(self._done)
+
+    def mark_done(self, key: str, fault: bool = True) -> None:
         """Record a finished unit durably (after its data has been flushed)."""
         with open(self.staging / PROGRESS / self.journal, "a") as f:
             f.write(key + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._done.add(key)
-        faults.point("journal")
+        if fault:
+            faults.point("journal")
 
     def commit(self) -> Path:
         """Make the staging directory OUT (atomically replacing an old OUT with --overwrite)."""

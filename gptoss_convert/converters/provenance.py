@@ -66,8 +66,13 @@ class ReadAheadHashes:
         self._done[file] = digest
 
     def result(self) -> dict[str, dict[str, str]]:
-        self._blocks.put(None)
+        if not self._future.done():
+            self._blocks.put(None)
         return self._future.result()
+
+    def done(self) -> bool:
+        """Whether every file is hashed: only once the writer is done (result() called)."""
+        return self._future.done()
 
     def _hash(self, files: list[str]) -> None:
         for f in files:

@@ -1,4 +1,4 @@
-"""`to-orbax` from an Orbax SRC: scanned <-> unscanned relayout of the params, bit-exact, streamed.
+"""The plan of `to-orbax` from an Orbax SRC: scanned <-> unscanned relayout of the params, bit-exact, streamed.
 
 Params only (optimizer state and step dropped, as MaxText's generate_param_only_checkpoint
 does). Each layer's leaf moves between `decoder/layers_{i}/X` and slot i // period of
@@ -8,30 +8,16 @@ first axis at a time; values are copied, never recomputed.
 
 from __future__ import annotations
 
-import collections
-import json
 import dataclasses
 import math
-import time
 
-import ml_dtypes
 import numpy as np
 
-from gptoss_convert import faults
-from gptoss_convert.buffers import keep_freed_memory
-from gptoss_convert.converters.common import ITEM, STEP, maxtext_flags, progress_bar, resolve_dtype
-from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import write_record
-from gptoss_convert.converters.remote_output import RemoteOutput, pending_marker
-from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.converters.to_hf import backend_config, hash_source, open_source
-from gptoss_convert.errors import InputError, OutputError
-from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
-from gptoss_convert.io.location import Location, resolve
+from gptoss_convert.converters.orbax_target import OrbaxTarget, maxtext_flags
+from gptoss_convert.converters.sources import DType, OrbaxSrc, open_source, write_sidecars
+from gptoss_convert.errors import InputError
 from gptoss_convert.io.orbax_source import OrbaxSource
 from gptoss_convert.mapping.layout import SCAN_AXIS, layer_relative
-
-MAX_IN_FLIGHT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,118 +83,66 @@ def _chunks(moves: list[Move], targets: dict[str, tuple[int, ...]]) -> dict[str,
     return out
 
 
-def _read(src: OrbaxSource, m: Move, dtype: np.dtype, allow_nonfinite: bool) -> np.ndarray:
-    """The block of `m`, in `dtype`; NaN/inf refused unless allowed (as to-orbax does)."""
-    x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.rows, keep_slot=False))
-    if not allow_nonfinite and not np.isfinite(x).all():
-        raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{'' if m.src_slot is None else f', slot {m.src_slot}'}) "
-                         f"in {src.item_dir}: NaN or inf weights; pass --allow-nonfinite to copy them anyway")
-    return np.ascontiguousarray(x.astype(dtype, copy=False))
+@dataclasses.dataclass
+class MoveBlocks:
+    """The BlockPlan of a relayout: each Move's rows read from SRC and written to their place."""
+
+    source: OrbaxSource
+    blocks: list[Move]
+    dtype: np.dtype
+    allow_nonfinite: bool
+    leaves: dict[str, tuple[int, ...]]
+
+    def read(self, m: Move, alloc=None) -> np.ndarray:
+        """The block of `m`, in the output dtype; NaN/inf refused unless allowed (as to-orbax does)."""
+        src = self.source
+        x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.rows, keep_slot=False))
+        if not self.allow_nonfinite and not np.isfinite(x).all():
+            raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{'' if m.src_slot is None else f', slot {m.src_slot}'}) "
+                             f"in {src.item_dir}: NaN or inf weights; pass --allow-nonfinite to copy them anyway")
+        return np.ascontiguousarray(x.astype(self.dtype, copy=False))
+
+    def _dst(self, m: Move) -> tuple[slice, ...]:
+        shape = self.leaves[m.dst]
+        index = _index(len(shape), m.dst_slot, m.rows, keep_slot=True)
+        return tuple(slice(0, shape[a]) if s == slice(None) else s for a, s in enumerate(index))
+
+    def emit(self, writer, m: Move, x: np.ndarray) -> list:
+        if m.dst_slot is not None:
+            x = np.expand_dims(x, SCAN_AXIS)
+        return [writer.write_async(m.dst, self._dst(m), x, borrow=True)]
+
+    def writes(self, m: Move) -> list[tuple[str, tuple[slice, ...]]]:
+        return [(m.dst, self._dst(m))]
 
 
-def relayout(src, out, *, scanned: bool, dtype: str = "bf16", like=None, step: int | None = None,
-             allow_nonfinite: bool = False, dry_run: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
-             block_bytes: int = 64 << 20, compression: str | None = None, log=print):
-    """Write the params of the Orbax checkpoint `src` (a run root, step or items; `step` picks
-    one) as a params-only checkpoint at `out`, scanned or not; see `to_orbax`."""
-    t0 = time.perf_counter()
-    keep_freed_memory()
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if resolve_dtype(dtype) == "bfloat16" else np.float32)
-    source = open_source(src, step)
-    backend, cfg, sidecars, raw = backend_config(source, like)
+def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | None = None, strict_config: bool = False,
+                 allow_nonfinite: bool = False, block_bytes: int = 64 << 20, compression: str | None = None):
+    """(source, target) writing the params of the Orbax checkpoint `src` (a run root, step or
+    items; `step` picks one) as a params-only checkpoint, scanned or not; see `to_orbax`."""
+    source = OrbaxSrc(open_source(src, step), like, strict_config=strict_config)
+    orbax, backend, cfg = source.orbax, source.backend, source.cfg
     targets = backend.flat_shapes(cfg, scanned)
-    moves = plan_moves(targets, backend.layout_for(cfg, scanned), backend.layout_for(cfg, source.scanned),
-                       np_dtype.itemsize, block_bytes)
+    moves = plan_moves(targets, backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned),
+                       dtype.itemsize, block_bytes)
     total = sum(m.nbytes for m in moves)
-    layout = "scanned" if scanned else "unscanned"
-    if dry_run:
-        log(f"relayout {'scanned' if source.scanned else 'unscanned'} -> {layout}: {len(targets)} leaves, "
-            f"{len(moves)} blocks, {total / 1e9:.2f} GB to write, from step {source.step_dir.name} of {source.step_dir.parent}")
-        return moves
-    from gptoss_convert.io.orbax_writer import OrbaxWriter
+    layout, was = "scanned" if scanned else "unscanned", "scanned" if orbax.scanned else "unscanned"
 
-    out = resolve(out)
-    remote = isinstance(out, Location)      # no rename on object stores: commit markers (to_orbax's path)
-    _refuse_overlap(source, out)
-    fingerprint = {"command": "to-orbax", "relayout": True, "layout": layout, "dtype": np_dtype.name,
-                   "block_bytes": block_bytes, "compression": compression, "source": str(source.step_dir),
-                   "source_files": source.sizes()}
-    output = RemoteOutput if remote else StagedOutput
-    with output(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume,
-                source=None if source.remote else source.step_dir, log=log) as staged:
-        hashes = background(hash_source, source)
-        meta = {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"}
-        writer = OrbaxWriter(staged.path / STEP, {p: (s, np_dtype) for p, s in targets.items()},
-                             chunk_shapes=_chunks(moves, targets), custom_metadata=meta, compression=compression)
-        writer.create()
-        if staged.resumed:
-            writer.remove_temporaries()
-        try:
-            _stream(source, moves, writer, staged, lambda m: _read(source, m, np_dtype, allow_nonfinite), total, progress)
-        finally:
-            writer.close()
-        writer.finalize(commit=not remote)     # object stores: Orbax's commit marker only after our record
-        chunk_hashes = {p.relative_to(staged.path).as_posix(): h for p, h in writer.chunk_hashes().items()}
-        chunk_sizes = {p.relative_to(staged.path).as_posix(): n for p, n in writer.chunk_sizes().items()}
-        _copy_sidecars(sidecars, raw, staged.path)
-        write_record(staged.path, command="to-orbax", source_dir=source.step_dir, source_files=hashes.result(),
-                     options={"layout": layout, "dtype": np_dtype.name, "compression": compression,
-                              "relayout_from": "scanned" if source.scanned else "unscanned"},
-                     extra={"leaves": {p: list(s) for p, s in targets.items()}, "maxtext_item": f"{STEP}/{ITEM}",
-                            "source_step": source.step_dir.name, "source_other_leaves_dropped": source.other_leaves},
-                     output_hashes=chunk_hashes, output_sizes=chunk_sizes,
-                     pending=pending_marker(writer, staged.path, remote))
-        if remote:
-            writer.commit()
-        result = staged.commit()
-    dt = time.perf_counter() - t0
-    log(f"to-orbax: relayout of step {source.step_dir.name} ({'scanned' if source.scanned else 'unscanned'}) -> "
-        f"{len(targets)} {layout} leaves ({total / 1e9:.2f} GB) at {result} in {dt:.1f} s "
-        f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {source.other_leaves} non-param leaves dropped.\n"
-        f"MaxText flags: {maxtext_flags(result, scanned, cfg)}")
-    return result
+    def sidecars(out) -> None:      # config.json as to-orbax writes it: no quantization_config
+        write_sidecars(out, {k: v for k, v in source.config_raw.items() if k != "quantization_config"}, source.sidecars())
 
+    def summary(result, seconds: float) -> str:
+        return (f"to-orbax: relayout of step {orbax.step_dir.name} ({was}) -> {len(targets)} {layout} leaves "
+                f"({total / 1e9:.2f} GB) at {result} in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); "
+                f"{orbax.other_leaves} non-param leaves dropped.\nMaxText flags: {maxtext_flags(result, scanned, cfg)}")
 
-def _refuse_overlap(source: OrbaxSource, out) -> None:
-    """A bucket OUT must not be, hold or lie in SRC's step (--overwrite would delete it; local
-    OUTs are checked by StagedOutput)."""
-    src = source.step_dir
-    if not (source.remote and isinstance(out, Location)) or (out.scheme, out.bucket) != (src.scheme, src.bucket):
-        return
-    if not out.key or any(a == b or a.startswith(b + "/") for a, b in ((src.key, out.key), (out.key, src.key))):
-        raise OutputError(f"{out}: is, holds or lies in the source checkpoint {src}; choose another OUT")
-
-
-def _copy_sidecars(sidecars, raw: dict, out) -> None:
-    """config.json (as to-orbax writes it: no quantization_config) and tokenizer files, for verify/generate/to-hf."""
-    conf = {k: v for k, v in raw.items() if k != "quantization_config"}
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    for f in SIDECAR_FILES:
-        if (sidecars / f).is_file():
-            (out / f).write_bytes((sidecars / f).read_bytes())
-
-
-def _stream(source, moves, writer, staged, read, total, progress) -> None:
-    """Copy every block not yet journaled; at most MAX_IN_FLIGHT blocks' writes pending."""
-    todo = [m for m in moves if not staged.is_done(m.key)]
-    with progress_bar(total, "to-orbax", progress) as bar:
-        bar.update(total - sum(m.nbytes for m in todo))
-        in_flight: collections.deque = collections.deque()
-
-        def retire(n: int) -> None:
-            while len(in_flight) > n:
-                m, fut = in_flight.popleft()
-                fut.result()
-                faults.point("write")
-                staged.mark_done(m.key)
-                bar.update(m.nbytes)
-
-        for m, x in prefetch(todo, read):
-            faults.point("read")
-            if m.dst_slot is not None:
-                x = np.expand_dims(x, SCAN_AXIS)
-            index = _index(len(writer.leaves[m.dst][0]), m.dst_slot, m.rows, keep_slot=True)
-            index = tuple(slice(0, writer.leaves[m.dst][0][a]) if s == slice(None) else s for a, s in enumerate(index))
-            in_flight.append((m, writer.write_async(m.dst, index, x, borrow=True)))
-            retire(MAX_IN_FLIGHT)
-        retire(0)
+    target = OrbaxTarget(MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets), targets, _chunks(moves, targets),
+                         dtype.np, {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},
+                         compression, {"layout": layout, "dtype": dtype.name, "compression": compression,
+                                       "relayout_from": was},
+                         {"source_step": orbax.step_dir.name, "source_other_leaves_dropped": orbax.other_leaves},
+                         sidecars, summary, identity={"relayout": True, "block_bytes": block_bytes,
+                                                      "source": str(orbax.step_dir)})
+    target.describe = lambda: (f"relayout {was} -> {layout}: {len(targets)} leaves, {len(moves)} blocks, "
+                               f"{total / 1e9:.2f} GB to write, from step {orbax.step_dir.name} of {orbax.step_dir.parent}")
+    return source, target

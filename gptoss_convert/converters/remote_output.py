@@ -29,12 +29,18 @@ from gptoss_convert.errors import InputError, OutputError
 from gptoss_convert.io.location import Location, describe_store_error
 
 
+def units_done(entries) -> int:
+    """How many journal entries are units of work (not the source hashes recorded with them)."""
+    return sum(1 for e in entries if not e.startswith("source\t"))
+
+
 class RemoteOutput:
     """StagedOutput's interface (path, resumed, is_done, mark_done, commit) for an object-store prefix."""
 
     def __init__(self, out: Location, *, fingerprint: dict, overwrite: bool = False, resume: bool = False,
-                 log=print, **_ignored):
+                 source=None, log=print, **_ignored):
         self.out = out
+        self.source = source                   # a bucket source: OUT must not overlap it
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.overwrite, self.resume, self.log = overwrite, resume, log
         self.resumed = False
@@ -45,6 +51,7 @@ class RemoteOutput:
         return self.out
 
     def __enter__(self) -> "RemoteOutput":
+        self._refuse_overlap()
         try:
             keys = self.out.keys()
         except InputError as e:         # a missing bucket, no access: for OUT, an output error
@@ -55,7 +62,7 @@ class RemoteOutput:
         if f"{PROGRESS}/plan.json" in keys:
             if self.resume and json.loads(plan.read_text()) == self.fingerprint:
                 self.join("", resumed=True)
-                self.log(f"resuming {self.out}: {len(self._done)} unit(s) already done")
+                self.log(f"resuming {self.out}: {units_done(self._done)} unit(s) already done")
                 return self
             if not (self.resume or self.overwrite):
                 raise OutputError(f"{self.out}: holds an interrupted conversion; pass --resume to continue it "
@@ -86,11 +93,25 @@ class RemoteOutput:
     def is_done(self, key: str) -> bool:
         return key in self._done
 
-    def mark_done(self, key: str) -> None:
+    def entries(self) -> set[str]:
+        """Every journal entry (units done, source hashes recorded)."""
+        return set(self._done)
+
+    def _refuse_overlap(self) -> None:
+        """OUT must not be, hold or lie in a bucket SRC (--overwrite would delete it)."""
+        src = self.source
+        if not isinstance(src, Location) or (self.out.scheme, self.out.bucket) != (src.scheme, src.bucket):
+            return
+        if not self.out.key or any(a == b or a.startswith(b + "/") for a, b in ((src.key, self.out.key),
+                                                                                 (self.out.key, src.key))):
+            raise OutputError(f"{self.out}: is, holds or lies in the source checkpoint {src}; choose another OUT")
+
+    def mark_done(self, key: str, fault: bool = True) -> None:
         """Record a finished unit (after its data is stored): one empty object."""
         (self.out / PROGRESS / "done" / urllib.parse.quote(key, safe="")).write_bytes(b"")
         self._done.add(key)
-        faults.point("journal")
+        if fault:
+            faults.point("journal")
 
     def commit(self) -> Location:
         """Delete the journal: from now on the output is complete (its markers are in place)."""

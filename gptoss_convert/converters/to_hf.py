@@ -11,30 +11,26 @@ resumable by shard, recorded in conversion.json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
-from gptoss_convert.buffers import keep_freed_memory
-from gptoss_convert.backends import Backend, get_backend
+from gptoss_convert.backends import Backend
 from gptoss_convert.converters import distributed as dist
-from gptoss_convert.converters.common import parse_size, progress_bar, resolve_dtype
-from gptoss_convert.converters.dequantize import SHARD_METADATA, _shards
-from gptoss_convert.converters.output import StagedOutput
-from gptoss_convert.converters.provenance import PROGRESS, ReadAheadHashes, source_hashes, write_record
-from gptoss_convert.converters.stream import background, prefetch
-from gptoss_convert.errors import ConfigError, InputError, PlanError
-from gptoss_convert.io.files import HASH, temp_path
-from gptoss_convert.io.hf_checkpoint import BLOCKS, INDEX, SCALES, SIDECAR_FILES
-from gptoss_convert.io.orbax_source import OrbaxSource, object_digest, open_orbax
-from gptoss_convert.io.safetensors import ShardWriter, build_header
+from gptoss_convert.converters import job
+from gptoss_convert.converters.common import parse_size
+from gptoss_convert.converters.provenance import ReadAheadHashes
+from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write_index
+from gptoss_convert.converters.sources import DType, OrbaxSrc, dtype_of, open_source, write_sidecars
+from gptoss_convert.converters.stream import prefetch
+from gptoss_convert.errors import InputError
+from gptoss_convert.io.hf_checkpoint import BLOCKS, SCALES
+from gptoss_convert.io.orbax_source import OrbaxSource
+from gptoss_convert.io.safetensors import ShardWriter
 from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import Interleave, apply, out_axis, out_shape
 from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_columns
@@ -80,19 +76,6 @@ class ExportTensor:
             return [None]
         n = self.rows_per_block
         return [slice(r, min(r + n, self.shape[0])) for r in range(0, self.shape[0], n)]
-
-
-def check_tree(src: OrbaxSource, expected: dict[str, tuple[int, ...]], where: str) -> None:
-    """The checkpoint's params are exactly the backend's tree for the config: every missing,
-    unexpected and mis-shaped leaf named at once."""
-    got = {p: s for p, (s, _) in src.leaves.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [f"{p} is {list(got[p])}, config needs {list(s)}" for p, s in expected.items() if p in got and got[p] != s]
-    problems = ([f"missing leaves: {', '.join(missing)}"] if missing else []) + \
-               ([f"unexpected leaves: {', '.join(unexpected)}"] if unexpected else []) + shapes
-    if problems:
-        raise PlanError(problems, header=f"{src.item_dir}: not the {where} parameter tree")
 
 
 def _local_shape(shape: tuple[int, ...], slot: int | None, expert: int | None) -> tuple[int, ...]:
@@ -207,16 +190,16 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
     def load(item):
         t, rows = item
         if t.mxfp4:
-            return requantize_block(src, t, rows, opts["np_dtype"], opts["rule"], opts.get("hasher"))
-        return (read_block(src, t, rows, opts["np_dtype"], opts["allow_nonfinite"], opts.get("hasher")),)
+            return requantize_block(src, t, rows, opts.np_dtype, opts.rule, opts.hasher)
+        return (read_block(src, t, rows, opts.np_dtype, opts.allow_nonfinite, opts.hasher),)
 
     try:
         pending: list[np.ndarray] = []
         items = [(t, rows) for t in tensors for rows in t.row_blocks()]
-        hasher = opts.get("hasher")
+        hasher = opts.hasher
         if hasher is not None:
             hasher.expect([block_files(src, t, rows) for t, rows in items])
-        for i, ((t, _), got) in enumerate(prefetch(items, load, depth=opts["workers"] + 1, workers=opts["workers"])):
+        for i, ((t, _), got) in enumerate(prefetch(items, load, depth=opts.workers + 1, workers=opts.workers)):
             if hasher is not None:
                 hasher.taken()
             faults.point("read")
@@ -235,53 +218,6 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
         raise
 
 
-def _shard_size(tensors: list[ExportTensor]) -> int:
-    prefix, _ = build_header([e for t in tensors for e in t.entries], SHARD_METADATA)
-    return len(prefix) + sum(t.nbytes for t in tensors)
-
-
-def _like_dir(like) -> Path:
-    """--like as a directory: local, or the config and tokenizer files of a hub repo (no weights)."""
-    p = Path(like)
-    if p.is_dir():
-        return p
-    if str(like).count("/") != 1 or str(like).startswith((".", "/", "~")):
-        raise InputError(f"--like {like}: not a directory and not a hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(like), allow_patterns=["config.json", *SIDECAR_FILES]))
-    except Exception as e:      # offline, unknown repo, no network: one line, what to do
-        raise InputError(f"--like {like}: could not fetch its config from the hub ({type(e).__name__}); "
-                         "pass a local HF directory") from None
-
-
-def model_config(src: OrbaxSource, like) -> tuple[Path, dict]:
-    """(directory of config.json and tokenizer files, the raw config): --like, else the files
-    to-orbax wrote beside the checkpoint."""
-    d = _like_dir(like) if like is not None else src.sidecar_dir
-    if d is None:
-        raise InputError(f"{src.step_dir}: no config.json beside this checkpoint (not written by gptoss-convert "
-                         "to-orbax, e.g. MaxText's own): pass --like with the HF model it came from")
-    path = d / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable ({e}); --like needs an HF model directory or id") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: not a JSON object")
-    return d, raw
-
-
-def backend_config(src: OrbaxSource, like):
-    """(backend, config, sidecar dir, raw config) for `src`, its tree checked against the config."""
-    d, raw = model_config(src, like)
-    backend = get_backend(raw.get("model_type") or src.custom_metadata.get("model_type"))
-    cfg = backend.config_from_dict(raw, str(d / "config.json"))
-    where = f"{d / 'config.json'} ({backend.model_type}, {'scanned' if src.scanned else 'unscanned'})"
-    check_tree(src, backend.flat_shapes(cfg, src.scanned), where)
-    return backend, cfg, d, raw
-
-
 def out_config(raw: dict, *, mxfp4: bool, dtype: str) -> dict:
     """config.json as published: BF16 has no quantization_config; MXFP4 has the published one
     (--like's own if it has one)."""
@@ -293,53 +229,10 @@ def out_config(raw: dict, *, mxfp4: bool, dtype: str) -> dict:
     return conf
 
 
-def _write_metadata(out: Path, sidecars: Path, conf: dict, names: list[str], shards) -> None:
-    (out / "config.json").write_text(json.dumps(conf, indent=2))
-    for f in SIDECAR_FILES:
-        if (sidecars / f).is_file():
-            (out / f).write_bytes((sidecars / f).read_bytes())
-    if len(names) > 1:
-        weight_map = {e[0]: f for f, s in zip(names, shards) for t in s for e in t.entries}
-        total = sum(t.nbytes for s in shards for t in s)
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-SMALL_FILE = 1 << 20
 # Default threads reading and requantizing blocks: at least 4 where there are fewer cores, since
 # each holds a chunk read in flight: the cold full-size export took 49.9-50.6 s with 4 and
 # 53.9-56.3 s with 2 on the 2-core VM (alternating, BENCHMARKS.md "Back out").
 READ_WORKERS = 4
-
-
-def open_source(src, step: int | None) -> OrbaxSource:
-    """open_orbax, and for a gs:// / s3:// SRC written by this tool, refuse one whose conversion
-    did not finish (its journal is still there, as `check` and the other readers do)."""
-    source = open_orbax(src, step=step)
-    if source.remote and (source.step_dir.parent / PROGRESS / "plan.json").is_file():    # written first, deleted last
-        raise InputError(f"{source.step_dir.parent}: the conversion writing it did not finish ({PROGRESS}/ is "
-                         "still there); rerun it with --resume first")
-    return source
-
-
-def hash_source(source: OrbaxSource, files: list[str] | None = None) -> dict[str, dict[str, str]]:
-    """Provenance of SRC's files (`files`, default all): every file hashed, except in a training
-    state (where params are a fraction of the bytes, optimizer state the rest) only its small
-    metadata files; the others are recorded by size."""
-    files = source.files() if files is None else files
-    if source.remote:
-        return _hash_remote(source, files)
-    small = [f for f in files if not source.other_leaves or (source.step_dir / f).stat().st_size < SMALL_FILE]
-    return {f: {} for f in files} | source_hashes(source.step_dir, small, workers=1)
-
-
-def _hash_remote(source: OrbaxSource, files: list[str]) -> dict[str, dict]:
-    """hash_source for a bucket: each object read in pieces, hashed and sized as it is read; in
-    a training state an object over SMALL_FILE is recorded by name only ("size": None), having
-    been read no further (its size is not known without reading it)."""
-    limit = SMALL_FILE if source.other_leaves else None
-    with ThreadPoolExecutor(max_workers=8) as pool:     # per-object latency, not bandwidth, bounds this
-        got = pool.map(lambda f: object_digest(source.step_dir / f, limit), files)
-        return {f: {"size": None} if g is None else {"size": g[0], HASH: g[1]} for f, g in zip(files, got)}
 
 
 def summarize(reports: dict[str, dict]) -> dict:
@@ -356,9 +249,9 @@ def summarize(reports: dict[str, dict]) -> dict:
 @dist.distributable
 def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False, scale_rule: str = DEFAULT_SCALE_RULE,
           like: str | os.PathLike | None = None, step: int | None = None, max_shard_size: str | int = "5GB",
-          dtype: str = "bf16", dry_run: bool = False, overwrite: bool = False, resume: bool = False,
+          dtype: str | DType = "bf16", dry_run: bool = False, overwrite: bool = False, resume: bool = False,
           allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
-          workers: int | None = None, cluster=None, log=print):
+          workers: int | None = None, strict_config: bool = False, check_space: bool = True, cluster=None, log=print):
     """Export the Orbax checkpoint `src` (this tool's output, a MaxText params-only or training
     checkpoint; a run root, step directory or its items; `step` picks one) to an HF checkpoint.
 
@@ -367,104 +260,89 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     ties to even, as triton_kernels does since PR #8110; "ocp"); the
     per-tensor error report is logged and recorded in conversion.json. config.json, tokenizer and
     chat template come from the files to-orbax wrote beside `src`, or from `like` (an HF
-    directory or hub id; needed for MaxText's own checkpoints). Returns OUT (the plan with
-    dry_run=True). `workers` threads read and requantize blocks (None: one per core, at least
-    READ_WORKERS)."""
-    t0 = time.perf_counter()
-    keep_freed_memory()
+    directory or hub id; needed for MaxText's own checkpoints). `out` is a directory or a gs://
+    / s3:// prefix. Returns OUT (the plan with dry_run=True). `workers` threads read and
+    requantize blocks (None: one per core, at least READ_WORKERS)."""
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
-    dt_name = resolve_dtype(dtype)
-    st_name, np_dtype = _ST[dt_name]
-    source = open_source(src, step)
-    backend, cfg, sidecars, raw = backend_config(source, like)
-    if mxfp4 and backend.model_type != "gpt_oss":
-        raise InputError(f"--mxfp4: requantization is for gpt-oss only; {backend.model_type} exports as BF16")
-    tensors = export_plan(backend, cfg, source, mxfp4=mxfp4, itemsize=np_dtype.itemsize, block_bytes=block_bytes)
-    shards = _shards(tensors, parse_size(max_shard_size))
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    total = sum(t.nbytes for t in tensors)
+    dt = dtype_of(dtype)
+    source = OrbaxSrc(open_source(src, step), like, strict_config=strict_config)
+    if mxfp4 and source.backend.model_type != "gpt_oss":
+        raise InputError(f"--mxfp4: requantization is for gpt-oss only; {source.backend.model_type} exports as BF16")
+    opts = ExportOptions(scale_rule, dt.np, allow_nonfinite, workers or max(READ_WORKERS, os.cpu_count() or 1))
+    target = export_target(source, mxfp4=mxfp4, dt=dt, max_shard=parse_size(max_shard_size), block_bytes=block_bytes,
+                           opts=opts, like=like)
     if dry_run:
-        log(describe(tensors, source) + f"\n{len(tensors)} HF tensors in {n} shard(s), {total / 1e9:.2f} GB to write")
-        return tensors
-    opts = {"rule": scale_rule, "np_dtype": np_dtype, "allow_nonfinite": allow_nonfinite,
-            "workers": workers or max(READ_WORKERS, os.cpu_count() or 1)}
-    fingerprint = {"command": "to-hf", "mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
-                   "shards": [[t.name for t in s] for s in shards], "source": str(source.step_dir),
-                   "source_files": source.sizes()}
-    dist.agree_on(cluster, fingerprint, raw, out=str(Path(out).absolute()), overwrite=overwrite, resume=resume,
-                  max_shard_size=parse_size(max_shard_size), like=None if like is None else str(like))
-    staged = StagedOutput(out, fingerprint=fingerprint, overwrite=overwrite, resume=resume,
-                          source=None if source.remote else source.step_dir, log=log)
-    mine = dist.my_share(cluster, [sum(t.nbytes for t in s) for s in shards])
-    with dist.staging(cluster, staged, lambda s, first: None):
-        files = source.files()
-        my_files = [f for f, m in zip(files, dist.my_share(cluster, [1] * len(files))) if m]
-        if cluster is None and not source.remote and not source.other_leaves:    # a file per chunk, read once
-            hashing = opts["hasher"] = ReadAheadHashes(source.step_dir, my_files, ahead=opts["workers"] + 3)
-        else:                                   # hashed in the background, in no particular order
-            hashing = background(hash_source, source, my_files)
-        hashes, reports = _write_shards(source, staged, names, shards, opts, progress, mine)
-        merged = dist.merge_shares(cluster, staged, hashes, hashing.result())
-        if merged is None:                      # another process of a distributed run: its shards are on disk
-            return dist.finish(cluster, None, log, f"{sum(mine)} of {n} shards")
-        hashes, source_files = merged
-        if cluster is not None:                 # every shard's report, in shard order (as one process sums them)
-            reports = {k: v for f in names for k, v in _saved_report(staged, f).items()}
-        _write_metadata(staged.path, sidecars, out_config(raw, mxfp4=mxfp4, dtype=dt_name), names, shards)
-        extra = {"source_step": source.step_dir.name, "source_scanned": source.scanned,
-                 "source_prefix": "/".join(source.prefix), "source_other_leaves": source.other_leaves}
-        if mxfp4:
-            extra["requantization"] = summarize(reports)
-        write_record(staged.path, command="to-hf", source_dir=source.step_dir, source_files=source_files,
-                     options={"mxfp4": mxfp4, "scale_rule": scale_rule if mxfp4 else None, "dtype": st_name,
-                              "max_shard_size": parse_size(max_shard_size), "like": None if like is None else str(like)},
-                     extra=extra, output_hashes=hashes)
-        result = staged.commit()
-    if cluster is not None:
-        dist.finish(cluster, result)
-    _log_done(log, result, source, total, n, time.perf_counter() - t0, extra.get("requantization"), scale_rule)
-    return result
+        total = sum(u.nbytes for u in target.units)
+        log(describe(target.tensors, source.orbax) + f"\n{len(target.tensors)} HF tensors in {len(target.names)} shard(s), "
+            f"{total / 1e9:.2f} GB to write")
+        return target.tensors
+    hasher = None
+    if isinstance(cluster, dist.Solo) and not source.orbax.remote and not source.orbax.other_leaves:
+        hasher = opts.read_ahead(source.orbax)          # a file per chunk: each read from disk once
+    return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space), cluster, log,
+                   hasher=hasher)
 
 
-def _log_done(log, result, source, total: int, n: int, dt: float, requantization: dict | None, scale_rule: str) -> None:
+@dataclasses.dataclass
+class ExportOptions:
+    """How blocks are read and requantized (one value for every shard)."""
+
+    rule: str
+    np_dtype: np.dtype
+    allow_nonfinite: bool
+    workers: int
+    hasher: ReadAheadHashes | None = None
+
+    def read_ahead(self, source: OrbaxSource):
+        """A job hasher: the source's files hashed just ahead of the reads (job.Hashing's interface)."""
+        def make(files):
+            self.hasher = ReadAheadHashes(source.step_dir, files, ahead=self.workers + 3)
+            return self.hasher
+        return make
+
+
+def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, block_bytes: int, opts: ExportOptions,
+                  like) -> ShardsTarget:
+    """The checked export plan of `source` as the job's target: HF tensors in shards."""
+    orbax, backend, cfg = source.orbax, source.backend, source.cfg
+    tensors = export_plan(backend, cfg, orbax, mxfp4=mxfp4, itemsize=dt.itemsize, block_bytes=block_bytes)
+    total = sum(t.nbytes for t in tensors)
+    rule = opts.rule if mxfp4 else None
+
+    def metadata(out, names, shards) -> None:
+        write_sidecars(out, out_config(source.config_raw, mxfp4=mxfp4, dtype=dt.name), source.sidecars())
+        write_index(out, names, shards)
+
+    def report(reports: dict) -> dict:
+        target.requantization = summarize(reports) if mxfp4 else None
+        return {"requantization": target.requantization} if mxfp4 else {}
+
+    def summary(result, seconds: float) -> str:
+        return _done_line(result, orbax, total, len(target.names), seconds, target.requantization, opts.rule)
+
+    target = ShardsTarget("to-hf", tensors, max_shard, lambda path, shard, bar: _write_shard(orbax, path, shard, opts, bar),
+                          metadata, {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
+                                     "like": None if like is None else str(like)}, summary, report,
+                          extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,
+                                 "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves})
+    target.requantization = None
+    return target
+
+
+def _done_line(result, source, total: int, n: int, dt: float, requantization: dict | None, scale_rule: str) -> str:
     """What the export did: the requantization error (with --mxfp4), bytes, time, how to load it."""
+    lines = []
     if requantization:
         s = requantization
-        log(f"requantized {len(s['tensors'])} expert tensors ({scale_rule} scales): relative RMS error {s['rel_rms']:.3g}, "
-            f"{s['saturated']} saturated values, {s['clamped_groups']} clamped groups (per tensor in conversion.json)")
-    log(f"to-hf: wrote {total / 1e9:.2f} GB in {n} shard(s) to {result} in {dt:.1f} s ({total / 1e9 / max(dt, 1e-9):.2f} GB/s) "
-        f"from step {source.step_dir.name} ({'scanned' if source.scanned else 'unscanned'}); load it with "
-        f"transformers.AutoModelForCausalLM.from_pretrained('{result}').")
-
-
-def _saved_report(staged, fname: str) -> dict:
-    """The requantization report saved beside the journal for shard `fname`."""
-    return json.loads((staged.path / PROGRESS / f"{fname}.report.json").read_text())
-
-
-def _write_shards(source, staged, names, shards, opts, progress, mine=None):
-    """Write every shard (of those `mine` marks, default all) not yet done (resume: by shard);
-    returns (hashes, requantization reports)."""
-    hashes, reports = {}, {}
-    mine = [True] * len(shards) if mine is None else mine
-    total = sum(t.nbytes for s, m in zip(shards, mine) if m for t in s)
-    with progress_bar(total, "to-hf", progress) as bar:
-        for fname, shard in (fs for fs, m in zip(zip(names, shards), mine) if m):
-            done = staged.path / fname
-            saved = staged.path / PROGRESS / f"{fname}.report.json"
-            if staged.is_done(fname) and done.is_file() and done.stat().st_size == _shard_size(shard):
-                reports |= _saved_report(staged, fname)
-                bar.update(sum(t.nbytes for t in shard))
-                continue
-            tmp = temp_path(done)
-            hashes[fname], rep = _write_shard(source, tmp, shard, opts, bar)
-            os.replace(tmp, done)
-            saved.write_text(json.dumps(rep))
-            staged.mark_done(fname)
-            reports |= rep
-    return hashes, reports
+        lines.append(f"requantized {len(s['tensors'])} expert tensors ({scale_rule} scales): relative RMS error "
+                     f"{s['rel_rms']:.3g}, {s['saturated']} saturated values, {s['clamped_groups']} clamped groups "
+                     "(per tensor in conversion.json)")
+    lines.append(f"to-hf: wrote {total / 1e9:.2f} GB in {n} shard(s) to {result} in {dt:.1f} s "
+                 f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s) from step {source.step_dir.name} "
+                 f"({'scanned' if source.scanned else 'unscanned'}); load it with "
+                 f"transformers.AutoModelForCausalLM.from_pretrained('{result}').")
+    return "\n".join(lines)
 
 
 def describe(tensors: list[ExportTensor], src: OrbaxSource) -> str:

@@ -1,0 +1,228 @@
+"""The conversion protocol, once: every converting command is a checked plan (a `Target`) run here.
+
+The durable steps always come in one order, whatever the command, the destination (a local
+directory or a gs:// / s3:// prefix) or the number of processes:
+
+    fingerprint -> agree -> check OUT (before any byte) -> stage (or resume onto the same bytes)
+    -> hash the source -> write this process's units, journaling each -> merge the shares
+    -> (leader) the target's own files -> conversion.json -> commit marker -> commit -> announce
+
+A command supplies a `Source` (what is read: its files, how they are hashed) and a `Target`
+(what is written: units of work, how they are written and finished), never the steps themselves
+(docs/design.md). `Output` (converters/output.py) is chosen by the destination; `Cluster` or
+`Solo` (converters/distributed.py) by the options.
+
+Resume means the same bytes: the journal records the content hash of every source file
+(`source\\t<file>\\t<algorithm>\\t<digest>` entries) before the first unit that may have read it,
+and a resumed run hashes its source first and continues only if every recorded hash matches
+(else it refuses, naming the first file that differs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Protocol
+
+from gptoss_convert.buffers import keep_freed_memory
+from gptoss_convert.converters import distributed as dist
+from gptoss_convert.converters.output import open_output
+from gptoss_convert.converters.provenance import write_record
+from gptoss_convert.converters.stream import background
+from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import HASHES
+from gptoss_convert.io.location import is_url
+from gptoss_convert.progress import progress
+
+SOURCE_ENTRY = "source"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One journaled piece of work: a block of an Orbax leaf, or a safetensors shard."""
+
+    key: str
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    """What every converting command accepts, resolved once at the API boundary."""
+
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    check_space: bool = True
+
+
+class Source(Protocol):
+    """What a conversion reads: its files (relative names), where they live, how they are hashed."""
+
+    root: object                        # a Path or a Location (recorded as the source's path)
+    config_raw: dict
+
+    def files(self) -> list[str]: ...
+    def sizes(self) -> dict[str, int | None]: ...
+    def hash(self, files: list[str]) -> dict[str, dict]: ...
+
+
+class Target(Protocol):
+    """What a conversion writes: its units, and how each is written and the output finished."""
+
+    command: str
+    units: list[Unit]
+
+    def fingerprint(self) -> dict: ...
+    def options(self) -> dict: ...
+    def groups(self) -> list[int] | None: ...
+    def still_there(self, path, unit: Unit) -> bool: ...
+    def create(self, path, first: bool, resumed: bool) -> None: ...
+    def write(self, path, units: list[Unit], journal: "Journal", bar) -> tuple[dict, dict]: ...
+    def finish(self, path, remote: bool, shares: dict) -> "Finished": ...
+    def summary(self, result, seconds: float) -> str: ...
+
+
+@dataclasses.dataclass
+class Finished:
+    """What the target's leader step left for the record: extra fields, output hashes and sizes
+    it knows (the rest are hashed from disk), and the commit marker of a bucket output."""
+
+    extra: dict
+    hashes: dict
+    sizes: dict
+    pending: dict | None = None
+    commit: Callable[[], None] | None = None
+
+
+class Journal:
+    """The output's journal, written through it: a unit is recorded only once the hashes of the
+    source bytes it may have read are recorded before it (resume means the same bytes)."""
+
+    def __init__(self, output, hashing: "Hashing", bar, cluster):
+        self.output, self.hashing, self.bar, self.cluster = output, hashing, bar, cluster
+        self._held: list[Unit] = []
+        self._sources_written = self._all = False
+
+    def is_done(self, unit: Unit) -> bool:
+        return self.output.is_done(unit.key)
+
+    def done(self, unit: Unit) -> None:
+        """`unit`'s bytes are durable: journal it (held back until the source hashes are known)."""
+        self.bar.update(unit.nbytes)
+        self._held.append(unit)
+        if self._sources() and self._everyone():
+            self._release()
+
+    def flush(self, wait: bool = False) -> None:
+        """Journal what is held back. With `wait` (after this process's last unit), first wait for
+        this process's source hashes and then every other process's (a unit of this process may
+        have read files another one hashed)."""
+        if wait:
+            self.hashing.result()
+            self._sources()
+            self.cluster.wait_all_hashed()
+            self._all = True
+        if self._sources() and self._everyone():
+            self._release()
+
+    def _sources(self) -> bool:
+        """Record this process's source hashes once they are all known (before any unit)."""
+        if not self._sources_written and self.hashing.done():
+            for f, h in sorted(self.hashing.result().items()):
+                self.output.mark_done(source_entry(f, h), fault=False)
+            self._sources_written = True
+        return self._sources_written
+
+    def _everyone(self) -> bool:
+        """Whether every process has recorded its source hashes (posts this one's, which is)."""
+        self._all = self._all or self.cluster.all_hashed()
+        return self._all
+
+    def _release(self) -> None:
+        for u in self._held:
+            self.output.mark_done(u.key)
+        self._held.clear()
+
+
+def source_entry(file: str, digests: dict) -> str:
+    """The journal entry recording one source file's content hash (or its size alone, where the
+    source's policy does not hash it)."""
+    algo, digest = next(((a, digests[a]) for a in HASHES if a in digests), ("size", str(digests.get("size"))))
+    return f"{SOURCE_ENTRY}\t{file}\t{algo}\t{digest}"
+
+
+def recorded_sources(entries) -> dict[str, tuple[str, str]]:
+    """{file: (algorithm, digest)} from journal entries."""
+    out = {}
+    for e in entries:
+        parts = e.split("\t")
+        if len(parts) == 4 and parts[0] == SOURCE_ENTRY:
+            out[parts[1]] = (parts[2], parts[3])
+    return out
+
+
+class Hashing:
+    """The source's files hashed on a background thread (overlapping the conversion), or given."""
+
+    def __init__(self, fn: Callable[[], dict] | None = None, known: dict | None = None):
+        self._known = known
+        self._future = None if fn is None else background(fn)
+
+    def done(self) -> bool:
+        return self._known is not None or self._future.done()
+
+    def result(self) -> dict:
+        return self._known if self._known is not None else self._future.result()
+
+
+def _same_bytes(output, fresh: dict, where) -> None:
+    """A resumed run continues only onto the bytes the interrupted one read: refuse naming the
+    first recorded source file whose hash (or size) differs now."""
+    for f, (algo, digest) in sorted(recorded_sources(output.entries()).items()):
+        if f not in fresh:          # another process's share: that process compares it
+            continue
+        got = str(fresh[f].get("size")) if algo == "size" else fresh[f].get(algo)
+        if got != digest:
+            raise InputError(f"{where}: --resume would splice two sources: {f} differs from the one the interrupted run "
+                             f"read ({algo} {digest[:16]} then, {str(got)[:16]} now); rerun without --resume to start over")
+
+
+def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Cluster | dist.Solo,
+        log=print, *, hasher: Callable[[list[str]], "Hashing"] | None = None):
+    """Run `target` from `source` into `out` under the protocol above; returns OUT (every process)."""
+    t0 = time.perf_counter()
+    keep_freed_memory()
+    output = open_output(out, fingerprint=target.fingerprint() | {"source_files": source.sizes()},
+                         overwrite=opts.overwrite, resume=opts.resume, source=source.root,
+                         need_bytes=sum(u.nbytes for u in target.units) if opts.check_space else 0, log=log)
+    cluster.agree_on(output.fingerprint, source.config_raw, out=str(output.out))
+    mine = cluster.my_share([u.nbytes for u in target.units], target.groups() if cluster.num_processes > 1 else None)
+    units = [u for u, m in zip(target.units, mine) if m]
+    files = [f for f, m in zip(source.files(), cluster.my_share([1] * len(source.files()))) if m]
+    with cluster.staging(output, target.create) as staged:
+        if staged.resumed:          # hash first: continue only onto the same bytes
+            hashing = Hashing(known=source.hash(files))
+            _same_bytes(staged, hashing.result(), output.out)
+        else:
+            hashing = hasher(files) if hasher else Hashing(lambda: source.hash(files))
+        with progress(sum(u.nbytes for u in units), target.command, opts.progress) as bar:
+            journal = Journal(staged, hashing, bar, cluster)
+            todo = [u for u in units if not (journal.is_done(u) and target.still_there(staged.path, u))]
+            bar.update(sum(u.nbytes for u in units) - sum(u.nbytes for u in todo))
+            hashes, sizes = target.write(staged.path, todo, journal, bar)
+            journal.flush(wait=True)
+        merged = cluster.merge_shares(staged, hashes, hashing.result(), sizes)
+        if merged is None:          # another process of a distributed run: its share is on disk
+            return cluster.finish(None, log, f"{len(units)} of {len(target.units)} units "
+                                             f"({sum(u.nbytes for u in units) / 1e9:.3f} GB)")
+        hashes, source_files, sizes = merged
+        fin = target.finish(staged.path, is_url(staged.path), hashes)
+        write_record(staged.path, command=target.command, source_dir=source.root, source_files=source_files,
+                     options=target.options(), extra=fin.extra, output_hashes=hashes | fin.hashes,
+                     output_sizes=sizes | fin.sizes, pending=fin.pending)
+        if fin.commit is not None:
+            fin.commit()
+        result = staged.commit()
+    cluster.finish(result)
+    log(target.summary(result, time.perf_counter() - t0))
+    return result
