@@ -592,12 +592,16 @@ def test_computed_codes_equal_the_code_table_on_every_magnitude(ties_up):
     np.testing.assert_array_equal(got, _bf16_code_table(ties_up)[idx])
 
 
-def test_bf16_finiteness_on_bits_equals_isfinite_on_every_pattern():
-    """to-hf's NaN/inf check reads bf16 bits; against np.isfinite on each of the 65536 patterns."""
-    from gptoss_convert.converters.to_hf import _all_finite
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16)], ids=["bf16", "f16"])
+def test_finiteness_on_bits_equals_isfinite_on_every_pattern(dtype):
+    """The one NaN/inf check (finite.py) reads the bits; against np.isfinite on each of the 65536
+    16-bit patterns, and the count and first index it reports."""
+    from gptoss_convert.finite import all_finite, nonfinite
 
-    vals = np.arange(1 << 16, dtype=np.uint16).view(BF16)
+    vals = np.arange(1 << 16, dtype=np.uint16).view(dtype)
     want = np.isfinite(vals.astype(np.float32))
-    got = np.array([_all_finite(vals[i:i + 1].reshape(1, 1)) for i in range(len(vals))])
+    got = np.array([all_finite(vals[i:i + 1].reshape(1, 1)) for i in range(len(vals))])
     np.testing.assert_array_equal(got, want)
-    assert _all_finite(vals[:0]) and _all_finite(np.float32([1, 2])) and not _all_finite(np.float32([1, np.inf]))
+    assert nonfinite(vals.reshape(256, 256)) == (int((~want).sum()), tuple(int(i) for i in np.unravel_index(np.argmin(want), (256, 256))))
+    assert all_finite(vals[:0]) and all_finite(np.float32([1, 2])) and not all_finite(np.float32([1, np.inf]))
+    assert not all_finite(np.float64([np.nan])) and all_finite(np.int32([1]))

@@ -17,7 +17,7 @@ PKG = "gptoss_convert"
 # Lowest first. A module belongs to the longest entry naming it or a package above it; the bare
 # package name stands for its __init__ only (the version and the lazy public API).
 LAYERS = [
-    [PKG, f"{PKG}.errors", f"{PKG}.tree", f"{PKG}.faults", f"{PKG}.buffers", f"{PKG}.progress"],
+    [PKG, f"{PKG}.errors", f"{PKG}.tree", f"{PKG}.faults", f"{PKG}.buffers", f"{PKG}.progress", f"{PKG}.finite"],
     [f"{PKG}.mxfp4"],
     [f"{PKG}.io"],
     [f"{PKG}.mapping"],

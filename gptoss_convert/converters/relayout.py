@@ -16,6 +16,7 @@ import numpy as np
 from gptoss_convert.converters.orbax_target import OrbaxTarget, maxtext_flags
 from gptoss_convert.converters.sources import DType, OrbaxSrc, open_source, write_sidecars
 from gptoss_convert.errors import InputError
+from gptoss_convert.finite import all_finite
 from gptoss_convert.io.orbax_source import OrbaxSource
 from gptoss_convert.mapping.layout import SCAN_AXIS, layer_relative
 
@@ -97,7 +98,7 @@ class MoveBlocks:
         """The block of `m`, in the output dtype; NaN/inf refused unless allowed (as to-orbax does)."""
         src = self.source
         x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.rows, keep_slot=False))
-        if not self.allow_nonfinite and not np.isfinite(x).all():
+        if not self.allow_nonfinite and not all_finite(x):
             raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{'' if m.src_slot is None else f', slot {m.src_slot}'}) "
                              f"in {src.item_dir}: NaN or inf weights; pass --allow-nonfinite to copy them anyway")
         return np.ascontiguousarray(x.astype(self.dtype, copy=False))

@@ -15,7 +15,6 @@ import math
 import os
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from gptoss_convert import faults
@@ -28,6 +27,7 @@ from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write
 from gptoss_convert.converters.sources import DType, OrbaxSrc, dtype_of, open_source, write_sidecars
 from gptoss_convert.converters.stream import prefetch
 from gptoss_convert.errors import InputError
+from gptoss_convert.finite import all_finite
 from gptoss_convert.io.hf_checkpoint import BLOCKS, SCALES
 from gptoss_convert.io.orbax_source import OrbaxSource
 from gptoss_convert.io.safetensors import ShardWriter
@@ -38,7 +38,6 @@ from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_columns
 DEFAULT_SCALE_RULE = "triton"     # triton_kernels' downcast_to_mxfp as at gpt-oss's release; docs/formats.md §3
 # gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
 MXFP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-_ST = {"bfloat16": ("BF16", np.dtype(ml_dtypes.bfloat16)), "float32": ("F32", np.dtype(np.float32))}
 PUBLISHED_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                      "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
 
@@ -140,7 +139,7 @@ def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.
     parts = read_parts(src, t, rows, hashes)
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
-    if not _all_finite(x) and (t.mxfp4 or not allow_nonfinite):
+    if not all_finite(x) and (t.mxfp4 or not allow_nonfinite):
         _refuse_nonfinite(src, t, rows)
     return x
 
@@ -150,14 +149,6 @@ def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None):
     what = ("MXFP4 cannot encode them (export BF16 instead)" if t.mxfp4
             else "pass --allow-nonfinite to export them anyway")
     raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
-
-
-def _all_finite(x: np.ndarray) -> bool:
-    """np.isfinite(x).all(); for bf16 on the bits (exponent all ones: inf/NaN), since ml_dtypes'
-    isfinite took 81 ms for one [2880, 5760] gate_up expert and this 7."""
-    if x.dtype != _ST["bfloat16"][1]:
-        return bool(np.isfinite(x).all())
-    return x.size == 0 or int((x.view(np.uint16) & np.uint16(0x7FFF)).max()) < 0x7F80
 
 
 def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, rule: str, hashes=None):
@@ -172,7 +163,7 @@ def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtyp
     try:
         return quantize_columns(parts, rule)
     except ValueError:                  # the float path's refusal of inf/NaN
-        if not all(map(_all_finite, parts)):
+        if not all(map(all_finite, parts)):
             _refuse_nonfinite(src, t, rows)
         raise
 

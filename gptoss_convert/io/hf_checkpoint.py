@@ -20,6 +20,7 @@ import numpy as np
 from gptoss_convert import mxfp4
 from gptoss_convert.buffers import as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
+from gptoss_convert.finite import all_finite, nonfinite
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import MappedFiles, TensorInfo, read_header, read_tensor, rows_shape
 
@@ -286,11 +287,6 @@ class HFCheckpoint:
         return [p for p in self._sidecars if p.is_file()]
 
 
-# Exponent-all-ones masks: a value is NaN or inf exactly when (bits & mask) == mask.
-_EXP_MASK = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
-             "F64": (np.uint64, 0x7FF0000000000000)}
-
-
 def _check_no_overflow(blocks: np.ndarray, scales: np.ndarray, info: TensorInfo, rows: slice | None) -> None:
     """Scale bytes 253/254 with a large element decode to |x| >= 2^128: inf in bf16 and fp32.
     The codec (like transformers) would emit inf; a converter must not, so refuse it here."""
@@ -304,29 +300,14 @@ def _check_no_overflow(blocks: np.ndarray, scales: np.ndarray, info: TensorInfo,
                                      f"{idx}, which decodes to +-inf; the checkpoint is corrupt, re-download it")
 
 
-_FINITE_CHUNK = 1 << 18
-
-
 def _check_finite(arr: np.ndarray, info: TensorInfo, rows: slice | None) -> None:
-    """Refuse NaN/inf in stored float weights (a bit test: no float conversion, ~memory speed)."""
-    if info.dtype not in _EXP_MASK:
+    """Refuse NaN/inf in stored float weights (finite.py's bit test: ~memory speed)."""
+    if all_finite(arr):
         return
-    utype, mask = _EXP_MASK[info.dtype]
-    bits = arr.reshape(-1).view(utype)
-    scratch = np.empty(min(bits.size, _FINITE_CHUNK), utype)   # cache-sized: no big temporaries
-    for start in range(0, bits.size, _FINITE_CHUNK):
-        chunk = bits[start:start + _FINITE_CHUNK]
-        np.bitwise_and(chunk, utype(mask), out=scratch[:chunk.size])
-        if (scratch[:chunk.size] == utype(mask)).any():
-            break
-    else:
-        return
-    bad = (arr.view(utype) & utype(mask)) == utype(mask)
-    if bad.any():
-        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
-        first = (first[0] + (rows.start if rows is not None else 0),) + first[1:] if first else first
-        raise CorruptTensorError(f"{info.file}: tensor {info.name!r} holds {int(bad.sum())} NaN/inf value(s) "
-                                 f"(first at index {first}); pass --allow-nonfinite to convert it anyway")
+    count, first = nonfinite(arr)
+    first = (first[0] + (rows.start if rows is not None else 0),) + first[1:] if first else first
+    raise CorruptTensorError(f"{info.file}: tensor {info.name!r} holds {count} NaN/inf value(s) "
+                             f"(first at index {first}); pass --allow-nonfinite to convert it anyway")
 
 
 def open_checkpoint(src: str | os.PathLike, revision: str | None = None) -> HFCheckpoint:
