@@ -7,7 +7,14 @@ On a shared, noisy machine two runs minutes apart can differ by 30%; alternating
 (old, new, old, new, ...) with a pause before each run lets both share the same noise. Each run
 is a fresh `python -m gptoss_convert` process; its wall time, CPU time (user, sys) and peak RSS
 come from the kernel (wait4). The earlier revision is checked out in a git worktree under
---workdir; its output, like ours, is deleted after every run.
+--workdir; its output, like ours, is deleted after every run, once every file of it is hashed:
+the two trees' outputs must be byte-identical (the record's times and paths, Orbax's
+timestamped metadata and commit marker text aside), or the benchmark fails.
+
+    python -m benchmarks.bench_ab --rev 037ed72 --layers 2 --command "to-hf --mxfp4" --from-orbax
+
+`--from-orbax` converts the synthetic source to a scanned Orbax checkpoint first (with the
+working tree) and runs the command on that: to-hf, or the relayout (`to-orbax --unscanned`).
 """
 
 from __future__ import annotations
@@ -51,6 +58,24 @@ def run(tree: Path, args: list[str]) -> dict:
             "peak_rss_GB": round(usage.ru_maxrss * 1024 / 1e9, 2)}
 
 
+VARIABLE = ("conversion.json", "_CHECKPOINT_METADATA", "commit_success.txt")   # times and paths inside
+
+
+def digests(out: Path) -> dict[str, str]:
+    """{file: sha256} of an output, except the files whose bytes hold times or paths."""
+    import hashlib
+
+    got = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.name not in VARIABLE:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(64 << 20):
+                    h.update(chunk)
+            got[p.relative_to(out).as_posix()] = h.hexdigest()
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", required=True, help="the earlier revision (any git revision name)")
@@ -61,10 +86,18 @@ def main() -> None:
     ap.add_argument("--cooldown", type=float, default=4.0, help="seconds of pause before each run")
     ap.add_argument("--workdir", default="/tmp/gptoss-bench")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--from-orbax", action="store_true", help="run the command on a scanned Orbax conversion of the source")
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     src = synthetic.write(work / f"synthetic-20b-{a.layers}L", "20b", a.layers)
+    if a.from_orbax:
+        orbax = work / f"synthetic-20b-{a.layers}L-orbax"
+        if not orbax.is_dir():
+            run(ROOT, ["to-orbax", str(src), str(orbax), "--scanned"])
+        shutil.rmtree(src)
+        src = orbax
+    seen: dict[str, dict[str, str]] = {}
     out = work / "ab-out"
     trees = {a.rev: worktree(a.rev, work), "working tree": ROOT}
     rows = []
@@ -75,6 +108,13 @@ def main() -> None:
             cmd, *flags = a.command.split()
             rows.append({"code": name, "repeat": repeat + 1, **run(tree, [cmd, str(src), str(out), *flags])})
             print(json.dumps(rows[-1]), flush=True)
+            if name not in seen:
+                seen[name] = digests(out)
+    if len({json.dumps(d, sort_keys=True) for d in seen.values()}) != 1:
+        a_, b_ = seen.values()
+        differ = sorted(f for f in set(a_) | set(b_) if a_.get(f) != b_.get(f))
+        raise SystemExit(f"outputs differ between the trees: {differ[:10]}")
+    print(f"outputs byte-identical between the trees: {len(next(iter(seen.values())))} files")
     shutil.rmtree(out, ignore_errors=True)
     for name in trees:
         mine = [r for r in rows if r["code"] == name]

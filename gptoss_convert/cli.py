@@ -306,12 +306,13 @@ def check_cmd(out):
 
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
 @json_option
 @_run
-def demo_cmd(workdir):
+def demo_cmd(workdir, no_progress):
     """Generate a tiny gpt-oss and run dequantize, to-orbax (both layouts), golden and verify."""
     from gptoss_convert.demo import demo
-    rows = demo(workdir)
+    rows = demo(workdir, progress=not no_progress)
     if any(r["verdict"] == "FAIL" for r in rows):
         from gptoss_convert.errors import VerifyFailed
         raise VerifyFailed("demo: a step failed (see the table above)")

@@ -13,9 +13,12 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def demo(workdir: str | os.PathLike = "demo-out", *, moe: str = "ragged_dot", log=print) -> list[dict]:
+def demo(workdir: str | os.PathLike = "demo-out", *, moe: str = "ragged_dot", progress: bool = True,
+         log=print) -> list[dict]:
     """Generate a tiny MXFP4 gpt-oss (with tokenizer), then dequantize, to-orbax --scanned and
-    --unscanned, golden and verify each output. Prints one table; returns its rows."""
+    --unscanned, golden and verify each output (a progress line per step unless not
+    `progress`). Prints one table; returns its rows."""
+    from gptoss_convert.progress import step as progress_step
     from gptoss_convert.converters.dequantize import dequantize
     from gptoss_convert.converters.to_orbax import to_orbax
     from gptoss_convert.testing import tiny_config, write_checkpoint
@@ -31,7 +34,8 @@ def demo(workdir: str | os.PathLike = "demo-out", *, moe: str = "ragged_dot", lo
 
     def step(name: str, fn, out: Path | None):
         t0 = time.perf_counter()
-        result = fn()
+        with progress_step(f"demo {len(rows) + 1}/8: {name}", progress):
+            result = fn()
         verdict = "PASS" if isinstance(result, dict) and result.get("pass") else ("ok" if not isinstance(result, dict) else "FAIL")
         rows.append({"step": name, "seconds": time.perf_counter() - t0, "bytes": _size(out) if out else None, "verdict": verdict})
         return result

@@ -153,3 +153,16 @@ def test_imports_of_resolves_submodules_and_relative_imports():
     modules = {"p", "p.a", "p.a.x", "p.b", "p.b.y"}
     src = "from p.a import x, helper\nimport p.b\ndef f():\n    from ..b import y\n    from .. import b\n    from . import x\n"
     assert imports_of("p.a.z", src, modules | {"p.a.z"}) == {"p.a.x", "p.a", "p.b", "p.b.y"}
+
+
+COMMANDS = {f"{PKG}.converters.{m}" for m in ("to_orbax", "dequantize", "to_hf", "check")}
+
+
+def test_no_command_imports_another_command():
+    """Commands share the protocol one floor down (converters/job.py, the targets, the sources),
+    never each other's modules: that is how the copies drifted."""
+    sources = package_sources()
+    modules = set(sources)
+    assert COMMANDS <= modules
+    found = {c: imports_of(c, sources[c], modules) & (COMMANDS - {c}) for c in COMMANDS}
+    assert found == {c: set() for c in COMMANDS}

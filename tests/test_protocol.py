@@ -212,13 +212,3 @@ def test_converters_print_progress_lines_when_not_a_terminal(mxfp4_dir, tmp_path
     assert r.returncode == 0 and "[progress] dequantize:" in r.stderr and "(done)" in r.stderr, r.stderr
     r = _cli("dequantize", mxfp4_dir, tmp_path / "b", "--quiet", env=env)
     assert r.returncode == 0 and "[progress]" not in r.stderr
-
-
-def test_no_command_module_imports_another():
-    """Commands share the protocol (job, targets, sources), never each other's modules."""
-    from test_layers import imports_of, package_sources
-
-    sources = package_sources()
-    commands = {f"gptoss_convert.converters.{m}" for m in ("to_orbax", "dequantize", "to_hf", "check")}
-    for c in commands:
-        assert not imports_of(c, sources[c], set(sources)) & (commands - {c}), c

@@ -32,7 +32,7 @@ from gptoss_convert.converters.stream import background
 from gptoss_convert.errors import InputError
 from gptoss_convert.io.files import HASHES
 from gptoss_convert.io.location import is_url
-from gptoss_convert.progress import progress
+from gptoss_convert.progress import progress, step
 
 SOURCE_ENTRY = "source"
 
@@ -201,7 +201,9 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
     files = [f for f, m in zip(source.files(), cluster.my_share([1] * len(source.files()))) if m]
     with cluster.staging(output, target.create) as staged:
         if staged.resumed:          # hash first: continue only onto the same bytes
-            hashing = Hashing(known=source.hash(files))
+            with step(f"{target.command}: hashing the source ({len(files)} files) to compare it with the "
+                      "interrupted run's", opts.progress):
+                hashing = Hashing(known=source.hash(files))
             _same_bytes(staged, hashing.result(), output.out)
         else:
             hashing = hasher(files) if hasher else Hashing(lambda: source.hash(files))
