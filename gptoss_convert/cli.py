@@ -84,7 +84,8 @@ def _run(fn):
         except KeyboardInterrupt:
             code, error = 130, "interrupted"
             resumable = any(p.name == "resume" for p in ctx.command.params)
-            click.echo("interrupted" + ("; rerun the same command with --resume to continue" if resumable else ""), err=True)
+            advice = "; rerun the same command with --resume to continue" if resumable else ""
+            click.echo("interrupted" + advice, err=True)
             sys.exit(code)
         except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
             if debug:
@@ -104,14 +105,16 @@ def _run(fn):
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help=f"Show Python tracebacks on errors (anywhere on the line; or {DEBUG_ENV}=1).")
+@click.option("--debug", is_flag=True,
+              help=f"Show Python tracebacks on errors (anywhere on the line; or {DEBUG_ENV}=1).")
 @click.version_option(package_name="gptoss-convert")
 def main(debug: bool) -> None:
     """Convert gpt-oss checkpoints (MXFP4 safetensors) to HF BF16 and MaxText Orbax, and verify them."""
 
 
 json_option = click.option("--json", "json_summary", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-                           help="Write a machine-readable summary here (command, ok, exit_code, seconds, result, error).")
+                           help="Write a machine-readable summary here "
+                                "(command, ok, exit_code, seconds, result, error).")
 
 
 DTYPE = click.Choice(["bf16", "fp32", "bfloat16", "float32"])
@@ -119,16 +122,21 @@ _LONG = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32
 
 
 _common = [
-    click.option("--dtype", type=DTYPE, default="bf16", show_default=True, help="Output dtype (bfloat16, float32 also accepted)."),
-    click.option("--dry-run", is_flag=True, help="Print the checked plan (and what it needs) and exit; writes nothing."),
+    click.option("--dtype", type=DTYPE, default="bf16", show_default=True,
+                 help="Output dtype (bfloat16, float32 also accepted)."),
+    click.option("--dry-run", is_flag=True,
+                 help="Print the checked plan (and what it needs) and exit; writes nothing."),
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
-    click.option("--resume", is_flag=True, help="Continue an interrupted run into the same OUT (only from the same source bytes)."),
+    click.option("--resume", is_flag=True,
+                 help="Continue an interrupted run into the same OUT (only from the same source bytes)."),
     click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads (default: all cores)."),
     click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress bar or progress lines."),
     click.option("--allow-nonfinite", is_flag=True, help="Convert even if BF16 weights hold NaN/inf."),
     click.option("--strict-config", is_flag=True,
-                 help="Refuse config.json fields this tool does not know (default: accept them as inert, with a warning)."),
-    click.option("--no-space-check", is_flag=True, help="Write even if OUT's filesystem has less free space than the output needs."),
+                 help="Refuse config.json fields this tool does not know "
+                      "(default: accept them as inert, with a warning)."),
+    click.option("--no-space-check", is_flag=True,
+                 help="Write even if OUT's filesystem has less free space than the output needs."),
 ]
 
 
@@ -142,7 +150,8 @@ def _set_s3_endpoint(ctx, param, value):
 
 s3_endpoint_option = click.option(
     "--s3-endpoint", expose_value=False, callback=_set_s3_endpoint, default=None, metavar="URL",
-    help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000 (default: $GPTOSS_CONVERT_S3_ENDPOINT, else AWS).")
+    help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000 "
+         "(default: $GPTOSS_CONVERT_S3_ENDPOINT, else AWS).")
 
 
 def common_options(fn):
@@ -162,9 +171,12 @@ _distributed = [
     click.option("--distributed", is_flag=True,
                  help="Be one of several processes (hosts) writing one OUT, on jax.distributed (docs/multihost.md)."),
     click.option("--coordinator-address", default=None,
-                 help="HOST:PORT of process 0 (default: detected by JAX on TPU/GKE/SLURM, or JAX_COORDINATOR_ADDRESS)."),
-    click.option("--num-processes", type=click.IntRange(1), default=None, help="How many processes (implies --distributed)."),
-    click.option("--process-id", type=click.IntRange(0), default=None, help="This process's rank, 0-based (implies --distributed)."),
+                 help="HOST:PORT of process 0 (default: detected by JAX on TPU/GKE/SLURM, "
+                      "or JAX_COORDINATOR_ADDRESS)."),
+    click.option("--num-processes", type=click.IntRange(1), default=None,
+                 help="How many processes (implies --distributed)."),
+    click.option("--process-id", type=click.IntRange(0), default=None,
+                 help="This process's rank, 0-based (implies --distributed)."),
     click.option("--distributed-timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
                  help="Seconds one process waits for the others at one point before giving up."),
     click.option("--heartbeat-timeout", type=click.FloatRange(min=1), default=60, show_default=True,
@@ -178,7 +190,8 @@ def distributed_options(fn):
     def wrapper(*args, distributed, coordinator_address, num_processes, process_id, distributed_timeout,
                 heartbeat_timeout, **kwargs):
         given = (coordinator_address, num_processes, process_id)
-        dist = dict(distributed=distributed or any(v is not None for v in given), coordinator_address=coordinator_address,
+        dist = dict(distributed=distributed or any(v is not None for v in given),
+                    coordinator_address=coordinator_address,
                     num_processes=num_processes, process_id=process_id, distributed_timeout=distributed_timeout,
                     heartbeat_timeout=heartbeat_timeout)
         return fn(*args, dist=dist, **kwargs)
@@ -188,8 +201,10 @@ def distributed_options(fn):
 
 
 _like = click.option("--like", default=None, metavar="HF_DIR_OR_ID",
-                     help="The HF model (dir or hub id) whose config.json and tokenizer go with SRC (needed for MaxText's own checkpoints).")
-_step = click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
+                     help="The HF model (dir or hub id) whose config.json and tokenizer go with SRC "
+                          "(needed for MaxText's own checkpoints).")
+_step = click.option("--step", type=int, default=None,
+                     help="Orbax SRC given as a run root: this step (default: the latest committed).")
 _shard = click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
 
 
@@ -203,7 +218,8 @@ _shard = click.option("--max-shard-size", default="5GB", show_default=True, help
 def dequantize_cmd(src, out, max_shard_size, dtype, dry_run, workers, opts, dist):
     """MXFP4 safetensors SRC (directory or hub id) -> HF BF16 checkpoint OUT (a directory, gs:// or s3://)."""
     from gptoss_convert.converters.dequantize import dequantize
-    return dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers, dry_run=dry_run, **opts, **dist)
+    return dequantize(src, out, dtype=dtype, max_shard_size=max_shard_size, workers=workers, dry_run=dry_run,
+                      **opts, **dist)
 
 
 def _layout(ctx, scanned: bool, unscanned: bool) -> bool:
@@ -285,7 +301,8 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
               help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
 @s3_endpoint_option
 @_run
-def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, streamed):
+def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts,
+               streamed):
     """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
     from gptoss_convert.verify.verify import verify
     verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,

@@ -36,8 +36,12 @@ def demo(workdir: str | os.PathLike = "demo-out", *, moe: str = "ragged_dot", pr
         t0 = time.perf_counter()
         with progress_step(f"demo {len(rows) + 1}/8: {name}", progress):
             result = fn()
-        verdict = "PASS" if isinstance(result, dict) and result.get("pass") else ("ok" if not isinstance(result, dict) else "FAIL")
-        rows.append({"step": name, "seconds": time.perf_counter() - t0, "bytes": _size(out) if out else None, "verdict": verdict})
+        if isinstance(result, dict):
+            verdict = "PASS" if result.get("pass") else "FAIL"
+        else:
+            verdict = "ok"
+        rows.append({"step": name, "seconds": time.perf_counter() - t0, "bytes": _size(out) if out else None,
+                     "verdict": verdict})
         return result
 
     step("generate tiny MXFP4 gpt-oss", lambda: write_checkpoint(src, tiny_config(), fmt="mxfp4"), src)
@@ -47,7 +51,8 @@ def demo(workdir: str | os.PathLike = "demo-out", *, moe: str = "ragged_dot", pr
     step("golden (HF transformers)", lambda: golden(src, gold, log=lambda *_: None), gold)
     for name, ck, strategy in (("verify orbax-scanned", scanned, moe), ("verify orbax-unscanned", unscanned, "dense"),
                                ("verify HF BF16", bf16, moe)):
-        step(f"{name} (moe={strategy})", lambda ck=ck, s=strategy: verify(ck, golden=gold, moe=s, log=lambda *_: None), None)
+        step(f"{name} (moe={strategy})",
+             lambda ck=ck, s=strategy: verify(ck, golden=gold, moe=s, log=lambda *_: None), None)
     log(_table(rows, work))
     return rows
 

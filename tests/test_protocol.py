@@ -122,7 +122,8 @@ def test_relayout_distributed_equals_one_process(orbax_src, tmp_path):
 
     one = to_orbax(orbax_src, tmp_path / "one", scanned=False, **QUIET)
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "gptoss_convert", "to-orbax", str(orbax_src), str(tmp_path / "two"),
+    procs = [subprocess.Popen([sys.executable, "-m", "gptoss_convert", "to-orbax", str(orbax_src),
+                               str(tmp_path / "two"),
                                "--unscanned", "--no-progress", "--coordinator-address", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "5",
                                "--distributed-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -141,7 +142,8 @@ def test_too_little_free_space_is_refused_before_writing(command, mxfp4_dir, tmp
 
     real = shutil.disk_usage
     monkeypatch.setattr(output.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    args = [command, str(mxfp4_dir), str(tmp_path / "out"), "--no-progress"] + (["--scanned"] if command == "to-orbax" else [])
+    args = [command, str(mxfp4_dir), str(tmp_path / "out"), "--no-progress"]
+    args += ["--scanned"] if command == "to-orbax" else []
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 3, r.output
     assert "GB of disk" in r.output and "0.00 GB available" in r.output and "--no-space-check" in r.output
@@ -189,10 +191,12 @@ def test_every_converting_command_spells_its_options_the_same():
 
 def test_json_summary_and_its_path_checked_first(mxfp4_dir, tmp_path):
     summary = tmp_path / "s.json"
-    r = CliRunner().invoke(main, ["dequantize", str(mxfp4_dir), str(tmp_path / "o"), "--no-progress", "--json", str(summary)])
+    r = CliRunner().invoke(main, ["dequantize", str(mxfp4_dir), str(tmp_path / "o"), "--no-progress",
+                                  "--json", str(summary)])
     assert r.exit_code == 0, r.output
     doc = json.loads(summary.read_text())
-    assert doc["command"] == "dequantize" and doc["ok"] and doc["exit_code"] == 0 and doc["result"] == str(tmp_path / "o")
+    assert doc["command"] == "dequantize" and doc["ok"] and doc["exit_code"] == 0
+    assert doc["result"] == str(tmp_path / "o")
     r = CliRunner().invoke(main, ["dequantize", str(mxfp4_dir), str(tmp_path / "o2"), "--json", "/nonexistent/s.json"])
     assert r.exit_code == 3 and "--json" in r.output and not (tmp_path / "o2").exists()
     r = CliRunner().invoke(main, ["dequantize", str(tmp_path / "nope"), str(tmp_path / "o3"), "--json", str(summary)])

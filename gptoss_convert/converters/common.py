@@ -35,7 +35,8 @@ def config_for(ck: HFCheckpoint, *, strict: bool = False):
     return backend_for(ck.config_raw, ck.dir / "config.json", strict=strict)
 
 
-def plan_for(ck: HFCheckpoint, *, scanned: bool, itemsize: int, block_bytes: int | None = None, strict_config: bool = False):
+def plan_for(ck: HFCheckpoint, *, scanned: bool, itemsize: int, block_bytes: int | None = None,
+             strict_config: bool = False):
     """(backend, config, checked Plan) for converting `ck` to the backend's parameter tree."""
     backend, cfg = config_for(ck, strict=strict_config)
     edges = edges_from_rules(backend.rules(cfg), cfg.L, backend.layout_for(cfg, scanned))

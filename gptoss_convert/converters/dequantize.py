@@ -116,7 +116,8 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | D
     return job.run(HFSource(ck), target, out, job.JobOptions(overwrite, resume, progress, check_space), cluster, log)
 
 
-def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: int, strict_config: bool) -> ShardsTarget:
+def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: int,
+                      strict_config: bool) -> ShardsTarget:
     """The checked plan: every tensor of `ck` (MXFP4 dequantized to `dt`, the rest copied) in shards."""
     cfg = check_against_backend(ck, strict_config=strict_config)
     tensors = _out_tensors(ck, dt.st, block_bytes)
@@ -124,16 +125,19 @@ def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: 
 
     def summary(result, seconds: float) -> str:
         total = sum(t.nbytes for t in tensors)
-        return (f"dequantize: wrote {total / 1e9:.2f} GB in {len(target.names)} shard(s) to {result} in {seconds:.1f} s "
-                f"({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); {mxfp4} MXFP4 tensors dequantized to {dt.st}, the rest "
+        return (f"dequantize: wrote {total / 1e9:.2f} GB in {len(target.names)} shard(s) to {result} "
+                f"in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); {mxfp4} MXFP4 tensors "
+                f"dequantized to {dt.st}, the rest "
                 f"copied; load it with transformers.AutoModelForCausalLM.from_pretrained('{result}').")
 
     def metadata(out, names, shards) -> None:
         conf = {k: v for k, v in ck.config_raw.items() if k != "quantization_config"} | {"dtype": dt.name}
-        write_sidecars(out, conf | ({"torch_dtype": dt.name} if "torch_dtype" in ck.config_raw else {}), ck.sidecar_files())
+        conf |= {"torch_dtype": dt.name} if "torch_dtype" in ck.config_raw else {}
+        write_sidecars(out, conf, ck.sidecar_files())
         write_index(out, names, shards)
 
-    target = ShardsTarget("dequantize", tensors, max_shard, lambda path, shard, bar: (_write_shard(ck, path, shard, bar), {}),
+    target = ShardsTarget("dequantize", tensors, max_shard,
+                          lambda path, shard, bar: (_write_shard(ck, path, shard, bar), {}),
                           metadata, {"dtype": dt.st, "max_shard_size": max_shard}, summary,
                           extra={"config_unknown_fields": list(cfg.unknown_fields)})
     return target
@@ -144,4 +148,5 @@ def describe(target: ShardsTarget) -> str:
     lines = [f"{name}: {len(s)} tensors, {sum(t.nbytes for t in s) / 1e9:.3f} GB ({', '.join(t.name for t in s[:3])}"
              f"{', ...' if len(s) > 3 else ''})" for name, s in zip(target.names, target.shards)]
     total = sum(u.nbytes for u in target.units)
-    return "\n".join(lines + [f"{len(target.tensors)} tensors in {len(target.names)} shard(s), {total / 1e9:.2f} GB to write"])
+    return "\n".join(lines + [f"{len(target.tensors)} tensors in {len(target.names)} shard(s), "
+                              f"{total / 1e9:.2f} GB to write"])

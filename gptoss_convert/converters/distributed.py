@@ -202,7 +202,8 @@ class Cluster(_Protocol):
             self._check_alive(what)
             if time.monotonic() > deadline:
                 raise ClusterError(f"waited {self.timeout_s:.0f} s for {what}; stopped without committing; "
-                                   "rerun the same command with --resume on every process (or raise --distributed-timeout)")
+                                   "rerun the same command with --resume on every process "
+                                   "(or raise --distributed-timeout)")
             time.sleep(_POLL_S)
 
     def _failure(self) -> str | None:
@@ -211,7 +212,8 @@ class Cluster(_Protocol):
         if not failed:
             return None
         p, msg = min(failed.items())
-        return f"process {p} failed ({msg}); stopped without committing; fix that and rerun the same command with --resume on every process"
+        return (f"process {p} failed ({msg}); stopped without committing; fix that and rerun the same command "
+                "with --resume on every process")
 
     def silent(self) -> list[int]:
         """The other processes whose heartbeat has not changed for heartbeat_s."""
@@ -339,7 +341,8 @@ def balance(sizes: list[int], groups: list[int], n: int) -> list[int]:
     return [owner[g] for g in groups]
 
 
-def shared_chunk_groups(writes: list[list[tuple[str, tuple[slice, ...]]]], chunk_shapes: dict[str, tuple[int, ...]]) -> list[int]:
+def shared_chunk_groups(writes: list[list[tuple[str, tuple[slice, ...]]]],
+                        chunk_shapes: dict[str, tuple[int, ...]]) -> list[int]:
     """For each unit (the (target leaf, index) pairs it writes), a group id; units that write
     into one output chunk share a group (two processes must never write one chunk file)."""
     parent = list(range(len(writes)))
@@ -395,7 +398,8 @@ def distributable(fn):
     @functools.wraps(fn)
     def wrapper(*args, distributed: bool = False, coordinator_address: str | None = None,
                 num_processes: int | None = None, process_id: int | None = None,
-                distributed_timeout: float = DEFAULT_TIMEOUT_S, heartbeat_timeout: float = DEFAULT_HEARTBEAT_S, **kwargs):
+                distributed_timeout: float = DEFAULT_TIMEOUT_S, heartbeat_timeout: float = DEFAULT_HEARTBEAT_S,
+                **kwargs):
         if not distributed:
             return fn(*args, cluster=Solo(), **kwargs)
         with session(coordinator_address, num_processes, process_id, timeout_s=distributed_timeout,

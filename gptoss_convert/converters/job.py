@@ -183,8 +183,9 @@ def _same_bytes(output, fresh: dict, where) -> None:
             continue
         got = str(fresh[f].get("size")) if algo == "size" else fresh[f].get(algo)
         if got != digest:
-            raise InputError(f"{where}: --resume would splice two sources: {f} differs from the one the interrupted run "
-                             f"read ({algo} {digest[:16]} then, {str(got)[:16]} now); rerun without --resume to start over")
+            raise InputError(f"{where}: --resume would splice two sources: {f} differs from the one the "
+                             f"interrupted run read ({algo} {digest[:16]} then, {str(got)[:16]} now); "
+                             "rerun without --resume to start over")
 
 
 def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Cluster | dist.Solo,

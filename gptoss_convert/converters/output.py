@@ -105,15 +105,18 @@ class StagedOutput:
         if self.resume and self.staging.is_dir():
             free += sum(f.stat().st_size for f in self.staging.rglob("*") if f.is_file())
         if free < self.need_bytes:
-            raise OutputError(f"{self.out}: needs {self.need_bytes / 1e9:.2f} GB of disk, {free / 1e9:.2f} GB available "
+            raise OutputError(f"{self.out}: needs {self.need_bytes / 1e9:.2f} GB of disk, "
+                              f"{free / 1e9:.2f} GB available "
                               f"on {parent}; free space, choose another OUT, or pass --no-space-check")
 
     def _lock(self) -> None:
         try:
             fd = os.open(self.lockfile, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
-            raise OutputError(f"{self.out}: cannot create lock file {self.lockfile} ({e.strerror}); choose another OUT") from None
-        held = f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); wait for it to finish"
+            raise OutputError(f"{self.out}: cannot create lock file {self.lockfile} ({e.strerror}); "
+                              "choose another OUT") from None
+        held = (f"{self.out}: another gptoss-convert process is writing it (lock {self.lockfile} is held); "
+                "wait for it to finish")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -215,4 +218,5 @@ class StagedOutput:
         why = disk_full(exc)
         if why:
             raise OutputError(f"{self.out}: cannot write: {why}; the work done so far is kept in {self.staging}: "
-                              "free space (or raise the file size limit), then rerun the same command with --resume") from exc
+                              "free space (or raise the file size limit), then rerun the same command "
+                              "with --resume") from exc

@@ -99,7 +99,8 @@ class MoveBlocks:
         src = self.source
         x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.rows, keep_slot=False))
         if not self.allow_nonfinite and not all_finite(x):
-            raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{'' if m.src_slot is None else f', slot {m.src_slot}'}) "
+            slot = "" if m.src_slot is None else f", slot {m.src_slot}"
+            raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{slot}) "
                              f"in {src.item_dir}: NaN or inf weights; pass --allow-nonfinite to copy them anyway")
         return np.ascontiguousarray(x.astype(self.dtype, copy=False))
 
@@ -124,13 +125,14 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
     source = OrbaxSrc(open_source(src, step), like, strict_config=strict_config)
     orbax, backend, cfg = source.orbax, source.backend, source.cfg
     targets = backend.flat_shapes(cfg, scanned)
-    moves = plan_moves(targets, backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned),
-                       dtype.itemsize, block_bytes)
+    out_layout, in_layout = backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned)
+    moves = plan_moves(targets, out_layout, in_layout, dtype.itemsize, block_bytes)
     total = sum(m.nbytes for m in moves)
-    layout, was = "scanned" if scanned else "unscanned", "scanned" if orbax.scanned else "unscanned"
+    layout, was = out_layout.name, in_layout.name
 
     def sidecars(out) -> None:      # config.json as to-orbax writes it: no quantization_config
-        write_sidecars(out, {k: v for k, v in source.config_raw.items() if k != "quantization_config"}, source.sidecars())
+        conf = {k: v for k, v in source.config_raw.items() if k != "quantization_config"}
+        write_sidecars(out, conf, source.sidecars())
 
     def summary(result, seconds: float) -> str:
         return (f"to-orbax: relayout of step {orbax.step_dir.name} ({was}) -> {len(targets)} {layout} leaves "
@@ -138,12 +140,14 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
                 f"{orbax.other_leaves} non-param leaves dropped.\nMaxText flags: {maxtext_flags(result, scanned, cfg)}")
 
     target = OrbaxTarget(MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets), targets, _chunks(moves, targets),
-                         dtype.np, {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},
+                         dtype.np,
+                         {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},
                          compression, {"layout": layout, "dtype": dtype.name, "compression": compression,
                                        "relayout_from": was},
                          {"source_step": orbax.step_dir.name, "source_other_leaves_dropped": orbax.other_leaves},
                          sidecars, summary, identity={"relayout": True, "block_bytes": block_bytes,
                                                       "source": str(orbax.step_dir)})
     target.describe = lambda: (f"relayout {was} -> {layout}: {len(targets)} leaves, {len(moves)} blocks, "
-                               f"{total / 1e9:.2f} GB to write, from step {orbax.step_dir.name} of {orbax.step_dir.parent}")
+                               f"{total / 1e9:.2f} GB to write, from step {orbax.step_dir.name} "
+                               f"of {orbax.step_dir.parent}")
     return source, target

@@ -110,7 +110,8 @@ class ShardsTarget:
 
     def finish(self, path, remote: bool, hashes: dict) -> Finished:
         """Every shard's report (in shard order, whichever process wrote it), the metadata files."""
-        reports = {k: v for f in self.names for k, v in json.loads((path / PROGRESS / f"{f}.report.json").read_text()).items()}
+        reports = {k: v for f in self.names
+                   for k, v in json.loads((path / PROGRESS / f"{f}.report.json").read_text()).items()}
         self.metadata(path, self.names, self.shards)
         return Finished(self.extra | self.report(reports), {}, {})
 

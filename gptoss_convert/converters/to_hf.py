@@ -216,7 +216,8 @@ def out_config(raw: dict, *, mxfp4: bool, dtype: str) -> dict:
     conf |= {"dtype": dtype} | ({"torch_dtype": dtype} if "torch_dtype" in raw else {})
     if mxfp4:
         q = raw.get("quantization_config")
-        conf["quantization_config"] = q if isinstance(q, dict) and q.get("quant_method") == "mxfp4" else PUBLISHED_QUANTIZATION
+        ours = isinstance(q, dict) and q.get("quant_method") == "mxfp4"
+        conf["quantization_config"] = q if ours else PUBLISHED_QUANTIZATION
     return conf
 
 
@@ -265,7 +266,8 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
                            opts=opts, like=like)
     if dry_run:
         total = sum(u.nbytes for u in target.units)
-        log(describe(target.tensors, source.orbax) + f"\n{len(target.tensors)} HF tensors in {len(target.names)} shard(s), "
+        log(describe(target.tensors, source.orbax) + f"\n{len(target.tensors)} HF tensors in "
+            f"{len(target.names)} shard(s), "
             f"{total / 1e9:.2f} GB to write")
         return target.tensors
     hasher = None
@@ -312,7 +314,8 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
     def summary(result, seconds: float) -> str:
         return _done_line(result, orbax, total, len(target.names), seconds, target.requantization, opts.rule)
 
-    target = ShardsTarget("to-hf", tensors, max_shard, lambda path, shard, bar: _write_shard(orbax, path, shard, opts, bar),
+    target = ShardsTarget("to-hf", tensors, max_shard,
+                          lambda path, shard, bar: _write_shard(orbax, path, shard, opts, bar),
                           metadata, {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
                                      "like": None if like is None else str(like)}, summary, report,
                           extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,

@@ -67,7 +67,8 @@ def needs(plan: Plan, ck: HFCheckpoint) -> str:
 @dist.distributable
 def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, dtype: str | DType = "bf16",
              dry_run: bool = False, workers: int | None = None, overwrite: bool = False, resume: bool = False,
-             allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES, compression: str | None = None,
+             allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES,
+             compression: str | None = None,
              strict_config: bool = False, like: str | os.PathLike | None = None, step: int | None = None,
              check_space: bool = True, cluster=None, log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
@@ -134,7 +135,7 @@ def hf_target(ck: HFCheckpoint, *, scanned: bool, dt: DType, block_bytes: int, c
     """The checked plan of an HF source -> MaxText Orbax conversion, as the job's target."""
     backend, cfg, plan = plan_for(ck, scanned=scanned, itemsize=dt.itemsize, block_bytes=block_bytes,
                                   strict_config=strict_config)
-    layout = "scanned" if scanned else "unscanned"
+    layout = backend.layout_for(cfg, scanned).name
 
     def sidecars(out) -> None:
         write_sidecars(out, {k: v for k, v in ck.config_raw.items() if k != "quantization_config"}, ck.sidecar_files())
