@@ -216,3 +216,20 @@ def test_converters_print_progress_lines_when_not_a_terminal(mxfp4_dir, tmp_path
     assert r.returncode == 0 and "[progress] dequantize:" in r.stderr and "(done)" in r.stderr, r.stderr
     r = _cli("dequantize", mxfp4_dir, tmp_path / "b", "--quiet", env=env)
     assert r.returncode == 0 and "[progress]" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["to-orbax", "dequantize", "to-hf"])
+def test_more_memory_than_available_is_refused_before_writing(command, mxfp4_dir, orbax_src, tmp_path, monkeypatch):
+    """A plan whose peak memory estimate exceeds MemAvailable: exit 3 with the figures, nothing
+    written; --no-space-check runs it anyway."""
+    from gptoss_convert.converters import job
+
+    monkeypatch.setattr(job, "available_memory", lambda: 100 << 20)     # 0.1 GB: below the runtime alone
+    src = orbax_src if command == "to-hf" else mxfp4_dir
+    args = [command, str(src), str(tmp_path / "out"), "--no-progress"]
+    args += ["--scanned"] if command == "to-orbax" else []
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 3, r.output
+    assert "GB of memory at its peak" in r.output and "0.1 GB available" in r.output and "--no-space-check" in r.output
+    assert list(tmp_path.iterdir()) == []
+    assert CliRunner().invoke(main, args + ["--no-space-check"]).exit_code == 0

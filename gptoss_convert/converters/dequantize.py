@@ -64,6 +64,11 @@ def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None, pool: BufferPool) 
     return arr if arr.dtype == DTYPES[t.dtype] else arr.astype(np_dtype)
 
 
+def _block_bytes(t: OutTensor) -> int:
+    """Bytes of the largest block of `t` read at once."""
+    return t.nbytes if t.rows_per_block is None else t.nbytes // t.shape[0] * t.rows_per_block
+
+
 def _row_slices(t: OutTensor):
     if t.rows_per_block is None:
         return [None]
@@ -139,7 +144,8 @@ def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: 
     target = ShardsTarget("dequantize", tensors, max_shard,
                           lambda path, shard, bar: (_write_shard(ck, path, shard, bar), {}),
                           metadata, {"dtype": dt.st, "max_shard_size": max_shard}, summary,
-                          extra={"config_unknown_fields": list(cfg.unknown_fields)})
+                          extra={"config_unknown_fields": list(cfg.unknown_fields)},
+                          largest_block=max((_block_bytes(t) for t in tensors), default=0), in_flight=7)
     return target
 
 

@@ -29,12 +29,39 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.output import open_output
 from gptoss_convert.converters.provenance import write_record
 from gptoss_convert.converters.stream import background
-from gptoss_convert.errors import InputError
+from gptoss_convert.errors import InputError, OutputError
 from gptoss_convert.io.files import HASHES
 from gptoss_convert.io.location import is_url
 from gptoss_convert.progress import progress, step
 
 SOURCE_ENTRY = "source"
+RUNTIME_BYTES = 400 << 20   # the process before its first block: Python, numpy, TensorStore, the plan
+
+
+class ResourceError(OutputError):
+    """The plan needs more memory than this machine has available: refused before any work."""
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(target) -> None:
+    """Refuse a plan whose peak memory estimate (blocks in flight over the runtime) exceeds the
+    memory available now: a stranger's checkpoint can declare blocks of any size."""
+    need, free = getattr(target, "peak_memory", 0), available_memory()
+    if free is not None and need > free:
+        raise ResourceError(f"{target.command}: needs about {need / 1e9:.1f} GB of memory at its peak (blocks in "
+                            f"flight over the runtime), {free / 1e9:.1f} GB available; free memory, lower "
+                            "--workers, or pass --no-space-check to run anyway")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +220,8 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
     """Run `target` from `source` into `out` under the protocol above; returns OUT (every process)."""
     t0 = time.perf_counter()
     keep_freed_memory()
+    if opts.check_space:
+        check_memory(target)
     output = open_output(out, fingerprint=target.fingerprint() | {"source_files": source.sizes()},
                          overwrite=opts.overwrite, resume=opts.resume, source=source.root,
                          need_bytes=sum(u.nbytes for u in target.units) if opts.check_space else 0, log=log)

@@ -15,7 +15,7 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.converters.job import Finished, Unit
+from gptoss_convert.converters.job import RUNTIME_BYTES, Finished, Unit
 from gptoss_convert.converters.stream import prefetch
 
 STEP = "0"              # where to-orbax puts its one step: OUT/0/items
@@ -59,6 +59,11 @@ class OrbaxTarget:
     command: str = "to-orbax"
 
     def __post_init__(self):
+        """Units from the blocks; peak memory: the blocks whose writes are in flight (MAX_IN_FLIGHT),
+        read ahead (2) and being decoded (1), plus the recycled buffers RecyclingPool keeps (up
+        to 8 more of the largest size), over the runtime itself."""
+        self.largest_block = max((b.nbytes for b in self.plan.blocks), default=0)
+        self.peak_memory = RUNTIME_BYTES + (MAX_IN_FLIGHT + 3 + 8) * self.largest_block
         self.units = [Unit(b.key, b.nbytes) for b in self.plan.blocks]
         self._blocks = {b.key: b for b in self.plan.blocks}
         self.writer = None

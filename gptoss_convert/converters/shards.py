@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from gptoss_convert.converters.job import Finished, Unit
+from gptoss_convert.converters.job import RUNTIME_BYTES, Finished, Unit
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.io.files import temp_path
 from gptoss_convert.io.hf_checkpoint import INDEX
@@ -64,12 +64,15 @@ class ShardsTarget:
     summary_of: Callable[[object, float], str]
     report: Callable[[dict], dict] = lambda reports: {}
     extra: dict = dataclasses.field(default_factory=dict)
+    largest_block: int = 0                      # bytes of the largest block read at once
+    in_flight: int = 8                          # how many such blocks may be held at once
 
     def __post_init__(self):
         self.shards = split_shards(self.tensors, self.max_shard)
         self.names = shard_names(len(self.shards))
         self._by_name = dict(zip(self.names, self.shards))
         self.units = [Unit(n, sum(t.nbytes for t in s)) for n, s in zip(self.names, self.shards)]
+        self.peak_memory = RUNTIME_BYTES + self.in_flight * self.largest_block
 
     def fingerprint(self) -> dict:
         return {"command": self.command, **self.recorded, "shards": [[t.name for t in s] for s in self.shards]}

@@ -69,6 +69,12 @@ class ExportTensor:
     def nbytes(self) -> int:
         return sum(math.prod(s) * (1 if d == "U8" else self.itemsize) for _, d, s in self.entries)
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of the largest block read at once (at the output itemsize)."""
+        rows = self.shape[0] if self.row_blocks() == [None] or not self.shape else self.rows_per_block
+        return math.prod(self.shape[1:]) * rows * self.itemsize if self.shape else self.itemsize
+
     def row_blocks(self) -> list[slice | None]:
         """The HF row ranges read at a time (None: the whole tensor)."""
         if self.row_axis is None or not self.rows_per_block or self.rows_per_block >= self.shape[0]:
@@ -319,7 +325,9 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
                           metadata, {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
                                      "like": None if like is None else str(like)}, summary, report,
                           extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,
-                                 "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves})
+                                 "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves},
+                          largest_block=max((t.block_bytes for t in tensors), default=0),
+                          in_flight=2 * (opts.workers + 2))    # read ahead and in the workers; requantization copies
     target.requantization = None
     return target
 

@@ -17,7 +17,7 @@ import numpy as np
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
 from gptoss_convert.converters.common import plan_for, source_shapes
-from gptoss_convert.converters.orbax_target import MAX_IN_FLIGHT, OrbaxTarget, maxtext_flags
+from gptoss_convert.converters.orbax_target import OrbaxTarget, maxtext_flags
 from gptoss_convert.converters.plan import DEFAULT_BLOCK_BYTES, Plan, ReadBlock
 from gptoss_convert.converters.sources import DType, HFSource, dtype_of, write_sidecars
 from gptoss_convert.io.hf_checkpoint import HFCheckpoint, open_checkpoint
@@ -48,20 +48,13 @@ def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dty
     return pending
 
 
-RUNTIME_BYTES = 400 << 20   # the process before its first block: Python, numpy, TensorStore, the plan
-
-
-def needs(plan: Plan, ck: HFCheckpoint) -> str:
-    """One line: the disk OUT will take and an estimate of the peak memory, from the plan.
-
-    Memory is bounded by blocks, not by the model: the blocks whose writes are in flight
-    (MAX_IN_FLIGHT), read ahead (2) and being decoded (1), plus the recycled mappings
-    RecyclingPool keeps (up to 8 more of the largest size), over the runtime itself."""
-    largest = max(b.nbytes for b in plan.blocks)
-    memory = RUNTIME_BYTES + (MAX_IN_FLIGHT + 3 + 8) * largest
+def needs(target: OrbaxTarget, ck: HFCheckpoint) -> str:
+    """One line: the disk OUT will take and an estimate of the peak memory, from the plan (memory is
+    bounded by blocks, not by the model: OrbaxTarget.peak_memory)."""
     source = sum((ck.dir / f).stat().st_size for f in ck.files)
-    return (f"needs: {plan.total_bytes / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), "
-            f"peak memory at most about {memory / 1e9:.1f} GB (largest block {largest / 1e6:.0f} MB)")
+    total = sum(u.nbytes for u in target.units)
+    return (f"needs: {total / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), peak memory at most "
+            f"about {target.peak_memory / 1e9:.1f} GB (largest block {target.largest_block / 1e6:.0f} MB)")
 
 
 @dist.distributable
@@ -150,7 +143,7 @@ def hf_target(ck: HFCheckpoint, *, scanned: bool, dt: DType, block_bytes: int, c
                          compression, {"layout": layout, "dtype": dt.name, "compression": compression},
                          {"config_unknown_fields": list(cfg.unknown_fields)}, sidecars, summary,
                          identity={"block_bytes": block_bytes})
-    target.describe = lambda: plan.describe(source_shapes(ck)) + "\n" + needs(plan, ck)
+    target.describe = lambda: plan.describe(source_shapes(ck)) + "\n" + needs(target, ck)
     return target
 
 
