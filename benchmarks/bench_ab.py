@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--cooldown", type=float, default=4.0, help="seconds of pause before each run")
     ap.add_argument("--workdir", default="/tmp/gptoss-bench")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--from-orbax", action="store_true", help="run the command on a scanned Orbax conversion of the source")
+    ap.add_argument("--from-orbax", action="store_true",
+                    help="run the command on a scanned Orbax conversion of the source")
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
