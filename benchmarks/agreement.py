@@ -46,12 +46,14 @@ def main() -> None:
                     ours = np.asarray(forward(params, tokens, cfg, moe=moe, dtype=jnp.dtype(dtype)))
                     m = [compare(r, o, Thresholds()) for r, o in zip(ref, ours)]
                     rows.append({"moe": moe, "layout": "scanned" if scanned else "unscanned", "compute": dtype,
-                                 "max_abs_diff": max(x["max_abs_diff"] for x in m), "max_kl": max(x["max_kl"] for x in m),
+                                 "max_abs_diff": max(x["max_abs_diff"] for x in m),
+                                 "max_kl": max(x["max_kl"] for x in m),
                                  "top1": float(np.mean([x["top1_agreement"] for x in m]))})
                     print(json.dumps(rows[-1]), flush=True)
     print("\n| MoE | layout | compute | max \\|Δlogit\\| | max per-token KL | top-1 |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['moe']} | {r['layout']} | {r['compute']} | {r['max_abs_diff']:.2e} | {r['max_kl']:.1e} | {r['top1']:.1%} |")
+        print(f"| {r['moe']} | {r['layout']} | {r['compute']} | {r['max_abs_diff']:.2e} | {r['max_kl']:.1e} | "
+              f"{r['top1']:.1%} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

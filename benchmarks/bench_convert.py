@@ -138,7 +138,8 @@ def main() -> None:
     print("\n" + head + "\n|" + "---|" * 12)
     for r in rows:
         print(f"| {r['command']} | {r['layers']} | {r['source_GB']} | {r['written_GB']} | {r['seconds']} | "
-              f"{r['GB_per_s']} | {r['peak_rss_GB']} | {r['tofile_fsync_GB_per_s']} | {r['tofile_fsync_warm_GB_per_s']} | "
+              f"{r['GB_per_s']} | {r['peak_rss_GB']} | {r['tofile_fsync_GB_per_s']} | "
+              f"{r['tofile_fsync_warm_GB_per_s']} | "
               f"{r['o_direct_GB_per_s']} | {r['ratio_to_tofile_fsync']} | {r['ratio_to_best']} |")
     print(f"machine: {machine()}")
     if a.json:

@@ -154,7 +154,8 @@ def main() -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     if a.paper:
         rows = shares(a.paper, a.workdir, [1, 2, 4, 8, 16, 32, 64])
-        print("| command | N | units | GB written, busiest / idlest process | GB read, busiest | total written / read GB |")
+        print("| command | N | units | GB written, busiest / idlest process | GB read, busiest | "
+              "total written / read GB |")
         print("|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['command']} | {r['processes']} | {r['units']} | {r['write GB max']} / {r['write GB min']} "

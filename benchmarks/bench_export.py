@@ -7,10 +7,11 @@ real shape; `--layers` cuts only the layer count), then `to-hf --mxfp4` of that 
 
 `--rounds N` runs to-orbax and to-hf alternately N times, so that the two see the same
 machine; the ratio is given per round (the source is written again for each round, unless
-`--keep-source`, which needs source + Orbax + export on disk at once: ~70 GB at full size). `--cold` drops the page cache before
-each conversion (needs root): both then read their input from disk, as after a reboot or a
-copy from elsewhere, and neither gains from what the other left in memory (at full size the
-Orbax checkpoint, 42 GB, does not fit in this machine's memory anyway).
+`--keep-source`, which needs source + Orbax + export on disk at once: ~70 GB at full size).
+`--cold` drops the page cache before each conversion (needs root): both then read their input
+from disk, as after a reboot or a copy from elsewhere, and neither gains from what the other
+left in memory (at full size the Orbax checkpoint, 42 GB, does not fit in this machine's
+memory anyway).
 
 `--baseline DIR` (a tree of an older commit, e.g. `git archive OLD | tar -x -C DIR`) measures
 the export side by side: `--repeat` rounds of to-hf by DIR's code, then by this tree's, on the
@@ -209,7 +210,8 @@ def main() -> None:
         if a.cold:
             drop_page_cache()
         secs, rss, cpu = timed(export_child, orbax, hf, a.rule)
-        rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule}", secs, rss, cpu, bf16, tree_bytes(hf)) | {"round": r + 1})
+        rows.append(row(f"to-hf --mxfp4 --scale-rule {a.rule}", secs, rss, cpu, bf16, tree_bytes(hf))
+                    | {"round": r + 1})
         rows[-1]["ratio_to_to_orbax"] = round(rows[-1]["bf16_GB_per_s"] / rows[-2]["bf16_GB_per_s"], 2)
         if last:
             rows[-1]["check_s"] = round(check_output(hf), 1)

@@ -57,7 +57,8 @@ def bench_generate(cfg, batch: int, prompt: int, new: int) -> dict:
     prompts = np.random.default_rng(0).integers(0, cfg.V, (batch, prompt)).tolist()
     _, st = generate_with_stats(params, cfg, prompts, max_new_tokens=new, warmup=True)
     return {"strategy": "generate (ragged_dot)", "batch": batch, "prompt": prompt, "new": new,
-            "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 1), "decode_tokens_per_s": round(st.decode_tokens_per_s, 1)}
+            "prefill_tokens_per_s": round(st.prefill_tokens_per_s, 1),
+            "decode_tokens_per_s": round(st.decode_tokens_per_s, 1)}
 
 
 def main() -> None:
@@ -73,7 +74,8 @@ def main() -> None:
     for name in a.configs:
         cfg = tiny_config(**CONFIGS[name])
         for strategy in a.strategies:
-            r = {"config": name, "device": jax.devices()[0].platform, **bench(cfg, strategy, a.batch, a.length, a.repeats)}
+            r = {"config": name, "device": jax.devices()[0].platform,
+                 **bench(cfg, strategy, a.batch, a.length, a.repeats)}
             rows.append(r)
             print(json.dumps(r), flush=True)
     gen = []
@@ -83,10 +85,12 @@ def main() -> None:
             print(json.dumps(gen[-1]), flush=True)
     print("\n| config | strategy | tokens | first call s | median s | tokens/s |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['strategy']} | {r['tokens']} | {r['first_call_s']} | {r['median_s']} | {r['tokens_per_s']} |")
+        print(f"| {r['config']} | {r['strategy']} | {r['tokens']} | {r['first_call_s']} | {r['median_s']} | "
+              f"{r['tokens_per_s']} |")
     print("\n| config | batch x prompt | new tokens | prefill tokens/s | decode tokens/s |\n|---|---|---|---|---|")
     for r in gen:
-        print(f"| {r['config']} | {r['batch']} x {r['prompt']} | {r['new']} | {r['prefill_tokens_per_s']} | {r['decode_tokens_per_s']} |")
+        print(f"| {r['config']} | {r['batch']} x {r['prompt']} | {r['new']} | {r['prefill_tokens_per_s']} | "
+              f"{r['decode_tokens_per_s']} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"forward": rows, "generate": gen}, indent=1))
 

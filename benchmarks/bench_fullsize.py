@@ -98,7 +98,8 @@ def expected(src: Source, s: dict):
 
 def expected_rows(src: Source, rows: list[int]):
     """The sampled embedding and LM-head rows, as the source's own BF16 (any family)."""
-    yield f"embedding rows {rows}", np.stack([bits(src.slice("model.embed_tokens.weight", r)) for r in rows]), ("embed",)
+    yield (f"embedding rows {rows}", np.stack([bits(src.slice("model.embed_tokens.weight", r)) for r in rows]),
+           ("embed",))
     yield f"LM head rows {rows}", np.stack([bits(src.slice("lm_head.weight", r)) for r in rows]), ("lm_head",)
 
 
@@ -250,7 +251,8 @@ def main() -> None:
     cfg = published_config("20b", a.config)
     t0 = time.perf_counter()
     src = Source(synthetic.write(work / "synthetic-20b-full", cfg=cfg, shard_bytes=5 << 30))
-    print(json.dumps({"source_GB": round(tree_bytes(src.dir) / 1e9, 2), "made_or_found_s": round(time.perf_counter() - t0, 1)}))
+    print(json.dumps({"source_GB": round(tree_bytes(src.dir) / 1e9, 2),
+                      "made_or_found_s": round(time.perf_counter() - t0, 1)}))
     s = samples(cfg, a.experts, a.rows)
     rows = []
     for cache in a.source_cache:

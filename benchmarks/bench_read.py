@@ -3,7 +3,8 @@ the page cache (`MappedFiles`), in one process, alternated.
 
 Every expert of every MXFP4 tensor of a shape-faithful synthetic gpt-oss-20b checkpoint is read
 (blocks and scales) and decoded with `dequantize_transposed` into a reused output, as the
-converters do (views are dropped from the process after each expert, as HFCheckpoint does). The checkpoint is read once before timing, so both ways read from the page cache.
+converters do (views are dropped from the process after each expert, as HFCheckpoint does).
+The checkpoint is read once before timing, so both ways read from the page cache.
 Wall time and the process's CPU time (user + sys) per pass; medians over the repeats.
 
     python -m benchmarks.bench_read [--layers 4] [--repeats 3] [--workdir /tmp/gptoss-bench]
@@ -90,9 +91,12 @@ def main() -> None:
              "CPU s (each)": ", ".join(f"{c:.2f}" for _, c in v),
              "median wall s": round(statistics.median(w for w, _ in v), 2),
              "median CPU s": round(statistics.median(c for _, c in v), 2),
-             "GB/s (bf16 out)": round(nbytes / statistics.median(w for w, _ in v) / 1e9, 2)} for name, v in runs.items()]
-    print(f"every MXFP4 expert of synthetic gpt-oss-20b, {a.layers} layers ({nbytes / 1e9:.2f} GB bf16 out); {machine()}")
-    print(markdown_table(rows, ["read", "wall s (each)", "CPU s (each)", "median wall s", "median CPU s", "GB/s (bf16 out)"]))
+             "GB/s (bf16 out)": round(nbytes / statistics.median(w for w, _ in v) / 1e9, 2)}
+            for name, v in runs.items()]
+    print(f"every MXFP4 expert of synthetic gpt-oss-20b, {a.layers} layers ({nbytes / 1e9:.2f} GB bf16 out); "
+          f"{machine()}")
+    print(markdown_table(rows, ["read", "wall s (each)", "CPU s (each)", "median wall s", "median CPU s",
+                                "GB/s (bf16 out)"]))
 
 
 if __name__ == "__main__":

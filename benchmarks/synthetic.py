@@ -24,22 +24,23 @@ def config(model: str = "20b", layers: int = 2) -> dict:
 
 
 def tensor_specs(c: dict) -> list[tuple[str, str, tuple[int, ...]]]:
-    H, I, E, V = c["hidden_size"], c["intermediate_size"], c["num_local_experts"], c["vocab_size"]
+    H, inter, E, V = c["hidden_size"], c["intermediate_size"], c["num_local_experts"], c["vocab_size"]
     Nq, Nkv, D = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     specs = [("model.embed_tokens.weight", "BF16", (V, H))]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         specs += [(p + "input_layernorm.weight", "BF16", (H,)), (p + "post_attention_layernorm.weight", "BF16", (H,))]
         for n, rows in (("q", Nq * D), ("k", Nkv * D), ("v", Nkv * D)):
-            specs += [(p + f"self_attn.{n}_proj.weight", "BF16", (rows, H)), (p + f"self_attn.{n}_proj.bias", "BF16", (rows,))]
+            specs += [(p + f"self_attn.{n}_proj.weight", "BF16", (rows, H)),
+                      (p + f"self_attn.{n}_proj.bias", "BF16", (rows,))]
         specs += [(p + "self_attn.o_proj.weight", "BF16", (H, Nq * D)), (p + "self_attn.o_proj.bias", "BF16", (H,)),
                   (p + "self_attn.sinks", "BF16", (Nq,)),
                   (p + "mlp.router.weight", "BF16", (E, H)), (p + "mlp.router.bias", "BF16", (E,)),
-                  (p + "mlp.experts.gate_up_proj_blocks", "U8", (E, 2 * I, H // 32, 16)),
-                  (p + "mlp.experts.gate_up_proj_scales", "U8", (E, 2 * I, H // 32)),
-                  (p + "mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * I)),
-                  (p + "mlp.experts.down_proj_blocks", "U8", (E, H, I // 32, 16)),
-                  (p + "mlp.experts.down_proj_scales", "U8", (E, H, I // 32)),
+                  (p + "mlp.experts.gate_up_proj_blocks", "U8", (E, 2 * inter, H // 32, 16)),
+                  (p + "mlp.experts.gate_up_proj_scales", "U8", (E, 2 * inter, H // 32)),
+                  (p + "mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * inter)),
+                  (p + "mlp.experts.down_proj_blocks", "U8", (E, H, inter // 32, 16)),
+                  (p + "mlp.experts.down_proj_scales", "U8", (E, H, inter // 32)),
                   (p + "mlp.experts.down_proj_bias", "BF16", (E, H))]
     specs += [("model.norm.weight", "BF16", (H,)), ("lm_head.weight", "BF16", (V, H))]
     return specs
@@ -108,7 +109,8 @@ def write(out: str | Path, model: str = "20b", layers: int = 2, shard_bytes: int
             weight_map[name] = fname
             total += int(np.prod(shape)) * DTYPES[dtype].itemsize
         w.close(fsync=False)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
     (out / "config.json").write_text(json.dumps(c, indent=2))     # last: marks the checkpoint complete
     return out
 

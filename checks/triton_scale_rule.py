@@ -111,7 +111,8 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "reference": args.reference, "rule": args.rule, "rows": rows}, f, indent=1)
+            json.dump({"torch": torch.__version__, "reference": args.reference, "rule": args.rule, "rows": rows}, f,
+                      indent=1)
     bad = [r for r in rows if r["groups_differ"] or not r["decoders_agree"]]
     print(f"{len(rows) - len(bad)}/{len(rows)} cases: quantize(rule={args.rule!r}) byte-identical to "
           f"triton_kernels ({args.reference})")

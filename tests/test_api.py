@@ -14,14 +14,16 @@ from gptoss_convert.cli import main
 
 def test_public_functions_resolve_and_are_documented():
     names = [n for n in gptoss_convert.__all__ if n != "__version__"]
-    assert {"dequantize", "to_orbax", "golden", "verify_checkpoint", "check", "generate_from_checkpoint", "demo"} <= set(names)
+    assert {"dequantize", "to_orbax", "golden", "verify_checkpoint", "check", "generate_from_checkpoint",
+            "demo"} <= set(names)
     for n in names:
         fn = getattr(gptoss_convert, n)
         assert callable(fn) and fn.__doc__ and len(fn.__doc__.split()) > 5, n
 
 
 def test_import_does_no_heavy_work():
-    code = "import sys, gptoss_convert; print(sorted(m for m in ('jax', 'torch', 'transformers', 'tensorstore') if m in sys.modules))"
+    code = ("import sys, gptoss_convert; "
+            "print(sorted(m for m in ('jax', 'torch', 'transformers', 'tensorstore') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env())
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 

@@ -28,7 +28,8 @@ def _load_all(d: Path) -> dict[str, torch.Tensor]:
 
 
 def _tree_bytes(d: Path) -> dict[str, bytes]:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != "conversion.json"}
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != "conversion.json"}
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,15 @@ def test_loads_in_transformers_without_key_warnings(converted, caplog):
     # the whole loading report is empty: nothing missing, unexpected, mismatched or failed
     assert {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"} <= set(info)
     assert {k: v for k, v in info.items() if v} == {}
-    assert not [r for r in caplog.records if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage().lower()]
+    assert not [r for r in caplog.records
+                if "missing" in r.getMessage().lower() or "unexpected" in r.getMessage().lower()]
 
 
 def test_logits_bit_identical_to_hf_mxfp4_loader(converted, mxfp4_dir):
     from transformers import GptOssForCausalLM, Mxfp4Config
     ours = GptOssForCausalLM.from_pretrained(converted, dtype=torch.float32)
-    ref = GptOssForCausalLM.from_pretrained(mxfp4_dir, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True))
+    ref = GptOssForCausalLM.from_pretrained(mxfp4_dir, dtype=torch.float32,
+                                            quantization_config=Mxfp4Config(dequantize=True))
     tokens = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ours(tokens).logits, ref(tokens).logits
@@ -75,7 +78,8 @@ def test_expert_tensors_match_hf_dequantizer_and_rest_copied(converted, mxfp4_di
             assert t.dtype == torch.bfloat16 and t.shape == ref.shape, name
             assert torch.equal(t.view(torch.int16), ref.view(torch.int16)), name
         else:
-            assert torch.equal(t.view(torch.uint8) if t.dtype == torch.uint8 else t.view(torch.int16), src[name].view(torch.int16)), name
+            assert torch.equal(t.view(torch.uint8) if t.dtype == torch.uint8 else t.view(torch.int16),
+                               src[name].view(torch.int16)), name
     e = out["model.layers.0.mlp.experts.gate_up_proj"]
     assert tuple(e.shape) == (5, 64, 192)   # [E, H, 2I], distinct dims
 

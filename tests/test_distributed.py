@@ -57,7 +57,8 @@ def _launch(n: int, kind: str, src: Path, out: Path, *extra: str, per_process=No
         for i in range(n):
             args = [sys.executable, "-m", "gptoss_convert", cmd, str(src), str(out), *opts, "--no-progress",
                     "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i),
-                    "--heartbeat-timeout", "5", "--distributed-timeout", "60", *extra, *(per_process(i) if per_process else ())]
+                    "--heartbeat-timeout", "5", "--distributed-timeout", "60", *extra,
+                    *(per_process(i) if per_process else ())]
             limit = fsize_of and fsize_of(i)
             preexec = (lambda lim=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))) if limit else None
             procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -118,7 +119,7 @@ def qwen3_ref(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["scanned", pytest.param("dequantize", marks=pytest.mark.slow),
                                   pytest.param("qwen3_moe", marks=pytest.mark.slow)])   # ~29 s with its fixture
-def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind, request):
+def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind, request):  # noqa: F811
     src, ref = request.getfixturevalue("qwen3_ref") if kind == "qwen3_moe" else (mxfp4_dir, refs[kind])
     out = tmp_path / "o"
     results = _launch(2, kind, src, out)
@@ -129,7 +130,7 @@ def test_two_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_
     assert " 0 of " not in results[1][1]
 
 
-def test_two_processes_export_the_single_process_hf_checkpoint(refs, tmp_path):
+def test_two_processes_export_the_single_process_hf_checkpoint(refs, tmp_path):  # noqa: F811
     """to-hf --mxfp4 from the scanned Orbax checkpoint: every shard, the index, config and
     sidecars and conversion.json (its requantization report summed over both shares) are the
     single-process export's; the shards were split between the processes."""
@@ -144,7 +145,7 @@ def test_two_processes_export_the_single_process_hf_checkpoint(refs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["unscanned", "dequantize"])
-def test_four_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind):
+def test_four_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp_path, kind):  # noqa: F811
     out = tmp_path / "o"
     _ok(_launch(4, kind, mxfp4_dir, out))
     _assert_complete(out, refs[kind])
@@ -152,9 +153,10 @@ def test_four_processes_write_the_single_process_checkpoint(mxfp4_dir, refs, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,victim", [("scanned", 1), ("dequantize", 2), ("scanned", 0)])
-def test_killed_process_stops_the_others_then_resume_on_all_finishes(mxfp4_dir, refs, tmp_path, kind, victim):
+def test_killed_process_stops_the_others_then_resume_on_all_finishes(mxfp4_dir, refs, tmp_path, kind, victim):  # noqa: F811
     out, n = tmp_path / "o", 3
-    killed = _launch(n, kind, mxfp4_dir, out, env_of=lambda i: {"GPTOSS_CONVERT_KILL_AT": "write:2"} if i == victim else None)
+    killed = _launch(n, kind, mxfp4_dir, out,
+                     env_of=lambda i: {"GPTOSS_CONVERT_KILL_AT": "write:2"} if i == victim else None)
     assert killed[victim][0] == -signal.SIGKILL
     for i, (rc, _, err) in enumerate(killed):
         if i == victim:
@@ -162,7 +164,8 @@ def test_killed_process_stops_the_others_then_resume_on_all_finishes(mxfp4_dir, 
         assert rc != 0
         if victim != 0:                  # our own error, one line; a dead leader takes the service with it (JAX aborts)
             lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-            assert len(lines) == 1 and f"process {victim} stopped responding" in lines[0] and "--resume" in lines[0], err
+            assert (len(lines) == 1 and f"process {victim} stopped responding" in lines[0]
+                    and "--resume" in lines[0]), err
         else:
             assert "died" in err or "leader" in err, err[-2000:]
     assert not out.exists()                                      # nothing commits
@@ -173,7 +176,7 @@ def test_killed_process_stops_the_others_then_resume_on_all_finishes(mxfp4_dir, 
 
 
 @pytest.mark.slow
-def test_an_error_in_one_process_stops_the_others_then_resume_finishes(mxfp4_dir, refs, tmp_path):
+def test_an_error_in_one_process_stops_the_others_then_resume_finishes(mxfp4_dir, refs, tmp_path):  # noqa: F811
     """Process 1 runs out of space (its file size limit) mid-share: it fails with its own error,
     the others stop with it, naming it; nothing commits; --resume without the limit finishes."""
     out = tmp_path / "o"
@@ -246,7 +249,8 @@ def test_two_processes_write_the_single_process_checkpoint_to_a_bucket(mxfp4_dir
 def test_killed_process_leaves_no_commit_marker_in_the_bucket_then_resume_finishes(mxfp4_dir, gs_single):
     from gptoss_convert.io.location import Location
     url = "gs://bkt/dist/killed"
-    killed = _launch(2, "scanned", mxfp4_dir, url, env_of=lambda i: {"GPTOSS_CONVERT_KILL_AT": "write:2"} if i == 1 else None)
+    killed = _launch(2, "scanned", mxfp4_dir, url,
+                     env_of=lambda i: {"GPTOSS_CONVERT_KILL_AT": "write:2"} if i == 1 else None)
     assert killed[1][0] == -signal.SIGKILL and killed[0][0] == 3, killed[0][2][-2000:]
     assert "process 1 stopped responding" in killed[0][2]
     keys = Location.parse(url).keys()

@@ -117,8 +117,9 @@ def test_cli_check_and_generate_on_the_output(family, converted):
     r = subprocess.run([sys.executable, "-m", "gptoss_convert", "check", str(root)], capture_output=True, text=True,
                        env=run_env(), timeout=600)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "generate", str(root), "--prompt", "the quick brown fox",
-                        "--max-new-tokens", "5"], capture_output=True, text=True, env=run_env(), timeout=600)
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "generate", str(root), "--prompt",
+                        "the quick brown fox", "--max-new-tokens", "5"], capture_output=True, text=True, env=run_env(),
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     ids = json.loads(r.stdout.split("prompt ids: ")[1].splitlines()[0])
     new = json.loads(r.stdout.split("new ids: ")[1].splitlines()[0])
@@ -148,8 +149,9 @@ def test_dry_run_plans_real_shape_shards(model_type, layout, tmp_path):
     raw = case.published()
     case.write_sparse(tmp_path / "src", raw)
     assert sum(p.stat().st_blocks for p in (tmp_path / "src").glob("*.safetensors")) * 512 < 64 << 20  # holes
-    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(tmp_path / "src"), str(tmp_path / "out"),
-                        layout, "--dry-run"], capture_output=True, text=True, env=run_env(), timeout=600)
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(tmp_path / "src"),
+                        str(tmp_path / "out"), layout, "--dry-run"], capture_output=True, text=True, env=run_env(),
+                       timeout=600)
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr and not (tmp_path / "out").exists()
     shapes = backend.flat_shapes(backend.config_from_dict(raw), layout == "--scanned")

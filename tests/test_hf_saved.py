@@ -21,7 +21,8 @@ QUIET = dict(progress=False, log=lambda *_: None)
 def hf_saved(tmp_path_factory, tiny_cfg):
     from transformers import GptOssConfig, GptOssForCausalLM
     torch.manual_seed(0)
-    conf = GptOssConfig(**{k: v for k, v in tiny_cfg.to_hf_dict().items() if k not in ("architectures", "experts_per_token", "model_type")})
+    conf = GptOssConfig(**{k: v for k, v in tiny_cfg.to_hf_dict().items()
+                           if k not in ("architectures", "experts_per_token", "model_type")})
     model = GptOssForCausalLM(conf).to(torch.bfloat16).eval()
     with torch.no_grad():                       # HF init leaves biases/sinks at 0: make them count
         for name, p in model.named_parameters():

@@ -55,7 +55,7 @@ def reference_moe(h, p, cfg):
 def random_mlp_params(cfg, rng, hot_experts=None):
     """One layer's GptOssMlp params (float32). `hot_experts`: bias routing so every token picks
     exactly those, leaving the other experts with zero tokens."""
-    E, H, I = cfg.E, cfg.H, cfg.I
+    E, H, inter = cfg.E, cfg.H, cfg.I
 
     def n(*shape, std):
         return (std * rng.standard_normal(shape)).astype(np.float32)
@@ -64,9 +64,9 @@ def random_mlp_params(cfg, rng, hot_experts=None):
     if hot_experts is not None:
         bias[list(hot_experts)] += 100.0
     # std 0.6 on 64 inputs: pre-activations of a few units, so the ±7 clamps are exercised.
-    return {"gate": {"kernel": n(H, E, std=0.3), "bias": bias}, "wi_0": n(E, H, I, std=0.6),
-            "wi_1": n(E, H, I, std=0.6), "wi_0_bias": n(E, I, std=0.5), "wi_1_bias": n(E, I, std=0.5),
-            "wo": n(E, I, H, std=0.1), "wo_bias": n(E, H, std=0.1)}
+    return {"gate": {"kernel": n(H, E, std=0.3), "bias": bias}, "wi_0": n(E, H, inter, std=0.6),
+            "wi_1": n(E, H, inter, std=0.6), "wi_0_bias": n(E, inter, std=0.5), "wi_1_bias": n(E, inter, std=0.5),
+            "wo": n(E, inter, H, std=0.1), "wo_bias": n(E, H, std=0.1)}
 
 
 _moe_jit = jax.jit(moe, static_argnames=("cfg", "strategy"))

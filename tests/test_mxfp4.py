@@ -293,12 +293,14 @@ def reference_quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scale_bytes.append(exp + 127)
     codes = np.array(codes, np.uint8)
     blocks = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
-    return blocks.reshape(*w.shape[:-1], w.shape[-1] // 32, 16), np.array(scale_bytes, np.uint8).reshape(*w.shape[:-1], -1)
+    return (blocks.reshape(*w.shape[:-1], w.shape[-1] // 32, 16),
+            np.array(scale_bytes, np.uint8).reshape(*w.shape[:-1], -1))
 
 
 # Grid values and midpoints under random powers of two: ties and exact hits, not just noise.
 _special = st.builds(lambda v, s, e: float(np.float32(s * v * 2.0 ** e)),
-                     st.sampled_from(sorted(set(np.abs(FP4_VALUES).tolist()) | {0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0})),
+                     st.sampled_from(sorted(set(np.abs(FP4_VALUES).tolist())
+                                            | {0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0})),
                      st.sampled_from([1.0, -1.0]), st.integers(-130, 120))
 _elements = st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False), _special,
                       st.floats(-8, 8, width=32))

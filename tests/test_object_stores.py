@@ -156,7 +156,8 @@ def test_interrupted_remote_write_resumes(mxfp4_dir, remote_outs, gcs, point):
             read_metadata(url + "/0")
     r = _cli(*args)
     assert r.returncode == 2 or r.returncode == 3
-    assert _last(r.stderr) == f"error: {url}: holds an interrupted conversion; pass --resume to continue it or --overwrite to start over"
+    assert _last(r.stderr) == (f"error: {url}: holds an interrupted conversion; "
+                               "pass --resume to continue it or --overwrite to start over")
     r = _cli(*args, "--resume")
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout

@@ -29,7 +29,8 @@ from gptoss_convert.verify.verify import verify
 
 QUIET = dict(progress=False, log=lambda *_: None)
 # The published sizes, from the model cards: 20b has 24 layers and 32 experts, 120b 36 and 128.
-REAL = {"gpt-oss-20b": dict(L=24, E=32, shards=3, params=20.9e9), "gpt-oss-120b": dict(L=36, E=128, shards=15, params=116.8e9)}
+REAL = {"gpt-oss-20b": dict(L=24, E=32, shards=3, params=20.9e9),
+        "gpt-oss-120b": dict(L=36, E=128, shards=15, params=116.8e9)}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -74,7 +75,8 @@ def test_dry_run_plans_real_shape_shards(name, tmp_path):
     """Real-shape shards (real headers, holes for data) give to-orbax --dry-run the real plan."""
     raw = published_config(name)
     src = write_sparse_checkpoint(tmp_path / name, raw, shards=REAL[name]["shards"])
-    assert sorted(p.name for p in src.glob("*.safetensors"))[0] == f"model-00000-of-{REAL[name]['shards'] - 1:05d}.safetensors"
+    assert (sorted(p.name for p in src.glob("*.safetensors"))[0]
+            == f"model-00000-of-{REAL[name]['shards'] - 1:05d}.safetensors")
     assert sum(p.stat().st_blocks for p in src.glob("*.safetensors")) * 512 < 64 << 20    # holes, not data
     r = cli("to-orbax", str(src), str(tmp_path / "out"), "--scanned", "--dry-run")
     assert r.returncode == 0, r.stderr
@@ -82,7 +84,7 @@ def test_dry_run_plans_real_shape_shards(name, tmp_path):
     assert not (tmp_path / "out").exists()
     tree = abstract_params(config_from_dict(raw), scanned=True)
     want = sum(math.prod(x.shape) for x in flatten(tree).values()) * 2            # bf16
-    assert f"41 target leaves" in r.stdout and f"{want:,} bytes to write" in r.stdout
+    assert "41 target leaves" in r.stdout and f"{want:,} bytes to write" in r.stdout
 
 
 # ---- the config policy -----------------------------------------------------------------------
@@ -101,7 +103,8 @@ MATH_CHANGING = [
     ("tie_word_embeddings", True, "tie_word_embeddings=True is not supported"),
     ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope type 'linear' is not supported"),
-    ("layer_types", ["sliding_attention", "chunked_attention"] * 12, "layer_types[1]='chunked_attention' is not a supported layer type"),
+    ("layer_types", ["sliding_attention", "chunked_attention"] * 12,
+     "layer_types[1]='chunked_attention' is not a supported layer type"),
     ("quantization_config", {"quant_method": "fp8"}, "quant_method='fp8' is not supported (supported: mxfp4)"),
 ]
 
@@ -121,8 +124,10 @@ def test_wrong_types_name_the_field():
 SYNONYMS = [
     (dict(num_experts_per_tok=4, experts_per_token=2), "num_experts_per_tok=4 and experts_per_token=2 disagree"),
     (dict(torch_dtype="bfloat16", dtype="float32"), "torch_dtype='bfloat16' and dtype='float32' disagree"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 16.0}), "rope_scaling.factor=32.0 and rope_parameters.factor=16.0 disagree"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000}), "rope_theta=150000 and rope_parameters.rope_theta=10000 disagree"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 16.0}),
+     "rope_scaling.factor=32.0 and rope_parameters.factor=16.0 disagree"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000}),
+     "rope_theta=150000 and rope_parameters.rope_theta=10000 disagree"),
 ]
 
 
@@ -163,9 +168,11 @@ def src_with(tmp_path_factory, mxfp4_dir):
 def test_cli_refuses_math_change_in_one_line_writing_nothing(src_with, tmp_path, command):
     src = src_with(attention_bias=False)
     before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
-    r = cli(command, str(src), str(tmp_path / "out"), "--no-progress", *(["--unscanned"] if command == "to-orbax" else []))
+    r = cli(command, str(src), str(tmp_path / "out"), "--no-progress",
+            *(["--unscanned"] if command == "to-orbax" else []))
     assert r.returncode == 2
-    assert r.stderr.splitlines() == [f"error: {src / 'config.json'}: attention_bias=False is not supported (gpt-oss has True)"]
+    assert r.stderr.splitlines() == [f"error: {src / 'config.json'}: "
+                                     "attention_bias=False is not supported (gpt-oss has True)"]
     assert list(tmp_path.iterdir()) == []                                         # nothing written, no partial
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before   # input untouched
 

@@ -137,7 +137,8 @@ def test_relayout_refuses_nan_unless_allowed(direct, tmp_path):
     a.reshape(-1)[1] = np.inf
     params["decoder/layers/layers_0/GptOssAttention/sinks"] = a
     src = write_orbax(tmp_path / "inf", params, direct[True], True)
-    with pytest.raises(Exception, match=r"layers_0/GptOssAttention/sinks \(rows 0:4, slot 1\).*NaN or inf.*--allow-nonfinite"):
+    with pytest.raises(Exception,
+                       match=r"layers_0/GptOssAttention/sinks \(rows 0:4, slot 1\).*NaN or inf.*--allow-nonfinite"):
         to_orbax(src, tmp_path / "out", scanned=False, **QUIET)
     assert not (tmp_path / "out").exists()
     out = to_orbax(src, tmp_path / "out", scanned=False, allow_nonfinite=True, **QUIET)

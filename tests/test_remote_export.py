@@ -1,8 +1,9 @@
 """to-hf and the relayout (to-orbax from an Orbax SRC) reading gs:// and s3:// checkpoints.
 
-The emulators and the two oracles are the session's (tests/stores_fixtures.py): `local_out`, a to-orbax conversion into a local directory, and `remote_outs`, the
-same conversion written to each emulator. A command run on the bucket must write byte for byte
-what the same command writes from the local checkpoint.
+The emulators and the two oracles are the session's (tests/stores_fixtures.py): `local_out`, a
+to-orbax conversion into a local directory, and `remote_outs`, the same conversion written to
+each emulator. A command run on the bucket must write byte for byte what the same command
+writes from the local checkpoint.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def test_uncommitted_remote_step_refused(remote_outs, s3, tmp_path):
     unfinished = Location.parse("s3://bkt/unfinished")
     _copy(src, unfinished)
     (unfinished / PROGRESS / "plan.json").write_text("{}")
-    with pytest.raises(InputError, match=f"^s3://bkt/unfinished: the conversion writing it did not finish"):
+    with pytest.raises(InputError, match="^s3://bkt/unfinished: the conversion writing it did not finish"):
         to_hf(str(unfinished), tmp_path / "hf2", **QUIET)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf2").exists()
 

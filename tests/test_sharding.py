@@ -161,12 +161,13 @@ def test_sharded_forward_equals_one_device():
     expected |= {(f, (2, 2, 2), True, "restored-sharded") for f in known_model_types()}
     assert {(r["family"], tuple(r["mesh"]), r["scanned"], r["strategy"]) for r in results} == expected
     for r in results:
-        shape, (E, H, I, L) = r["mesh"], DIMS[r["family"]]
+        shape, (E, H, inter, L) = r["mesh"], DIMS[r["family"]]
         assert r["max_abs"] < 1e-5, r
         # E, H, I are divisible by every axis size used, so no dimension falls back to replicated.
-        assert r["wi_0_spec"] == (["expert", None, "fsdp", "tensor"] if r["scanned"] else ["expert", "fsdp", "tensor"]), r
+        assert r["wi_0_spec"] == (["expert", None, "fsdp", "tensor"] if r["scanned"]
+                                  else ["expert", "fsdp", "tensor"]), r
         # The experts really are split: each device holds E/expert × H/fsdp × I/tensor.
-        e, h, i = (E // shape[2], H // shape[0], I // shape[1])
+        e, h, i = (E // shape[2], H // shape[0], inter // shape[1])
         stack = L // get_backend(r["family"]).layout_for(sharding_config(r["family"]), True).period
         assert r["wi_0_shard"] == ([e, stack, h, i] if r["scanned"] else [e, h, i]), r
 

@@ -27,7 +27,8 @@ QUIET = dict(progress=False, log=lambda *_: None)
 def hf_state(mxfp4_dir):
     """What HF transformers itself loads from the MXFP4 directory (its own dequantizer)."""
     from transformers import GptOssForCausalLM, Mxfp4Config
-    m = GptOssForCausalLM.from_pretrained(mxfp4_dir, dtype=torch.float32, quantization_config=Mxfp4Config(dequantize=True))
+    m = GptOssForCausalLM.from_pretrained(mxfp4_dir, dtype=torch.float32,
+                                          quantization_config=Mxfp4Config(dequantize=True))
     return {k: v.detach().numpy() for k, v in m.state_dict().items()}
 
 
@@ -54,7 +55,8 @@ def _maxtext_load(step_dir, cfg, scanned, dtype=jax.numpy.float32):
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
     v1.metadata(step_dir)
-    with v1.Context(pytree_options=v1.options.PyTreeOptions(loading=v1.options.PyTreeOptions.Loading(partial_load=True))):
+    with v1.Context(pytree_options=v1.options.PyTreeOptions(
+            loading=v1.options.PyTreeOptions.Loading(partial_load=True))):
         restored = v1.load(step_dir, {"params": {"params": abstract}}, checkpointable_name="items")
     return {k: np.asarray(v) for k, v in flatten(restored["params"]["params"]).items()}
 
@@ -87,7 +89,8 @@ def test_v0_readers_and_bf16_sources_give_identical_checkpoints(outputs, hf_stat
             assert np.array_equal(np.asarray(fa[k]).view(np.uint16), ref[k].view(np.uint16)), k
             assert np.array_equal(np.asarray(fb[k]).view(np.uint16), ref[k].view(np.uint16)), k
         trees.append(fa)
-    assert all(np.array_equal(np.asarray(trees[0][k]).view(np.uint16), np.asarray(trees[1][k]).view(np.uint16)) for k in ref)
+    assert all(np.array_equal(np.asarray(trees[0][k]).view(np.uint16), np.asarray(trees[1][k]).view(np.uint16))
+               for k in ref)
 
 
 def test_zstd_chunks_restore_to_the_same_tree(outputs, mxfp4_dir, tmp_path):
@@ -125,7 +128,7 @@ def test_dry_run_writes_nothing(mxfp4_dir, tmp_path):
     assert "take[1::2] of last axis" in text and "41 target leaves" in text
     assert len(plan.targets) == 41
     largest = max(b.nbytes for b in plan.blocks)              # the memory estimate is in blocks
-    assert f"needs: 0.0 GB of disk for OUT" in text and f"(largest block {largest / 1e6:.0f} MB)" in text
+    assert "needs: 0.0 GB of disk for OUT" in text and f"(largest block {largest / 1e6:.0f} MB)" in text
 
 
 def test_all_zero_tensor_survives(tmp_path, tiny_cfg):
@@ -153,14 +156,16 @@ def _cli(*args, env_extra=None):
 
 def _files(root):
     skip = {"_CHECKPOINT_METADATA", "conversion.json", "commit_success.txt"}   # hold timestamps / paths
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in skip}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["read:7", "write:40", "journal:100", "commit:1"])
 def test_sigkill_then_resume_gives_same_checkpoint(outputs, mxfp4_dir, tmp_path, kill_at):
     out = tmp_path / "o"
-    r = _cli("to-orbax", str(mxfp4_dir), str(out), "--scanned", "--no-progress", env_extra={"GPTOSS_CONVERT_KILL_AT": kill_at})
+    r = _cli("to-orbax", str(mxfp4_dir), str(out), "--scanned", "--no-progress",
+             env_extra={"GPTOSS_CONVERT_KILL_AT": kill_at})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not out.exists()                       # OUT/0 is never there half-written
     leaf = next(p for p in (tmp_path / ".o.partial" / "0" / "items").iterdir() if p.is_dir())

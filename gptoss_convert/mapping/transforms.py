@@ -111,7 +111,8 @@ class SplitAxis(Transform):
     def shape(self, shape):
         a = self.axis_ % len(shape)
         if shape[a] != math.prod(self.sizes):
-            raise ValueError(f"split axis {a} of {list(shape)} into {list(self.sizes)}: sizes do not multiply to {shape[a]}")
+            raise ValueError(f"split axis {a} of {list(shape)} into {list(self.sizes)}: "
+                             f"sizes do not multiply to {shape[a]}")
         return shape[:a] + self.sizes + shape[a + 1:]
 
     def axis(self, axis, ndim):

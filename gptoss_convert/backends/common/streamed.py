@@ -50,6 +50,7 @@ def head_logits(reader, x, mask: np.ndarray, cfg, vocab_block: int) -> list[np.n
     h = h.reshape(-1, cfg.H)[valid]                                                           # [N_real, H]
     logits = np.empty((h.shape[0], cfg.V), np.float32)
     for v0 in range(0, cfg.V, vocab_block):
-        k = reader.leaf("decoder/logits_dense/kernel", (slice(None), slice(v0, min(v0 + vocab_block, cfg.V))))  # [H, vb]
+        k = reader.leaf("decoder/logits_dense/kernel",
+                        (slice(None), slice(v0, min(v0 + vocab_block, cfg.V))))  # [H, vb]
         logits[:, v0:v0 + k.shape[1]] = np.asarray(jnp.dot(h, k, precision=HIGHEST))
     return np.split(logits, np.cumsum(np.asarray(mask, bool).sum(1))[:-1])

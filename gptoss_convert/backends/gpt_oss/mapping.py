@@ -37,7 +37,8 @@ def rules(cfg: GptOssConfig) -> list[Rule]:
         Rule(L + "mlp.router.weight", "GptOssMlp/gate/kernel", (T,)),                       # [E, H] -> [H, E]
         Rule(L + "mlp.router.bias", "GptOssMlp/gate/bias"),
         # gate and up are INTERLEAVED on the last axis of [E, H, 2I]: gate = 0::2, up = 1::2
-        Rule(L + "mlp.experts.gate_up_proj", ("GptOssMlp/wi_0", "GptOssMlp/wi_1"), (Deinterleave(2),), rows_per_block=1),
+        Rule(L + "mlp.experts.gate_up_proj", ("GptOssMlp/wi_0", "GptOssMlp/wi_1"), (Deinterleave(2),),
+             rows_per_block=1),
         Rule(L + "mlp.experts.gate_up_proj_bias", ("GptOssMlp/wi_0_bias", "GptOssMlp/wi_1_bias"), (Deinterleave(2),)),
         Rule(L + "mlp.experts.down_proj", "GptOssMlp/wo", rows_per_block=1),                 # [E, I, H] as is
         Rule(L + "mlp.experts.down_proj_bias", "GptOssMlp/wo_bias"),

@@ -171,7 +171,8 @@ def forward(params: Params, tokens, cfg: GptOssConfig, *, moe: str = "ragged_dot
     def layer(lp, x, i):   # scanned: i is the position in the (sliding, full) period
         return decoder_layer(lp, x, cfg, cfg.is_sliding(i), ctx, moe=moe, dtype=dtype)
 
-    return unembed(params, run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
+    return unembed(params,
+                   run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def forward(params: Params, tokens, cfg: Qwen3MoeConfig, *, moe: str = "ragged_d
     def layer(lp, x, i):
         return decoder_layer(lp, x, cfg, ctx, moe=moe, dtype=dtype)
 
-    return unembed(params, run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
+    return unembed(params,
+                   run_layers(params, embed(params, tokens, dtype), layout_for(cfg, is_scanned(params)), layer), cfg)
 
 
 # ---------------------------------------------------------------------------------------------
