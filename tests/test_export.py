@@ -65,8 +65,8 @@ def rule_fixture(root: Path, bf16_dir: Path, rule: str) -> Path:
     save_file(tensors, out / "model.safetensors", {"format": "pt"})
     conf = json.loads((out / "config.json").read_text())
     conf.pop("torch_dtype", None)
-    conf["quantization_config"] = json.loads((Path(__file__).parents[1] / "gptoss_convert/testing/data/gpt-oss-20b.config.json")
-                                             .read_text())["quantization_config"]
+    published = Path(__file__).parents[1] / "gptoss_convert/testing/data/gpt-oss-20b.config.json"
+    conf["quantization_config"] = json.loads(published.read_text())["quantization_config"]
     (out / "config.json").write_text(json.dumps(conf))
     return out
 
@@ -398,7 +398,8 @@ def test_non_gpt_oss_tree_names_missing_and_unexpected_leaves(changed, tmp_path)
     bad.pop("decoder/decoder_norm/scale")
     bad["decoder/extra_norm/scale"] = params["decoder/decoder_norm/scale"]
     src = write_orbax(tmp_path / "bad", bad, root, True)
-    with pytest.raises(PlanError, match=r"missing leaves: decoder/decoder_norm/scale.*unexpected leaves: decoder/extra_norm/scale"):
+    with pytest.raises(PlanError, match=r"missing leaves: decoder/decoder_norm/scale.*"
+                                        r"unexpected leaves: decoder/extra_norm/scale"):
         to_hf(src, tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists()
 
@@ -481,7 +482,8 @@ def test_scale_rules_by_hand(amax, ocp_scale, triton_scale, ocp_code, triton_cod
         assert int(scales[0]) - 127 == scale and (int(blocks[0, 2]) >> 4) == code, rule
         b16, s16 = quantize(w.astype(BF16), rule)
         assert b16.tobytes() == blocks.tobytes() and s16.tobytes() == scales.tobytes()
-    assert quantize(np.zeros(32, np.float32), "triton")[1][0] == 0 and quantize(np.zeros(32, np.float32), "ocp")[1][0] == 127
+    assert quantize(np.zeros(32, np.float32), "triton")[1][0] == 0
+    assert quantize(np.zeros(32, np.float32), "ocp")[1][0] == 127
 
 
 # Every midpoint between two E2M1 magnitudes, at scale 2**0 (the group's 6.0 fixes it under every
@@ -602,6 +604,7 @@ def test_finiteness_on_bits_equals_isfinite_on_every_pattern(dtype):
     want = np.isfinite(vals.astype(np.float32))
     got = np.array([all_finite(vals[i:i + 1].reshape(1, 1)) for i in range(len(vals))])
     np.testing.assert_array_equal(got, want)
-    assert nonfinite(vals.reshape(256, 256)) == (int((~want).sum()), tuple(int(i) for i in np.unravel_index(np.argmin(want), (256, 256))))
+    first = tuple(int(i) for i in np.unravel_index(np.argmin(want), (256, 256)))
+    assert nonfinite(vals.reshape(256, 256)) == (int((~want).sum()), first)
     assert all_finite(vals[:0]) and all_finite(np.float32([1, 2])) and not all_finite(np.float32([1, np.inf]))
     assert not all_finite(np.float64([np.nan])) and all_finite(np.int32([1]))

@@ -151,7 +151,8 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(graph):
 
 def test_imports_of_resolves_submodules_and_relative_imports():
     modules = {"p", "p.a", "p.a.x", "p.b", "p.b.y"}
-    src = "from p.a import x, helper\nimport p.b\ndef f():\n    from ..b import y\n    from .. import b\n    from . import x\n"
+    src = ("from p.a import x, helper\nimport p.b\ndef f():\n    from ..b import y\n    from .. import b\n"
+           "    from . import x\n")
     assert imports_of("p.a.z", src, modules | {"p.a.z"}) == {"p.a.x", "p.a", "p.b", "p.b.y"}
 
 
