@@ -50,11 +50,19 @@ def _record(data: bytes, roots: list[str]) -> dict:
     return rec
 
 
+def _staging(out: str) -> str:
+    """Where a local OUT was written before its rename (the commit marker names it)."""
+    head, _, name = out.rstrip("/").rpartition("/")
+    return f"{head}/.{name}.partial"
+
+
 def compare(a: dict[str, bytes], b: dict[str, bytes], roots: tuple[str, str]) -> list[str]:
     """Differences between two outputs {relative name: bytes}."""
     problems = [f"only in one: {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []
     for f in sorted(set(a) & set(b)):
-        x, y = a[f].replace(roots[0].encode(), b"ROOT"), b[f].replace(roots[1].encode(), b"ROOT")
+        x, y = a[f], b[f]
+        x = x.replace(_staging(roots[0]).encode(), b"ROOT").replace(roots[0].encode(), b"ROOT")
+        y = y.replace(_staging(roots[1]).encode(), b"ROOT").replace(roots[1].encode(), b"ROOT")
         if x == y:
             continue
         if f.endswith("conversion.json") and _record(a[f], [roots[0]]) == _record(b[f], [roots[1]]):
@@ -132,7 +140,7 @@ CASES = [   # (name, command with SRC/OUT placeholders, processes)
     ("to-hf 2 processes", ["to-hf", "{orbax}", "{out}", "--mxfp4", "--max-shard-size", "300KB"], 2),
 ]
 BUCKET_CASES = [("to-orbax gs://", ["to-orbax", "{mxfp4}", "{out}", "--scanned"], 1),
-                ("relayout gs:// -> gs://", ["to-orbax", "{orbax}", "{out}", "--unscanned"], 1)]
+                ("relayout -> gs://", ["to-orbax", "{orbax}", "{out}", "--unscanned"], 1)]
 
 
 def _gcs() -> subprocess.Popen:
@@ -164,7 +172,7 @@ def main() -> None:
         for k, (name, args, n) in enumerate(cases):
             outs = {}
             for side, tree in (("old", a.old.resolve()), ("new", ROOT)):
-                bucket = name.endswith("gs://") or "gs:// ->" in name
+                bucket = name.endswith("gs://")
                 out = f"gs://bkt/{k}-{side}" if bucket else str(a.work / f"{k}-{side}")
                 shutil.rmtree(out, ignore_errors=True) if not bucket else None
                 run(tree, [x.format(out=out, **{key: str(v) for key, v in src.items()}) for x in args], n)
