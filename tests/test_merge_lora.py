@@ -263,3 +263,35 @@ def test_cli_resume_onto_a_changed_adapter_byte_is_refused(lora, mxfp4_dir, merg
     files = check(out, log=lambda *_: None)["source"]["files"]
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} < set(files)
     assert all(f.startswith(("adapter/", "base/model")) for f in files)
+
+
+def test_qwen3_moe_attention_lora_equals_peft_and_fused_expert_targets_are_refused(tmp_path):
+    """Qwen3-MoE (BF16, per-expert tensors): an attention LoRA merges to PEFT's merge, bit for
+    bit after BF16 rounding; a target_parameters LoRA on transformers' fused expert stack names
+    tensors the checkpoint does not store, and is refused naming them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeForCausalLM
+    from family_cases import write_tiny_qwen3
+    base = write_tiny_qwen3(tmp_path / "qwen3")
+    model = get_peft_model(Qwen3MoeForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(tmp_path / "a")
+    ref = {k: v.numpy() for k, v in model.merge_and_unload().state_dict().items()}
+    got, src = stored(merge_lora(base, tmp_path / "a", tmp_path / "o", **QUIET)), stored(base)
+    assert sorted(got) == sorted(src)
+    for n, arr in got.items():
+        if n.endswith(("q_proj.weight", "v_proj.weight")):
+            np.testing.assert_array_equal(arr.view(np.uint16), ref[n].astype(BF16).view(np.uint16), err_msg=n)
+            assert arr.tobytes() != src[n].tobytes(), n
+        else:
+            assert arr.tobytes() == src[n].tobytes(), n
+    fused = get_peft_model(Qwen3MoeForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]))
+    fused.save_pretrained(tmp_path / "f")
+    with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.experts\.lora_A/B match no tensor"):
+        merge_lora(base, tmp_path / "f", tmp_path / "o2", **QUIET)
