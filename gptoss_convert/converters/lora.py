@@ -76,6 +76,9 @@ class LoraPair:
             a = read_tensor(self.a, slice(rows.start * r, rows.stop * r)).astype(np.float32)
             d = np.stack([np.matmul(a[(e - rows.start) * r:(e - rows.start + 1) * r].T, b[:, e::self.experts].T)
                           for e in range(rows.start, rows.stop)])
+            if rows.stop == self.experts:       # the stack's last expert: B is not needed again
+                with self._lock:
+                    self._b = None
         d *= np.float32(self.scaling)
         return d
 
