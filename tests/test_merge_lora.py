@@ -295,3 +295,46 @@ def test_qwen3_moe_attention_lora_equals_peft_and_fused_expert_targets_are_refus
     fused.save_pretrained(tmp_path / "f")
     with pytest.raises(InputError, match=r"model\.layers\.0\.mlp\.experts\.lora_A/B match no tensor"):
         merge_lora(base, tmp_path / "f", tmp_path / "o2", **QUIET)
+
+
+def _same_output(out: Path, want: Path) -> None:
+    """Every file but conversion.json byte-identical; the records agree on what was merged and lost."""
+    files = sorted(p.name for p in out.iterdir() if p.name != "conversion.json")
+    assert files == sorted(p.name for p in want.iterdir() if p.name != "conversion.json") and len(files) > 3
+    assert all((out / f).read_bytes() == (want / f).read_bytes() for f in files)
+    a, b = (json.loads((d / "conversion.json").read_text()) for d in (out, want))
+    assert a["requantization"] == b["requantization"] and a["lora"]["tensors"] == b["lora"]["tensors"]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_merge(lora, mxfp4_dir, merged, tmp_path):
+    """--distributed on two processes: one OUT, byte-identical to the single-process --mxfp4 merge."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "o"
+    procs = [subprocess.Popen([sys.executable, "-m", "gptoss_convert", "merge-lora", str(mxfp4_dir), str(lora[0]),
+                               str(out), "--mxfp4", "--max-shard-size", "300KB", "--no-progress",
+                               "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--heartbeat-timeout", "5", "--distributed-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]           # (pipes drained while waiting)
+    results = [(p.returncode, *o) for p, o in zip(procs, outputs)]
+    assert all(rc == 0 for rc, _, _ in results), [err[-600:] for _, _, err in results]
+    assert "process 1 of 2: wrote " in results[1][1] and " 0 of " not in results[1][1]
+    _same_output(out, merged["mxfp4", "bf16", True, "triton"])
+
+
+def test_bucket_out_reads_back_equal_to_the_local_merge(lora, mxfp4_dir, merged, gcs, tmp_path):
+    """OUT on gs:// (the emulator): the same objects as the local merge, and `check` passes."""
+    from gptoss_convert.io.location import resolve
+    url = merge_lora(mxfp4_dir, lora[0], "gs://bkt/merge-lora/mx", mxfp4=True, max_shard_size="300KB", **QUIET)
+    loc, want = resolve(str(url)), merged["mxfp4", "bf16", True, "triton"]
+    local = tmp_path / "copy"
+    local.mkdir()
+    for k in loc.keys():
+        (local / k).write_bytes((loc / k).read_bytes())
+    _same_output(local, want)
+    assert check(str(url), log=lambda *_: None)["command"] == "merge-lora"
