@@ -120,21 +120,25 @@ def _round_e2m1(q: np.ndarray, ties_up: bool) -> np.ndarray:
     return np.copysign(E2M1[idx], q)
 
 
-def _mxfp4_values(w: np.ndarray, rule: str) -> np.ndarray:
-    """The values rule `rule` gives fp32 weights [E, in, out] (groups of 32 down `in`), re-derived:
-    triton: scale 2**ceil(log2(fp32(amax / 6))), elements w * (1/scale) in fp32, ties up;
-    ocp: scale 2**(floor(log2 amax) - 2), ties to even, saturating at 6."""
+def _scaled(w: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """(w / scale, scale) for fp32 weights [E, in, out] in groups of 32 down `in`, re-derived:
+    triton (both): scale 2**ceil(log2(fp32(amax / 6))), w * (1/scale) in fp32; ocp: 2**(floor(log2 amax) - 2)."""
     g = w.reshape(w.shape[0], w.shape[1] // 32, 32, w.shape[2]).astype(np.float32)
     amax = np.abs(g).max(axis=2, keepdims=True)
-    if rule == "triton":
+    if rule.startswith("triton"):
         bits = (amax / np.float32(6)).astype(np.float32).view(np.uint32)
         scale = ((bits + np.uint32(0x7FFFFF)) & np.uint32(0x7F800000)).view(np.float32)
         inv = np.where(scale == 0, np.float32(0), np.float32(1) / np.where(scale == 0, 1, scale)).astype(np.float32)
-        q = (g * inv).astype(np.float32)
-    else:
-        exp = np.floor(np.log2(np.where(amax > 0, amax, 1).astype(np.float64))) - 2      # float64: exact floor
-        scale = np.ldexp(np.float32(1), exp.astype(np.int32))
-        q = g / scale
+        return (g * inv).astype(np.float32), scale
+    exp = np.floor(np.log2(np.where(amax > 0, amax, 1).astype(np.float64))) - 2      # float64: exact floor
+    scale = np.ldexp(np.float32(1), exp.astype(np.int32))
+    return g / scale, scale
+
+
+def _mxfp4_values(w: np.ndarray, rule: str) -> np.ndarray:
+    """The values rule `rule` gives fp32 weights [E, in, out]: w / scale rounded to the nearest
+    E2M1 value (ties up for "triton", to the even code otherwise; saturating at 6), times scale."""
+    q, scale = _scaled(w, rule)
     return (_round_e2m1(q, rule == "triton") * scale).reshape(w.shape)
 
 
@@ -338,3 +342,36 @@ def test_bucket_out_reads_back_equal_to_the_local_merge(lora, mxfp4_dir, merged,
         (local / k).write_bytes((loc / k).read_bytes())
     _same_output(local, want)
     assert check(str(url), log=lambda *_: None)["command"] == "merge-lora"
+
+
+def test_mxfp4_ties_follow_each_rule(lora, bf16_dir, tmp_path):
+    """An adapter of dyadic weights (multiples of 1/16) on the tiny model's dyadic experts: the
+    merged values are exact, and many fall exactly between two E2M1 values. transformers' decoder
+    on each rule's output gives the re-derived rule (ties up for triton, to even for triton-rtne
+    and ocp) of the merged tensor, computed here exactly in numpy from the base and adapter."""
+    d = _adapter_copy(lora, tmp_path)
+    tensors = {k: np.round(v.astype(np.float32) * 16) / 16 for k, v in stored(d).items()}
+    save_file(tensors, d / "adapter_model.safetensors")
+    base = stored(bf16_dir)
+    outs = {rule: stored(merge_lora(bf16_dir, d, tmp_path / rule, mxfp4=True, scale_rule=rule, **QUIET))
+            for rule in ("triton", "triton-rtne", "ocp")}
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    ties = 0
+    for i in range(6):
+        for p in ("gate_up_proj", "down_proj"):
+            n = f"model.layers.{i}.mlp.experts.{p}"
+            a = tensors[f"base_model.model.model.layers.{i}.mlp.experts{'.base_layer' if p == 'gate_up_proj' else ''}"
+                        ".lora_A.weight"]
+            b = tensors[f"base_model.model.model.layers.{i}.mlp.experts{'.base_layer' if p == 'gate_up_proj' else ''}"
+                        ".lora_B.weight"]
+            e = base[n].shape[0]
+            w = base[n].astype(np.float64) + 2 * np.einsum("ore,eri->eio", b.reshape(b.shape[0], -1, e),
+                                                           a.reshape(e, -1, a.shape[-1]))      # exact: dyadic
+            for rule, got in outs.items():
+                dec = convert_moe_packed_tensors(torch.from_numpy(got[n + "_blocks"]),
+                                                 torch.from_numpy(got[n + "_scales"]), dtype=torch.float32).numpy()
+                np.testing.assert_array_equal(dec, _mxfp4_values(w.astype(np.float32), rule), err_msg=f"{rule} {n}")
+            q = np.abs(_scaled(w.astype(np.float32), "triton")[0])
+            ties += int(np.isin(q, (E2M1[1:] + E2M1[:-1]) / 2).sum())
+    assert ties > 1000, ties          # the tie rules were exercised
+    assert any(outs["triton"][k].tobytes() != outs["triton-rtne"][k].tobytes() for k in outs["triton"])
