@@ -38,9 +38,9 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 # The nn.Parameters of one module PEFT may wrap, in the order the module registers them (GptOssExperts)
 PARAM_ORDER = ("gate_up_proj", "down_proj")
 FLOATS = {"F32", "BF16", "F16"}
-# init_lora_weights values that leave the base weights as they are (others, e.g. PiSSA, OLoRA,
-# LoftQ, CorDA, LoRA-GA, change them when the adapter is created)
-PLAIN_INITS = (True, False, "gaussian", "eva")
+# init_lora_weights values that leave the base weights as they are and need no variant to merge
+# (others change the base when the adapter is created: PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA; or are a variant: MiCA)
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # config fields naming a LoRA variant or extra trained weights merge-lora does not implement
 REFUSED = {"use_dora": "DoRA (use_dora)", "lora_bias": "a LoRA bias (lora_bias)", "modules_to_save": "modules_to_save",
            "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "fan_in_fan_out": "fan_in_fan_out",
@@ -135,7 +135,8 @@ def check_config(path: Path) -> dict:
                          "use bias='none' or PEFT's merge_and_unload()")
     if conf.get("init_lora_weights", True) not in PLAIN_INITS:
         raise InputError(f"{path}: init_lora_weights={conf['init_lora_weights']!r} changed the base weights when the "
-                         "adapter was made; save it converted (path_initial_model_for_weight_conversion) first")
+                         "adapter was made (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA) or is a variant (MiCA); save it "
+                         "converted (path_initial_model_for_weight_conversion) or merge it with PEFT")
     for field in ("r", "lora_alpha"):
         if not isinstance(conf.get(field), (int, float)) or isinstance(conf.get(field), bool) or conf[field] <= 0:
             raise InputError(f"{path}: {field} {conf.get(field)!r} is not a positive number")
