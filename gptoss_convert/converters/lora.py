@@ -16,6 +16,7 @@ scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), times merge-lor
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -50,6 +51,23 @@ REFUSED = {"use_dora": "DoRA (use_dora)", "lora_bias": "a LoRA bias (lora_bias)"
            "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)", "use_bdlora": "BD-LoRA (use_bdlora)"}
 
 
+class Recent:
+    """The last `keep` arrays made, by key (thread-safe): an expert stack's B, read once for all
+    of its experts while the stacks being merged (at most two, at a boundary) are in flight."""
+
+    def __init__(self, keep: int = 2):
+        self.keep, self._items, self._lock = keep, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key: str, make) -> np.ndarray:
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = make()
+                while len(self._items) > self.keep:
+                    self._items.popitem(last=False)
+            self._items.move_to_end(key)
+            return self._items[key]
+
+
 @dataclasses.dataclass
 class LoraPair:
     """One base tensor's A and B, their rank and scaling; `experts` for a [E, in, out] stack."""
@@ -60,10 +78,7 @@ class LoraPair:
     rank: int
     scaling: float
     experts: int | None = None
-
-    def __post_init__(self):
-        self._b: np.ndarray | None = None
-        self._lock = threading.Lock()
+    recent: Recent = dataclasses.field(default_factory=Recent, repr=False)
 
     def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
         """scaling * (B @ A) in fp32 for rows `rows` of the base tensor (experts: rows of experts)."""
@@ -71,23 +86,13 @@ class LoraPair:
         if self.experts is None:
             b = read_tensor(self.b, rows).astype(np.float32)
             d = np.matmul(b, read_tensor(self.a).astype(np.float32))
-        else:
-            r, b = self.rank, self._whole_b()
+        else:       # B's columns e::E are expert e's: B is read whole once per stack, not once per expert
+            r, b = self.rank, self.recent.get(self.tensor, lambda: read_tensor(self.b).astype(np.float32))
             a = read_tensor(self.a, slice(rows.start * r, rows.stop * r)).astype(np.float32)
             d = np.stack([np.matmul(a[(e - rows.start) * r:(e - rows.start + 1) * r].T, b[:, e::self.experts].T)
                           for e in range(rows.start, rows.stop)])
-            if rows.stop == self.experts:       # the stack's last expert: B is not needed again
-                with self._lock:
-                    self._b = None
         d *= np.float32(self.scaling)
         return d
-
-    def _whole_b(self) -> np.ndarray:
-        """B of an expert stack in fp32, read once for all of its experts (a strided gather per expert)."""
-        with self._lock:
-            if self._b is None:
-                self._b = read_tensor(self.b).astype(np.float32)
-            return self._b
 
 
 @dataclasses.dataclass
@@ -154,11 +159,12 @@ def open_adapter(adapter: str | os.PathLike, base: dict[str, tuple[int, ...]], s
         raise InputError(f"{d}: no {ADAPTER_WEIGHTS}{other}")
     stored, _ = read_header(weights)
     pairs: dict[str, LoraPair] = {}
+    recent = Recent()
     for module, (a, b) in _modules(stored, weights).items():
         name = _base_tensor(module, conf, base, weights)
         if name in pairs:
             raise InputError(f"{weights}: two LoRA pairs change {name}; merge this adapter with PEFT instead")
-        pairs[name] = _pair(name, a, b, base[name], conf, scale, weights)
+        pairs[name] = dataclasses.replace(_pair(name, a, b, base[name], conf, scale, weights), recent=recent)
     if not pairs:
         raise InputError(f"{weights}: holds no LoRA weights")
     return Adapter(d, conf, pairs)
