@@ -375,3 +375,17 @@ def test_mxfp4_ties_follow_each_rule(lora, bf16_dir, tmp_path):
             ties += int(np.isin(q, (E2M1[1:] + E2M1[:-1]) / 2).sum())
     assert ties > 1000, ties          # the tie rules were exercised
     assert any(outs["triton"][k].tobytes() != outs["triton-rtne"][k].tobytes() for k in outs["triton"])
+
+
+def test_cli_takes_every_converting_option_and_the_api_is_public():
+    """merge-lora is spelled as every converting command is (test_protocol's set), and is
+    gptoss_convert.merge_lora, documented."""
+    import gptoss_convert
+    from gptoss_convert.cli import main
+    shared = {"--dtype", "--dry-run", "--overwrite", "--resume", "--workers", "--no-progress", "--quiet",
+              "--allow-nonfinite", "--strict-config", "--no-space-check", "--json", "--s3-endpoint", "--distributed",
+              "--coordinator-address", "--num-processes", "--process-id", "--mxfp4", "--scale-rule", "--scale",
+              "--max-shard-size"}
+    opts = {o for p in main.commands["merge-lora"].params for o in p.opts}
+    assert shared <= opts, shared - opts
+    assert gptoss_convert.merge_lora is merge_lora and "PEFT" in merge_lora.__doc__
