@@ -389,3 +389,18 @@ def test_cli_takes_every_converting_option_and_the_api_is_public():
     opts = {o for p in main.commands["merge-lora"].params for o in p.opts}
     assert shared <= opts, shared - opts
     assert gptoss_convert.merge_lora is merge_lora and "PEFT" in merge_lora.__doc__
+
+
+def test_bf16_adapter_equals_peft_loading_it(lora, mxfp4_dir, bf16_dir, tmp_path):
+    """An adapter saved in BF16 (as a BF16 training run saves it), read back by PEFT itself
+    (PeftModel.from_pretrained on the fp32 base) and merged: our merge is PEFT's, bit for bit in BF16."""
+    from peft import PeftModel
+    from transformers import GptOssForCausalLM
+    d = _adapter_copy(lora, tmp_path)
+    save_file({k: v.astype(BF16) for k, v in stored(d).items()}, d / "adapter_model.safetensors", {"format": "pt"})
+    peft = PeftModel.from_pretrained(GptOssForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32), d)
+    ref = {k: v.numpy() for k, v in peft.merge_and_unload().state_dict().items()}
+    got = stored(merge_lora(mxfp4_dir, d, tmp_path / "o", **QUIET))
+    assert sorted(got) == sorted(ref)
+    for n, arr in got.items():
+        np.testing.assert_array_equal(arr.view(np.uint16), ref[n].astype(BF16).view(np.uint16), err_msg=n)
