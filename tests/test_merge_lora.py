@@ -404,3 +404,16 @@ def test_bf16_adapter_equals_peft_loading_it(lora, mxfp4_dir, bf16_dir, tmp_path
     assert sorted(got) == sorted(ref)
     for n, arr in got.items():
         np.testing.assert_array_equal(arr.view(np.uint16), ref[n].astype(BF16).view(np.uint16), err_msg=n)
+
+
+def test_an_expert_lora_laid_out_out_in_is_refused(lora, bf16_dir, tmp_path):
+    """gate_up_proj's LoRA with A [r*E, 2I] and B [H, r*E] (what PEFT writes where GptOssExperts
+    lacks is_transposed: in and out swapped) is refused, naming the tensor, not merged transposed."""
+    d = _adapter_copy(lora, tmp_path)
+    tensors = stored(d)
+    key = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_"
+    tensors[key + "A.weight"], tensors[key + "B.weight"] = np.ones((20, 192), np.float32), np.ones((64, 20), np.float32)
+    save_file(tensors, d / "adapter_model.safetensors")
+    with pytest.raises(InputError, match=r"LoRA of model\.layers\.0\.mlp\.experts\.gate_up_proj is laid out "
+                                         r"\[experts, out, in\]"):
+        merge_lora(bf16_dir, d, tmp_path / "o", **QUIET)
