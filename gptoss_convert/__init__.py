@@ -11,6 +11,7 @@ _API = {
     "dequantize": "gptoss_convert.converters.dequantize",
     "to_orbax": "gptoss_convert.converters.to_orbax",
     "to_hf": "gptoss_convert.converters.to_hf",
+    "merge_lora": "gptoss_convert.converters.merge_lora",
     "check": "gptoss_convert.converters.check",
     "golden": "gptoss_convert.verify.golden",
     "verify_checkpoint": "gptoss_convert.verify.verify:verify",   # `verify` is the subpackage

@@ -269,6 +269,26 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, max_shard_size, dtype, dr
                  max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
 
 
+@main.command("merge-lora")
+@click.argument("base")
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--mxfp4", is_flag=True, help="Write the expert weights as MXFP4 in the published layout (gpt-oss).")
+@click.option("--scale-rule", type=click.Choice(["triton", "triton-rtne", "ocp"]), default="triton", show_default=True,
+              help="MXFP4 rule, as for to-hf.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's scaling by this.")
+@_shard
+@common_options
+@distributed_options
+@_run
+def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, max_shard_size, dtype, dry_run, workers, opts, dist):
+    """HF checkpoint BASE (MXFP4 or BF16; directory or hub id) + PEFT LoRA ADAPTER (directory or hub id) -> merged HF
+    checkpoint OUT (a directory, gs:// or s3://)."""
+    from gptoss_convert.converters.merge_lora import merge_lora
+    return merge_lora(base, adapter, out, mxfp4=mxfp4, scale_rule=scale_rule, scale=scale, dtype=dtype,
+                      max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
+
+
 @main.command("golden")
 @click.argument("hf_dir")
 @click.option("--out", required=True, type=click.Path(), help="Golden file to write (JSON lines).")

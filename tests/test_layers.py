@@ -156,7 +156,7 @@ def test_imports_of_resolves_submodules_and_relative_imports():
     assert imports_of("p.a.z", src, modules | {"p.a.z"}) == {"p.a.x", "p.a", "p.b", "p.b.y"}
 
 
-COMMANDS = {f"{PKG}.converters.{m}" for m in ("to_orbax", "dequantize", "to_hf", "check")}
+COMMANDS = {f"{PKG}.converters.{m}" for m in ("to_orbax", "dequantize", "to_hf", "merge_lora", "check")}
 
 
 def test_no_command_imports_another_command():

@@ -23,6 +23,8 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
 from gptoss_convert.converters.common import parse_size
 from gptoss_convert.converters.provenance import ReadAheadHashes
+from gptoss_convert.converters.requantize import (DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, PUBLISHED_QUANTIZATION,  # noqa: F401
+                                                   _add, out_config, summarize)
 from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write_index
 from gptoss_convert.converters.sources import DType, OrbaxSrc, dtype_of, open_source, write_sidecars
 from gptoss_convert.converters.stream import prefetch
@@ -34,12 +36,6 @@ from gptoss_convert.io.safetensors import ShardWriter
 from gptoss_convert.mapping.layout import SCAN_AXIS
 from gptoss_convert.mapping.transforms import Interleave, apply, out_axis, out_shape
 from gptoss_convert.mxfp4.codec import SCALE_RULES, quantize_columns
-
-DEFAULT_SCALE_RULE = "triton"     # triton_kernels' downcast_to_mxfp as at gpt-oss's release; docs/formats.md §3
-# gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
-MXFP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-PUBLISHED_QUANTIZATION = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                                     "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,11 +170,6 @@ def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtyp
         raise
 
 
-def _add(total: dict, rep: dict) -> None:
-    for k, v in rep.items():
-        total[k] = total.get(k, 0) + v
-
-
 def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tuple[str, dict]:
     """Write one shard, a row block at a time; returns (its hash, requantization reports)."""
     w = ShardWriter(path, [e for t in tensors for e in t.entries], SHARD_METADATA)
@@ -215,33 +206,10 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
         raise
 
 
-def out_config(raw: dict, *, mxfp4: bool, dtype: str) -> dict:
-    """config.json as published: BF16 has no quantization_config; MXFP4 has the published one
-    (--like's own if it has one)."""
-    conf = {k: v for k, v in raw.items() if k != "quantization_config"}
-    conf |= {"dtype": dtype} | ({"torch_dtype": dtype} if "torch_dtype" in raw else {})
-    if mxfp4:
-        q = raw.get("quantization_config")
-        ours = isinstance(q, dict) and q.get("quant_method") == "mxfp4"
-        conf["quantization_config"] = q if ours else PUBLISHED_QUANTIZATION
-    return conf
-
-
 # Default threads reading and requantizing blocks: at least 4 where there are fewer cores, since
 # each holds a chunk read in flight: the cold full-size export took 49.9-50.6 s with 4 and
 # 53.9-56.3 s with 2 on the 2-core VM (alternating, BENCHMARKS.md "Back out").
 READ_WORKERS = 4
-
-
-def summarize(reports: dict[str, dict]) -> dict:
-    """Per tensor: relative RMS error, saturated values, clamped groups; and the totals."""
-    per = {n: {"rel_rms": math.sqrt(r["err2"] / r["ref2"]) if r["ref2"] else 0.0, "saturated": r["saturated"],
-               "clamped_groups": r["clamped_groups"]} for n, r in sorted(reports.items())}
-    total: dict = {}
-    for r in reports.values():
-        _add(total, r)
-    return {"tensors": per, "rel_rms": math.sqrt(total["err2"] / total["ref2"]) if total.get("ref2") else 0.0,
-            "saturated": total.get("saturated", 0), "clamped_groups": total.get("clamped_groups", 0)}
 
 
 @dist.distributable

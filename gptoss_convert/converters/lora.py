@@ -1,0 +1,271 @@
+"""A PEFT LoRA adapter as merge-lora reads it: its config checked, each A/B pair matched to the
+base tensor it changes, and that tensor's change W' - W = scaling * (B @ A) computed in fp32,
+laid out exactly as PEFT 0.21 lays it out (`peft/tuners/lora/layer.py`).
+
+- A module target (`target_modules`, an nn.Linear such as `q_proj`): A [r, in], B [out, r],
+  delta = (B @ A) * scaling, W's [out, in] (Linear.get_delta_weight, fan_in_fan_out off).
+- A parameter target (`target_parameters`, PEFT's ParamWrapper) on gpt-oss's expert stack
+  [E, in, out] (transformers marks GptOssExperts `is_transposed`, so PEFT does not swap in and
+  out): A [r*E, in] whose rows e*r:(e+1)*r are expert e's, B [out, r*E] whose columns e::E are
+  expert e's, delta[e] = (A_e.T @ B_e.T) * scaling (the einsum "o r e, e r i -> e i o").
+  Several parameters of one module are nested wrappers, the first the module registers
+  innermost: gpt-oss's `experts.base_layer.lora_A` is gate_up_proj's when both are targeted.
+
+scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), times merge-lora's --scale.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from gptoss_convert.converters.provenance import source_hashes
+from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import read_json_object
+from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+WRAPPED = ".base_layer"
+A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+# The nn.Parameters of one module PEFT may wrap, in the order the module registers them (GptOssExperts)
+PARAM_ORDER = ("gate_up_proj", "down_proj")
+FLOATS = {"F32", "BF16", "F16"}
+# init_lora_weights values that leave the base weights as they are and need no variant to merge
+# (others change the base when the adapter is created: PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA; or are a variant: MiCA)
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# config fields naming a LoRA variant or extra trained weights merge-lora does not implement
+REFUSED = {"use_dora": "DoRA (use_dora)", "lora_bias": "a LoRA bias (lora_bias)", "modules_to_save": "modules_to_save",
+           "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "fan_in_fan_out": "fan_in_fan_out",
+           "use_qalora": "QA-LoRA (use_qalora)", "layer_replication": "layer_replication",
+           "trainable_token_indices": "trainable_token_indices", "velora_config": "VeLoRA (velora_config)",
+           "kasa_config": "KaSA (kasa_config)", "arrow_config": "Arrow (arrow_config)",
+           "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)", "use_bdlora": "BD-LoRA (use_bdlora)"}
+
+
+class Recent:
+    """The last `keep` arrays made, by key (thread-safe): an expert stack's B, read once for all
+    of its experts while the stacks being merged (at most two, at a boundary) are in flight."""
+
+    def __init__(self, keep: int = 2):
+        self.keep, self._items, self._lock = keep, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key: str, make) -> np.ndarray:
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = make()
+                while len(self._items) > self.keep:
+                    self._items.popitem(last=False)
+            self._items.move_to_end(key)
+            return self._items[key]
+
+
+@dataclasses.dataclass
+class LoraPair:
+    """One base tensor's A and B, their rank and scaling; `experts` for a [E, in, out] stack."""
+
+    tensor: str
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    scaling: float
+    experts: int | None = None
+    recent: Recent = dataclasses.field(default_factory=Recent, repr=False)
+
+    def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
+        """scaling * (B @ A) in fp32 for rows `rows` of the base tensor (experts: rows of experts)."""
+        rows = slice(0, shape[0]) if rows is None else rows
+        if self.experts is None:
+            b = read_tensor(self.b, rows).astype(np.float32)
+            d = np.matmul(b, read_tensor(self.a).astype(np.float32))
+        else:       # B's columns e::E are expert e's: B is read whole once per stack, not once per expert
+            r, b = self.rank, self.recent.get(self.tensor, lambda: read_tensor(self.b).astype(np.float32))
+            a = read_tensor(self.a, slice(rows.start * r, rows.stop * r)).astype(np.float32)
+            d = np.stack([np.matmul(a[(e - rows.start) * r:(e - rows.start + 1) * r].T, b[:, e::self.experts].T)
+                          for e in range(rows.start, rows.stop)])
+        d *= np.float32(self.scaling)
+        return d
+
+
+@dataclasses.dataclass
+class Adapter:
+    """A PEFT LoRA adapter directory: its config, weights file and pairs, by base tensor name."""
+
+    dir: Path
+    config: dict
+    pairs: dict[str, LoraPair]
+
+    def record(self, scale: float) -> dict:
+        """What conversion.json keeps of the adapter."""
+        keep = ("peft_version", "base_model_name_or_path", "r", "lora_alpha", "use_rslora", "target_modules",
+                "target_parameters")
+        return {"path": str(self.dir), **{k: self.config.get(k) for k in keep}, "scale": scale,
+                "scaling": sorted({p.scaling for p in self.pairs.values()}), "tensors": sorted(self.pairs)}
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> Path:
+    """A local adapter directory, or a hub repo id (its adapter_config.json and weights only)."""
+    p = Path(adapter)
+    if p.is_dir():
+        return p
+    if p.exists() or str(adapter).startswith((".", "/", "~")) or str(adapter).count("/") != 1:
+        raise InputError(f"{adapter}: not an adapter directory and not a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(adapter), allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
+    except Exception as e:      # offline, unknown repo: one line, what to do
+        raise InputError(f"{adapter}: could not fetch the adapter from the hub ({type(e).__name__}); "
+                         "pass a local adapter directory") from None
+
+
+def check_config(path: Path) -> dict:
+    """adapter_config.json, refused (one line naming the field) unless it is a plain LoRA."""
+    conf = read_json_object(path, "a PEFT adapter directory must contain adapter_config.json")
+    if conf.get("peft_type") != "LORA":
+        raise InputError(f"{path}: peft_type {conf.get('peft_type')!r} is not supported; merge-lora merges LoRA only")
+    for field, what in REFUSED.items():
+        if conf.get(field):
+            raise InputError(f"{path}: {what} is not supported by merge-lora; merge this adapter with PEFT's "
+                             "merge_and_unload() instead")
+    if conf.get("bias", "none") != "none":
+        raise InputError(f"{path}: bias={conf['bias']!r} trains the base biases, which merge-lora does not merge; "
+                         "use bias='none' or PEFT's merge_and_unload()")
+    if conf.get("init_lora_weights", True) not in PLAIN_INITS:
+        raise InputError(f"{path}: init_lora_weights={conf['init_lora_weights']!r} changed the base weights when the "
+                         "adapter was made (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA) or is a variant (MiCA); save it "
+                         "converted (path_initial_model_for_weight_conversion) or merge it with PEFT")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(conf.get(field), (int, float)) or isinstance(conf.get(field), bool) or conf[field] <= 0:
+            raise InputError(f"{path}: {field} {conf.get(field)!r} is not a positive number")
+    return conf
+
+
+def open_adapter(adapter: str | os.PathLike, base: dict[str, tuple[int, ...]], scale: float = 1.0) -> Adapter:
+    """The adapter at `adapter`, every pair matched to a tensor of `base` ({name: shape}) and checked."""
+    d = resolve_adapter(adapter)
+    conf = check_config(d / ADAPTER_CONFIG)
+    weights = d / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickle = (d / "adapter_model.bin").is_file()
+        other = " (adapter_model.bin is a pickle: save with safe_serialization=True)" if pickle else ""
+        raise InputError(f"{d}: no {ADAPTER_WEIGHTS}{other}")
+    stored, _ = read_header(weights)
+    pairs: dict[str, LoraPair] = {}
+    recent = Recent()
+    for module, (a, b) in _modules(stored, weights).items():
+        name = _base_tensor(module, conf, base, weights)
+        if name in pairs:
+            raise InputError(f"{weights}: two LoRA pairs change {name}; merge this adapter with PEFT instead")
+        pairs[name] = dataclasses.replace(_pair(name, a, b, base[name], conf, scale, weights), recent=recent)
+    if not pairs:
+        raise InputError(f"{weights}: holds no LoRA weights")
+    return Adapter(d, conf, pairs)
+
+
+def _modules(stored: dict[str, TensorInfo], weights: Path) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+    """{module path: (lora_A, lora_B)}; anything else in the file is refused, naming it."""
+    found: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in stored.items():
+        short = key.removeprefix(KEY_PREFIX)
+        side = "A" if short.endswith(A_SUFFIX) else "B" if short.endswith(B_SUFFIX) else None
+        if side is None:
+            raise InputError(f"{weights}: tensor {key!r} is not a LoRA A/B weight (embedding LoRA, a LoRA bias or "
+                             "modules_to_save?); merge-lora merges Linear and parameter LoRA only")
+        if info.dtype not in FLOATS:
+            raise InputError(f"{weights}: tensor {key!r} is {info.dtype}; LoRA weights must be F32, BF16 or F16")
+        found.setdefault(short[:-len(A_SUFFIX)], {})[side] = info
+    half = [m for m, ab in found.items() if len(ab) != 2]
+    if half:
+        raise InputError(f"{weights}: {half[0]} has only lora_{next(iter(found[half[0]]))}; the file is incomplete")
+    return {m: (ab["A"], ab["B"]) for m, ab in found.items()}
+
+
+def _targets(name: str, conf: dict) -> bool:
+    """Whether PEFT's target_parameters matching selects the parameter `name`."""
+    return any(name == t or name.endswith("." + t) for t in conf.get("target_parameters") or [])
+
+
+def _base_tensor(module: str, conf: dict, base: dict, weights: Path) -> str:
+    """The base tensor a module path of the adapter changes: `module.weight` for a module target;
+    for nested ParamWrappers (`.base_layer` k times) the k-th targeted parameter from the outside."""
+    depth, inner = 0, module
+    while inner.endswith(WRAPPED):
+        inner, depth = inner[:-len(WRAPPED)], depth + 1
+    params = [f"{inner}.{p}" for p in PARAM_ORDER if f"{inner}.{p}" in base and _targets(f"{inner}.{p}", conf)]
+    if params and depth < len(params):
+        return params[len(params) - 1 - depth]
+    if depth == 0 and f"{module}.weight" in base:
+        return f"{module}.weight"
+    raise InputError(f"{weights}: LoRA weights {module}.lora_A/B match no tensor of the base checkpoint; is the "
+                     "adapter for this model (and its target_parameters for tensors the checkpoint stores)?")
+
+
+def _pair(name: str, a: TensorInfo, b: TensorInfo, shape: tuple[int, ...], conf: dict, scale: float,
+          weights: Path) -> LoraPair:
+    """The checked pair for base tensor `name` of `shape` ([out, in], or [E, in, out])."""
+    r = conf["r"]
+    if len(shape) == 2:
+        want_a, want_b, experts = (r, shape[1]), (shape[0], r), None
+    elif len(shape) == 3:
+        want_a, want_b, experts = (r * shape[0], shape[1]), (shape[2], r * shape[0]), shape[0]
+        if (a.shape, b.shape) == ((r * shape[0], shape[2]), (shape[1], r * shape[0])) and shape[1] != shape[2]:
+            raise InputError(f"{weights}: LoRA of {name} is laid out [experts, out, in] (PEFT without transformers' "
+                             "is_transposed for gpt-oss experts); retrain with transformers >= 5, or merge with PEFT")
+    else:
+        raise InputError(f"{weights}: {name} is {len(shape)}-dimensional; LoRA merges 2D and 3D weights only")
+    if (a.shape, b.shape) != (want_a, want_b):
+        raise InputError(f"{weights}: LoRA of {name} {list(shape)} has A {list(a.shape)} and B {list(b.shape)}, "
+                         f"expected A {list(want_a)} and B {list(want_b)} for r={r}; is it for this model?")
+    scaling = conf["lora_alpha"] / (math.sqrt(r) if conf.get("use_rslora") else r) * scale
+    return LoraPair(name, a, b, r, scaling, experts)
+
+
+class LoraSource:
+    """A base checkpoint and an adapter as one job source: files `base/<f>` and `adapter/<f>`,
+    so resume compares the bytes of both (docs/design.md §4)."""
+
+    def __init__(self, base, adapter: Adapter):
+        self.base, self.adapter = base, adapter
+        self.root = base.root
+        self.config_raw = base.config_raw
+        self._dirs = {"base": Path(base.root), "adapter": adapter.dir}
+
+    def files(self) -> list[str]:
+        return [f"base/{f}" for f in self.base.files()] + [f"adapter/{ADAPTER_CONFIG}", f"adapter/{ADAPTER_WEIGHTS}"]
+
+    def _split(self, files: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"base": [], "adapter": []}
+        for f in files:
+            side, _, rel = f.partition("/")
+            out[side].append(rel)
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        return {f: (self._dirs[s] / rel).stat().st_size for s, rels in self._split(self.files()).items()
+                for rel in rels for f in [f"{s}/{rel}"]}
+
+    def hash(self, files: list[str]) -> dict[str, dict]:
+        """Content hashes (and sizes: the record's files live in two directories) of `files`."""
+        out = {}
+        for side, rels in self._split(files).items():
+            for rel, h in source_hashes(self._dirs[side], rels, workers=1).items():
+                out[f"{side}/{rel}"] = {"size": (self._dirs[side] / rel).stat().st_size, **h}
+        return out
+
+
+def adapter_summary(adapter: Adapter) -> str:
+    """One line: what the adapter changes."""
+    c = adapter.config
+    experts = sum(p.experts is not None for p in adapter.pairs.values())
+    rs = " (rsLoRA)" if c.get("use_rslora") else ""
+    return (f"adapter {adapter.dir}: r={c['r']} lora_alpha={c['lora_alpha']}{rs}, "
+            f"{len(adapter.pairs)} tensors ({experts} expert stacks); targets "
+            f"{json.dumps(c.get('target_modules'))} / {json.dumps(c.get('target_parameters'))}")
