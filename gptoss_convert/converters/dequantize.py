@@ -41,7 +41,7 @@ class OutTensor:
 def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTensor]:
     out = []
     for name, vt in sorted(ck.tensors.items(), key=lambda kv: (kv[1].sources[0].file.name, kv[1].sources[0].offset)):
-        if vt.is_mxfp4 or (dtype == "F32" and vt.dtype in FLOAT_DTYPES):
+        if vt.is_quantized or (dtype == "F32" and vt.dtype in FLOAT_DTYPES):
             dt = dtype
         else:
             dt = vt.dtype                       # copied bit for bit
@@ -111,9 +111,9 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
                strict_config: bool = False, cluster=None, log=print) -> Path:
-    """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
+    """Convert an MXFP4 gpt-oss or FP8 Qwen3-MoE checkpoint (or a BF16 one) `src` to an HF checkpoint at `out`.
 
-    Expert matrices are dequantized (bit-exact) into HF orientation; every other tensor is
+    Quantized matrices are dequantized (bit-exact) into HF orientation; every other tensor is
     copied bit for bit (or cast to float32 with dtype="fp32"). Memory stays bounded by a few
     blocks (one expert / `block_bytes`), whatever the model size. Output appears atomically;
     `resume=True` continues an interrupted run. `strict_config=True` refuses config.json fields
@@ -164,7 +164,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "
         dist.finish(cluster, result)
     dt = time.perf_counter() - t0
     log(f"dequantize: wrote {total / 1e9:.2f} GB in {len(names)} shard(s) to {result} in {dt:.1f} s "
-        f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {sum(ck.tensors[t.name].is_mxfp4 for t in tensors)} MXFP4 tensors "
+        f"({total / 1e9 / max(dt, 1e-9):.2f} GB/s); {sum(ck.tensors[t.name].is_quantized for t in tensors)} MXFP4/FP8 tensors "
         f"dequantized to {st_dtype}, the rest copied; load it with transformers.AutoModelForCausalLM.from_pretrained('{result}').")
     return result
 
