@@ -119,7 +119,7 @@ def test_layout_problems():
 
 
 @pytest.fixture(scope="module")
-def bf16_dir(tmp_path_factory):
+def qwen_bf16(tmp_path_factory):
     """A tiny Qwen3MoeForCausalLM saved by transformers (BF16), FP8-friendly shapes."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -169,8 +169,8 @@ def per_expert(sd: dict[str, torch.Tensor], cfg) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module", params=BLOCKS, ids=lambda b: f"block{b[0]}x{b[1]}")
-def fp8_dir(request, bf16_dir, tmp_path_factory):
-    return write_fp8_qwen3(bf16_dir, tmp_path_factory.mktemp("fp8") / "src", block=request.param)
+def fp8_dir(request, qwen_bf16, tmp_path_factory):
+    return write_fp8_qwen3(qwen_bf16, tmp_path_factory.mktemp("fp8") / "src", block=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +278,8 @@ W = "model.layers.1.mlp.experts.2.up_proj.weight"
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, np.nan], ids=["zero", "negative", "nan"])
-def test_bad_scale_is_refused_naming_the_tensor(bf16_dir, tmp_path, bad):
-    src = write_fp8_qwen3(bf16_dir, tmp_path / "src", block=(128, 128))
+def test_bad_scale_is_refused_naming_the_tensor(qwen_bf16, tmp_path, bad):
+    src = write_fp8_qwen3(qwen_bf16, tmp_path / "src", block=(128, 128))
     s = HFCheckpoint(src)._mapped.view(HFCheckpoint(src).stored[W + "_scale_inv"]).copy()
     s[4, 1] = bad
     _copy(src, tmp_path / "bad", tensors={W + "_scale_inv": s})
@@ -301,16 +301,16 @@ def test_bad_scale_is_refused_naming_the_tensor(bf16_dir, tmp_path, bad):
     ({"quantization_config": {"weight_block_size": [64, 128]}}, "does not match shape"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quant_method 'gptq' is not supported"),
 ], ids=["no-block", "1d-block", "e5m2", "static", "ragged", "grid", "gptq"])
-def test_bad_fp8_config_is_refused(bf16_dir, tmp_path, config, needle):
-    src = _copy(write_fp8_qwen3(bf16_dir, tmp_path / "src"), tmp_path / "bad", config=config)
+def test_bad_fp8_config_is_refused(qwen_bf16, tmp_path, config, needle):
+    src = _copy(write_fp8_qwen3(qwen_bf16, tmp_path / "src"), tmp_path / "bad", config=config)
     with pytest.raises(InputError, match=None) as e:
         to_orbax(src, tmp_path / "out", scanned=True, **QUIET)
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unpaired_fp8_tensors_are_refused(bf16_dir, tmp_path):
+def test_unpaired_fp8_tensors_are_refused(qwen_bf16, tmp_path):
     """An F8 weight without its scale grid (and the reverse) is named; a config without FP8 quantization too."""
-    src = write_fp8_qwen3(bf16_dir, tmp_path / "src")
+    src = write_fp8_qwen3(qwen_bf16, tmp_path / "src")
     conf = json.loads((src / "config.json").read_text())
     del conf["quantization_config"]
     bad = _copy(src, tmp_path / "noq")

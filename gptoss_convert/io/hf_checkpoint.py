@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from gptoss_convert.buffers import as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import MappedFiles, TensorInfo, read_header, read_tensor, rows_shape
+
+log = logging.getLogger(__name__)
 
 # (shape, dtype) -> a C-contiguous array to read into, e.g. BufferPool.get or RecyclingPool.empty
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
@@ -117,6 +120,7 @@ class HFCheckpoint:
                 self.stored[name] = info
         self._check_index()
         self.tensors = self._virtual_tensors()
+        self._note_wide_floats()
         self._sidecars = [self._inside(f, "file") for f in SIDECAR_FILES]   # refuse links out now, not after hours
 
     # -- loading and validation -------------------------------------------------------------
@@ -246,6 +250,18 @@ class HFCheckpoint:
         else:
             return VirtualTensor(name, info.shape, "FP8", stored=info, scale_inv=scale, block=self.fp8_block)
         return None
+
+    def _note_wide_floats(self) -> None:
+        """One warning line when weights are stored as F32/F16/F64 rather than BF16 (a third-party
+        copy saved so): they convert exactly as stored (dequantize copies them bit for bit;
+        to-orbax casts them to its --dtype: bf16 rounds to nearest even, as transformers does
+        loading with dtype=bfloat16; fp32 keeps F32/F16 exact)."""
+        wide = [(n, t.dtype) for n, t in self.tensors.items() if t.dtype in ("F32", "F16", "F64")]
+        if wide:
+            kinds = sorted({d for _, d in wide})
+            log.warning("warning: %s: %d of %d tensors are stored as %s, not BF16 (e.g. %r); dequantize copies them as "
+                        "stored, to-orbax casts them to --dtype (bf16 rounds to nearest even; fp32 keeps F32/F16 exact)",
+                        self.dir, len(wide), len(self.tensors), "/".join(kinds), wide[0][0])
 
     # -- reading ----------------------------------------------------------------------------
     @property
