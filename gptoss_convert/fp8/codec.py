@@ -24,7 +24,7 @@ BF16_MAX = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
 # byte -> its float32 value (0x7F and 0xFF are E4M3's NaNs; refused before they are looked up)
 VALUES = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
 _NAN_BITS = 0x7F                   # (byte & 0x7F) == 0x7F: NaN in float8_e4m3fn
-_ROWS = 128                        # rows dequantized at once when the block has fewer (cache-sized work)
+_ROWS = 128                        # rows looked up at once (cache-sized work)
 
 
 def grid_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
@@ -87,9 +87,14 @@ def dequantize(weight: np.ndarray, scales: np.ndarray, block: tuple[int, int], d
     """Rows of a block-scaled FP8 matrix, dequantized to `dtype` (bfloat16 or float32).
 
     `weight` [n, C] is rows row0..row0+n of the stored E4M3 weight (uint8 bits or float8_e4m3fn),
-    `scales` [G, C/b1] the scale rows row0//b0 .. (row0+n-1)//b0 of its grid. Work is done one
-    block of rows at a time (memory: one block in float32). NaN bytes and bad scales are refused
-    naming `name` (`where`: a prefix such as the file, for the message).
+    `scales` [G, C/b1] the scale rows row0//b0 .. (row0+n-1)//b0 of its grid. NaN bytes and bad
+    scales are refused naming `name` (`where`: a prefix such as the file, for the message).
+
+    Work goes one row of blocks at a time: for each of its scales, the 256 possible products
+    (every byte's float32 value times the scale, rounded as `_round` rounds) make a table, and each
+    output value is a look-up of its byte in its column block's table. That is the same float32
+    product and the same rounding per value as computing each one (bit for bit), in two passes
+    over the block instead of five.
     """
     bits = np.asarray(weight).view(np.uint8)
     if bits.ndim != 2 or scales.ndim != 2:
@@ -101,17 +106,27 @@ def dequantize(weight: np.ndarray, scales: np.ndarray, block: tuple[int, int], d
                          f"block {list(block)}")
     check_scales(scales, name, where)
     out = np.empty((n, cols), dtype) if out is None else out
+    out_bits = out.view(np.uint16 if out.dtype.itemsize == 2 else np.uint32)
     s32 = np.asarray(scales, np.float32)
-    step = max(b0, _ROWS)
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        _check_bits(bits[a:b], name, where, row0 + a)
-        f = np.take(VALUES, bits[a:b])                              # [rows, C] float32, exact
-        sc = s32[(np.arange(row0 + a, row0 + b) // b0) - row0 // b0]   # [rows, C/b1]
-        tiles = f.reshape(b - a, cols // b1, b1)
-        tiles *= sc[:, :, None]                                     # float32 product, rounded once
-        _round(f, out[a:b])
+    index_type = np.uint16 if scales.shape[1] * 256 <= 1 << 16 else np.uint32
+    column_table = (np.arange(cols) // b1 * 256).astype(index_type)     # where column c's table starts
+    for g in range(s32.shape[0]):
+        a, b = max(0, (row0 // b0 + g) * b0 - row0), min(n, (row0 // b0 + g + 1) * b0 - row0)
+        for r in range(a, b, _ROWS):                                      # cache-sized pieces of a tall block
+            rows = bits[r:min(b, r + _ROWS)]
+            _check_bits(rows, name, where, row0 + r)
+            index = np.add(rows, column_table, dtype=index_type)
+            np.take(_tables(s32[g], out.dtype), index, out=out_bits[r:r + len(rows)])
     return out
+
+
+def _tables(scales: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """For a row of scales [G1]: [G1 * 256] output bits, entry (j, byte) = VALUES[byte] * scales[j]
+    (float32) rounded to `dtype`."""
+    products = (scales[:, None] * VALUES[None, :]).reshape(-1)
+    table = np.empty(products.shape, dtype)
+    _round(products, table)
+    return table.view(np.uint16 if table.dtype.itemsize == 2 else np.uint32)
 
 
 def quantize(w: np.ndarray, block: tuple[int, int], scale_dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
