@@ -337,3 +337,34 @@ def test_gpt_oss_refuses_fp8(tmp_path):
     raw = published_config("gpt-oss-20b") | {"quantization_config": {"quant_method": "fp8"}}
     with pytest.raises(ConfigError, match="quant_method='fp8' is not supported"):
         config_from_dict(raw)
+
+
+def test_qwen3_config_policy_reads_fp8(qwen_bf16):
+    """Qwen3-MoE's config accepts Qwen's FP8 quantization_config (also under --strict-config);
+    strict refuses an unknown key in it, which might change what the weights mean."""
+    from gptoss_convert.backends.qwen3_moe.config import config_from_dict
+    from gptoss_convert.errors import ConfigError
+    from gptoss_convert.testing.qwen3 import fp8_quantization_config
+    raw = json.loads((qwen3_bf16_config := qwen_bf16 / "config.json").read_text())
+    fp8_raw = raw | {"quantization_config": fp8_quantization_config() | {"modules_to_not_convert": ["lm_head"]}}
+    assert config_from_dict(fp8_raw, strict=True) == config_from_dict(raw)
+    odd = raw | {"quantization_config": fp8_quantization_config() | {"scale_fmt": "ue8m0"}}
+    assert config_from_dict(odd).unknown_fields == ()
+    with pytest.raises(ConfigError, match=r"unknown quantization_config fields \['scale_fmt'\]"):
+        config_from_dict(odd, str(qwen3_bf16_config), strict=True)
+
+
+def test_cli_dequantize_and_check(qwen_bf16, tmp_path):
+    """The shell: `dequantize` of an FP8 source says what it did, and `check` confirms the output."""
+    import subprocess
+    import sys
+
+    from conftest import run_env
+    src = write_fp8_qwen3(qwen_bf16, tmp_path / "src")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gptoss_convert", *a], capture_output=True,  # noqa: E731
+                                    text=True, env=run_env(), timeout=600)
+    r = run("dequantize", str(src), str(tmp_path / "out"), "--no-progress")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert "38 MXFP4/FP8 tensors dequantized to BF16" in r.stdout
+    r = run("check", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
