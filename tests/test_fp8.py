@@ -245,6 +245,24 @@ def test_logits_equal_transformers_on_the_fp8_source(fp8_dir, hf_fp32, converted
     assert delta < 1e-4 and kl < 1e-6
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_golden_on_the_fp8_source_then_verify_passes(fp8_dir, converted, tmp_path, monkeypatch, streamed):
+    """As for a BF16 source: `golden` (transformers on the FP8 directory) then `verify` of the
+    converted checkpoint, in memory or layer by layer, and of the FP8 directory itself (converted
+    in memory through the reader)."""
+    import transformers.quantizers.quantizer_finegrained_fp8 as quantizer
+
+    from gptoss_convert.verify.golden import golden
+    from gptoss_convert.verify.verify import verify
+    monkeypatch.setattr(quantizer, "is_accelerate_available", lambda: True)     # see the module docstring
+    g = golden(fp8_dir, tmp_path / "g.jsonl", log=lambda *_: None)
+    strict = dict(atol=1e-4, rtol=0, max_kl=1e-6, log=lambda *_: None)
+    report = verify(converted[1], golden=g, streamed=streamed, **strict)
+    assert report["pass"] and len(report["prompts"]) >= 3
+    if streamed and converted[0]:
+        assert verify(fp8_dir, golden=g, moe="dense", **strict)["pass"]
+
+
 def test_bf16_to_orbax_of_the_fp8_source_equals_that_of_its_dequantized_copy(fp8_dir, tmp_path):
     """to-orbax (bf16) straight from FP8 = to-orbax of `dequantize`'s BF16 output, leaf for leaf."""
     a = to_orbax(fp8_dir, tmp_path / "a", scanned=True, **QUIET)
