@@ -4,7 +4,7 @@ MXFP4 pairs `X_blocks` [E, out, G, 16] + `X_scales` [E, out, G] are presented as
 tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized on read. Block-
 scaled FP8 pairs `X.weight` (F8_E4M3 [out, in]) + `X.weight_scale_inv` (a float grid [out/b0,
 in/b1], `quantization_config.weight_block_size` = [b0, b1]) are presented as the virtual tensor
-`X.weight` [out, in], dequantized on read block by block (docs/formats.md, FP8).
+`X.weight` [out, in], dequantized on read block by block (docs/formats.md §3b).
 """
 
 from __future__ import annotations
