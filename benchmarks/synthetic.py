@@ -49,6 +49,12 @@ def tensor_specs(c: dict) -> list[tuple[str, str, tuple[int, ...]]]:
 def _random(rng, name: str, dtype: str, shape) -> np.ndarray:
     if name.endswith("_scales"):
         return rng.integers(110, 127, shape, dtype=np.uint8)
+    if name.endswith("_scale_inv"):                       # FP8 block scales: positive, as amax / 448 would be
+        return rng.uniform(2.0 ** -12, 2.0 ** -6, shape).astype(DTYPES[dtype])
+    if dtype == "F8_E4M3":
+        b = rng.integers(0, 256, shape, dtype=np.uint8)
+        b[(b & 0x7F) == 0x7F] ^= 1                        # no NaN bytes
+        return b.view(DTYPES[dtype])
     if dtype == "U8":
         return rng.integers(0, 256, shape, dtype=np.uint8)
     bits = rng.integers(0, 1 << 16, shape, dtype=np.uint16) & 0xBFFF   # exponent < 128: finite, |x| < 2

@@ -18,7 +18,7 @@ PKG = "gptoss_convert"
 # package name stands for its __init__ only (the version and the lazy public API).
 LAYERS = [
     [PKG, f"{PKG}.errors", f"{PKG}.tree", f"{PKG}.faults", f"{PKG}.buffers", f"{PKG}.progress", f"{PKG}.finite"],
-    [f"{PKG}.mxfp4"],
+    [f"{PKG}.mxfp4", f"{PKG}.fp8"],
     [f"{PKG}.io"],
     [f"{PKG}.mapping"],
     [f"{PKG}.backends.common"],

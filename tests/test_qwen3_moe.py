@@ -1,7 +1,7 @@
 """Qwen3-MoE, the second family: what is particular to it. The oracles every family passes
 (to-orbax both layouts against HF's tensors, forward = HF's `Qwen3MoeForCausalLM` for every MoE
 strategy, verify in memory and streamed, generate = HF greedy, check, real-shape trace and dry run)
-are tests/test_families.py's; here: the pinned MaxText tree, the config policy, FP8 refusal, the
+are tests/test_families.py's; here: the pinned MaxText tree, the config policy, quantization refusals, the
 per-expert plan and verify straight from the HF directory."""
 
 from __future__ import annotations
@@ -44,20 +44,22 @@ def test_verify_accepts_the_hf_directory_itself(hf_dir, tmp_path):
     assert report["pass"] and report["kind"] == "hf" and len(report["prompts"]) == 1
 
 
-def test_fp8_checkpoint_refused(hf_dir, tmp_path):
-    """Qwen3-*-FP8 repos carry quantization_config quant_method fp8: refused before anything is read."""
-    src = tmp_path / "fp8"
+@pytest.mark.parametrize("quant, error, needle", [
+    ({"quant_method": "mxfp4"}, ConfigError, "quant_method='mxfp4' is not supported (supported: fp8; or convert"),
+    ({"quant_method": "gptq"}, InputError, "quant_method 'gptq' is not supported"),    # the reader refuses first
+], ids=["mxfp4", "gptq"])
+def test_quantization_other_than_fp8_refused(hf_dir, tmp_path, quant, error, needle):
+    """FP8 twins are read (tests/test_fp8.py); any other quantization is refused before anything is written."""
+    src = tmp_path / "q"
     src.mkdir()
     for f in hf_dir.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
     conf = json.loads((hf_dir / "config.json").read_text())
-    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (src / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(InputError, match="quant_method 'fp8' is not supported"):   # the reader refuses first
+    (src / "config.json").write_text(json.dumps(conf | {"quantization_config": quant}))
+    with pytest.raises(error) as e:
         to_orbax(src, tmp_path / "out", scanned=True, **QUIET)
+    assert needle in str(e.value)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ConfigError, match="this is an FP8 checkpoint; convert the BF16 release"):
-        config_from_dict(conf)
 
 
 # ---- the published Qwen3-30B-A3B at real shapes --------------------------------------------------

@@ -73,14 +73,27 @@ _BACKENDS = {
 }
 
 
+# model_types of published relatives that cannot be converted, and why (one line each).
+_REFUSED = {
+    "gpt_oss_puzzle": ("nvidia/gpt-oss-puzzle-88B's layers differ from one another (per-layer block_configs: 64 or 128 "
+                       "experts, attention windows 128/8192/full, FP8 KV-cache scales), so they cannot be stacked into "
+                       "one scanned MaxText layer; serve it with vLLM or transformers, or convert openai/gpt-oss-20b/120b "
+                       "(or their gpt-oss-safeguard variants) instead"),
+}
+
+
 def known_model_types() -> list[str]:
     return sorted(_BACKENDS)
 
 
 def get_backend(model_type: str) -> Backend:
-    """The backend for `model_type`; unknown types fail at once and list the known ones."""
+    """The backend for `model_type`; unknown types fail at once and list the known ones, known
+    relatives that cannot be converted say why and what would work."""
+    if model_type in _REFUSED:
+        raise InputError(f"model_type {model_type!r} is not supported: {_REFUSED[model_type]}")
     if model_type not in _BACKENDS:
-        raise InputError(f"model_type {model_type!r} is not supported; known model types: {', '.join(known_model_types())}")
+        raise InputError(f"model_type {model_type!r} is not supported; known model types: "
+                         f"{', '.join(known_model_types())} (gpt-oss and its variants, Qwen3-MoE in BF16 or FP8)")
     return importlib.import_module(_BACKENDS[model_type]).BACKEND
 
 

@@ -49,7 +49,7 @@ def check_against_backend(ck: HFCheckpoint, *, strict_config: bool = False):
     """Validate every tensor of `ck` against its config (the to-orbax plan, never executed);
     returns the config."""
     _, cfg, _ = plan_for(ck, scanned=False, itemsize=2, strict_config=strict_config)
-    float_kinds = {"BF16", "F16", "F32", "MXFP4"}
+    float_kinds = {"BF16", "F16", "F32", "MXFP4", "FP8"}
     bad = [f"{n!r} is {t.dtype}" for n, t in ck.tensors.items() if t.dtype not in float_kinds]
     if bad:
         raise InputError(f"{ck.dir}: tensors with non-float dtypes: {', '.join(bad)}")

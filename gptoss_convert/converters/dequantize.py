@@ -44,7 +44,7 @@ class OutTensor:
 def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTensor]:
     out = []
     for name, vt in sorted(ck.tensors.items(), key=lambda kv: (kv[1].sources[0].file.name, kv[1].sources[0].offset)):
-        if vt.is_mxfp4 or (dtype == "F32" and vt.dtype in FLOAT_DTYPES):
+        if vt.is_quantized or (dtype == "F32" and vt.dtype in FLOAT_DTYPES):
             dt = dtype
         else:
             dt = vt.dtype                       # copied bit for bit
@@ -99,9 +99,9 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | D
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
                strict_config: bool = False, dry_run: bool = False, check_space: bool = True,
                cluster=None, log=print) -> Path | ShardsTarget:
-    """Convert an MXFP4 (or BF16) gpt-oss checkpoint `src` to an HF checkpoint at `out`.
+    """Convert an MXFP4 gpt-oss or FP8 Qwen3-MoE checkpoint (or a BF16 one) `src` to an HF checkpoint at `out`.
 
-    Expert matrices are dequantized (bit-exact) into HF orientation; every other tensor is
+    Quantized matrices are dequantized (bit-exact) into HF orientation; every other tensor is
     copied bit for bit (or cast to float32 with dtype="fp32"). Memory stays bounded by a few
     blocks (one expert / `block_bytes`), whatever the model size. `out` is a directory (it
     appears atomically) or a gs:// / s3:// prefix (complete once its journal is gone);
@@ -126,12 +126,12 @@ def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: 
     """The checked plan: every tensor of `ck` (MXFP4 dequantized to `dt`, the rest copied) in shards."""
     cfg = check_against_backend(ck, strict_config=strict_config)
     tensors = _out_tensors(ck, dt.st, block_bytes)
-    mxfp4 = sum(ck.tensors[t.name].is_mxfp4 for t in tensors)
+    quantized = sum(ck.tensors[t.name].is_quantized for t in tensors)
 
     def summary(result, seconds: float) -> str:
         total = sum(t.nbytes for t in tensors)
         return (f"dequantize: wrote {total / 1e9:.2f} GB in {len(target.names)} shard(s) to {result} "
-                f"in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); {mxfp4} MXFP4 tensors "
+                f"in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); {quantized} MXFP4/FP8 tensors "
                 f"dequantized to {dt.st}, the rest "
                 f"copied; load it with transformers.AutoModelForCausalLM.from_pretrained('{result}').")
 

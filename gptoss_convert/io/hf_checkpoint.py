@@ -1,7 +1,10 @@
 """An HF checkpoint directory (or hub repo) as a set of lazily read tensors.
 
 MXFP4 pairs `X_blocks` [E, out, G, 16] + `X_scales` [E, out, G] are presented as one virtual
-tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized on read.
+tensor `X` in HF parameter orientation [E, in, out] (in = G * 32), dequantized on read. Block-
+scaled FP8 pairs `X.weight` (F8_E4M3 [out, in]) + `X.weight_scale_inv` (a float grid [out/b0,
+in/b1], `quantization_config.weight_block_size` = [b0, b1]) are presented as the virtual tensor
+`X.weight` [out, in], dequantized on read block by block (docs/formats.md §3b).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -17,12 +21,14 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
-from gptoss_convert import mxfp4
+from gptoss_convert import fp8, mxfp4
 from gptoss_convert.buffers import as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.finite import all_finite, nonfinite
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import MappedFiles, TensorInfo, read_header, read_tensor, rows_shape
+
+log = logging.getLogger(__name__)
 
 # (shape, dtype) -> a C-contiguous array to read into, e.g. BufferPool.get or RecyclingPool.empty
 Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
@@ -33,8 +39,10 @@ SINGLE = "model.safetensors"
 SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "generation_config.json", "chat_template.jinja")
 HUB_PATTERNS = ["config.json", INDEX, "model*.safetensors", *SIDECAR_FILES]
-SUPPORTED_QUANT = {"mxfp4"}
+SUPPORTED_QUANT = {"mxfp4", "fp8"}
 BLOCKS, SCALES = "_blocks", "_scales"
+SCALE_INV = "_scale_inv"                          # FP8: `X.weight` + `X.weight_scale_inv`
+FP8_SCALE_DTYPES = {"F32", "BF16", "F16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,18 +51,29 @@ class VirtualTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str                        # "BF16", ... for stored; "MXFP4" for pairs
-    stored: TensorInfo | None = None
+    dtype: str                        # "BF16", ... for stored; "MXFP4" / "FP8" for pairs
+    stored: TensorInfo | None = None  # (FP8: the E4M3 weight)
     blocks: TensorInfo | None = None
     scales: TensorInfo | None = None
+    scale_inv: TensorInfo | None = None      # FP8: the scale grid of `stored`
+    block: tuple[int, int] | None = None     # FP8: rows x columns per scale
 
     @property
     def is_mxfp4(self) -> bool:
         return self.blocks is not None
 
     @property
+    def is_fp8(self) -> bool:
+        return self.scale_inv is not None
+
+    @property
+    def is_quantized(self) -> bool:
+        """Dequantized on read (MXFP4 or FP8), not copied bit for bit."""
+        return self.is_mxfp4 or self.is_fp8
+
+    @property
     def sources(self) -> tuple[TensorInfo, ...]:
-        return tuple(t for t in (self.stored, self.blocks, self.scales) if t is not None)
+        return tuple(t for t in (self.stored, self.blocks, self.scales, self.scale_inv) if t is not None)
 
 
 def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
@@ -84,6 +103,7 @@ class HFCheckpoint:
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
+        self.fp8_block: tuple[int, int] | None = None   # quantization_config.weight_block_size of an FP8 checkpoint
         self.workers: int | None = None       # threads for MXFP4 decoding (None = all cores)
         self.allow_nonfinite = False           # stored NaN/inf weights are an error unless set
         self._mapped = MappedFiles()           # MXFP4 blocks/scales are decoded from the page cache
@@ -101,6 +121,7 @@ class HFCheckpoint:
                 self.stored[name] = info
         self._check_index()
         self.tensors = self._virtual_tensors()
+        self._note_wide_floats()
         self._sidecars = [self._inside(f, "file") for f in SIDECAR_FILES]   # refuse links out now, not after hours
 
     # -- loading and validation -------------------------------------------------------------
@@ -112,6 +133,8 @@ class HFCheckpoint:
             method = q.get("quant_method") if isinstance(q, dict) else q
             if not isinstance(method, str) or method not in SUPPORTED_QUANT:
                 raise InputError(f"{path}: quant_method {method!r} is not supported (supported: {sorted(SUPPORTED_QUANT)})")
+            if method == "fp8":
+                self.fp8_block = _fp8_block(q, path)
         return raw
 
     def _link_roots(self) -> tuple[Path, ...]:
@@ -174,6 +197,11 @@ class HFCheckpoint:
         for name, info in self.stored.items():
             if name.endswith(SCALES) and name[:-len(SCALES)] + BLOCKS in self.stored:
                 continue
+            if name.endswith(SCALE_INV) or info.dtype.startswith("F8_"):
+                vt = self._fp8_pair(name, info, problems)
+                if vt:
+                    out[name] = vt
+                continue
             if name.endswith(BLOCKS):
                 base = name[:-len(BLOCKS)]
                 scales = self.stored.get(base + SCALES)
@@ -185,7 +213,7 @@ class HFCheckpoint:
             else:
                 out[name] = VirtualTensor(name, info.shape, info.dtype, stored=info)
         if problems:
-            raise CorruptTensorError(f"{self.dir}: incomplete or inconsistent MXFP4 tensors: " + "; ".join(problems))
+            raise CorruptTensorError(f"{self.dir}: incomplete or inconsistent quantized tensors: " + "; ".join(problems))
         return out
 
     def _pair(self, base: str, blocks: TensorInfo, scales: TensorInfo | None, problems: list[str]):
@@ -201,6 +229,41 @@ class HFCheckpoint:
         *lead, out_dim, groups, _ = blocks.shape
         return VirtualTensor(base, (*lead, groups * 32, out_dim), "MXFP4", blocks=blocks, scales=scales)
 
+    def _fp8_pair(self, name: str, info: TensorInfo, problems: list[str]) -> VirtualTensor | None:
+        """An F8 weight and its `_scale_inv` grid as one virtual tensor (None for the grid itself,
+        or with the problem recorded: an unpaired grid or weight, a layout the codec refuses)."""
+        if name.endswith(SCALE_INV):
+            if self.stored.get(name[:-len(SCALE_INV)], info).dtype != "F8_E4M3":
+                problems.append(f"{name!r} has no matching F8_E4M3 weight {name[:-len(SCALE_INV)]!r}")
+            return None
+        scale = self.stored.get(name + SCALE_INV)
+        if info.dtype != "F8_E4M3":
+            problems.append(f"{name!r} is {info.dtype}; only F8_E4M3 FP8 weights are supported")
+        elif self.fp8_block is None:
+            problems.append(f"{name!r} is F8_E4M3 but config.json has no quantization_config with quant_method "
+                            "'fp8' and a weight_block_size")
+        elif scale is None:
+            problems.append(f"{name!r} is F8_E4M3 but has no {name + SCALE_INV!r} scale grid")
+        elif scale.dtype not in FP8_SCALE_DTYPES:
+            problems.append(f"{scale.name!r} is {scale.dtype}; FP8 scales must be one of {sorted(FP8_SCALE_DTYPES)}")
+        elif why := fp8.layout_problem(info.shape, scale.shape, self.fp8_block):
+            problems.append(f"{name!r} {why}")
+        else:
+            return VirtualTensor(name, info.shape, "FP8", stored=info, scale_inv=scale, block=self.fp8_block)
+        return None
+
+    def _note_wide_floats(self) -> None:
+        """One warning line when weights are stored as F32/F16/F64 rather than BF16 (a third-party
+        copy saved so): they convert exactly as stored (dequantize copies them bit for bit;
+        to-orbax casts them to its --dtype: bf16 rounds to nearest even, as transformers does
+        loading with dtype=bfloat16; fp32 keeps F32/F16 exact)."""
+        wide = [(n, t.dtype) for n, t in self.tensors.items() if t.dtype in ("F32", "F16", "F64")]
+        if wide:
+            kinds = sorted({d for _, d in wide})
+            log.warning("warning: %s: %d of %d tensors are stored as %s, not BF16 (e.g. %r); dequantize copies them as "
+                        "stored, to-orbax casts them to --dtype (bf16 rounds to nearest even; fp32 keeps F32/F16 exact)",
+                        self.dir, len(wide), len(self.tensors), "/".join(kinds), wide[0][0])
+
     # -- reading ----------------------------------------------------------------------------
     @property
     def is_mxfp4(self) -> bool:
@@ -210,11 +273,14 @@ class HFCheckpoint:
         """Tensor `name` in HF orientation, or rows `rows` of its first axis (e.g. experts).
 
         Stored tensors come back in their stored dtype (bit for bit); MXFP4 pairs are
-        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out]. `alloc(shape,
-        dtype)`, if given, provides the result's memory (e.g. a buffer pool's).
+        dequantized to `dtype` and transposed from [E, out, in] to [E, in, out]; FP8 weights are
+        dequantized to `dtype` block by block. `alloc(shape, dtype)`, if given, provides the
+        result's memory (e.g. a buffer pool's).
         """
         vt = self.tensors[name]
         shape = rows_shape(vt.shape, rows)
+        if vt.is_fp8:
+            return self._read_fp8(vt, rows, dtype, alloc and alloc(shape, np.dtype(dtype)))
         if not vt.is_mxfp4:
             arr = read_tensor(vt.stored, rows, out=alloc and alloc(shape, vt.stored.np_dtype))
             if not self.allow_nonfinite:
@@ -238,8 +304,9 @@ class HFCheckpoint:
         shape = rows_shape(vt.shape, rows)
         shape = shape[:-1] + (shape[-1] // parts,)
         if not vt.is_mxfp4:
-            whole = as_bits(self.read(name, rows, dtype))     # plain-bit copies (bfloat16's own loop is slower)
-            outs = [(alloc or empty)(shape, vt.stored.np_dtype) for _ in range(parts)]
+            read = self.read(name, rows, dtype)
+            whole = as_bits(read)                              # plain-bit copies (bfloat16's own loop is slower)
+            outs = [(alloc or empty)(shape, read.dtype) for _ in range(parts)]
             for p, out in enumerate(outs):
                 np.copyto(as_bits(out), whole[..., p::parts])
             return outs
@@ -256,6 +323,29 @@ class HFCheckpoint:
         finally:
             self._mapped.drop(vt.blocks, rows)
             self._mapped.drop(vt.scales, rows)
+
+    def _read_fp8(self, vt: VirtualTensor, rows: slice | None, dtype, out: np.ndarray | None) -> np.ndarray:
+        """Rows `rows` of an FP8 weight, dequantized with its scale grid one block of rows at a
+        time (only the scale rows they need are read; the weight is a view of the page cache)."""
+        shape = rows_shape(vt.shape, rows)
+        out = np.empty(shape, dtype) if out is None else out
+        start = 0 if rows is None else rows.start or 0
+        b0 = vt.block[0]
+        where = f"{vt.stored.file}: "
+        try:
+            weight = self._mapped.view(vt.stored, rows)
+            if len(vt.shape) == 2:       # rows of the matrix: the scale rows that cover them
+                grid = slice(start // b0, (start + shape[0] - 1) // b0 + 1) if shape[0] else slice(0, 0)
+                scales = read_tensor(vt.scale_inv, grid).astype(np.float32)
+                return fp8.dequantize(weight, scales, vt.block, dtype, row0=start, name=vt.name, where=where, out=out)
+            scales = read_tensor(vt.scale_inv, rows).astype(np.float32)   # rows of the leading axes
+            flat_w = weight.reshape(-1, *vt.shape[-2:])
+            flat_o, flat_s = out.reshape(-1, *vt.shape[-2:]), scales.reshape(-1, *scales.shape[-2:])
+            for w, s, o in zip(flat_w, flat_s, flat_o):
+                fp8.dequantize(w, s, vt.block, dtype, name=vt.name, where=where, out=o)
+            return out
+        finally:
+            self._mapped.drop(vt.stored, rows)
 
     def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out, part: tuple[int, int] | None = None) -> np.ndarray:
         """Decode blocks/scales (rows `rows` of `vt`) into HF orientation; only the stored rows
@@ -285,6 +375,24 @@ class HFCheckpoint:
     def sidecar_files(self) -> list[Path]:
         """Tokenizer/generation files present (checked at open: none is a link out of the directory)."""
         return [p for p in self._sidecars if p.is_file()]
+
+
+def _fp8_block(q: dict, path: Path) -> tuple[int, int]:
+    """The [b0, b1] of an FP8 quantization_config; refuses what the dequantization would get wrong:
+    no or a malformed weight_block_size (per-tensor scales), a format other than E4M3, static
+    activation scales (they are part of the model's math and would be dropped)."""
+    if not isinstance(q, dict):
+        raise InputError(f"{path}: quantization_config must be an object")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and 1 <= b <= 1 << 16 for b in block)):
+        raise InputError(f"{path}: quantization_config.weight_block_size={block!r} is not supported (block-scaled "
+                         "FP8 needs [rows, cols], e.g. [128, 128])")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise InputError(f"{path}: quantization_config.fmt={q['fmt']!r} is not supported (only e4m3)")
+    if q.get("activation_scheme", "dynamic") != "dynamic":
+        raise InputError(f"{path}: quantization_config.activation_scheme={q['activation_scheme']!r} is not supported "
+                         "(only dynamic: static activation scales would be lost in a BF16 checkpoint)")
+    return block[0], block[1]
 
 
 def _check_no_overflow(blocks: np.ndarray, scales: np.ndarray, info: TensorInfo, rows: slice | None) -> None:

@@ -6,6 +6,11 @@ import json
 import math
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
+
+from gptoss_convert import fp8
+from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES, HFCheckpoint
 from gptoss_convert.testing.published import DATA
 
 
@@ -41,3 +46,40 @@ def write_sparse_qwen3(out: str | Path, raw: dict, *, shards: int) -> int:
     write_sparse_shards(out, specs, raw, shards=shards)
     return sum(2 * math.prod(shape) for shape, _ in specs.values())
 
+
+
+# The linear weights Qwen's FP8 twins (Qwen3-30B-A3B-FP8, ...) store as F8_E4M3 with a
+# `weight_scale_inv` grid; embeddings, norms, the router (`mlp.gate`) and lm_head stay BF16.
+FP8_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def fp8_quantization_config(block: tuple[int, int] = (128, 128)) -> dict:
+    """quantization_config as Qwen's FP8 repos publish it (with the given block size)."""
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
+
+
+def write_fp8_qwen3(bf16_dir: str | Path, out: str | Path, *, block: tuple[int, int] = (128, 128),
+                    scale_dtype: str = "F32", shards: int = 2) -> Path:
+    """An FP8 twin of the BF16 Qwen3-MoE checkpoint `bf16_dir` in the published FP8 layout: every
+    attention and expert projection quantized to F8_E4M3 with one `weight_scale_inv` per `block`
+    (amax / 448), the other tensors as they are, config.json with Qwen's quantization_config, the
+    tokenizer files copied. Returns `out`."""
+    from gptoss_convert.testing.tiny import _write_shards
+    src, out = HFCheckpoint(bf16_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np_scale = {"F32": np.float32, "BF16": ml_dtypes.bfloat16}[scale_dtype]
+    tensors = {}
+    for name in src.tensors:
+        w = src.read(name)
+        if name.endswith(FP8_LINEARS):
+            tensors[name], tensors[name + "_scale_inv"] = fp8.quantize(w.astype(np.float32), block, np_scale)
+        else:
+            tensors[name] = w
+    _write_shards(out, tensors, shards)
+    conf = dict(src.config_raw, quantization_config=fp8_quantization_config(block))
+    (out / "config.json").write_text(json.dumps(conf, indent=2))
+    for f in SIDECAR_FILES:
+        if (Path(bf16_dir) / f).is_file():
+            (out / f).write_bytes((Path(bf16_dir) / f).read_bytes())
+    return out

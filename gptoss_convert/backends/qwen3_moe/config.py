@@ -122,16 +122,29 @@ def unknown_fields(raw: dict) -> list[str]:
     return policy.unknown_fields(raw, _MATH | _INERT)
 
 
+# Quantized sources read: Qwen's block-scaled FP8 twins (Qwen3-30B-A3B-FP8, ...), dequantized on
+# read by io/hf_checkpoint.py, which also checks weight_block_size, fmt and activation_scheme.
+_QUANT_METHODS = ("fp8",)
+_FP8_KEYS = {"quant_method", "fmt", "weight_block_size", "activation_scheme", "modules_to_not_convert"}
+
+
+def _quantization(q: Any, strict: bool, problems: list[str]) -> None:
+    """Only block-scaled FP8 is read; under `strict`, a key of its config this tool does not know
+    is refused (it might change what the weights mean)."""
+    method = q.get("quant_method") if isinstance(q, dict) else q
+    if method not in _QUANT_METHODS:
+        problems.append(f"quantization_config.quant_method={method!r} is not supported (supported: "
+                        f"{', '.join(_QUANT_METHODS)}; or convert the BF16 release)")
+    elif strict and (extra := sorted(set(q) - _FP8_KEYS)):
+        problems.append(f"unknown quantization_config fields {extra} (--strict-config refuses them)")
+
+
 def _policy(raw: dict, strict: bool, problems: list[str]) -> None:
-    """The shared checks (backends/policy.py), and quantization: none is read."""
+    """The shared checks (backends/policy.py), and quantization: only FP8 is read."""
     policy.check_policy(raw, model_type="qwen3_moe", family="Qwen3-MoE", fixed=_FIXED, synonyms=_SYNONYMS,
                         known=_MATH | _INERT, strict=strict, problems=problems)
-    q = raw.get("quantization_config")
-    if q is not None:
-        method = q.get("quant_method") if isinstance(q, dict) else q
-        problems.append(f"quantization_config.quant_method={method!r}: quantized checkpoints are not supported"
-                        + (" (this is an FP8 checkpoint; convert the BF16 release instead)" if method == "fp8" else
-                           " (convert the BF16 release instead)"))
+    if raw.get("quantization_config") is not None:
+        _quantization(raw["quantization_config"], strict, problems)
 
 
 def config_from_dict(raw: dict, source: str = "config.json", *, strict: bool = False) -> Qwen3MoeConfig:
