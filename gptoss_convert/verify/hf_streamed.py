@@ -64,6 +64,10 @@ class SafetensorsFiles:
         f = self._file(name)
         return f.get_tensor(name) if index is None else f.get_slice(name)[index]
 
+    def release(self) -> None:
+        """Close the open files: their mapped pages stop counting in this process's memory."""
+        self._handles = {}
+
     def shape(self, name: str) -> list[int]:
         return list(self._file(name).get_slice(name).get_shape())
 
@@ -111,6 +115,7 @@ class LayerLoader:
     def load(self, module, prefix: str) -> None:
         """Give `module` (named `prefix` in the checkpoint) its weights: assigned, not copied."""
         sd = {name: self._param(prefix, name) for name in module.state_dict()}
+        self.files.release()
         module.load_state_dict(sd, assign=True, strict=True)
 
     @staticmethod
@@ -215,7 +220,7 @@ def streamed_logits(d: str | Path, token_lists: list[list[int]], dtype: str = "f
     with torch.no_grad():
         seqs = _embed(loader, model, rotary, token_lists, show_progress)
         cov = Coverage(len(inner.layers))
-        with progress(len(inner.layers), "golden: transformers layer by layer", show_progress, unit="layer") as bar:
+        with progress(len(inner.layers), "golden: transformers layers", show_progress, unit="it") as bar:
             for i, layer in enumerate(inner.layers):
                 _run_layer(loader, model, i, layer, seqs, cov)
                 bar.update(1)
