@@ -191,7 +191,7 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dr
               help="A JSON list of token-id lists instead of prompts (checkpoints without a tokenizer).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "float32", "bfloat16"]), default="fp32", show_default=True)
 @click.option("--streamed/--whole-model", default=None,
-              help="transformers' layers one at a time, bounded memory (default: when the model exceeds half the free memory).")
+              help="transformers' layers one at a time, bounded memory (default: model > half the free memory).")
 @click.option("--no-progress", is_flag=True, help="No progress lines.")
 @_run
 def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_progress):

@@ -207,7 +207,8 @@ def test_progress_lines_when_not_a_terminal(gpt_orbax, mxfp4_dir, tmp_path):
               "verify": ["golden:", "verify: our forward, layer by layer: 6/6", "verify: comparing: 2/2"]}
     for name, args in runs.items():
         for quiet in (False, True):
-            proc = subprocess.run([sys.executable, "-m", "gptoss_convert", *args, *(["--no-progress"] if quiet else [])],
+            flags = ["--no-progress"] if quiet else []
+            proc = subprocess.run([sys.executable, "-m", "gptoss_convert", *args, *flags],
                                   capture_output=True, text=True, env=env)
             assert proc.returncode == 0, proc.stderr
             lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[progress] ")]

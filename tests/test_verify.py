@@ -248,8 +248,8 @@ def test_report_and_table(orbax_fp32, golden_short, tmp_path):
     ret = verify(orbax_fp32["scanned"], golden=golden_short, json_report=rp, log=lines.append)
     report = json.loads(rp.read_text())
     assert report == json.loads(json.dumps(ret))
-    assert set(report) == {"checkpoint", "kind", "layout", "moe", "thresholds", "prompts", "coverage", "golden_coverage",
-                           "phases", "pass"}
+    assert set(report) == {"checkpoint", "kind", "layout", "moe", "thresholds", "prompts", "coverage",
+                           "golden_coverage", "phases", "pass"}
     assert report["coverage"] is None and set(report["phases"]) == {"golden", "forward"}    # in memory, from a file
     assert report["checkpoint"] == str(orbax_fp32["scanned"] / "0") and report["layout"] == "scanned"
     recs = read_golden(golden_short)

@@ -197,7 +197,8 @@ def _whole_model_logits(d: Path, token_lists, dtype: str, show_progress: bool):
         model = load_hf_model(d, dtype)
     layers = model.model.layers
     cov = Coverage(len(layers))
-    hooks = [layer.mlp.experts.register_forward_pre_hook(cov.hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    hooks = [layer.mlp.experts.register_forward_pre_hook(cov.hook(i), with_kwargs=True)
+             for i, layer in enumerate(layers)]
     out = []
     with progress(len(token_lists), "golden: transformers, whole model", show_progress, unit="it") as bar:
         for t in token_lists:

@@ -173,7 +173,8 @@ def _masks(model, embeds, position_ids) -> dict:
     cfg = model.config
     kw = {"config": cfg, "inputs_embeds": embeds, "attention_mask": None, "cache": None}
     if cfg.model_type == "gpt_oss":                  # GptOssModel.forward: one mask per layer type
-        return {"full_attention": create_causal_mask(**kw), "sliding_attention": create_sliding_window_causal_mask(**kw)}
+        return {"full_attention": create_causal_mask(**kw),
+                "sliding_attention": create_sliding_window_causal_mask(**kw)}
     if cfg.model_type == "qwen3_moe":                # Qwen3MoeModel.forward: one mask, position_ids passed
         fn = create_causal_mask if cfg.sliding_window is None else create_sliding_window_causal_mask
         return {"*": fn(**kw, position_ids=position_ids)}

@@ -84,7 +84,8 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
     cov = coverage(hit, cfg.E, "our streamed forward") if hit is not None else cov_golden
     report = {"checkpoint": str(ck.path), "kind": ck.kind, "layout": "scanned" if scanned else "unscanned",
               "moe": "streamed per-expert" if streamed else moe, "thresholds": dataclasses.asdict(th), "prompts": rows,
-              "coverage": cov, "golden_coverage": cov_golden, "phases": phases.done, "pass": all(r["pass"] for r in rows)}
+              "coverage": cov, "golden_coverage": cov_golden, "phases": phases.done,
+              "pass": all(r["pass"] for r in rows)}
     log(_table(rows, th))
     if cov is not None:
         log(cov["summary"])
