@@ -130,6 +130,16 @@ def test_bad_tokens_file(content, match, tmp_path):
     assert str(path) in str(e.value)
 
 
+def test_tokens_with_prompts_or_golden_file_refused(mxfp4_dir, gpt_orbax, tmp_path):
+    toks = tmp_path / "t.json"
+    toks.write_text("[[1, 2]]")
+    with pytest.raises(InputError, match="not both"):
+        golden(mxfp4_dir, tmp_path / "g.jsonl", prompts="a", tokens=toks)
+    (tmp_path / "g.jsonl").write_text("")
+    with pytest.raises(InputError, match="has its own tokens"):
+        verify(gpt_orbax, golden=tmp_path / "g.jsonl", tokens=toks)
+
+
 def test_coverage_every_expert_by_default(gpt_orbax, mxfp4_dir, tmp_path):
     """The default prompts route every expert of every layer (tiny model: 5 experts x 6 layers),
     counted by our streamed forward (experts read) and by transformers' router alike."""

@@ -112,6 +112,8 @@ def prompt_tokens(d: Path, prompts: str | None = None, prompts_file=None, tokens
     """(label, token ids) per prompt: from a `--tokens` file, else the prompts tokenized by the
     checkpoint's tokenizer. A directory without a usable tokenizer is refused, naming --tokens."""
     if tokens is not None:
+        if prompts is not None or prompts_file is not None:
+            raise InputError("give --tokens or prompts (--prompts, --prompts-file), not both")
         return [(f"tokens[{i}]", t) for i, t in enumerate(read_tokens(tokens, vocab_size))]
     items = parse_prompts(prompts, prompts_file)
     hint = "give the token ids with --tokens FILE (a JSON list of token-id lists)"

@@ -68,6 +68,8 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
         raise InputError(f"moe strategy {moe!r} unknown; choose one of {', '.join(MOE_STRATEGIES)}")
     if (golden is None) == (hf is None):
         raise InputError("give exactly one of --golden FILE or --hf HF_DIR")
+    if golden is not None and (tokens is not None or prompts is not None):
+        raise InputError("--tokens and --prompts choose what --hf runs; a --golden file has its own tokens")
     if json_report:
         check_writable(json_report, "JSON report")
     ck = locate(ckpt, config)
