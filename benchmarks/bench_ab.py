@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--cooldown", type=float, default=4.0, help="seconds of pause before each run")
     ap.add_argument("--workdir", default="/tmp/gptoss-bench")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (needs root)")
     ap.add_argument("--from-orbax", action="store_true",
                     help="run the command on a scanned Orbax conversion of the source")
     a = ap.parse_args()
@@ -106,6 +107,9 @@ def main() -> None:
         for name, tree in trees.items():
             shutil.rmtree(out, ignore_errors=True)
             time.sleep(a.cooldown)
+            if a.cold:
+                from benchmarks.bench_export import drop_page_cache
+                drop_page_cache()
             cmd, *flags = a.command.split()
             rows.append({"code": name, "repeat": repeat + 1, **run(tree, [cmd, str(src), str(out), *flags])})
             print(json.dumps(rows[-1]), flush=True)

@@ -294,14 +294,19 @@ def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, max_shard_size,
 @click.option("--out", required=True, type=click.Path(), help="Golden file to write (JSON lines).")
 @click.option("--prompts", default=None, help="';'-separated prompts (default: MaxText's three + a long passage).")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None, help="One prompt per line.")
+@click.option("--tokens", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A JSON list of token-id lists instead of prompts (checkpoints without a tokenizer).")
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
+@click.option("--streamed/--whole-model", default=None,
+              help="transformers' layers one at a time, bounded memory (default: model > half the free memory).")
+@click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
 @json_option
 @_run
-def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
+def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_progress):
     """Reference logits from HF transformers on HF_DIR (MXFP4 or BF16), MaxText's golden format."""
     from gptoss_convert.verify.golden import golden
-    _writable(out, "--out")
-    return golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, dtype=_LONG[dtype])
+    return golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, tokens=tokens, dtype=dtype, streamed=streamed,
+                  show_progress=not no_progress)
 
 
 @main.command("verify")
@@ -317,17 +322,20 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 @click.option("--like", "--config", "config", type=click.Path(exists=True, file_okay=False), default=None,
               help="HF directory holding config.json (and tokenizer), if not beside the checkpoint.")
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
+@click.option("--tokens", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --hf: a JSON list of token-id lists instead of prompts (no tokenizer needed).")
 @click.option("--streamed/--in-memory", default=None,
-              help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
+              help="Layer by layer, reading only the selected experts; with --hf the golden too (default: by size).")
+@click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
 @s3_endpoint_option
 @_run
-def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts,
-               streamed):
+def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, tokens,
+               streamed, no_progress):
     """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
     from gptoss_convert.verify.verify import verify
     verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
            skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts,
-           streamed=streamed)
+           streamed=streamed, tokens=tokens, show_progress=not no_progress)
 
 
 @main.command("check")

@@ -248,7 +248,9 @@ def test_report_and_table(orbax_fp32, golden_short, tmp_path):
     ret = verify(orbax_fp32["scanned"], golden=golden_short, json_report=rp, log=lines.append)
     report = json.loads(rp.read_text())
     assert report == json.loads(json.dumps(ret))
-    assert set(report) == {"checkpoint", "kind", "layout", "moe", "thresholds", "prompts", "pass"}
+    assert set(report) == {"checkpoint", "kind", "layout", "moe", "thresholds", "prompts", "coverage",
+                           "golden_coverage", "phases", "pass"}
+    assert report["coverage"] is None and set(report["phases"]) == {"golden", "forward"}    # in memory, from a file
     assert report["checkpoint"] == str(orbax_fp32["scanned"] / "0") and report["layout"] == "scanned"
     recs = read_golden(golden_short)
     assert [r["prompt"] for r in report["prompts"]] == [r["prompt"] for r in recs]
@@ -433,7 +435,7 @@ def test_negative_control_cli_exit_4(flat_unscanned, orbax_fp32, golden_short, t
     broken = work / "neg-swap_wi" / "ckpt"
     if not broken.exists():
         write_orbax(broken, swap_wi(flat_unscanned, tiny_cfg), scanned=False, like=orbax_fp32["unscanned"])
-    res = CliRunner().invoke(main, ["verify", str(broken), "--golden", str(golden_short)])
+    res = CliRunner().invoke(main, ["verify", str(broken), "--golden", str(golden_short), "--no-progress"])
     assert res.exit_code == 4 and "FAIL" in res.stdout
     assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
 

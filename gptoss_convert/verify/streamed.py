@@ -20,8 +20,9 @@ from gptoss_convert.tree import unflatten
 class LeafReader:
     """Reads slices of the checkpoint's leaves as float32 numpy arrays (opened once each)."""
 
-    def __init__(self, step_dir, layout: Layout, dense_leaves: list[str]):
+    def __init__(self, step_dir, layout: Layout, dense_leaves: list[str], on_layer=None, experts_read=None):
         self.step_dir, self.layout, self.dense_leaves = step_dir, layout, dense_leaves
+        self.on_layer, self.experts_read, self._last = on_layer, experts_read, None
         self._open = functools.lru_cache(maxsize=None)(lambda path: open_leaf(step_dir, path))
 
     def _index(self, layer: int, rel: str, expert: int | None):
@@ -34,10 +35,16 @@ class LeafReader:
     def layer(self, layer: int, rel: str, expert: int | None = None) -> np.ndarray:
         """Leaf `rel` of layer `layer` (unscanned shape), or only expert `expert`'s slice of it."""
         path, idx = self._index(layer, rel, expert)
+        if expert is not None and self.experts_read is not None:
+            self.experts_read[layer].add(int(expert))
         return np.asarray(self._open(path)[idx].read().result(), np.float32)
 
     def dense_layer(self, layer: int) -> dict:
-        """Everything of layer `layer` except the expert matrices, as a nested dict."""
+        """Everything of layer `layer` except the expert matrices, as a nested dict. Reading it
+        means the previous layer is done: `on_layer(previous)` is called (progress)."""
+        if self.on_layer is not None and self._last is not None:
+            self.on_layer(self._last)
+        self._last = layer
         return unflatten({rel: self.layer(layer, rel) for rel in self.dense_leaves})
 
     def leaf(self, path: str, index=()) -> np.ndarray:
@@ -48,11 +55,16 @@ class LeafReader:
 
 
 def streamed_logits(step_dir, cfg, scanned: bool, tokens: np.ndarray, mask: np.ndarray, *,
-                    vocab_block: int = 16384, backend: Backend | None = None) -> list[np.ndarray]:
+                    vocab_block: int = 16384, backend: Backend | None = None, on_layer=None,
+                    experts_read: list[set] | None = None) -> list[np.ndarray]:
     """fp32 logits of right-padded `tokens` [B, T] (`mask` 1 = real token) from the Orbax step
     `step_dir`: one [len_b, V] array per row, for the real tokens only. `backend` defaults to the
-    family whose config `cfg` is."""
+    family whose config `cfg` is. `on_layer(i)` is called as each layer finishes (progress);
+    `experts_read[i]` collects the experts layer i read (= the ones real tokens were routed to)."""
     backend = backend or backend_for(cfg)
     dense = [rel for rel in backend.layer_leaves if rel not in backend.expert_leaves]
-    reader = LeafReader(step_dir, backend.layout_for(cfg, scanned), dense)
-    return backend.streamed_logits(reader, cfg, tokens, mask, vocab_block=vocab_block)
+    reader = LeafReader(step_dir, backend.layout_for(cfg, scanned), dense, on_layer, experts_read)
+    logits = backend.streamed_logits(reader, cfg, tokens, mask, vocab_block=vocab_block)
+    if on_layer is not None and reader._last is not None:
+        on_layer(reader._last)
+    return logits
