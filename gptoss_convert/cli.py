@@ -305,8 +305,8 @@ def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, max_shard_size,
 def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_progress):
     """Reference logits from HF transformers on HF_DIR (MXFP4 or BF16), MaxText's golden format."""
     from gptoss_convert.verify.golden import golden
-    return golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, tokens=tokens, dtype=dtype, streamed=streamed,
-                  show_progress=not no_progress)
+    return golden(hf_dir, out, prompts=prompts, prompts_file=prompts_file, tokens=tokens, dtype=dtype,
+                  streamed=streamed, show_progress=not no_progress)
 
 
 @main.command("verify")

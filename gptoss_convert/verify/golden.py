@@ -270,11 +270,13 @@ def read_golden(path: str | os.PathLike, vocab_size: int | None = None) -> list[
             logits = np.asarray(rec["logits"], dtype=np.float32)
         except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
             msg = " ".join(str(e).split())[:120]
-            raise InputError(f"{path}:{n}: not a golden record with integer tokens and logits ({type(e).__name__}: {msg})") from None
+            raise InputError(f"{path}:{n}: not a golden record with integer tokens and logits "
+                             f"({type(e).__name__}: {msg})") from None
         if not tokens or logits.ndim != 2 or logits.shape[0] != len(tokens):
             raise InputError(f"{path}:{n}: logits shape {list(logits.shape)} does not match {len(tokens)} tokens")
         if vocab_size is not None and (logits.shape[1] != vocab_size or max(tokens) >= vocab_size or min(tokens) < 0):
-            raise InputError(f"{path}:{n}: golden vocab {logits.shape[1]} / token ids up to {max(tokens)} do not fit the model's vocab_size {vocab_size}")
+            raise InputError(f"{path}:{n}: golden vocab {logits.shape[1]} / token ids up to {max(tokens)} do not fit "
+                             f"the model's vocab_size {vocab_size}")
         if not np.isfinite(logits).all():
             raise InputError(f"{path}:{n}: logits contain NaN or inf")
         records.append({"prompt": rec.get("prompt", ""), "tokens": tokens, "logits": logits})

@@ -94,7 +94,8 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
     if json_report:
         Path(json_report).write_text(json.dumps(report, indent=1))
     if not report["pass"]:
-        raise VerifyFailed(f"{ck.path}: {sum(not r['pass'] for r in rows)} of {len(rows)} prompt(s) FAIL against the golden logits")
+        failed = sum(not r["pass"] for r in rows)
+        raise VerifyFailed(f"{ck.path}: {failed} of {len(rows)} prompt(s) FAIL against the golden logits")
     log(f"verify: PASS ({ck.kind}, {report['layout']}, moe={report['moe']}, {len(rows)} prompts)")
     return report
 
