@@ -20,7 +20,8 @@ import numpy as np
 from gptoss_convert import mxfp4
 from gptoss_convert.buffers import as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
-from gptoss_convert.io.files import read_json_object
+from gptoss_convert.io.files import (MAX_INDEX_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, check_size,
+                                     read_json_object, read_small)
 from gptoss_convert.io.safetensors import MappedFiles, TensorInfo, read_header, read_tensor, rows_shape
 
 # (shape, dtype) -> a C-contiguous array to read into, e.g. BufferPool.get or RecyclingPool.empty
@@ -101,6 +102,8 @@ class HFCheckpoint:
         self._check_index()
         self.tensors = self._virtual_tensors()
         self._sidecars = [self._inside(f, "file") for f in SIDECAR_FILES]   # refuse links out now, not after hours
+        for f in self.sidecar_files():                                      # and oversized ones (read whole later)
+            check_size(f, MAX_TOKENIZER_BYTES if f.name == "tokenizer.json" else MAX_SIDECAR_BYTES, f.name)
 
     # -- loading and validation -------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -136,7 +139,7 @@ class HFCheckpoint:
         index = self._inside(INDEX, "file")
         if index.is_file():
             try:
-                data = json.loads(index.read_text())
+                data = json.loads(read_small(index, MAX_INDEX_BYTES, "an index"))
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
             except (ValueError, KeyError, AssertionError, UnicodeDecodeError, TypeError, RecursionError):
