@@ -386,3 +386,22 @@ def test_read_small_reads_no_further_than_the_limit_from_an_object():
         read_small(Obj(), 1000, "tokenizer")
     assert Obj.asked == [slice(0, 1001)]
     assert read_small(type("Small", (Obj,), {"read_bytes": lambda self, byte_range=None: b"{}"})(), 1000, "x") == b"{}"
+
+
+# -- 8. clean failures ----------------------------------------------------------------------------
+def test_verify_on_a_truncated_chunk_is_one_line_without_event_loop_tracebacks(scanned_out, tmp_path):
+    """A checkpoint without a record (from elsewhere) with a chunk cut short: before, verify printed
+    the error as `ValueError: DATA_LOSS ...` (exit 1) amid a dozen `RuntimeError: Event loop is
+    closed` tracebacks from Orbax's reads still in flight. Now: exit 2 and one line naming the chunk."""
+    src = _copy(scanned_out, tmp_path / "src")
+    (src / "conversion.json").unlink()
+    chunk = _chunk(src)
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "verify", str(src), "--golden", str(_golden(tmp_path)),
+                        "--in-memory"], capture_output=True, text=True, env=run_env(), timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {src / '0' / 'items'}: cannot read the checkpoint (DATA_LOSS")
+    assert str(chunk) in lines[0]

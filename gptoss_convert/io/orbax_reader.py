@@ -9,6 +9,7 @@ one layer without loading a 38 GB leaf; `load_params` goes through Orbax's own v
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -177,6 +178,26 @@ def _wrap(prefix: tuple[str, ...], tree: dict) -> dict:
     return tree
 
 
+def _closed_loop_noise(unraisable) -> bool:
+    """An `Event loop is closed` RuntimeError raised in a TensorStore completion callback, after an
+    Orbax restore that failed closed its asyncio loop with reads still in flight."""
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drop (only) that noise: one traceback per read in flight on stderr after a failed restore,
+    burying the one-line error. Every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_gptoss_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop_noise(unraisable):
+            previous(unraisable)
+    hook._gptoss_quiet = True
+    sys.unraisablehook = hook
+
+
 def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
                 sharding: dict | Callable[[str], Any] | None = None,
                 item_name: str = "items", prefix: tuple[str, ...] = PREFIX) -> dict:
@@ -205,7 +226,12 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
     # partial_restore: the checkpoint may hold more than asked for (as MaxText's loader does).
     restore = ocp.args.PyTreeRestore(item=_wrap(prefix, unflatten(flat)), restore_args=_wrap(prefix, unflatten(args)),
                                      partial_restore=True)
-    restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
+    _quiet_closed_loop_callbacks()
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
+    except ValueError as e:      # TensorStore's DATA_LOSS / NOT_FOUND: a damaged chunk or metadata file
+        raise InputError(f"{item}: cannot read the checkpoint ({' '.join(str(e).split())[:600]}); run "
+                         "`gptoss-convert check` on it, then replace or reconvert it") from None
     for key in prefix:
         restored = restored[key]
     return restored
