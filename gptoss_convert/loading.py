@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss_convert.backends import Backend, get_backend
-from gptoss_convert.errors import ConfigError, InputError
+from gptoss_convert.backends import Backend
+from gptoss_convert.backends.policy import parse_config
+from gptoss_convert.errors import InputError
 from gptoss_convert.io.files import MAX_CONFIG_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, read_json_object, read_small
 from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.record import RECORD, RecordedFiles, read_record
@@ -96,14 +97,7 @@ def locate_remote(loc: Location, config: str | os.PathLike | None = None) -> Che
 def load_config(ck: Checkpoint) -> tuple[Backend, object]:
     """(the model family's backend, its typed config) from the config.json beside `ck`."""
     path = ck.config_dir / "config.json"
-    raw = read_json_object(path, "the checkpoint's config.json", MAX_CONFIG_BYTES)
-    if not isinstance(raw.get("model_type"), str):
-        raise ConfigError(f"{path}: model_type {raw.get('model_type')!r} is not a model type name")
-    backend = get_backend(raw["model_type"])
-    try:
-        return backend, backend.config_from_dict(raw, str(path))
-    except (TypeError, ValueError, OverflowError) as e:   # a value of a type the allowlist did not foresee
-        raise ConfigError(f"{path}: a value has the wrong type or is out of range ({type(e).__name__}: {e})") from None
+    return parse_config(read_json_object(path, "the checkpoint's config.json", MAX_CONFIG_BYTES), str(path))
 
 
 def load_params(ck: Checkpoint, dtype=np.float32):

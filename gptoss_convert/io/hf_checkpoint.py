@@ -149,6 +149,8 @@ class HFCheckpoint:
                 raise InputError(f"{index}: weight_map values must be shard file names, got " + ", ".join(bad[:5]))
             self.weight_map: dict[str, str] | None = weight_map
             files = sorted(set(weight_map.values()), key=str)
+            if not files:
+                raise InputError(f"{index}: its weight_map lists no tensors; the index is damaged, re-download it")
             missing = [f for f in files if not self._inside(f, "shard").is_file()]
             if missing:
                 raise InputError(f"{index}: lists shard(s) {missing} that do not exist in {self.dir}")
