@@ -405,3 +405,29 @@ def test_verify_on_a_truncated_chunk_is_one_line_without_event_loop_tracebacks(s
     assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: {src / '0' / 'items'}: cannot read the checkpoint (DATA_LOSS")
     assert str(chunk) in lines[0]
+
+
+def test_generate_refuses_an_oversized_tokenizer_and_a_bad_eos(scanned_out, tmp_path):
+    """generate read tokenizer.json whole (1.5 GB accepted) and trusted generation_config.json's
+    eos ids; both are refused now, named."""
+    from gptoss_convert.io.files import MAX_TOKENIZER_BYTES
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    with open(tok / "tokenizer.json", "wb") as f:
+        f.truncate(MAX_TOKENIZER_BYTES + 1)
+    args = ["generate", str(scanned_out), "--prompt", "hi", "--max-new-tokens", "1"]
+    _refused(_cli(*args, "--tokenizer", str(tok)), f"{tok / 'tokenizer.json'}: {MAX_TOKENIZER_BYTES + 1:,} bytes, over")
+    src = _copy(scanned_out, tmp_path / "src")
+    (src / "conversion.json").unlink()
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": ["x"]}))
+    _refused(_cli("generate", str(src), "--prompt", "hi", "--max-new-tokens", "1"),
+             "generation_config.json: eos_token_id ['x'] is not a token id")
+
+
+def test_to_hf_refuses_an_oversized_sidecar_beside_the_step(scanned_out, tmp_path):
+    from gptoss_convert.io.files import MAX_SIDECAR_BYTES
+    src = _copy(scanned_out, tmp_path / "src")
+    (src / "conversion.json").unlink()
+    with open(src / "chat_template.jinja", "r+b") as f:
+        f.truncate(MAX_SIDECAR_BYTES + 1)
+    _refused(_cli("to-hf", str(src), str(tmp_path / "o"), "--no-progress"), "chat_template.jinja: 16,777,217 bytes, over")

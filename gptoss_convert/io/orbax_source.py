@@ -31,7 +31,8 @@ import tensorstore as ts
 
 from gptoss_convert.errors import InputError
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.io.files import HASH, MAX_ORBAX_METADATA_BYTES, new_hash, read_file, read_small
+from gptoss_convert.io.files import (HASH, MAX_CONFIG_BYTES, MAX_ORBAX_METADATA_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES,
+                                     check_size, new_hash, read_file, read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.orbax_reader import _read_json, open_leaf, read_metadata, tree_keys
 from gptoss_convert.io.orbax_writer import (CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES, array_name,
@@ -336,6 +337,15 @@ def refuse_links_out(step_dir: Path) -> None:
                              "copy the checkpoint with its files, not links")
 
 
+def _check_sidecar_sizes(root: Path) -> None:
+    """Refuse an oversized config.json or tokenizer file beside the step (to-hf copies them whole)."""
+    from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
+    for name in ("config.json", *SIDECAR_FILES):
+        if (root / name).is_file():
+            limit = {"config.json": MAX_CONFIG_BYTES, "tokenizer.json": MAX_TOKENIZER_BYTES}.get(name, MAX_SIDECAR_BYTES)
+            check_size(root / name, limit, name)
+
+
 def _prefix(item) -> tuple[tuple[str, ...], int]:
     """(the params prefix, number of leaves outside it) from the item's tree metadata."""
     keys = tree_keys(_read_json(item / PYTREE_METADATA_FILE, "Orbax PyTree metadata"), item / PYTREE_METADATA_FILE)
@@ -366,6 +376,7 @@ def open_orbax(src, *, step: int | None = None, allow_uncommitted: bool | None =
     step_dir, item, outputs = _locate(path, step, allow_uncommitted)
     if not isinstance(step_dir, Location):
         refuse_links_out(step_dir)
+        _check_sidecar_sizes(step_dir.parent)
     recorded = RecordedFiles(step_dir, outputs)
     _verify_metadata(recorded)
     prefix, others = _prefix(item)
