@@ -137,7 +137,7 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @click.option("--like", default=None, help="Orbax SRC without config.json beside it (MaxText's): the HF model (dir or id) it came from.")
 @click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker (an unfinished save).")
+@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @common_options
 @distributed_options
@@ -151,9 +151,9 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, allow_unco
     from gptoss_convert.converters.to_orbax import to_orbax
     from gptoss_convert.io.orbax_source import allowing_uncommitted
     with allowing_uncommitted(allow_uncommitted):
-        to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
-             overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-                 strict_config=strict_config, like=like, step=step, **dist)
+        to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers,
+                 compression="zstd" if zstd else None, overwrite=overwrite, resume=resume, progress=not no_progress,
+                 allow_nonfinite=allow_nonfinite, strict_config=strict_config, like=like, step=step, **dist)
 
 
 @main.command("to-hf")
@@ -173,7 +173,7 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, allow_unco
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores, at least 4).")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker (an unfinished save).")
+@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @distributed_options
 @_run
@@ -183,9 +183,9 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dr
     from gptoss_convert.converters.to_hf import to_hf
     from gptoss_convert.io.orbax_source import allowing_uncommitted
     with allowing_uncommitted(allow_uncommitted):
-        to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype, max_shard_size=max_shard_size,
-              dry_run=dry_run, overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-              workers=workers, **dist)
+        to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype,
+              max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, resume=resume,
+              progress=not no_progress, allow_nonfinite=allow_nonfinite, workers=workers, **dist)
 
 
 @main.command("golden")
@@ -216,7 +216,7 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
 @click.option("--streamed/--in-memory", default=None,
               help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker (an unfinished save).")
+@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @_run
 def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, streamed,
@@ -232,7 +232,7 @@ def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token,
 
 @main.command("check")
 @click.argument("out")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker (an unfinished save).")
+@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @_run
 def check_cmd(out, allow_uncommitted):
@@ -263,7 +263,7 @@ def demo_cmd(workdir):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same tokens).")
 @click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker (an unfinished save).")
+@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @_run
 def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype, allow_uncommitted):

@@ -11,7 +11,8 @@ import numpy as np
 from gptoss_convert.backends import Backend
 from gptoss_convert.backends.policy import parse_config
 from gptoss_convert.errors import InputError
-from gptoss_convert.io.files import MAX_CONFIG_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, read_json_object, read_small
+from gptoss_convert.io.files import (MAX_CONFIG_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, read_json_object,
+                                     read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.record import RECORD, RecordedFiles, read_record
 from gptoss_convert.tree import flatten

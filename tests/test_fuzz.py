@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from gptoss_convert.errors import ConvertError
 
 EXAMPLES = int(os.environ.get("GPTOSS_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=EXAMPLES <= 40)
+FUZZ = settings(max_examples=EXAMPLES, deadline=2000, suppress_health_check=list(HealthCheck),
+                derandomize=EXAMPLES <= 40)
 PEAK = 64 << 20          # no example may allocate more than this (the inputs are a few KB)
 
 _leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8))

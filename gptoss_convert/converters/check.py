@@ -132,7 +132,10 @@ def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool = False)
             problems = [p + (" (the step's commit marker: an unfinished save or a damaged copy; --allow-uncommitted "
                              "checks the rest)" if p == f"{marker}: missing" else "") for p in problems]
     # the tree's problems first: one link or a wrong leaf explains many file problems after it
-    problems = (_check_orbax(out, rec) + problems) if rec.get("command") == "to-orbax" else problems + _check_safetensors(out)
+    if rec.get("command") == "to-orbax":
+        problems = _check_orbax(out, rec) + problems
+    else:
+        problems += _check_safetensors(out)
     if problems:
         raise CheckFailed(f"{out}", problems)
     log(f"check: OK — {len(rec['outputs'])} files match {RECORD} ({rec.get('command')}, gptoss-convert {rec.get('version')})")

@@ -361,7 +361,8 @@ def write_durably(path: Path, text: str) -> None:
 MAX_CONFIG_BYTES = 1 << 20               # config.json
 MAX_INDEX_BYTES = 64 << 20               # model.safetensors.index.json
 MAX_TOKENIZER_BYTES = 64 << 20           # tokenizer.json
-MAX_SIDECAR_BYTES = 16 << 20             # tokenizer_config.json, special_tokens_map.json, generation_config.json, chat_template.jinja
+MAX_SIDECAR_BYTES = 16 << 20             # tokenizer_config.json, special_tokens_map.json, generation_config.json,
+                                         # chat_template.jinja
 MAX_RECORD_BYTES = 64 << 20              # conversion.json
 MAX_ORBAX_METADATA_BYTES = 64 << 20      # Orbax's _METADATA, _CHECKPOINT_METADATA
 

@@ -31,12 +31,12 @@ import tensorstore as ts
 
 from gptoss_convert.errors import InputError
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.io.files import (HASH, MAX_CONFIG_BYTES, MAX_ORBAX_METADATA_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES,
-                                     check_size, new_hash, read_file, read_small)
+from gptoss_convert.io.files import (HASH, MAX_CONFIG_BYTES, MAX_ORBAX_METADATA_BYTES, MAX_SIDECAR_BYTES,
+                                     MAX_TOKENIZER_BYTES, check_size, new_hash, read_file, read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.orbax_reader import _read_json, open_leaf, read_metadata, tree_keys
-from gptoss_convert.io.orbax_writer import (CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES, array_name,
-                                            shard_index)
+from gptoss_convert.io.orbax_writer import (CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES,
+                                            array_name, shard_index)
 from gptoss_convert.io.record import RECORD, RecordedFiles, link_in_path, read_record, step_outputs
 
 ITEM = "items"
@@ -257,7 +257,8 @@ def _committed(step_dir: Path | Location, outputs: dict | None = None) -> bool:
     if isinstance(step_dir, Location) or (outputs is not None and COMMIT_FILE in outputs):
         return False                # a bucket's step (or one recorded with its marker) is whole only with it
     try:
-        meta = json.loads(read_small(step_dir / CHECKPOINT_METADATA_FILE, MAX_ORBAX_METADATA_BYTES, "Orbax step metadata"))
+        raw = read_small(step_dir / CHECKPOINT_METADATA_FILE, MAX_ORBAX_METADATA_BYTES, "Orbax step metadata")
+        meta = json.loads(raw)
     except (OSError, ValueError, RecursionError, InputError):
         return False
     return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
@@ -340,10 +341,10 @@ def refuse_links_out(step_dir: Path) -> None:
 def _check_sidecar_sizes(root: Path) -> None:
     """Refuse an oversized config.json or tokenizer file beside the step (to-hf copies them whole)."""
     from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
+    limits = {"config.json": MAX_CONFIG_BYTES, "tokenizer.json": MAX_TOKENIZER_BYTES}
     for name in ("config.json", *SIDECAR_FILES):
         if (root / name).is_file():
-            limit = {"config.json": MAX_CONFIG_BYTES, "tokenizer.json": MAX_TOKENIZER_BYTES}.get(name, MAX_SIDECAR_BYTES)
-            check_size(root / name, limit, name)
+            check_size(root / name, limits.get(name, MAX_SIDECAR_BYTES), name)
 
 
 def _prefix(item) -> tuple[tuple[str, ...], int]:

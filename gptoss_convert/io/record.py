@@ -39,8 +39,8 @@ def _shape_problem(rec) -> str | None:
     if not relative_inside(item):
         return f"maxtext_item {item!r} is not a relative path inside the checkpoint"
     leaves = rec.get("leaves", {})
-    if not isinstance(leaves, dict) or not all(
-            isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in s) for s in leaves.values()):
+    is_shape = lambda s: isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in s)  # noqa: E731
+    if not isinstance(leaves, dict) or not all(is_shape(s) for s in leaves.values()):
         return "'leaves' must map leaf paths to shapes (lists of integers)"
     if not isinstance(rec.get("options", {}), dict):
         return "'options' must be an object"
