@@ -76,6 +76,18 @@ s3_endpoint_option = click.option(
     help="S3-compatible endpoint for s3:// URLs, e.g. http://127.0.0.1:9000 (default: $GPTOSS_CONVERT_S3_ENDPOINT, else AWS).")
 
 
+def allow_uncommitted_option(fn):
+    """--allow-uncommitted: within the command, every reader of an Orbax checkpoint accepts a step
+    without its commit marker (io/orbax_source.allowing_uncommitted)."""
+    @functools.wraps(fn)
+    def wrapper(*args, allow_uncommitted, **kwargs):
+        from gptoss_convert.io.orbax_source import allowing_uncommitted
+        with allowing_uncommitted(allow_uncommitted):
+            return fn(*args, **kwargs)
+    return click.option("--allow-uncommitted", is_flag=True,
+                        help="Read an Orbax step without its commit marker (an unfinished save).")(wrapper)
+
+
 def common_options(fn):
     for opt in reversed(_common):
         fn = opt(fn)
@@ -137,23 +149,21 @@ def dequantize_cmd(src, out, dtype, max_shard_size, overwrite, resume, workers, 
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @click.option("--like", default=None, help="Orbax SRC without config.json beside it (MaxText's): the HF model (dir or id) it came from.")
 @click.option("--step", type=int, default=None, help="Orbax SRC given as a run root: this step (default: the latest committed).")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @common_options
 @distributed_options
+@allow_uncommitted_option
 @_run
-def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, allow_uncommitted, overwrite, resume, workers,
-                 no_progress, allow_nonfinite, strict_config, dist):
+def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, overwrite, resume, workers, no_progress,
+                 allow_nonfinite, strict_config, dist):
     """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT
     (OUT/0/items; a directory, gs:// or s3://)."""
     if scanned is None:
         raise click.UsageError("choose a layout: --scanned (training) or --unscanned (decoding)")
     from gptoss_convert.converters.to_orbax import to_orbax
-    from gptoss_convert.io.orbax_source import allowing_uncommitted
-    with allowing_uncommitted(allow_uncommitted):
-        to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers,
-                 compression="zstd" if zstd else None, overwrite=overwrite, resume=resume, progress=not no_progress,
-                 allow_nonfinite=allow_nonfinite, strict_config=strict_config, like=like, step=step, **dist)
+    to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers, compression="zstd" if zstd else None,
+             overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
+             strict_config=strict_config, like=like, step=step, **dist)
 
 
 @main.command("to-hf")
@@ -173,19 +183,17 @@ def to_orbax_cmd(src, out, scanned, dtype, dry_run, zstd, like, step, allow_unco
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--allow-nonfinite", is_flag=True, help="Export BF16 weights holding NaN/inf (never requantized).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None, help="Threads reading and requantizing (default: all cores, at least 4).")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
 @distributed_options
+@allow_uncommitted_option
 @_run
 def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, dtype, max_shard_size, dry_run, overwrite, resume, no_progress,
-              allow_nonfinite, workers, allow_uncommitted, dist):
+              allow_nonfinite, workers, dist):
     """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT."""
     from gptoss_convert.converters.to_hf import to_hf
-    from gptoss_convert.io.orbax_source import allowing_uncommitted
-    with allowing_uncommitted(allow_uncommitted):
-        to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype,
-              max_shard_size=max_shard_size, dry_run=dry_run, overwrite=overwrite, resume=resume,
-              progress=not no_progress, allow_nonfinite=allow_nonfinite, workers=workers, **dist)
+    to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype, max_shard_size=max_shard_size,
+          dry_run=dry_run, overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
+          workers=workers, **dist)
 
 
 @main.command("golden")
@@ -216,29 +224,26 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, dtype):
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
 @click.option("--streamed/--in-memory", default=None,
               help="Layer by layer, reading only the selected experts (default: streamed above 2 GB).")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
+@allow_uncommitted_option
 @_run
-def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, streamed,
-               allow_uncommitted):
+def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, streamed):
     """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
-    from gptoss_convert.io.orbax_source import allowing_uncommitted
     from gptoss_convert.verify.verify import verify
-    with allowing_uncommitted(allow_uncommitted):
-        verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
-               skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts,
-               streamed=streamed)
+    verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
+           skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts,
+           streamed=streamed)
 
 
 @main.command("check")
 @click.argument("out")
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
+@allow_uncommitted_option
 @_run
-def check_cmd(out, allow_uncommitted):
+def check_cmd(out):
     """Re-read a finished output (safetensors or Orbax) and confirm it against its conversion.json."""
     from gptoss_convert.converters.check import check
-    check(out, allow_uncommitted=allow_uncommitted)
+    check(out)
 
 
 @main.command("demo")
@@ -263,16 +268,14 @@ def demo_cmd(workdir):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same tokens).")
 @click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--allow-uncommitted", is_flag=True, help="Read an Orbax step without its commit marker.")
 @s3_endpoint_option
+@allow_uncommitted_option
 @_run
-def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype, allow_uncommitted):
+def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""
     from gptoss_convert.generate import generate_from_checkpoint
-    from gptoss_convert.io.orbax_source import allowing_uncommitted
-    with allowing_uncommitted(allow_uncommitted):
-        r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=dtype)
+    r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=dtype)
     click.echo(r["prompt"] + r["text"])
     click.echo(f"prompt ids: {r['prompt_ids']}")
     click.echo(f"new ids: {r['new_ids']}")

@@ -15,7 +15,7 @@ from gptoss_convert.converters.provenance import PROGRESS, RECORD, tree_files
 from gptoss_convert.errors import ConvertError, InputError, ProblemList, problem_report
 from gptoss_convert.io.files import HASHES, file_digest
 from gptoss_convert.io.location import Location, is_url, resolve
-from gptoss_convert.io.orbax_source import COMMIT_FILE, object_digest
+from gptoss_convert.io.orbax_source import COMMIT_FILE, object_digest, uncommitted_allowed
 from gptoss_convert.io.record import link_in_path, read_record, recorded_hash
 
 
@@ -112,10 +112,11 @@ def _check_safetensors(out: Path) -> list[str]:
     return []
 
 
-def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool = False) -> dict:
+def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool | None = None) -> dict:
     """Confirm `out` (a directory, or a gs:// or s3:// prefix) against its conversion.json;
     raises CheckFailed listing every problem. A to-orbax output whose step lacks its commit
-    marker fails, naming it, unless `allow_uncommitted` (then the rest is still checked)."""
+    marker fails, naming it, unless `allow_uncommitted` (None: as
+    allowing_uncommitted says; then the rest is still checked)."""
     out = resolve(out)
     if is_url(out) and (out / PROGRESS / "plan.json").is_file():
         raise CheckFailed(f"{out}: the conversion writing it did not finish ({PROGRESS}/ is still there); "
@@ -126,7 +127,7 @@ def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool = False)
     problems = _check_files(out, rec)
     if rec.get("command") == "to-orbax":
         marker = f"{rec.get('maxtext_item', '0/items').split('/')[0]}/{COMMIT_FILE}"
-        if allow_uncommitted:
+        if uncommitted_allowed(allow_uncommitted):
             problems = [p for p in problems if p != f"{marker}: missing"]
         else:
             problems = [p + (" (the step's commit marker: an unfinished save or a damaged copy; --allow-uncommitted "
