@@ -10,7 +10,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[hf,test]'
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test fuzz
 install: $(VENV)/.installed
 
 demo: install
@@ -18,3 +18,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -n 2 -q
+
+# The property-based fuzzing of the untrusted-input parsers (tests/test_fuzz.py) at length:
+# GPTOSS_FUZZ_EXAMPLES examples per property (the normal suite runs 40).
+FUZZ_EXAMPLES ?= 5000
+fuzz: install
+	GPTOSS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q

@@ -154,6 +154,18 @@ s3_endpoint_option = click.option(
          "(default: $GPTOSS_CONVERT_S3_ENDPOINT, else AWS).")
 
 
+def allow_uncommitted_option(fn):
+    """--allow-uncommitted: within the command, every reader of an Orbax checkpoint accepts a step
+    without its commit marker (io/orbax_source.allowing_uncommitted)."""
+    @functools.wraps(fn)
+    def wrapper(*args, allow_uncommitted, **kwargs):
+        from gptoss_convert.io.orbax_source import allowing_uncommitted
+        with allowing_uncommitted(allow_uncommitted):
+            return fn(*args, **kwargs)
+    return click.option("--allow-uncommitted", is_flag=True,
+                        help="Read an Orbax step without its commit marker (an unfinished save).")(wrapper)
+
+
 def common_options(fn):
     """The options every converting command takes, handed to `fn` as one dict `opts` (the library's
     keywords) beside `dtype`, `dry_run` and `workers`; plus --json and --s3-endpoint."""
@@ -239,6 +251,7 @@ def _layout(ctx, scanned: bool, unscanned: bool) -> bool:
 @_step
 @common_options
 @distributed_options
+@allow_uncommitted_option
 @_run
 def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, dtype, dry_run, workers, opts, dist):
     """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT
@@ -261,6 +274,7 @@ def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, dtype, dry_run,
 @_shard
 @common_options
 @distributed_options
+@allow_uncommitted_option
 @_run
 def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, max_shard_size, dtype, dry_run, workers, opts, dist):
     """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT (a directory, gs:// or s3://)."""
@@ -328,6 +342,7 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_p
               help="Layer by layer, reading only the selected experts; with --hf the golden too (default: by size).")
 @click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
 @s3_endpoint_option
+@allow_uncommitted_option
 @_run
 def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, tokens,
                streamed, no_progress):
@@ -342,6 +357,7 @@ def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token,
 @click.argument("out")
 @s3_endpoint_option
 @json_option
+@allow_uncommitted_option
 @_run
 def check_cmd(out):
     """Re-read a finished output (safetensors or Orbax) and confirm it against its conversion.json."""
@@ -377,6 +393,7 @@ def demo_cmd(workdir, no_progress):
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
 @s3_endpoint_option
 @json_option
+@allow_uncommitted_option
 @_run
 def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""

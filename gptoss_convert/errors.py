@@ -26,12 +26,37 @@ class CorruptTensorError(InputError):
     """A tensor's bytes or header are inconsistent (truncated shard, bad scale byte, ...)."""
 
 
-class PlanError(InputError):
-    """The conversion plan does not close: lists every problem found, one per line."""
+# At most this many problems are printed by an error that lists several; the rest are counted.
+MAX_PROBLEMS = 20
+
+
+def problem_report(header: str, problems: list[str], limit: int = MAX_PROBLEMS) -> str:
+    """`header (N problem(s)):` then one problem per line (each collapsed to one line), at most
+    `limit` of them and then `... and K more`; a single problem stays on the header's line."""
+    items = [" ".join(str(p).split()) for p in problems[:limit]]
+    if len(problems) == 1:
+        return f"{header} (1 problem): {items[0]}"
+    more = [f"  ... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return "\n".join([f"{header} ({len(problems)} problem(s)):", *(f"  - {p}" for p in items), *more])
+
+
+class ProblemList:
+    """Mixin for errors listing several problems: printed one per line, capped (problem_report)."""
+
+    problems: list[str]
+
+    def one_line(self) -> str:
+        """The report as the CLI prints it: one line per problem (not one long line)."""
+        return str(self)
+
+
+class PlanError(ProblemList, InputError):
+    """The conversion plan does not close: lists every problem found, one per line (the first
+    MAX_PROBLEMS, then a count)."""
 
     def __init__(self, problems: list[str], header: str = "conversion plan is inconsistent"):
         self.problems = list(problems)
-        super().__init__(f"{header} ({len(problems)} problem(s)): " + "; ".join(problems))
+        super().__init__(problem_report(header, self.problems))
 
 
 class OutputError(ConvertError):

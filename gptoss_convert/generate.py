@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, check_size, read_json_object
 from gptoss_convert.loading import load_config, load_params, locate
 from gptoss_convert.tree import unflatten
 
@@ -18,9 +19,12 @@ def _eos_ids(config_dir: Path) -> list[int] | None:
     for name in ("generation_config.json", "config.json"):
         f = config_dir / name
         if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
+            eos = read_json_object(f, name, MAX_SIDECAR_BYTES).get("eos_token_id")   # size-limited, an object
             if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
+                ids = [eos] if isinstance(eos, int) else eos
+                if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                    raise InputError(f"{f}: eos_token_id {eos!r} is not a token id or a list of them")
+                return ids
     return None
 
 
@@ -29,6 +33,7 @@ def _tokenizer(tokenizer_dir: Path):
     f = tokenizer_dir / "tokenizer.json"
     if not f.is_file():
         raise InputError(f"{tokenizer_dir}: no tokenizer.json; pass --tokenizer HF_DIR (the source model directory)")
+    check_size(f, MAX_TOKENIZER_BYTES, "tokenizer.json")          # read whole by the tokenizer library
     return Tokenizer.from_file(str(f))
 
 

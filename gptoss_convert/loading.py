@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from gptoss_convert.backends import Backend, get_backend
+from gptoss_convert.backends import Backend
+from gptoss_convert.backends.policy import parse_config
 from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import (MAX_CONFIG_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, read_json_object,
+                                     read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
+from gptoss_convert.io.record import RECORD, RecordedFiles, read_record
 from gptoss_convert.tree import flatten
 
 
@@ -24,11 +27,13 @@ class Checkpoint:
     config_dir: Path              # where config.json lives
 
 
-def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None) -> Checkpoint:
+def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None, *,
+           allow_uncommitted: bool | None = None) -> Checkpoint:
     """Accepts OUT, OUT/0 or OUT/0/items of a to-orbax output, or an HF checkpoint directory;
-    OUT may be a gs:// or s3:// URL (see locate_remote)."""
+    OUT may be a gs:// or s3:// URL (see locate_remote). The checkpoint is checked before it is
+    read (verify_checkpoint): committed, no link out of it, its files as its record lists them."""
     if is_url(ckpt):
-        return locate_remote(resolve(ckpt), config)
+        return verify_checkpoint(locate_remote(resolve(ckpt), config), allow_uncommitted)
     p = Path(ckpt)
     if not p.exists():
         raise InputError(f"{p}: does not exist")
@@ -37,10 +42,26 @@ def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None) -> 
             cfg_dir = Path(config) if config else step.parent
             if not (cfg_dir / "config.json").is_file():
                 raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --config HF_DIR")
-            return Checkpoint("orbax", step, cfg_dir)
+            return verify_checkpoint(Checkpoint("orbax", step, cfg_dir), allow_uncommitted)
     if (p / "config.json").is_file() and (list(p.glob("*.safetensors"))):
-        return Checkpoint("hf", p, Path(config) if config else p)
+        return verify_checkpoint(Checkpoint("hf", p, Path(config) if config else p), allow_uncommitted)
     raise InputError(f"{p}: neither an Orbax checkpoint (OUT/0/items) nor an HF safetensors directory")
+
+
+def verify_checkpoint(ck: Checkpoint, allow_uncommitted: bool | None = None) -> Checkpoint:
+    """What verify and generate read, checked first: an Orbax step must be committed (unless
+    allowed) and hold no link out of its checkpoint; where conversion.json lies beside the
+    weights, every file it lists is hashed (1 MiB at a time) and compared with it, so a
+    damaged or modified file is refused, named, before anything is loaded. Returns `ck`."""
+    from gptoss_convert.io.orbax_source import refuse_links_out, require_committed, step_record
+    root = ck.path.parent if ck.kind == "orbax" else ck.path
+    if ck.kind == "orbax":
+        require_committed(ck.path, step_record(ck.path), allow_uncommitted)
+        if not isinstance(ck.path, Location):
+            refuse_links_out(ck.path)
+    if (root / RECORD).is_file():
+        RecordedFiles(root, read_record(root / RECORD)["outputs"]).verify_all()
+    return ck
 
 
 def locate_remote(loc: Location, config: str | os.PathLike | None = None) -> Checkpoint:
@@ -67,7 +88,8 @@ def locate_remote(loc: Location, config: str | os.PathLike | None = None) -> Che
     local = Path(tempfile.mkdtemp(prefix="gptoss-convert-"))
     atexit.register(shutil.rmtree, local, True)
     for key in (k for k in keys if "/" not in k and k != "conversion.json"):
-        (local / key).write_bytes((root / key).read_bytes())
+        limit = MAX_TOKENIZER_BYTES if key == "tokenizer.json" else MAX_SIDECAR_BYTES
+        (local / key).write_bytes(read_small(root / key, limit, key))
     if not (local / "config.json").is_file():
         raise InputError(f"{root}: no config.json beside the checkpoint; pass --config HF_DIR")
     return Checkpoint("orbax", root / "0", local)
@@ -76,12 +98,7 @@ def locate_remote(loc: Location, config: str | os.PathLike | None = None) -> Che
 def load_config(ck: Checkpoint) -> tuple[Backend, object]:
     """(the model family's backend, its typed config) from the config.json beside `ck`."""
     path = ck.config_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read ({e})") from None
-    backend = get_backend(raw.get("model_type"))
-    return backend, backend.config_from_dict(raw, str(path))
+    return parse_config(read_json_object(path, "the checkpoint's config.json", MAX_CONFIG_BYTES), str(path))
 
 
 def load_params(ck: Checkpoint, dtype=np.float32):

@@ -143,8 +143,9 @@ def test_bad_source(mxfp4_dir, tmp_path, corrupt, command):
     assert r.exit_code != 0
     err = r.stderr if hasattr(r, "stderr") else r.output
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert needle in lines[0], (needle, lines[0])
+    # one line, or (several problems, issue 22 §8) a header line and one `  - ` line per problem
+    assert lines[0].startswith("error: ") and all(ln.startswith(("  - ", "  ... and ")) for ln in lines[1:]), err
+    assert needle in " ".join(lines), (needle, lines)
     assert "Traceback" not in err
     assert not out.exists()
     assert _snapshot(src) == before

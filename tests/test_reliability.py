@@ -104,6 +104,15 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
+def _report(stderr: str) -> str:
+    """An error listing problems: `error: OUT (N problem(s)):` and one `  - ` line per problem
+    (issue 22 §8), or one line when there is one problem; returned joined into one string."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 or all(ln.startswith("  - ") for ln in lines[1:]), stderr
+    return " ".join(lines)
+
+
 @pytest.fixture(scope="module")
 def refs(mxfp4_dir, tmp_path_factory):
     """Uninterrupted outputs of each command, the reference for every interrupted one."""
@@ -525,7 +534,7 @@ def test_check_fails_on_damaged_output(refs, tmp_path, case):
     needle = damage(out)
     r = CliRunner().invoke(main, ["check", str(out)])
     assert r.exit_code == 5 and isinstance(r.exception, SystemExit), r.output
-    line = _one_line(r.stderr)
+    line = _report(r.stderr)
     assert str(out) in line and needle in line, (needle, line)
 
 

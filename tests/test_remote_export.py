@@ -88,7 +88,8 @@ def test_uncommitted_remote_step_refused(remote_outs, s3, tmp_path):
     r = _cli("to-hf", str(cut / "0"), str(tmp_path / "hf"), "--no-progress", "--s3-endpoint", s3)
     assert r.returncode == 2
     assert _last(r.stderr) == ("error: s3://bkt/cut/0: Orbax step without its commit marker (no commit_success.txt): "
-                               "an unfinished save; pick another step")
+                               "an unfinished save or a damaged copy; pick another step, or pass --allow-uncommitted "
+                               "to read it anyway")
     with pytest.raises(InputError, match="^s3://bkt/cut: no committed Orbax step in it"):
         to_orbax(str(cut), tmp_path / "orbax", scanned=False, **QUIET)
     unfinished = Location.parse("s3://bkt/unfinished")

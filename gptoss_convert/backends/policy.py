@@ -35,3 +35,24 @@ def check_policy(raw: dict, *, model_type: str, family: str, fixed: dict, synony
     if strict and (unknown := unknown_fields(raw, known)):
         problems.append(f"unknown fields {unknown} (--strict-config refuses fields this tool does not know; "
                         "drop the option to accept them as inert)")
+
+
+def parse_config(raw, source: str = "config.json", *, strict: bool = False):
+    """(backend, typed config) of a config.json's parsed content under this policy, whatever it
+    holds: every refusal is a ConfigError naming `source`, including values of a type the
+    family's allowlist did not foresee (never a bare TypeError / ValueError / OverflowError)."""
+    from gptoss_convert.backends import get_backend, known_model_types
+    from gptoss_convert.errors import ConfigError
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: must hold a JSON object")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in known_model_types():
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; known model types: "
+                          f"{', '.join(known_model_types())}")
+    backend = get_backend(model_type)
+    try:
+        return backend, backend.config_from_dict(raw, source, strict=strict)
+    except (TypeError, ValueError, OverflowError, RecursionError) as e:
+        raise ConfigError(f"{source}: a value has the wrong type or is out of range ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None

@@ -8,36 +8,35 @@ shard header must parse and agree with the index.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from gptoss_convert.converters.provenance import PROGRESS, RECORD, tree_files
-from gptoss_convert.errors import ConvertError, InputError
+from gptoss_convert.errors import ConvertError, InputError, ProblemList, problem_report
 from gptoss_convert.io.files import HASHES, file_digest
 from gptoss_convert.io.location import Location, is_url, resolve
+from gptoss_convert.io.orbax_source import COMMIT_FILE, object_digest, uncommitted_allowed
+from gptoss_convert.io.record import link_in_path, read_record, recorded_hash
 
 
-class CheckFailed(ConvertError):
+class CheckFailed(ProblemList, ConvertError):
+    """The output does not match its record: every problem, one per line (capped)."""
+
     exit_code = 5
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.problems = list(problems or [])
+        super().__init__(problem_report(message, self.problems) if problems else message)
 
 
 def _record(out: Path) -> dict:
     path = out / RECORD
     if not path.is_file():
         raise InputError(f"{path}: missing; only outputs of gptoss-convert carry a conversion record")
-    try:
-        rec = json.loads(path.read_text())
-        assert isinstance(rec.get("outputs"), dict)
-    except (ValueError, AssertionError, AttributeError, RecursionError):   # not JSON, not an object, absurdly nested
-        raise InputError(f"{path}: not a valid conversion record") from None
-    return rec
+    return read_record(path)     # size-limited, shape-checked, paths contained
 
 
-def _recorded_hash(meta: dict) -> tuple[str, str] | None:
-    """(algorithm, digest) of one recorded file: xxh3_128 now, sha256 in records written by
-    earlier versions (still verified)."""
-    return next(((a, meta[a]) for a in HASHES if isinstance(meta.get(a), str)), None)
+_recorded_hash = recorded_hash
 
 
 def _check_objects(out: Location, rec: dict) -> list[str]:
@@ -49,12 +48,14 @@ def _check_objects(out: Location, rec: dict) -> list[str]:
         if rel not in present:
             problems.append(f"{rel}: missing")
             continue
-        data = (out / rel).read_bytes()
-        if len(data) != meta.get("size"):
-            problems.append(f"{rel}: size {len(data)} != recorded {meta.get('size')}")
-        elif recorded is None:
+        if recorded is None:
             problems.append(f"{rel}: the record gives no hash this version knows ({', '.join(HASHES)})")
-        elif HASHES[recorded[0]](data).hexdigest() != recorded[1]:
+            continue
+        size = meta.get("size")
+        got = object_digest(out / rel, limit=size if isinstance(size, int) else 0, algorithm=recorded[0])
+        if got is None or got[0] != size:       # read in pieces, never past the recorded size + 1
+            problems.append(f"{rel}: size {'larger than that' if got is None else got[0]} != recorded {size}")
+        elif got[1] != recorded[1]:
             problems.append(f"{rel}: {recorded[0]} differs from the record (corrupted or modified)")
     problems += [f"{rel}: not part of the recorded output" for rel in sorted(present - set(rec["outputs"]))]
     return problems
@@ -69,6 +70,9 @@ def _check_files(out: Path, rec: dict) -> list[str]:
         f = out / rel
         if rel not in present:
             problems.append(f"{rel}: missing")
+        elif link_in_path(out, rel):
+            problems.append(f"{rel}: is a symbolic link (or under one); an output holds regular files only, "
+                            "and check follows no link out of it")
         elif f.stat().st_size != meta.get("size"):
             problems.append(f"{rel}: size {f.stat().st_size} != recorded {meta.get('size')}")
         elif (recorded := _recorded_hash(meta)) is None:
@@ -81,8 +85,11 @@ def _check_files(out: Path, rec: dict) -> list[str]:
 
 def _check_orbax(out: Path, rec: dict) -> list[str]:
     from gptoss_convert.io.orbax_reader import read_metadata
+    item = rec.get("maxtext_item", "0/items")           # relative and without '..' (read_record)
+    if not isinstance(out, Location) and link_in_path(out, item):
+        return [f"maxtext_item {item}: is a symbolic link (or under one); check follows no link out of OUT"]
     try:
-        leaves = read_metadata(out / rec.get("maxtext_item", "0/items"))["leaves"]
+        leaves = read_metadata(out / item)["leaves"]
     except (InputError, OSError, ValueError, KeyError) as e:
         return [f"Orbax metadata unreadable: {e}"]
     want = {p: tuple(s) for p, s in rec.get("leaves", {}).items()}
@@ -107,9 +114,11 @@ def _check_safetensors(out: Path) -> list[str]:
     return []
 
 
-def check(out: str | os.PathLike, log=print) -> dict:
+def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool | None = None) -> dict:
     """Confirm `out` (a directory, or a gs:// or s3:// prefix) against its conversion.json;
-    raises CheckFailed listing every problem."""
+    raises CheckFailed listing every problem. A to-orbax output whose step lacks its commit
+    marker fails, naming it, unless `allow_uncommitted` (None: as
+    allowing_uncommitted says; then the rest is still checked)."""
     out = resolve(out)
     if is_url(out) and (out / PROGRESS / "plan.json").is_file():
         raise CheckFailed(f"{out}: the conversion writing it did not finish ({PROGRESS}/ is still there); "
@@ -118,8 +127,19 @@ def check(out: str | os.PathLike, log=print) -> dict:
         raise InputError(f"{out}: not a directory" + (" (no object under this prefix)" if is_url(out) else ""))
     rec = _record(out)
     problems = _check_files(out, rec)
-    problems += _check_orbax(out, rec) if rec.get("command") == "to-orbax" else _check_safetensors(out)
+    if rec.get("command") == "to-orbax":
+        marker = f"{rec.get('maxtext_item', '0/items').split('/')[0]}/{COMMIT_FILE}"
+        if uncommitted_allowed(allow_uncommitted):
+            problems = [p for p in problems if p != f"{marker}: missing"]
+        else:
+            problems = [p + (" (the step's commit marker: an unfinished save or a damaged copy; --allow-uncommitted "
+                             "checks the rest)" if p == f"{marker}: missing" else "") for p in problems]
+    # the tree's problems first: one link or a wrong leaf explains many file problems after it
+    if rec.get("command") == "to-orbax":
+        problems = _check_orbax(out, rec) + problems
+    else:
+        problems += _check_safetensors(out)
     if problems:
-        raise CheckFailed(f"{out}: {len(problems)} problem(s): " + "; ".join(problems))
+        raise CheckFailed(f"{out}", problems)
     log(f"check: OK — {len(rec['outputs'])} files match {RECORD} ({rec.get('command')}, gptoss-convert {rec.get('version')})")
     return rec

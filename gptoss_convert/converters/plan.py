@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 from gptoss_convert.errors import PlanError
 from gptoss_convert.mapping.layout import SCAN_AXIS, Layout
@@ -105,24 +105,90 @@ class Plan:
         return "\n".join(lines)
 
 
-def edges_from_rules(rules: Iterable[Rule], num_layers: int, layout: Layout | None) -> list[Edge]:
+class RuleEdges(Sequence):
+    """The edges of a mapping table over `num_layers` layers, counted without expanding them
+    (`len`, `sources_needed`: arithmetic on the rules) and expanded on first use. build_plan
+    compares the counts with the source's tensors first, so a config.json that declares far more
+    layers or experts than the files hold is refused before millions of edges are built."""
+
+    def __init__(self, rules: Iterable[Rule], num_layers: int, layout: Layout | None):
+        self.rules, self.num_layers, self.layout = list(rules), num_layers, layout
+        self._edges: list[Edge] | None = None
+
+    def _copies(self, r: Rule) -> int:
+        return (r.experts or 1) * (self.num_layers if r.per_layer else 1)
+
+    def __len__(self) -> int:
+        return sum(len(r.per_target()) * self._copies(r) for r in self.rules)
+
+    @property
+    def sources_needed(self) -> int:
+        """How many distinct source tensors the expanded edges name."""
+        distinct = {(r.hf, r.experts, r.per_layer): self._copies(r) for r in self.rules}
+        return sum(distinct.values())
+
+    def expanded(self) -> list[Edge]:
+        """The edges as a list (built once)."""
+        if self._edges is None:
+            self._edges = list(_expand(self.rules, self.num_layers, self.layout))
+        return self._edges
+
+    def __getitem__(self, i):
+        return self.expanded()[i]
+
+    def __iter__(self) -> Iterator[Edge]:
+        return iter(self.expanded())
+
+    def __add__(self, other) -> list[Edge]:
+        return self.expanded() + list(other)
+
+
+def edges_from_rules(rules: Iterable[Rule], num_layers: int, layout: Layout | None) -> RuleEdges:
     """Expand a mapping table over layers and experts (one edge per target) and place each
-    layer's leaf with `layout`."""
-    edges = []
+    layer's leaf with `layout`; lazily (RuleEdges), so the plan can be bounded first."""
+    return RuleEdges(rules, num_layers, layout)
+
+
+def _expand(rules: Iterable[Rule], num_layers: int, layout: Layout | None) -> Iterator[Edge]:
     for r in rules:
         for hf, target, transforms in r.per_target():
             for j in [None] if r.experts is None else range(r.experts):
                 src = hf if j is None else hf.replace("{j}", str(j))
                 if not r.per_layer:
-                    edges.append(Edge(src, target, transforms, None, r.rows_per_block, j))
+                    yield Edge(src, target, transforms, None, r.rows_per_block, j)
                     continue
                 for i in range(num_layers):
                     if layout is None:
-                        edges.append(Edge(src.format(i=i), target.format(i=i), transforms, None, r.rows_per_block, j))
+                        yield Edge(src.format(i=i), target.format(i=i), transforms, None, r.rows_per_block, j)
                     else:
                         p = layout.place(i, target, ())
-                        edges.append(Edge(src.format(i=i), p.path, transforms, p.slot, r.rows_per_block, j))
-    return edges
+                        yield Edge(src.format(i=i), p.path, transforms, p.slot, r.rows_per_block, j)
+
+
+# A plan is expanded (and checked edge by edge, naming each problem) only while the config's
+# sizes stay within this factor (+ BOUND_SLACK tensors) of what the files hold; beyond, the sizes
+# alone refuse it. So the work and memory of planning are linear in the files, whatever the config.
+BOUND_FACTOR = 2
+BOUND_SLACK = 64
+
+
+def check_bounds(sources: dict[str, tuple[tuple[int, ...], str]], targets: dict[str, tuple[int, ...]],
+                 edges) -> list[str]:
+    """What the config declares against what the files hold, by arithmetic alone (nothing is
+    expanded): the distinct source tensors the rules name, and the elements the targets need
+    (every target element comes from one source element). [] when they are within
+    BOUND_FACTOR of each other (smaller differences are named tensor by tensor by the plan)."""
+    problems = []
+    needed = getattr(edges, "sources_needed", None)
+    if needed is not None and needed > BOUND_FACTOR * len(sources) + BOUND_SLACK:
+        problems.append(f"config.json's sizes need {needed:,} source tensors but the checkpoint holds "
+                        f"{len(sources):,} (num_hidden_layers / experts larger than the files)")
+    want = sum(math.prod(s) for s in targets.values())
+    have = sum(math.prod(shape) for shape, _ in sources.values())
+    if want > BOUND_FACTOR * have:
+        problems.append(f"config.json's sizes need {want:,} parameters but the checkpoint's tensors hold "
+                        f"{have:,} (a config that does not belong to these files)")
+    return problems
 
 
 def _leaf_axis(axis: int, slot: int | None) -> int:
@@ -188,7 +254,11 @@ def _check(sources, targets, edges) -> list[str]:
 def build_plan(sources: dict[str, tuple[tuple[int, ...], str]], targets: dict[str, tuple[int, ...]],
                edges: list[Edge], *, itemsize: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Plan:
     """Check `edges` against `sources` ({name: (shape, dtype)}) and `targets` ({path: shape}),
-    then cut each source into read blocks. Raises PlanError listing every problem."""
+    then cut each source into read blocks. Raises PlanError listing every problem. Sizes are
+    compared first (check_bounds): a config far larger than the files is refused before a
+    single edge is expanded."""
+    if bounds := check_bounds(sources, targets, edges):
+        raise PlanError(bounds, header="config.json does not fit the checkpoint's files")
     problems = _check(sources, targets, edges)
     if problems:
         raise PlanError(problems)

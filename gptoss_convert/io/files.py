@@ -355,12 +355,59 @@ def write_durably(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def read_json_object(path: Path, what: str) -> dict:
-    """A JSON object from `path`; a missing, unreadable or non-object file is an InputError."""
+# Limits on the files read whole (every one attacker-controlled in a downloaded checkpoint). The
+# published files are far below them: gpt-oss's config.json is 2 KB, its index 40 KB (Qwen3-235B's
+# 2 MB), its tokenizer.json 27 MB; a conversion.json of a full-size scanned output ~2 MB.
+MAX_CONFIG_BYTES = 1 << 20               # config.json
+MAX_INDEX_BYTES = 64 << 20               # model.safetensors.index.json
+MAX_TOKENIZER_BYTES = 64 << 20           # tokenizer.json
+MAX_SIDECAR_BYTES = 16 << 20             # tokenizer_config.json, special_tokens_map.json, generation_config.json,
+                                         # chat_template.jinja
+MAX_RECORD_BYTES = 64 << 20              # conversion.json
+MAX_ORBAX_METADATA_BYTES = 64 << 20      # Orbax's _METADATA, _CHECKPOINT_METADATA
+
+
+def too_large(path, size: int, limit: int, what: str) -> InputError:
+    """The refusal of a file over its limit, naming the file, both sizes and the limit's name."""
+    return InputError(f"{path}: {size:,} bytes, over the {limit:,}-byte limit for {what}; "
+                      "this is not a file of a real checkpoint (damaged or hostile), replace it")
+
+
+def check_size(path, limit: int, what: str) -> None:
+    """Refuse `path` (a local file) if it is over `limit` bytes, without reading it."""
+    size = os.stat(path).st_size
+    if size > limit:
+        raise too_large(path, size, limit, what)
+
+
+def read_small(path, limit: int, what: str) -> bytes:
+    """All bytes of `path` (a local file or a Location), refusing one over `limit` bytes: a local
+    file by its size before reading; an object by reading at most limit + 1 bytes."""
+    if not isinstance(path, (str, os.PathLike)):           # a Location: no stat; read no further than needed
+        data = path.read_bytes(byte_range=slice(0, limit + 1))
+        if len(data) > limit:
+            raise InputError(f"{path}: over the {limit:,}-byte limit for {what}; this is not a file of a real "
+                             "checkpoint (damaged or hostile), replace it")
+        return data
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise too_large(path, size, limit, what)
+        data = f.read(size + 1)                 # not limit + 1: read() allocates what it is asked for
+        if size < len(data) <= limit:           # it grew after the stat
+            data += f.read(limit + 1 - len(data))
+    if len(data) > limit:
+        raise too_large(path, len(data), limit, what)
+    return data
+
+
+def read_json_object(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> dict:
+    """A JSON object from `path` (at most `limit` bytes); a missing, oversized, unreadable or
+    non-object file is an InputError."""
     if not path.is_file():
         raise InputError(f"{path}: missing; {what}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_small(path, limit, path.name).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as e:   # RecursionError: absurdly deep nesting
         raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):

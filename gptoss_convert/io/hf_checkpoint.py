@@ -25,7 +25,8 @@ from gptoss_convert import fp8, mxfp4
 from gptoss_convert.buffers import as_bits, empty
 from gptoss_convert.errors import CorruptTensorError, InputError
 from gptoss_convert.finite import all_finite, nonfinite
-from gptoss_convert.io.files import read_json_object
+from gptoss_convert.io.files import (MAX_INDEX_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, check_size,
+                                     read_json_object, read_small)
 from gptoss_convert.io.safetensors import MappedFiles, TensorInfo, read_header, read_tensor, rows_shape
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class HFCheckpoint:
         self.tensors = self._virtual_tensors()
         self._note_wide_floats()
         self._sidecars = [self._inside(f, "file") for f in SIDECAR_FILES]   # refuse links out now, not after hours
+        for f in self.sidecar_files():                                      # and oversized ones (read whole later)
+            check_size(f, MAX_TOKENIZER_BYTES if f.name == "tokenizer.json" else MAX_SIDECAR_BYTES, f.name)
 
     # -- loading and validation -------------------------------------------------------------
     def _read_config(self) -> dict:
@@ -160,7 +163,7 @@ class HFCheckpoint:
         index = self._inside(INDEX, "file")
         if index.is_file():
             try:
-                data = json.loads(index.read_text())
+                data = json.loads(read_small(index, MAX_INDEX_BYTES, "an index"))
                 weight_map = data["weight_map"]
                 assert isinstance(weight_map, dict)
             except (ValueError, KeyError, AssertionError, UnicodeDecodeError, TypeError, RecursionError):
@@ -170,6 +173,8 @@ class HFCheckpoint:
                 raise InputError(f"{index}: weight_map values must be shard file names, got " + ", ".join(bad[:5]))
             self.weight_map: dict[str, str] | None = weight_map
             files = sorted(set(weight_map.values()), key=str)
+            if not files:
+                raise InputError(f"{index}: its weight_map lists no tensors; the index is damaged, re-download it")
             missing = [f for f in files if not self._inside(f, "shard").is_file()]
             if missing:
                 raise InputError(f"{index}: lists shard(s) {missing} that do not exist in {self.dir}")

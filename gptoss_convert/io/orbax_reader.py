@@ -9,6 +9,7 @@ one layer without loading a 38 GB leaf; `load_params` goes through Orbax's own v
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import numpy as np
 import tensorstore as ts
 
 from gptoss_convert.errors import InputError
+from gptoss_convert.io.files import MAX_ORBAX_METADATA_BYTES, read_small
 from gptoss_convert.tree import flatten, unflatten
 from gptoss_convert.io.orbax_writer import (
     CHECKPOINT_METADATA_FILE,
@@ -49,15 +51,37 @@ def _read_json(path: Path, what: str) -> dict:
         raise InputError(f"{path} is missing: {what} (a checkpoint whose conversion did not finish "
                          "has no metadata files; run the conversion again to resume it)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path} is not valid JSON ({e}); the checkpoint is damaged") from e
+        meta = json.loads(read_small(path, MAX_ORBAX_METADATA_BYTES, what))
+    except (ValueError, RecursionError) as e:        # not JSON, not UTF-8, absurdly deep nesting
+        raise InputError(f"{path} is not valid JSON ({type(e).__name__}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: {what} must be a JSON object; the checkpoint is damaged")
+    return meta
+
+
+def tree_keys(meta: dict, path) -> list[tuple[str, ...]]:
+    """The leaf key paths of Orbax's `_METADATA` (`tree_metadata`: {..: {"key_metadata": [{"key":
+    str}, ..]}}); InputError naming `path` for any other shape, and for a key that is not a plain
+    name (empty, '.', '..', holding '/' or NUL: it would name a file outside the item)."""
+    tree = meta.get("tree_metadata")
+    try:
+        keys = [tuple(k["key"] for k in entry["key_metadata"]) for entry in tree.values()]
+    except (AttributeError, TypeError, KeyError):
+        raise InputError(f"{path}: not readable Orbax tree metadata (tree_metadata must map to key_metadata "
+                         "lists of {'key': name}); the checkpoint is damaged") from None
+    for k in keys:
+        if not k or not all(isinstance(p, str) and p not in ("", ".", "..") and "/" not in p and "\0" not in p
+                            for p in k):
+            raise InputError(f"{path}: leaf key {list(k)!r} is not a list of plain names (a path out of the "
+                             "checkpoint?); the checkpoint is damaged or hostile")
+    return keys
 
 
 def _item_leaves(item_dir: Path, prefix: tuple[str, ...]) -> tuple[list[tuple[str, ...]], bool]:
     """(tree paths of every leaf under `prefix`, whether arrays are zarr3) from `_METADATA`."""
-    meta = _read_json(item_dir / PYTREE_METADATA_FILE, "Orbax PyTree metadata")
-    keys = [tuple(k["key"] for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+    path = item_dir / PYTREE_METADATA_FILE
+    meta = _read_json(path, "Orbax PyTree metadata")
+    keys = tree_keys(meta, path)
     return [k for k in keys if k[:len(prefix)] == prefix], bool(meta.get("use_zarr3"))
 
 
@@ -154,6 +178,26 @@ def _wrap(prefix: tuple[str, ...], tree: dict) -> dict:
     return tree
 
 
+def _closed_loop_noise(unraisable) -> bool:
+    """An `Event loop is closed` RuntimeError raised in a TensorStore completion callback, after an
+    Orbax restore that failed closed its asyncio loop with reads still in flight."""
+    return isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """Drop (only) that noise: one traceback per read in flight on stderr after a failed restore,
+    burying the one-line error. Every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_gptoss_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not _closed_loop_noise(unraisable):
+            previous(unraisable)
+    hook._gptoss_quiet = True
+    sys.unraisablehook = hook
+
+
 def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
                 sharding: dict | Callable[[str], Any] | None = None,
                 item_name: str = "items", prefix: tuple[str, ...] = PREFIX) -> dict:
@@ -182,7 +226,12 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
     # partial_restore: the checkpoint may hold more than asked for (as MaxText's loader does).
     restore = ocp.args.PyTreeRestore(item=_wrap(prefix, unflatten(flat)), restore_args=_wrap(prefix, unflatten(args)),
                                      partial_restore=True)
-    restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
+    _quiet_closed_loop_callbacks()
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
+    except ValueError as e:      # TensorStore's DATA_LOSS / NOT_FOUND: a damaged chunk or metadata file
+        raise InputError(f"{item}: cannot read the checkpoint ({' '.join(str(e).split())[:600]}); run "
+                         "`gptoss-convert check` on it, then replace or reconvert it") from None
     for key in prefix:
         restored = restored[key]
     return restored

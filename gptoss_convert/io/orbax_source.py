@@ -15,10 +15,14 @@ stores: the marker, written last, is what says the step is whole).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,15 +31,36 @@ import tensorstore as ts
 
 from gptoss_convert.errors import InputError
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.io.files import new_hash, read_file
+from gptoss_convert.io.files import (HASH, MAX_CONFIG_BYTES, MAX_ORBAX_METADATA_BYTES, MAX_SIDECAR_BYTES,
+                                     MAX_TOKENIZER_BYTES, check_size, new_hash, read_file, read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
-from gptoss_convert.io.orbax_reader import open_leaf, read_metadata
-from gptoss_convert.io.orbax_writer import CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES, shard_index
+from gptoss_convert.io.orbax_reader import _read_json, open_leaf, read_metadata, tree_keys
+from gptoss_convert.io.orbax_writer import (CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES,
+                                            array_name, shard_index)
+from gptoss_convert.io.record import RECORD, RecordedFiles, link_in_path, read_record, step_outputs
 
 ITEM = "items"
 COMMIT_FILE = "commit_success.txt"
 PREFIXES = (("params", "params"), ("params",), ())     # tried in order: the first that holds a decoder
 _CHUNKS = RecyclingPool(keep=8)                         # whole chunk files read by read_whole_chunk
+_CHUNK_KEY = re.compile(r"[0-9]+([./][0-9]+)*")          # a zarr chunk file's name (zarr2 "0.1", zarr3 "c/0/1")
+_ALLOW_UNCOMMITTED = contextvars.ContextVar("gptoss_allow_uncommitted", default=False)
+
+
+@contextlib.contextmanager
+def allowing_uncommitted(allow: bool = True):
+    """Within the block, every reader of Orbax checkpoints (open_orbax, loading.locate) accepts a
+    step without its commit marker, as `--allow-uncommitted` asks; outside it they refuse one."""
+    token = _ALLOW_UNCOMMITTED.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_UNCOMMITTED.reset(token)
+
+
+def uncommitted_allowed(flag: bool | None = None) -> bool:
+    """`flag`, or where None the setting of the enclosing allowing_uncommitted (default False)."""
+    return _ALLOW_UNCOMMITTED.get() if flag is None else bool(flag)
 
 
 def _spans(index: tuple, shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -69,6 +94,33 @@ class OrbaxSource:
     _stores: dict = dataclasses.field(default_factory=dict)
     _layouts: dict = dataclasses.field(default_factory=dict)
     _plain: dict = dataclasses.field(default_factory=dict)      # leaf -> its shards are whole plain chunks
+    recorded: RecordedFiles | None = None                       # the step's files as conversion.json lists them
+
+    def expected(self, file: str) -> tuple[str, str] | None:
+        """(algorithm, digest) conversion.json gives `file` (relative to step_dir), or None."""
+        return self.recorded.expected(file) if self.recorded else None
+
+    def check_digest(self, file: str, digest: str, algorithm: str = HASH) -> None:
+        """Refuse `file` (relative to step_dir) if `digest` of its bytes differs from the record's."""
+        if self.recorded:
+            self.recorded.check_digest(file, digest, algorithm)
+
+    def verify_hashes(self, hashes: dict[str, dict[str, str]]) -> None:
+        """Check {file: {algorithm: digest}} (the provenance hashes a converter computed of the
+        files it read) against conversion.json; InputError naming the first file that differs."""
+        if self.recorded:
+            self.recorded.verify_hashes(hashes)
+
+    def _verify_read(self, path: str, index: tuple) -> None:
+        """Hash (once each) the chunk files a TensorStore read of leaf `path`[index] touches."""
+        if not (self.recorded and self.recorded.active):
+            return
+        files = self.chunk_files(path, index)
+        if files is None:                     # not a file per chunk here: every file of the leaf
+            folder = f"{Path(str(self.item_dir)).name}/{array_name(self.prefix + tuple(path.split('/')))}/"
+            files = [f for f in self.recorded.outputs if f.startswith(folder)]
+        for f in files:
+            self.recorded.verify_file(f)
 
     @property
     def scanned(self) -> bool:
@@ -186,20 +238,28 @@ class OrbaxSource:
         file = self.whole_chunk(path, index)
         got = self.read_whole_chunk(path, index, file) if file else None
         if got is None:
+            self._verify_read(path, index)
             return np.asarray(self.store(path)[index].read().result())
+        if self.recorded:
+            self.recorded.check_digest(file, got[1])
+            self.recorded.verify_file(file)            # a no-op once verified; a record in sha256 hashes again
         if on_whole_file is not None:
             on_whole_file(file, got[1])
         return got[0]
 
 
-def _committed(step_dir: Path | Location) -> bool:
+def _committed(step_dir: Path | Location, outputs: dict | None = None) -> bool:
+    """Whether Orbax finished the step: its commit_success.txt, or (locally, where Orbax commits by
+    renaming) commit_timestamp_nsecs in _CHECKPOINT_METADATA. Where conversion.json lists the
+    marker (`outputs`: its entries for this step), the marker itself must be there."""
     if (step_dir / COMMIT_FILE).is_file():
         return True
-    if isinstance(step_dir, Location):
-        return False                # a bucket's step is whole only once its marker is there
+    if isinstance(step_dir, Location) or (outputs is not None and COMMIT_FILE in outputs):
+        return False                # a bucket's step (or one recorded with its marker) is whole only with it
     try:
-        meta = json.loads((step_dir / CHECKPOINT_METADATA_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        raw = read_small(step_dir / CHECKPOINT_METADATA_FILE, MAX_ORBAX_METADATA_BYTES, "Orbax step metadata")
+        meta = json.loads(raw)
+    except (OSError, ValueError, RecursionError, InputError):
         return False
     return isinstance(meta, dict) and meta.get("commit_timestamp_nsecs") is not None
 
@@ -225,8 +285,29 @@ def _pick_step(root, step: int | None):
     return steps[committed[-1]]
 
 
-def _locate(src, step: int | None) -> tuple:
-    """(step dir, item dir) of SRC: a step dir, its items, or a run root."""
+def step_record(step_dir: Path | Location) -> dict[str, dict] | None:
+    """conversion.json's entries for the files of `step_dir` (relative to it), where this tool
+    wrote the checkpoint (the record lies beside the step); None for any other checkpoint."""
+    root = step_dir.parent
+    if not (root / RECORD).is_file():
+        return None
+    if not isinstance(root, Location) and link_in_path(root, RECORD):
+        raise InputError(f"{root / RECORD}: is a symbolic link; a checkpoint's record must be a file in it")
+    return step_outputs(read_record(root / RECORD), step_dir.name) or None
+
+
+def require_committed(step_dir: Path | Location, outputs: dict | None, allow_uncommitted: bool | None = None) -> None:
+    """Refuse a step Orbax did not finish (see _committed), unless uncommitted steps are allowed."""
+    if uncommitted_allowed(allow_uncommitted) or _committed(step_dir, outputs):
+        return
+    what = f"no {COMMIT_FILE}" if isinstance(step_dir, Location) or outputs and COMMIT_FILE in outputs else \
+        f"no commit_timestamp_nsecs in {CHECKPOINT_METADATA_FILE}, no {COMMIT_FILE}"
+    raise InputError(f"{step_dir}: Orbax step without its commit marker ({what}): an unfinished save or a "
+                     "damaged copy; pick another step, or pass --allow-uncommitted to read it anyway")
+
+
+def _locate(src, step: int | None, allow_uncommitted: bool | None = None) -> tuple:
+    """(step dir, item dir, the step's record entries or None) of SRC: a step dir, its items, or a run root."""
     if (src / PYTREE_METADATA_FILE).is_file() or src.name == ITEM:
         step_dir, item = src.parent, src
     elif (src / ITEM).is_dir():
@@ -236,23 +317,39 @@ def _locate(src, step: int | None) -> tuple:
         item = step_dir / ITEM
     if step is not None and step_dir.name != str(step):
         raise InputError(f"{src}: is step {step_dir.name}, not --step {step}; give the run's root with --step")
-    if not _committed(step_dir):
-        what = f"no {COMMIT_FILE}" if isinstance(step_dir, Location) else \
-            f"no commit_timestamp_nsecs in {CHECKPOINT_METADATA_FILE}, no {COMMIT_FILE}"
-        raise InputError(f"{step_dir}: Orbax step without its commit marker ({what}): an unfinished save; "
-                         "pick another step")
+    outputs = step_record(step_dir)
+    require_committed(step_dir, outputs, allow_uncommitted)
     if not (item / PYTREE_METADATA_FILE).is_file():
         raise InputError(f"{item}: no {PYTREE_METADATA_FILE} (not an Orbax PyTree item)")
-    return step_dir, item
+    return step_dir, item, outputs
+
+
+def refuse_links_out(step_dir: Path) -> None:
+    """Refuse a local checkpoint where a link under `step_dir` (a leaf folder, a chunk file, a
+    metadata file), or a file beside it (config.json, tokenizer), resolves outside the run root
+    (the step's parent). Checked before any of those files is opened."""
+    root = Path(os.path.realpath(step_dir.parent))
+    found = [Path(d) / n for d, dirs, files in os.walk(step_dir) for n in dirs + files if os.path.islink(Path(d) / n)]
+    found += [p for p in step_dir.parent.iterdir() if p.is_symlink()]
+    for link in found:
+        real = Path(os.path.realpath(link))
+        if real != root and root not in real.parents:
+            raise InputError(f"{link}: is a link pointing outside the checkpoint directory ({real}); "
+                             "copy the checkpoint with its files, not links")
+
+
+def _check_sidecar_sizes(root: Path) -> None:
+    """Refuse an oversized config.json or tokenizer file beside the step (to-hf copies them whole)."""
+    from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
+    limits = {"config.json": MAX_CONFIG_BYTES, "tokenizer.json": MAX_TOKENIZER_BYTES}
+    for name in ("config.json", *SIDECAR_FILES):
+        if (root / name).is_file():
+            check_size(root / name, limits.get(name, MAX_SIDECAR_BYTES), name)
 
 
 def _prefix(item) -> tuple[tuple[str, ...], int]:
     """(the params prefix, number of leaves outside it) from the item's tree metadata."""
-    try:
-        meta = json.loads((item / PYTREE_METADATA_FILE).read_text(encoding="utf-8"))
-        keys = [tuple(k["key"] for k in e["key_metadata"]) for e in meta["tree_metadata"].values()]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"{item / PYTREE_METADATA_FILE}: not readable Orbax tree metadata ({e})") from None
+    keys = tree_keys(_read_json(item / PYTREE_METADATA_FILE, "Orbax PyTree metadata"), item / PYTREE_METADATA_FILE)
     for prefix in PREFIXES:
         n = len(prefix)
         if any(k[:n] == prefix and len(k) > n and k[n] in ("decoder", "token_embedder") for k in keys):
@@ -261,17 +358,31 @@ def _prefix(item) -> tuple[tuple[str, ...], int]:
                      "params/params, params or the root); is it a model checkpoint?")
 
 
-def open_orbax(src, *, step: int | None = None) -> OrbaxSource:
-    """Resolve SRC (step dir, its items, or a run root, local or gs:// / s3://; `step` picks one)
-    to its params."""
+def _verify_metadata(recorded: RecordedFiles) -> None:
+    """Hash, before they are parsed, the recorded files of the step that are not chunks."""
+    for f in sorted(recorded.outputs or {}):
+        if not _CHUNK_KEY.fullmatch(f.rsplit("/", 1)[-1]) and (recorded.root / f).is_file():
+            recorded.verify_file(f)
+
+
+def open_orbax(src, *, step: int | None = None, allow_uncommitted: bool | None = None) -> OrbaxSource:
+    """Resolve SRC (step dir, its items, or a run root, local or gs:// / s3:// ; `step` picks one)
+    to its params. Refused: a step without its commit marker (unless `allow_uncommitted`, default:
+    allowing_uncommitted's setting), a link out of the checkpoint, and where conversion.json lies
+    beside the step, a metadata file whose hash differs from it (chunks are checked as read)."""
     path = resolve(src)
     if not path.is_dir():
         what = "no objects under this prefix" if isinstance(path, Location) else "not a directory"
         raise InputError(f"{src}: {what} (an Orbax checkpoint, step directory or items)")
-    step_dir, item = _locate(path, step)
+    step_dir, item, outputs = _locate(path, step, allow_uncommitted)
+    if not isinstance(step_dir, Location):
+        refuse_links_out(step_dir)
+        _check_sidecar_sizes(step_dir.parent)
+    recorded = RecordedFiles(step_dir, outputs)
+    _verify_metadata(recorded)
     prefix, others = _prefix(item)
     meta = read_metadata(item, item_name=ITEM, prefix=prefix)
-    return OrbaxSource(step_dir, item, prefix, meta["leaves"], meta["custom_metadata"], others)
+    return OrbaxSource(step_dir, item, prefix, meta["leaves"], meta["custom_metadata"], others, recorded=recorded)
 
 
 def is_orbax(src) -> bool:
@@ -288,10 +399,11 @@ def is_orbax(src) -> bool:
 
 
 
-def object_digest(loc: Location, limit: int | None = None, piece: int = 64 << 20) -> tuple[int, str] | None:
-    """(size, HASH digest) of an object, read `piece` bytes at a time (bounded memory); None if it
-    is larger than `limit` (then only its first limit + 1 bytes were read)."""
-    h, size = new_hash(), 0
+def object_digest(loc: Location, limit: int | None = None, piece: int = 64 << 20,
+                  algorithm: str = HASH) -> tuple[int, str] | None:
+    """(size, `algorithm` digest) of an object, read `piece` bytes at a time (bounded memory); None
+    if it is larger than `limit` (then only its first limit + 1 bytes were read)."""
+    h, size = new_hash(algorithm), 0
     while True:
         n = piece if limit is None else min(piece, limit + 1 - size)
         data = loc.read_bytes(byte_range=slice(size, size + n))

@@ -53,11 +53,13 @@ class TensorInfo:
 
 
 def _dup_check(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise ValueError(f"duplicate tensor names {dup}")
-    return dict(pairs)
+    """object_pairs_hook refusing repeated keys; linear (one set), however many keys repeat."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        dup = sorted({k for k, _ in pairs if k in seen or seen.add(k)})
+        raise ValueError(f"duplicate tensor names {dup[:5]}" + (f" and {len(dup) - 5} more" if len(dup) > 5 else ""))
+    return out
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
