@@ -41,7 +41,7 @@ def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None, *,
         if (step / "items").is_dir() and (step / "_CHECKPOINT_METADATA").is_file():
             cfg_dir = Path(config) if config else step.parent
             if not (cfg_dir / "config.json").is_file():
-                raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --config HF_DIR")
+                raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --like HF_DIR")
             return verify_checkpoint(Checkpoint("orbax", step, cfg_dir), allow_uncommitted)
     if (p / "config.json").is_file() and (list(p.glob("*.safetensors"))):
         return verify_checkpoint(Checkpoint("hf", p, Path(config) if config else p), allow_uncommitted)
@@ -91,7 +91,7 @@ def locate_remote(loc: Location, config: str | os.PathLike | None = None) -> Che
         limit = MAX_TOKENIZER_BYTES if key == "tokenizer.json" else MAX_SIDECAR_BYTES
         (local / key).write_bytes(read_small(root / key, limit, key))
     if not (local / "config.json").is_file():
-        raise InputError(f"{root}: no config.json beside the checkpoint; pass --config HF_DIR")
+        raise InputError(f"{root}: no config.json beside the checkpoint; pass --like HF_DIR")
     return Checkpoint("orbax", root / "0", local)
 
 
