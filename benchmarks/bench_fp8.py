@@ -22,8 +22,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks import synthetic
 from benchmarks.bench_convert import tree_bytes
 from benchmarks.bench_fullsize import Source, bits, compare_all, convert_row, samples
@@ -71,7 +69,8 @@ def fp8_oracle(src: Source, out: Path, cmd: str, s: dict) -> dict:
             for proj, leaf in LEAVES.items():
                 name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
                 want = bits(transformers_expert(src, name))
-                yield f"layer {layer} expert {e} {proj}", (want if cmd == "dequantize" else want.T), (name, layer, e, leaf)
+                yield (f"layer {layer} expert {e} {proj}", (want if cmd == "dequantize" else want.T),
+                       (name, layer, e, leaf))
 
     def read(key):
         if cmd == "dequantize":

@@ -168,7 +168,8 @@ def test_plan_reports_every_problem_at_once(tiny_cfg):
     with pytest.raises(PlanError) as e:
         build_plan(src, targets, edges + [Edge("model.norm.weight", "decoder/decoder_norm/scale")], itemsize=2)
     msg = str(e.value)
-    assert "'model.layers.3.self_attn.sinks' is missing (needed for decoder/layers/layers_1/GptOssAttention/sinks slot 1)" in msg
+    assert ("'model.layers.3.self_attn.sinks' is missing "
+            "(needed for decoder/layers/layers_1/GptOssAttention/sinks slot 1)" in msg)
     assert "'model.layers.4.self_attn.q_proj.weight' [32, 65]" in msg and "layers_0/GptOssAttention/query/kernel" in msg
     assert "'model.layers.0.mlp.extra' is not used" in msg
     assert "decoder/decoder_norm/scale is filled 2 times" in msg

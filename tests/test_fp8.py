@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from family_cases import qwen3_expected_leaves, safetensors_fp32
+from family_cases import qwen3_expected_leaves
 from gptoss_convert import fp8
 from gptoss_convert.backends import get_backend
 from gptoss_convert.converters.dequantize import dequantize
@@ -315,7 +315,7 @@ def test_bad_scale_is_refused_naming_the_tensor(qwen_bf16, tmp_path, bad):
     ({"quantization_config": {"fmt": "e5m2"}}, "fmt='e5m2' is not supported (only e4m3)"),
     ({"quantization_config": {"activation_scheme": "static"}}, "activation_scheme='static' is not supported"),
     ({"quantization_config": {"weight_block_size": [96, 128]}},
-     f"'model.layers.0.self_attn.q_proj.weight' shape [256, 384] is not a whole number of [96, 128] blocks"),
+     "'model.layers.0.self_attn.q_proj.weight' shape [256, 384] is not a whole number of [96, 128] blocks"),
     ({"quantization_config": {"weight_block_size": [64, 128]}}, "does not match shape"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quant_method 'gptq' is not supported"),
 ], ids=["no-block", "1d-block", "e5m2", "static", "ragged", "grid", "gptq"])

@@ -96,14 +96,17 @@ HEADERS = {
     "not_utf8": (b'{"\xff\xfe": 1}', 0, "not valid JSON"),
     "duplicate_names": (b'{"w": ' + json.dumps(F32_4).encode() + b', "w": ' + json.dumps(F32_4).encode() + b"}", 16,
                         "duplicate tensor names ['w']"),
-    "offsets_past_end": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "'w': data ends at byte 16"),
+    "offsets_past_end": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8,
+                         "'w': data ends at byte 16"),
     "offsets_overlap": ({"a": F32_4, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24, "overlap"),
     "negative_offset": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [-16, 0]}}, 16, "'w': data_offsets"),
     "reversed_offsets": ({"w": {"dtype": "U8", "shape": [0], "data_offsets": [8, 0]}}, 16, "'w': data_offsets"),
     "offsets_not_pair": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16, 32]}}, 32, "'w': data_offsets"),
     "float_offsets": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0.0, 16.0]}}, 16, "'w': data_offsets"),
-    "huge_shape": ({"w": {"dtype": "BF16", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, 16, "'w': data_offsets span 16"),
-    "huge_everything": ({"w": {"dtype": "F64", "shape": [2**61], "data_offsets": [0, 2**64]}}, 16, "'w': data ends at byte"),
+    "huge_shape": ({"w": {"dtype": "BF16", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, 16,
+                   "'w': data_offsets span 16"),
+    "huge_everything": ({"w": {"dtype": "F64", "shape": [2**61], "data_offsets": [0, 2**64]}}, 16,
+                        "'w': data ends at byte"),
     "negative_shape": ({"w": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, 16, "'w': shape [-4]"),
     "bool_shape": ({"w": {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]}}, 16, "'w': shape [True, 4]"),
     "float_shape": ({"w": {"dtype": "F32", "shape": [2.0, 2], "data_offsets": [0, 16]}}, 16, "'w': shape [2.0, 2]"),
@@ -155,13 +158,15 @@ def _check_parsed(path: Path, tensors: dict, n_header: int) -> None:
 
 _json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
                        st.text(max_size=6))
-_json = st.recursive(_json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+_json = st.recursive(_json_leaf,
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
                      max_leaves=8)
 _dim = st.one_of(st.integers(0, 6), st.integers(-3, 2**65), st.booleans(), st.floats(0, 8))
 _entry = st.fixed_dictionaries({
     "dtype": st.one_of(st.sampled_from(sorted(DTYPES)), st.sampled_from(["F128", "bf16", "", "Q4_0"]), _json),
     "shape": st.one_of(st.lists(_dim, max_size=3), _json),
-    "data_offsets": st.one_of(st.lists(st.integers(-8, 96), min_size=2, max_size=2), st.lists(st.integers(0, 2**66), max_size=3), _json),
+    "data_offsets": st.one_of(st.lists(st.integers(-8, 96), min_size=2, max_size=2),
+                              st.lists(st.integers(0, 2**66), max_size=3), _json),
 })
 
 
@@ -384,7 +389,8 @@ CONFIG_CASES = {
     "layers_missing": ({"num_hidden_layers": ...}, "missing required field num_hidden_layers"),
     "eps_string": ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a finite number"),
     "rope_not_object": ({"rope_parameters": [1, 2]}, "rope_parameters/rope_scaling must be objects"),
-    "quant_method_list": ({"quantization_config": {"quant_method": ["mxfp4"]}}, "quant_method ['mxfp4'] is not supported"),
+    "quant_method_list": ({"quantization_config": {"quant_method": ["mxfp4"]}},
+                          "quant_method ['mxfp4'] is not supported"),
     "model_type_list": ({"model_type": ["gpt_oss"]}, "model_type ['gpt_oss'] is not supported"),
     "rope_inf_int": ({"rope_parameters": {"rope_type": "yarn", "original_max_position_embeddings": float("inf")}},
                      "config.json"),
@@ -413,7 +419,8 @@ def test_absurd_vocab_refused_before_allocating(mxfp4_dir, tmp_path):
     _edit_config(src, vocab_size=10**12)
     tracemalloc.start()
     try:
-        _refused(src, tmp_path, "config.json", "vocab_size=1000000000000 is out of the supported range", command="to-orbax")
+        _refused(src, tmp_path, "config.json", "vocab_size=1000000000000 is out of the supported range",
+                 command="to-orbax")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -466,7 +473,8 @@ NONFINITE = [("model.layers.3.self_attn.q_proj.weight", (5, 7), np.nan),
 def test_nonfinite_weight_refused_with_its_name(mxfp4_dir, tmp_path, command, name, index, value):
     src = _copy_src(mxfp4_dir, tmp_path)
     _poison(src, name, index, value)
-    _refused(src, tmp_path, repr(name), f"first at index {index}", "--allow-nonfinite", command=command, mid_stream=True)
+    _refused(src, tmp_path, repr(name), f"first at index {index}", "--allow-nonfinite", command=command,
+             mid_stream=True)
 
 
 def test_nonfinite_index_is_global_when_read_in_row_blocks(mxfp4_dir, tmp_path):
@@ -513,7 +521,8 @@ GOLDEN_CASES = {
     "token_equal_vocab": (json.dumps(_good_record(tokens=(1, 300))), ":1: golden vocab 300 / token ids up to 300"),
     "token_negative": (json.dumps(_good_record(tokens=(-1, 4))), ":1: golden vocab"),
     "logits_too_narrow": (json.dumps(_good_record(vocab=299)), ":1: golden vocab 299"),
-    "logits_rows_vs_tokens": (json.dumps({**_good_record(), "tokens": [1, 2]}), ":1: logits shape [3, 300] does not match 2 tokens"),
+    "logits_rows_vs_tokens": (json.dumps({**_good_record(), "tokens": [1, 2]}),
+                              ":1: logits shape [3, 300] does not match 2 tokens"),
     "logits_ragged": (json.dumps({**_good_record(), "logits": [[0.0] * 300, [0.0]]}), ":1: not a golden record"),
     "logits_1d": (json.dumps({**_good_record(), "logits": [0.0] * 3}), ":1: logits shape [3]"),
     "nan_logits": (json.dumps({**_good_record(), "logits": [[float("nan")] * 300] * 3}), ":1: logits contain NaN"),
@@ -559,9 +568,10 @@ def test_debug_shows_the_traceback_and_plain_run_does_not(mxfp4_dir, tmp_path):
     src = _copy_src(mxfp4_dir, tmp_path)
     _header_file(_first_shard(src), b"[1]")
     cmd = [sys.executable, "-m", "gptoss_convert"]
-    plain = subprocess.run(cmd + ["dequantize", str(src), str(tmp_path / "o")], capture_output=True, text=True, env=run_env())
-    debug = subprocess.run(cmd + ["--debug", "dequantize", str(src), str(tmp_path / "o")], capture_output=True, text=True,
+    plain = subprocess.run(cmd + ["dequantize", str(src), str(tmp_path / "o")], capture_output=True, text=True,
                            env=run_env())
+    debug = subprocess.run(cmd + ["--debug", "dequantize", str(src), str(tmp_path / "o")], capture_output=True,
+                           text=True, env=run_env())
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
     assert "CorruptTensorError" in debug.stderr and "not a JSON object" in debug.stderr

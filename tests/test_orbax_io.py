@@ -325,7 +325,8 @@ def test_whole_chunks_we_write_equal_tensorstores_files(tmp_path):
         if rel.name != "commit_success.txt":                     # names its own path
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     for writer in (ours, theirs):                                 # from memory, or re-read after the commit
-        chunk_files = {p for p in writer.item_dir.rglob("*") if p.is_file() and "c" in p.relative_to(writer.item_dir).parts}
+        chunk_files = {p for p in writer.item_dir.rglob("*")
+                       if p.is_file() and "c" in p.relative_to(writer.item_dir).parts}
         assert set(writer.chunk_hashes()) == chunk_files and len(chunk_files) == 2 + 4 + 3 + 1
         for path, digest in writer.chunk_hashes().items():
             assert digest == xxhash.xxh3_128(path.read_bytes()).hexdigest(), path

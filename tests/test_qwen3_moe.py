@@ -165,7 +165,8 @@ def test_per_expert_rule_runs_backwards_and_insert_axis_inverts():
     assert back.hf == "moe_block/wo" and back.target == "model.layers.{i}.mlp.experts.{j}.down_proj.weight"
     assert back.experts == 128 and back.inverse() == wo
     x = np.arange(6.0).reshape(2, 3)
-    assert apply((InsertAxis(1), InsertAxis(1).inverse()), x).shape == (2, 3) and InsertAxis(1).shape((2, 3)) == (2, 1, 3)
+    assert (apply((InsertAxis(1), InsertAxis(1).inverse()), x).shape == (2, 3)
+            and InsertAxis(1).shape((2, 3)) == (2, 1, 3))
     assert DropAxis(0).inverse() == InsertAxis(0)
     with pytest.raises(ValueError, match="go together"):
         Rule("model.layers.{i}.mlp.experts.{j}.up_proj.weight", "moe_block/wi_1")
@@ -205,8 +206,10 @@ def test_transformers5_spelling_reads_the_same_as_the_published_one(hf_dir):
 
 @pytest.mark.parametrize("update, message", [
     ({"num_local_experts": 64}, "num_experts=128 and num_local_experts=64 disagree"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "rope_theta=1000000.0 and rope_parameters.rope_theta=500000.0 disagree"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}, "rope_scaling="),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+     "rope_theta=1000000.0 and rope_parameters.rope_theta=500000.0 disagree"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+     "rope_scaling="),
     ({"mlp_only_layers": [3]}, "mlp_only_layers=[3] is not supported"),
     ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 is not supported"),
     ({"use_sliding_window": True}, "use_sliding_window=True is not supported"),
@@ -238,7 +241,8 @@ def test_cli_warns_once_about_unknown_fields(hf_dir, tmp_path):
     src.mkdir()
     for f in hf_dir.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
-    (src / "config.json").write_text(json.dumps(dict(json.loads((hf_dir / "config.json").read_text()), fine_tuned_by="x")))
+    (src / "config.json").write_text(json.dumps(dict(json.loads((hf_dir / "config.json").read_text()),
+                                                     fine_tuned_by="x")))
     r = subprocess.run([sys.executable, "-m", "gptoss_convert", "to-orbax", str(src), str(tmp_path / "o"), "--scanned",
                         "--dry-run"], capture_output=True, text=True, env=run_env(), timeout=600)
     assert r.returncode == 0 and r.stderr.count("unknown fields ['fine_tuned_by']") == 1, r.stderr

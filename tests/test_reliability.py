@@ -149,7 +149,8 @@ def _kill_spec(kind: str, point: str, src: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,point,resume", MATRIX, ids=[f"{k}-{p}-{'resume' if r else 'fresh'}" for k, p, r in MATRIX])
+@pytest.mark.parametrize("kind,point,resume", MATRIX,
+                         ids=[f"{k}-{p}-{'resume' if r else 'fresh'}" for k, p, r in MATRIX])
 def test_kill9_then_rerun(mxfp4_dir, refs, tmp_path, kind, point, resume):
     out = tmp_path / "out"
     r = _cli(_args(kind, mxfp4_dir, out), {"GPTOSS_CONVERT_KILL_AT": _kill_spec(kind, point, mxfp4_dir)})
@@ -181,7 +182,8 @@ def test_kill9_at_commit_with_overwrite_keeps_the_old_out(mxfp4_dir, refs, tmp_p
     out = tmp_path / "out"
     shutil.copytree(refs["dequantize"], out)
     old = _content(out)
-    r = _cli(_args("dequantize", mxfp4_dir, out, "--dtype", "fp32", "--overwrite"), {"GPTOSS_CONVERT_KILL_AT": "commit:1"})
+    r = _cli(_args("dequantize", mxfp4_dir, out, "--dtype", "fp32", "--overwrite"),
+             {"GPTOSS_CONVERT_KILL_AT": "commit:1"})
     assert r.returncode == -signal.SIGKILL
     assert _content(out) == old                                     # still the old, complete output
     r = _cli(_args("dequantize", mxfp4_dir, out, "--dtype", "fp32", "--overwrite", "--resume"))
@@ -309,7 +311,8 @@ def test_disk_full_outside_a_conversion_is_one_clear_line(monkeypatch, tmp_path,
 @contextlib.contextmanager
 def _tmpfs(path: Path, size: str):
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root); the RLIMIT_FSIZE tests cover disk full")
     try:
         yield path
@@ -374,7 +377,8 @@ def test_second_process_is_refused_while_the_first_writes(mxfp4_dir, refs, tmp_p
     """Process A is stopped mid-conversion (holding the lock); B is refused and touches nothing;
     A is continued and completes."""
     out = tmp_path / "out"
-    a = subprocess.Popen([sys.executable, "-c", PAUSE, *_args(kind, mxfp4_dir, out)], env=run_env() | {"PAUSE_AT": "journal:2"},
+    a = subprocess.Popen([sys.executable, "-c", PAUSE, *_args(kind, mxfp4_dir, out)],
+                         env=run_env() | {"PAUSE_AT": "journal:2"},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, status = os.waitpid(a.pid, os.WUNTRACED)
@@ -513,14 +517,17 @@ def _zarr_shape(out: Path, fix_record: bool) -> str:
 
 
 DAMAGE = {
-    "flip_shard_byte": ("dequantize", lambda o: (_flip(sorted(o.glob("model-*"))[2], -5), sorted(o.glob("model-*"))[2].name)[1]),
+    "flip_shard_byte": ("dequantize",
+                        lambda o: (_flip(sorted(o.glob("model-*"))[2], -5), sorted(o.glob("model-*"))[2].name)[1]),
     "flip_shard_header": ("dequantize", lambda o: (_flip(sorted(o.glob("model-*"))[0], 20), "model-00001-of-")[1]),
     "flip_chunk_byte": ("scanned", lambda o: (_flip(_chunk(o), 3), _chunk(o).relative_to(o).as_posix())[1]),
     "delete_shard": ("dequantize", lambda o: (sorted(o.glob("model-*"))[-1].unlink(), "safetensors: missing")[1]),
     "delete_chunk": ("unscanned", lambda o: (_chunk(o).unlink(), ": missing")[1]),
     "delete_tokenizer": ("scanned", lambda o: ((o / "tokenizer.json").unlink(), "tokenizer.json: missing")[1]),
-    "stray_file": ("dequantize", lambda o: ((o / "notes.txt").write_text("hi"), "notes.txt: not part of the recorded output")[1]),
-    "stray_chunk": ("unscanned", lambda o: ((_chunk(o).parent / "9").write_bytes(b"x"), "/9: not part of the recorded output")[1]),
+    "stray_file": ("dequantize",
+                   lambda o: ((o / "notes.txt").write_text("hi"), "notes.txt: not part of the recorded output")[1]),
+    "stray_chunk": ("unscanned",
+                    lambda o: ((_chunk(o).parent / "9").write_bytes(b"x"), "/9: not part of the recorded output")[1]),
     "zarr_shape": ("scanned", lambda o: _zarr_shape(o, fix_record=False)),
     "zarr_shape_and_record": ("unscanned", lambda o: _zarr_shape(o, fix_record=True)),
 }
@@ -565,7 +572,8 @@ def test_check_refuses_a_record_without_a_known_hash(refs, tmp_path):
     assert r.exit_code == 5 and f"{rel}: the record gives no hash this version knows" in _one_line(r.stderr)
 
 
-@pytest.mark.parametrize("text", ["{oops", "[1, 2]", '{"outputs": [1]}', "[" * 200_000], ids=["not_json", "list", "outputs_list", "nested"])
+@pytest.mark.parametrize("text", ["{oops", "[1, 2]", '{"outputs": [1]}', "[" * 200_000],
+                         ids=["not_json", "list", "outputs_list", "nested"])
 def test_check_refuses_a_damaged_record(refs, tmp_path, text):
     out = tmp_path / "out"
     shutil.copytree(refs["dequantize"], out)

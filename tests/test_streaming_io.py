@@ -352,7 +352,8 @@ def test_mapped_files_view_the_same_bytes_read_only(tmp_path):
 
     from gptoss_convert.io.safetensors import MappedFiles
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.integers(0, 256, (5, 3, 16), dtype=np.uint8), "b": rng.standard_normal((7, 2)).astype(np.float32)}
+    tensors = {"a": rng.integers(0, 256, (5, 3, 16), dtype=np.uint8),
+               "b": rng.standard_normal((7, 2)).astype(np.float32)}
     save_file(tensors, tmp_path / "x.safetensors")
     infos = read_header(tmp_path / "x.safetensors")[0]
     mapped = MappedFiles()

@@ -118,7 +118,8 @@ def f32_copy(bf16_dir, tmp_path_factory):
     ck = HFCheckpoint(dst)
     for f in ck.files:
         mine = {n: ck.read(n) for n, t in ck.tensors.items() if t.stored.file.name == f}
-        save_file({n: a.astype(np.float32) if "experts" in n else a for n, a in mine.items()}, dst / f, {"format": "pt"})
+        save_file({n: a.astype(np.float32) if "experts" in n else a for n, a in mine.items()}, dst / f,
+                  {"format": "pt"})
     return dst
 
 
@@ -129,11 +130,13 @@ def test_wider_experts_are_named_and_convert_exactly(f32_copy, bf16_orbax, tmp_p
         HFCheckpoint(f32_copy)
     lines = [r.getMessage() for r in caplog.records if "not BF16" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
-    assert lines[0].startswith(f"warning: {f32_copy}: 24 of ") and "stored as F32, not BF16 (e.g. 'model.layers." in lines[0]
+    assert (lines[0].startswith(f"warning: {f32_copy}: 24 of ")
+            and "stored as F32, not BF16 (e.g. 'model.layers." in lines[0])
     assert_same_leaves(to_orbax(f32_copy, tmp_path / "bf16", scanned=False, **QUIET), bf16_orbax)
     exact = leaves(to_orbax(f32_copy, tmp_path / "fp32", scanned=False, dtype="fp32", **QUIET))
     ck = HFCheckpoint(f32_copy)
-    np.testing.assert_array_equal(exact["decoder/layers_1/GptOssMlp/wo"], ck.read("model.layers.1.mlp.experts.down_proj"))
+    np.testing.assert_array_equal(exact["decoder/layers_1/GptOssMlp/wo"],
+                                  ck.read("model.layers.1.mlp.experts.down_proj"))
     out = dequantize(f32_copy, tmp_path / "deq", **QUIET)
     assert HFCheckpoint(out).tensors["model.layers.0.mlp.experts.down_proj"].dtype == "F32"
 
@@ -150,7 +153,8 @@ PUZZLE = dict(model_type="gpt_oss_puzzle", architectures=["GptOssPuzzleForCausal
 @pytest.mark.parametrize("command", ["to-orbax", "dequantize"])
 def test_puzzle_is_refused_in_one_line(mxfp4_dir, tmp_path, command):
     src = with_config(mxfp4_dir, tmp_path / "puzzle", **PUZZLE)
-    r = cli(command, str(src), str(tmp_path / "out"), "--no-progress", *(["--scanned"] if command == "to-orbax" else []))
+    r = cli(command, str(src), str(tmp_path / "out"), "--no-progress",
+            *(["--scanned"] if command == "to-orbax" else []))
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     line = r.stderr.strip()
     assert line.startswith("error: model_type 'gpt_oss_puzzle' is not supported: nvidia/gpt-oss-puzzle-88B's layers")

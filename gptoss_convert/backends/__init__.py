@@ -77,7 +77,8 @@ _BACKENDS = {
 _REFUSED = {
     "gpt_oss_puzzle": ("nvidia/gpt-oss-puzzle-88B's layers differ from one another (per-layer block_configs: 64 or 128 "
                        "experts, attention windows 128/8192/full, FP8 KV-cache scales), so they cannot be stacked into "
-                       "one scanned MaxText layer; serve it with vLLM or transformers, or convert openai/gpt-oss-20b/120b "
+                       "one scanned MaxText layer; serve it with vLLM or transformers, or convert "
+                       "openai/gpt-oss-20b/120b "
                        "(or their gpt-oss-safeguard variants) instead"),
 }
 

@@ -141,5 +141,6 @@ def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool | None =
         problems += _check_safetensors(out)
     if problems:
         raise CheckFailed(f"{out}", problems)
-    log(f"check: OK — {len(rec['outputs'])} files match {RECORD} ({rec.get('command')}, gptoss-convert {rec.get('version')})")
+    log(f"check: OK — {len(rec['outputs'])} files match {RECORD} "
+        f"({rec.get('command')}, gptoss-convert {rec.get('version')})")
     return rec

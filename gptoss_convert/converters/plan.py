@@ -100,8 +100,10 @@ class Plan:
                                                       (len({e.expert for e in es}), "experts at axis 0")) if n > 1]
                 more = f" (+{len(es) - 1} more: {' x '.join(parts)})"
             lines.append(f"{t} {list(shape)} {math.prod(shape) * self.itemsize:,} B <- {src.source} "
-                         f"{list(sources[src.source][0])} {sources[src.source][1]} | {ops}{more} | {nblocks[t]} block(s)")
-        lines.append(f"{len(self.targets)} target leaves, {len(self.blocks)} read blocks, {self.total_bytes:,} bytes to write")
+                         f"{list(sources[src.source][0])} {sources[src.source][1]} | {ops}{more} | "
+                         f"{nblocks[t]} block(s)")
+        lines.append(f"{len(self.targets)} target leaves, {len(self.blocks)} read blocks, "
+                     f"{self.total_bytes:,} bytes to write")
         return "\n".join(lines)
 
 
@@ -224,7 +226,8 @@ def _check(sources, targets, edges) -> list[str]:
             problems.append(f"{e.target}: stack slot {e.slot} out of range for shape {list(want)}")
             continue
         if e.expert is not None and not (want and 0 <= e.expert < want[0]):
-            problems.append(f"{e.target}: expert {e.expert} out of range for shape {list(want)} (shapes disagree with config.json)")
+            problems.append(f"{e.target}: expert {e.expert} out of range for shape {list(want)} "
+                            "(shapes disagree with config.json)")
             continue
         try:
             got = out_shape(e.transforms, sources[e.source][0])
@@ -240,14 +243,16 @@ def _check(sources, targets, edges) -> list[str]:
     for s, es in used.items():
         parts = sorted((t.part, t.parts) for e in es for t in e.transforms if isinstance(t, TakeInterleaved))
         if len(es) > 1 and parts != [(p, len(es)) for p in range(len(es))]:
-            problems.append(f"HF tensor {s!r} is used {len(es)} times ({', '.join(e.target for e in es)}) without splitting it into disjoint parts")
+            problems.append(f"HF tensor {s!r} is used {len(es)} times ({', '.join(e.target for e in es)}) "
+                            "without splitting it into disjoint parts")
     stacked = {e.target for e in edges if e.slot is not None}
     per_expert = {e.target for e in edges if e.expert is not None}
     for t, shape in targets.items():
         for slot in range(shape[SCAN_AXIS]) if t in stacked else [None]:
             for j in range(shape[0]) if t in per_expert else [None]:
                 if (n := filled[(t, slot, j)]) != 1:
-                    problems.append(f"{_where(Edge('', t, slot=slot, expert=j))} is filled {n} times (must be exactly once)")
+                    problems.append(f"{_where(Edge('', t, slot=slot, expert=j))} is filled {n} times "
+                                    "(must be exactly once)")
     return problems
 
 

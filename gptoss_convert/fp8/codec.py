@@ -5,7 +5,8 @@ a weight `W` [..., R, C] stored as float8_e4m3fn and a float scale grid `S` [...
 the real weight is `W[r, c] * S[r // b0, c // b1]`. As transformers' `Fp8Dequantize` does, the
 product is taken in float32 (exact for BF16 scales; an F32 scale's up-to-28-bit product is
 rounded once to float32) and then rounded to the output dtype with round-to-nearest-even: the
-same two roundings, so the result equals transformers' bit for bit (tests/test_fp8.py). Only dimensions that are whole multiples of the block
+same two roundings, so the result equals transformers' bit for bit (tests/test_fp8.py).
+Only dimensions that are whole multiples of the block
 are accepted: for a ragged last block, implementations disagree on which block size applies.
 """
 

@@ -118,7 +118,8 @@ class HFCheckpoint:
             self.file_metadata[f] = meta
             for name, info in tensors.items():
                 if name in self.stored:
-                    raise CorruptTensorError(f"{self.dir}: tensor {name!r} is stored in both {self.stored[name].file.name} and {f}")
+                    raise CorruptTensorError(f"{self.dir}: tensor {name!r} is stored in both "
+                                             f"{self.stored[name].file.name} and {f}")
                 self.stored[name] = info
         self._check_index()
         self.tensors = self._virtual_tensors()
@@ -135,7 +136,8 @@ class HFCheckpoint:
         if q is not None:
             method = q.get("quant_method") if isinstance(q, dict) else q
             if not isinstance(method, str) or method not in SUPPORTED_QUANT:
-                raise InputError(f"{path}: quant_method {method!r} is not supported (supported: {sorted(SUPPORTED_QUANT)})")
+                raise InputError(f"{path}: quant_method {method!r} is not supported "
+                                 f"(supported: {sorted(SUPPORTED_QUANT)})")
             if method == "fp8":
                 self.fp8_block = _fp8_block(q, path)
         return raw
@@ -218,7 +220,8 @@ class HFCheckpoint:
             else:
                 out[name] = VirtualTensor(name, info.shape, info.dtype, stored=info)
         if problems:
-            raise CorruptTensorError(f"{self.dir}: incomplete or inconsistent quantized tensors: " + "; ".join(problems))
+            raise CorruptTensorError(f"{self.dir}: incomplete or inconsistent quantized tensors: "
+                                     + "; ".join(problems))
         return out
 
     def _pair(self, base: str, blocks: TensorInfo, scales: TensorInfo | None, problems: list[str]):
@@ -229,7 +232,8 @@ class HFCheckpoint:
             problems.append(f"{blocks.name!r}/{scales.name!r} must be U8, got {blocks.dtype}/{scales.dtype}")
             return None
         if len(blocks.shape) < 3 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-            problems.append(f"{blocks.name!r} {list(blocks.shape)} and {scales.name!r} {list(scales.shape)} do not pair as [..., out, G, 16] / [..., out, G]")
+            problems.append(f"{blocks.name!r} {list(blocks.shape)} and {scales.name!r} {list(scales.shape)} "
+                            "do not pair as [..., out, G, 16] / [..., out, G]")
             return None
         *lead, out_dim, groups, _ = blocks.shape
         return VirtualTensor(base, (*lead, groups * 32, out_dim), "MXFP4", blocks=blocks, scales=scales)
@@ -266,7 +270,8 @@ class HFCheckpoint:
         if wide:
             kinds = sorted({d for _, d in wide})
             log.warning("warning: %s: %d of %d tensors are stored as %s, not BF16 (e.g. %r); dequantize copies them as "
-                        "stored, to-orbax casts them to --dtype (bf16 rounds to nearest even; fp32 keeps F32/F16 exact)",
+                        "stored, to-orbax casts them to --dtype "
+                        "(bf16 rounds to nearest even; fp32 keeps F32/F16 exact)",
                         self.dir, len(wide), len(self.tensors), "/".join(kinds), wide[0][0])
 
     # -- reading ----------------------------------------------------------------------------
@@ -274,7 +279,8 @@ class HFCheckpoint:
     def is_mxfp4(self) -> bool:
         return any(t.is_mxfp4 for t in self.tensors.values())
 
-    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16, alloc: Alloc | None = None) -> np.ndarray:
+    def read(self, name: str, rows: slice | None = None, dtype=ml_dtypes.bfloat16,
+             alloc: Alloc | None = None) -> np.ndarray:
         """Tensor `name` in HF orientation, or rows `rows` of its first axis (e.g. experts).
 
         Stored tensors come back in their stored dtype (bit for bit); MXFP4 pairs are
@@ -316,7 +322,8 @@ class HFCheckpoint:
                 np.copyto(as_bits(out), whole[..., p::parts])
             return outs
         with self._stored_pair(vt, rows) as (blocks, scales):
-            return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)), part=(p, parts))
+            return [self._decode(vt, blocks, scales, rows, dtype, alloc and alloc(shape, np.dtype(dtype)),
+                                 part=(p, parts))
                     for p in range(parts)]
 
     @contextlib.contextmanager
@@ -352,7 +359,8 @@ class HFCheckpoint:
         finally:
             self._mapped.drop(vt.stored, rows)
 
-    def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out, part: tuple[int, int] | None = None) -> np.ndarray:
+    def _decode(self, vt: VirtualTensor, blocks, scales, rows, dtype, out,
+                part: tuple[int, int] | None = None) -> np.ndarray:
         """Decode blocks/scales (rows `rows` of `vt`) into HF orientation; only the stored rows
         part[0]::part[1] if `part` is given. Corrupt bytes are reported at their index in `vt`."""
         name = vt.name
@@ -371,8 +379,8 @@ class HFCheckpoint:
                 raise
             idx = tuple(int(i) for i in bad[0])
             idx = (idx[0] + (rows.start if rows is not None else 0),) + idx[1:]
-            raise CorruptTensorError(f"{vt.scales.file}: tensor {vt.scales.name!r} has scale byte 255 (NaN in MXFP4) at "
-                                     f"index {idx}; the checkpoint is corrupt, re-download it") from None
+            raise CorruptTensorError(f"{vt.scales.file}: tensor {vt.scales.name!r} has scale byte 255 (NaN in MXFP4) "
+                                     f"at index {idx}; the checkpoint is corrupt, re-download it") from None
 
     def nbytes(self, name: str, itemsize: int = 2) -> int:
         return math.prod(self.tensors[name].shape) * itemsize
@@ -409,7 +417,8 @@ def _check_no_overflow(blocks: np.ndarray, scales: np.ndarray, info: TensorInfo,
         mags = np.concatenate([mxfp4.FP4_VALUES[group & 0x7], mxfp4.FP4_VALUES[(group >> 4) & 0x7]])
         if mags.max() >= limit[int(scales[tuple(g)])]:
             idx = (int(g[0]) + (rows.start if rows is not None else 0),) + tuple(int(i) for i in g[1:])
-            raise CorruptTensorError(f"{info.file}: tensor {info.name!r} has scale byte {int(scales[tuple(g)])} at index "
+            raise CorruptTensorError(f"{info.file}: tensor {info.name!r} has scale byte "
+                                     f"{int(scales[tuple(g)])} at index "
                                      f"{idx}, which decodes to +-inf; the checkpoint is corrupt, re-download it")
 
 

@@ -155,7 +155,8 @@ class Location:
 
     def is_file(self) -> bool:
         """Whether an object with exactly this key exists."""
-        return bool(self.key) and self._call(lambda: self._store.read(self.key).result(), writing=False).state == "value"
+        return bool(self.key) and self._call(lambda: self._store.read(self.key).result(),
+                                             writing=False).state == "value"
 
     def keys(self) -> list[str]:
         """Keys of every object under this prefix, relative to it, sorted."""
@@ -172,7 +173,8 @@ class Location:
 
     def unlink(self, missing_ok: bool = False) -> None:
         """Delete the object (a missing one is no error: object stores do not tell)."""
-        self._call(lambda: self._store.delete_range(ts.KvStore.KeyRange(self.key, self.key + "\0")).result(), writing=True)
+        self._call(lambda: self._store.delete_range(ts.KvStore.KeyRange(self.key, self.key + "\0")).result(),
+                   writing=True)
 
     def delete_tree(self) -> None:
         """Delete every object under this prefix."""

@@ -136,7 +136,8 @@ def array_name(keys: tuple[str, ...]) -> str:
     return ".".join(keys)
 
 
-def zarr3_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...], compression: str | None = "zstd") -> dict:
+def zarr3_metadata(shape: tuple[int, ...], dtype: np.dtype, chunk: tuple[int, ...],
+                   compression: str | None = "zstd") -> dict:
     """The zarr3 metadata Orbax writes for a leaf saved with one chunk of shape `chunk`:
     a sharding_indexed codec whose single inner chunk is the whole shard, zstd level 3.
 
@@ -188,7 +189,8 @@ def _chunk_files(leaf_dir: Path | Location, ndim: int) -> int:
     """How many chunk files a zarr3 array folder holds (default key encoding: c/i/j/...)."""
     if isinstance(leaf_dir, Location):      # one listing, not a request per chunk
         keys = leaf_dir.keys()
-        return int("c" in keys) if ndim == 0 else sum(k.startswith("c/") and k.rsplit("/", 1)[-1].isdigit() for k in keys)
+        return int("c" in keys) if ndim == 0 else sum(k.startswith("c/") and k.rsplit("/", 1)[-1].isdigit()
+                                                      for k in keys)
     if ndim == 0:
         return int((leaf_dir / "c").is_file())
     root = leaf_dir / "c"

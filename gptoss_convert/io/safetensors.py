@@ -69,10 +69,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CorruptTensorError(f"{path}: file is {size} bytes, too short for a safetensors header; the shard is truncated, re-download it")
+            raise CorruptTensorError(f"{path}: file is {size} bytes, too short for a safetensors header; "
+                                     "the shard is truncated, re-download it")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
-            raise CorruptTensorError(f"{path}: header length {n} exceeds the file size {size}; the shard is truncated or not safetensors")
+            raise CorruptTensorError(f"{path}: header length {n} exceeds the file size {size}; "
+                                     "the shard is truncated or not safetensors")
         try:
             header = json.loads(f.read(n), object_pairs_hook=_dup_check)
         except (ValueError, RecursionError) as e:     # RecursionError: absurdly deep nesting
@@ -103,9 +105,11 @@ def _tensor_info(path: Path, name: str, entry, data_start: int, data_size: int) 
         raise CorruptTensorError(f"{where}: data_offsets {offs!r} are not [begin, end] with 0 <= begin <= end")
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if offs[1] - offs[0] != nbytes:
-        raise CorruptTensorError(f"{where}: data_offsets span {offs[1] - offs[0]} bytes but shape {shape} x {dtype} needs {nbytes}")
+        raise CorruptTensorError(f"{where}: data_offsets span {offs[1] - offs[0]} bytes but shape {shape} x {dtype} "
+                                 f"needs {nbytes}")
     if offs[1] > data_size:
-        raise CorruptTensorError(f"{where}: data ends at byte {offs[1]} but the file holds {data_size} data bytes; the shard is truncated, re-download it")
+        raise CorruptTensorError(f"{where}: data ends at byte {offs[1]} but the file holds {data_size} data bytes; "
+                                 "the shard is truncated, re-download it")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], nbytes)
 
 
@@ -141,7 +145,8 @@ def read_tensor(info: TensorInfo, rows: slice | None = None, out: np.ndarray | N
     if out is None:
         out = empty(shape, info.np_dtype)
     elif out.shape != shape or out.dtype != info.np_dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out: expected a C-contiguous {info.np_dtype}{shape} array for {info.name!r}, got {out.dtype}{out.shape}")
+        raise ValueError(f"out: expected a C-contiguous {info.np_dtype}{shape} array for {info.name!r}, "
+                         f"got {out.dtype}{out.shape}")
     with open(info.file, "rb") as f:
         f.seek(begin)
         got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
@@ -199,7 +204,8 @@ class MappedFiles:
             return self._maps[path]
 
 
-def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
     """Header bytes (padded to 8) for tensors written back to back in `entries` order.
 
     Returns (prefix to write before the data, byte offset of each tensor within the data).
@@ -229,7 +235,8 @@ class ShardWriter:
 
     PIECE = 1 << 20
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None,
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None,
                  *, flush_every: int = 256 << 20, direct: bool = True):
         self.path = Path(path)
         prefix, _ = build_header(entries, metadata)
@@ -289,7 +296,8 @@ class ShardWriter:
     def write(self, name: str, array: np.ndarray) -> None:
         """Write tensor `name` whole."""
         if self._i < len(self._todo) and np.shape(array) != self._todo[self._i][2]:
-            raise ValueError(f"{self.path}: tensor {name!r} has shape {np.shape(array)}, header says {self._todo[self._i][2]}")
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {np.shape(array)}, "
+                             f"header says {self._todo[self._i][2]}")
         self.append(name, np.atleast_1d(array))
 
     def close(self, fsync: bool = True) -> str:

@@ -21,7 +21,7 @@ def published_qwen3(name: str = "Qwen3-30B-A3B") -> dict:
 
 def qwen3_specs(raw: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, "BF16")} of every tensor of the published per-expert layout, layer by layer."""
-    H, I, E, V = raw["hidden_size"], raw["moe_intermediate_size"], raw["num_experts"], raw["vocab_size"]
+    H, F, E, V = raw["hidden_size"], raw["moe_intermediate_size"], raw["num_experts"], raw["vocab_size"]
     Nq, Nkv, D = raw["num_attention_heads"], raw["num_key_value_heads"], raw["head_dim"]
     shapes = {"model.embed_tokens.weight": (V, H)}
     for i in range(raw["num_hidden_layers"]):
@@ -33,7 +33,7 @@ def qwen3_specs(raw: dict) -> dict[str, tuple[tuple[int, ...], str]]:
                    p + "mlp.gate.weight": (E, H)}
         for j in range(E):
             x = f"{p}mlp.experts.{j}."
-            shapes |= {x + "gate_proj.weight": (I, H), x + "up_proj.weight": (I, H), x + "down_proj.weight": (H, I)}
+            shapes |= {x + "gate_proj.weight": (F, H), x + "up_proj.weight": (F, H), x + "down_proj.weight": (H, F)}
     shapes |= {"model.norm.weight": (H,), "lm_head.weight": (V, H)}
     return {n: (s, "BF16") for n, s in shapes.items()}
 

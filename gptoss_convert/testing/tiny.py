@@ -54,7 +54,8 @@ def config_json(cfg: GptOssConfig) -> dict:
     """The config.json of a checkpoint of `cfg`: the published one with cfg's sizes."""
     raw = tiny_raw_config(**{k: getattr(cfg, k) for k in SIZE_FIELDS})
     if config_from_dict(raw) != cfg:
-        raise ValueError("write_checkpoint writes the published config with cfg's sizes; cfg differs in more than sizes")
+        raise ValueError("write_checkpoint writes the published config with cfg's sizes; "
+                         "cfg differs in more than sizes")
     return raw
 
 
@@ -77,7 +78,7 @@ def hf_specs(cfg: GptOssConfig) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _layout(cfg: GptOssConfig, expert_scale) -> dict[str, tuple[tuple[int, ...], str, object]]:
     """name -> (shape, dtype, draw(rng, shape)); the order is the order values are drawn in."""
-    H, I, E, V, Nq, Nkv, D = cfg.H, cfg.I, cfg.E, cfg.V, cfg.Nq, cfg.Nkv, cfg.D
+    H, F, E, V, Nq, Nkv, D = cfg.H, cfg.I, cfg.E, cfg.V, cfg.Nq, cfg.Nkv, cfg.D
     bf = lambda *shape, mean=0.0, std=0.05: (shape, "BF16", _normal(mean, std))  # noqa: E731
     u8 = lambda *shape: (shape, "U8", _codes(*expert_scale))  # noqa: E731
     t = {"model.embed_tokens.weight": bf(V, H, std=1.0), "model.norm.weight": bf(H, mean=1.0, std=0.1),
@@ -92,12 +93,12 @@ def _layout(cfg: GptOssConfig, expert_scale) -> dict[str, tuple[tuple[int, ...],
               p + "self_attn.o_proj.weight": bf(H, Nq * D, std=0.1), p + "self_attn.o_proj.bias": bf(H),
               p + "self_attn.sinks": bf(Nq, std=1.0),
               p + "mlp.router.weight": bf(E, H, std=0.3), p + "mlp.router.bias": bf(E, std=0.1),
-              p + "mlp.experts.gate_up_proj_bias": bf(E, 2 * I), p + "mlp.experts.down_proj_bias": bf(E, H),
+              p + "mlp.experts.gate_up_proj_bias": bf(E, 2 * F), p + "mlp.experts.down_proj_bias": bf(E, H),
               # stored [E, out, in/32, 16] + [E, out, in/32]: gate_up out=2I in=H, down out=H in=I
-              p + "mlp.experts.gate_up_proj_blocks": u8(E, 2 * I, H // 32, 16),
-              p + "mlp.experts.gate_up_proj_scales": u8(E, 2 * I, H // 32),
-              p + "mlp.experts.down_proj_blocks": u8(E, H, I // 32, 16),
-              p + "mlp.experts.down_proj_scales": u8(E, H, I // 32)}
+              p + "mlp.experts.gate_up_proj_blocks": u8(E, 2 * F, H // 32, 16),
+              p + "mlp.experts.gate_up_proj_scales": u8(E, 2 * F, H // 32),
+              p + "mlp.experts.down_proj_blocks": u8(E, H, F // 32, 16),
+              p + "mlp.experts.down_proj_scales": u8(E, H, F // 32)}
     return t
 
 

@@ -192,7 +192,8 @@ def _policy(raw: dict, strict: bool, problems: list[str]) -> None:
     q = raw.get("quantization_config")
     method = q.get("quant_method") if isinstance(q, dict) else q
     if q is not None and method not in _QUANT_METHODS:
-        problems.append(f"quantization_config.quant_method={method!r} is not supported (supported: {', '.join(_QUANT_METHODS)})")
+        problems.append(f"quantization_config.quant_method={method!r} is not supported "
+                        f"(supported: {', '.join(_QUANT_METHODS)})")
 
 
 def config_from_dict(raw: dict, source: str = "config.json", *, strict: bool = False) -> GptOssConfig:
@@ -236,7 +237,8 @@ def _check_layer_types(layer_types, L: int, problems: list[str]) -> None:
         i, t = bad[0]
         problems.append(f"layer_types[{i}]={t!r} is not a supported layer type (supported: {SLIDING}, {FULL})")
     elif any(t != (SLIDING if i % 2 == 0 else FULL) for i, t in enumerate(layer_types)):
-        problems.append("layer_types must alternate sliding_attention, full_attention starting with sliding (as gpt-oss does)")
+        problems.append("layer_types must alternate sliding_attention, full_attention starting with sliding "
+                        "(as gpt-oss does)")
 
 
 def _check_shapes(kw: dict, layer_types, problems: list[str]) -> None:

@@ -90,7 +90,8 @@ def _value(key: str, value: Any, typ: type, bound: int, problems: list[str]):
     elif typ is int:
         ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= bound
     else:   # positive finite float: a negative eps or theta would silently change the math
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 < value <= bound
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and 0 < value <= bound)
     if not ok:
         want = {bool: "true or false", int: f"an integer in 1..{bound}", float: f"a positive number up to {bound}"}[typ]
         problems.append(f"{key} must be {want}, got {value!r}")
