@@ -216,6 +216,8 @@ def test_converters_print_progress_lines_when_not_a_terminal(mxfp4_dir, tmp_path
     assert r.returncode == 0 and "[progress] dequantize:" in r.stderr and "(done)" in r.stderr, r.stderr
     r = _cli("dequantize", mxfp4_dir, tmp_path / "b", "--quiet", env=env)
     assert r.returncode == 0 and "[progress]" not in r.stderr
+    r = _cli("check", tmp_path / "a", env=env)
+    assert r.returncode == 0 and "[progress] check:" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("command", ["to-orbax", "dequantize", "to-hf"])

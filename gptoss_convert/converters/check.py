@@ -17,6 +17,7 @@ from gptoss_convert.io.files import HASHES, file_digest
 from gptoss_convert.io.location import Location, is_url, resolve
 from gptoss_convert.io.orbax_source import COMMIT_FILE, object_digest, uncommitted_allowed
 from gptoss_convert.io.record import link_in_path, read_record, recorded_hash
+from gptoss_convert.progress import progress
 
 
 class CheckFailed(ProblemList, ConvertError):
@@ -66,21 +67,34 @@ def _check_files(out: Path, rec: dict) -> list[str]:
         return _check_objects(out, rec)
     problems = []
     present = {p.as_posix() for p in tree_files(out)}
-    for rel, meta in sorted(rec["outputs"].items()):
-        f = out / rel
-        if rel not in present:
-            problems.append(f"{rel}: missing")
-        elif link_in_path(out, rel):
-            problems.append(f"{rel}: is a symbolic link (or under one); an output holds regular files only, "
-                            "and check follows no link out of it")
-        elif f.stat().st_size != meta.get("size"):
-            problems.append(f"{rel}: size {f.stat().st_size} != recorded {meta.get('size')}")
-        elif (recorded := _recorded_hash(meta)) is None:
-            problems.append(f"{rel}: the record gives no hash this version knows ({', '.join(HASHES)})")
-        elif file_digest(f, recorded[0]) != recorded[1]:
-            problems.append(f"{rel}: {recorded[0]} differs from the record (corrupted or modified)")
+    with progress(sum(map(_size, rec["outputs"].values())), "check") as bar:
+        for rel, meta in sorted(rec["outputs"].items()):
+            _check_file(out, rel, meta, present, problems)
+            bar.update(_size(meta))
     problems += [f"{rel}: not part of the recorded output" for rel in sorted(present - set(rec["outputs"]))]
     return problems
+
+
+def _size(meta) -> int:
+    """A recorded file's size for the progress report (0 where the record gives none)."""
+    size = meta.get("size") if isinstance(meta, dict) else None
+    return size if isinstance(size, int) and size > 0 else 0
+
+
+def _check_file(out: Path, rel: str, meta: dict, present: set, problems: list) -> None:
+    """One recorded file: there, a regular file, its size and hash as recorded."""
+    f = out / rel
+    if rel not in present:
+        problems.append(f"{rel}: missing")
+    elif link_in_path(out, rel):
+        problems.append(f"{rel}: is a symbolic link (or under one); an output holds regular files only, "
+                        "and check follows no link out of it")
+    elif f.stat().st_size != meta.get("size"):
+        problems.append(f"{rel}: size {f.stat().st_size} != recorded {meta.get('size')}")
+    elif (recorded := _recorded_hash(meta)) is None:
+        problems.append(f"{rel}: the record gives no hash this version knows ({', '.join(HASHES)})")
+    elif file_digest(f, recorded[0]) != recorded[1]:
+        problems.append(f"{rel}: {recorded[0]} differs from the record (corrupted or modified)")
 
 
 def _check_orbax(out: Path, rec: dict) -> list[str]:

@@ -86,8 +86,11 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
     p = Path(src)
     if p.is_dir():
         return p
-    if p.exists() or str(src).startswith((".", "/", "~")) or str(src).count("/") != 1:
-        raise InputError(f"{src}: not a directory and not a hub repo id (owner/name)")
+    if p.exists():
+        raise InputError(f"{src}: not a directory (an HF checkpoint is a directory of safetensors files)")
+    if str(src).startswith((".", "/", "~")) or str(src).count("/") != 1 or p.parent.is_dir():
+        raise InputError(f"{src}: no such directory" + ("" if p.parent.is_dir() else
+                         " (and not a hub repo id owner/name)") + "; check the path")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     try:
