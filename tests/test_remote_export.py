@@ -122,7 +122,7 @@ def test_object_digest_by_pieces(remote_outs, local_out, scheme):
     """An object read in pieces (one that ends it exactly, one past it, one inside it) has the size
     and hash of its file; over a limit it is not read further."""
     from gptoss_convert.io.files import file_digest
-    from gptoss_convert.io.orbax_source import object_digest
+    from gptoss_convert.io.files import object_digest
     loc = Location.parse(remote_outs[scheme]) / "config.json"
     data = (local_out / "config.json").read_bytes()
     n = len(data)

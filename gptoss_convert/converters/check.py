@@ -15,7 +15,8 @@ from gptoss_convert.converters.provenance import PROGRESS, RECORD, tree_files
 from gptoss_convert.errors import ConvertError, InputError, ProblemList, problem_report
 from gptoss_convert.io.files import HASHES, file_digest
 from gptoss_convert.io.location import Location, is_url, resolve
-from gptoss_convert.io.orbax_source import COMMIT_FILE, object_digest, uncommitted_allowed
+from gptoss_convert.io.files import object_digest
+from gptoss_convert.io.orbax_source import COMMIT_FILE, uncommitted_allowed
 from gptoss_convert.io.record import link_in_path, read_record, recorded_hash
 from gptoss_convert.progress import progress
 

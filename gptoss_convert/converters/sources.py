@@ -20,7 +20,8 @@ from gptoss_convert.converters.provenance import PROGRESS, source_hashes
 from gptoss_convert.errors import ConfigError, ConvertError, InputError, PlanError
 from gptoss_convert.io.files import HASH
 from gptoss_convert.io.hf_checkpoint import SIDECAR_FILES, HFCheckpoint
-from gptoss_convert.io.orbax_source import OrbaxSource, object_digest, open_orbax
+from gptoss_convert.io.files import object_digest
+from gptoss_convert.io.orbax_source import OrbaxSource, open_orbax
 
 import logging
 

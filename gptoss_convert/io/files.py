@@ -413,3 +413,20 @@ def read_json_object(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> di
     if not isinstance(raw, dict):
         raise InputError(f"{path}: must hold a JSON object")
     return raw
+
+
+def object_digest(loc, limit: int | None = None, piece: int = 64 << 20,
+                  algorithm: str = HASH) -> tuple[int, str] | None:
+    """(size, `algorithm` digest) of an object (a Location: anything with read_bytes(byte_range=)),
+    read `piece` bytes at a time (bounded memory); None if it is larger than `limit` (then only its
+    first limit + 1 bytes were read)."""
+    h, size = new_hash(algorithm), 0
+    while True:
+        n = piece if limit is None else min(piece, limit + 1 - size)
+        data = loc.read_bytes(byte_range=slice(size, size + n))
+        h.update(data)
+        size += len(data)
+        if limit is not None and size > limit:
+            return None
+        if len(data) < n:
+            return size, h.hexdigest()

@@ -396,20 +396,3 @@ def is_orbax(src) -> bool:
     if (p / PYTREE_METADATA_FILE).is_file() or (p / ITEM).is_dir() or (p / CHECKPOINT_METADATA_FILE).is_file():
         return True
     return any(s.is_dir() and (s / ITEM).is_dir() for s in _steps(p).values())
-
-
-
-def object_digest(loc: Location, limit: int | None = None, piece: int = 64 << 20,
-                  algorithm: str = HASH) -> tuple[int, str] | None:
-    """(size, `algorithm` digest) of an object, read `piece` bytes at a time (bounded memory); None
-    if it is larger than `limit` (then only its first limit + 1 bytes were read)."""
-    h, size = new_hash(algorithm), 0
-    while True:
-        n = piece if limit is None else min(piece, limit + 1 - size)
-        data = loc.read_bytes(byte_range=slice(size, size + n))
-        h.update(data)
-        size += len(data)
-        if limit is not None and size > limit:
-            return None
-        if len(data) < n:
-            return size, h.hexdigest()

@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from gptoss_convert.errors import InputError
-from gptoss_convert.io.files import HASH, HASHES, MAX_RECORD_BYTES, file_digest, read_small
+from gptoss_convert.io.files import HASH, HASHES, MAX_RECORD_BYTES, file_digest, object_digest, read_small
 
 RECORD = "conversion.json"      # converters/provenance.py writes it under this name
 
@@ -86,7 +86,6 @@ def digest_of(path, algorithm: str) -> str:
     """`algorithm` digest of a local file or an object, read in bounded pieces."""
     if isinstance(path, (str, os.PathLike)):
         return file_digest(Path(path), algorithm)
-    from gptoss_convert.io.orbax_source import object_digest
     return object_digest(path, algorithm=algorithm)[1]
 
 
