@@ -55,7 +55,8 @@ class PlainProgress:
         self.postfix = s
 
     def close(self) -> None:
-        if time.monotonic() - self.t0 >= self.every_s or (self.total and self.n >= self.total):
+        """A last line for work that took long enough to report on (short work stays silent)."""
+        if time.monotonic() - self.t0 >= self.every_s:
             self._line(final=True)
 
 

@@ -401,7 +401,7 @@ def test_verify_on_a_truncated_chunk_is_one_line_without_event_loop_tracebacks(s
     with open(chunk, "r+b") as f:
         f.truncate(100)
     r = subprocess.run([sys.executable, "-m", "gptoss_convert", "verify", str(src), "--golden", str(_golden(tmp_path)),
-                        "--in-memory"], capture_output=True, text=True, env=run_env(), timeout=300)
+                        "--in-memory", "--no-progress"], capture_output=True, text=True, env=run_env(), timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
