@@ -108,7 +108,8 @@ def shares(model: str, workdir: Path, procs: list[int]) -> list[dict]:
     """Per command and N: GB read and written by the busiest and the idlest process."""
     from gptoss_convert.converters import distributed as dist
     from gptoss_convert.converters.common import plan_for
-    from gptoss_convert.converters.dequantize import _out_tensors, _shards
+    from gptoss_convert.converters.dequantize import _out_tensors
+    from gptoss_convert.converters.shards import split_shards
     from gptoss_convert.io.hf_checkpoint import HFCheckpoint
     from gptoss_convert.testing.published import published_config
     from gptoss_convert.testing.tiny import write_sparse_checkpoint
@@ -125,10 +126,11 @@ def shares(model: str, workdir: Path, procs: list[int]) -> list[dict]:
     units = {}
     for scanned in (True, False):
         _, _, plan = plan_for(ck, scanned=scanned, itemsize=2)
-        groups = dist.shared_chunk_groups(plan.blocks, plan.chunk_shapes())
+        groups = dist.shared_chunk_groups([[(e.target, e.index) for e in b.emits] for b in plan.blocks],
+                                          plan.chunk_shapes())
         units[f"to-orbax --{'un' * (not scanned)}scanned"] = (
             [b.nbytes for b in plan.blocks], [b.nbytes * read_per_out(b.source) for b in plan.blocks], groups)
-    shards = _shards(_out_tensors(ck, "BF16", 64 << 20), 5 * 10**9)
+    shards = split_shards(_out_tensors(ck, "BF16", 64 << 20), 5 * 10**9)
     units["dequantize (5GB shards)"] = ([sum(t.nbytes for t in s) for s in shards],
                                         [sum(t.nbytes * read_per_out(t.name) for t in s) for s in shards], None)
     rows = []
