@@ -22,10 +22,11 @@ from benchmarks.common import machine, run_isolated
 
 FORWARD = """
 import json, sys, numpy as np
-from gptoss_convert.backends.gpt_oss.config import load_config
+from pathlib import Path
+from gptoss_convert.backends.gpt_oss.config import config_from_dict
 from gptoss_convert.verify.streamed import streamed_logits
 ckpt, cfg_dir = sys.argv[1:3]
-cfg = load_config(cfg_dir)
+cfg = config_from_dict(json.loads((Path(cfg_dir) / "config.json").read_text()), cfg_dir)
 lengths = [5, 5, 4, 300]
 tokens = np.zeros((len(lengths), max(lengths)), np.int32)
 mask = np.zeros_like(tokens)
