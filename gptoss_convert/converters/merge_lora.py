@@ -23,9 +23,9 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
 from gptoss_convert.converters.common import check_against_backend, parse_size
 from gptoss_convert.converters.lora import Adapter, LoraSource, adapter_summary, open_adapter
-from gptoss_convert.converters.requantize import DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, _add, out_config, summarize
-from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write_index
-from gptoss_convert.converters.sources import DType, HFSource, dtype_of, write_sidecars
+from gptoss_convert.converters.requantize import DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, _add, hf_metadata, report_hook
+from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget
+from gptoss_convert.converters.sources import DType, HFSource, dtype_of
 from gptoss_convert.converters.stream import prefetch
 from gptoss_convert.errors import InputError, OutputError
 from gptoss_convert.finite import all_finite
@@ -221,20 +221,13 @@ def merge_target(ck: HFCheckpoint, lora: Adapter, *, dt: DType, mxfp4: bool, rul
     tensors = merge_plan(ck, lora, dt, mxfp4, block_bytes)
     writer = _Writer(ck, lora, rule, allow_nonfinite, workers or max(2, os.cpu_count() or 1))
 
-    def metadata(out, names, shards) -> None:
-        write_sidecars(out, out_config(ck.config_raw, mxfp4=mxfp4, dtype=dt.name), ck.sidecar_files())
-        write_index(out, names, shards)
-
-    def report(reports: dict) -> dict:
-        target.requantization = summarize(reports) if mxfp4 else None
-        return {"requantization": target.requantization} if mxfp4 else {}
-
-    target = ShardsTarget("merge-lora", tensors, max_shard, writer.shard, metadata,
+    target = ShardsTarget("merge-lora", tensors, max_shard, writer.shard,
+                          hf_metadata(ck.config_raw, ck.sidecar_files(), mxfp4=mxfp4, dtype=dt.name),
                           {"dtype": dt.st, "max_shard_size": max_shard, "mxfp4": mxfp4,
                            "scale_rule": rule if mxfp4 else None, "scale": scale, "adapter": str(lora.dir)},
                           lambda result, seconds: _done_line(result, target, seconds, rule),
-                          report, extra={"lora": lora.record(scale), "config_unknown_fields": list(cfg.unknown_fields)})
-    target.requantization = None
+                          report_hook(mxfp4),
+                          extra={"lora": lora.record(scale), "config_unknown_fields": list(cfg.unknown_fields)})
     return target
 
 
@@ -243,7 +236,7 @@ def _done_line(result, target: ShardsTarget, seconds: float, rule: str) -> str:
     merged = sum(t.how in ("merge", "quantize") and t.name in target.extra["lora"]["tensors"] for t in target.tensors)
     total = sum(t.nbytes for t in target.tensors)
     lines = []
-    if s := target.requantization:
+    if s := target.finished.get("requantization"):
         lines.append(f"requantized {len(s['tensors'])} expert tensors ({rule} scales): relative RMS error "
                      f"{s['rel_rms']:.3g}, {s['saturated']} saturated values, {s['clamped_groups']} clamped groups "
                      "(per tensor in conversion.json)")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 
+from gptoss_convert.converters.shards import write_index
+from gptoss_convert.converters.sources import write_sidecars
+
 DEFAULT_SCALE_RULE = "triton"     # triton_kernels' downcast_to_mxfp as at gpt-oss's release; docs/formats.md §3
 # gpt-oss tensors stored as MXFP4 in the published checkpoints (everything else is BF16 there)
 MXFP4_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -39,3 +42,17 @@ def summarize(reports: dict[str, dict]) -> dict:
         _add(total, r)
     return {"tensors": per, "rel_rms": math.sqrt(total["err2"] / total["ref2"]) if total.get("ref2") else 0.0,
             "saturated": total.get("saturated", 0), "clamped_groups": total.get("clamped_groups", 0)}
+
+
+def hf_metadata(raw: dict, sidecars: list, *, mxfp4: bool, dtype: str):
+    """ShardsTarget's metadata hook for an HF output: config.json as published (out_config), the
+    tokenizer and generation files, the index."""
+    def metadata(out, names, shards) -> None:
+        write_sidecars(out, out_config(raw, mxfp4=mxfp4, dtype=dtype), sidecars)
+        write_index(out, names, shards)
+    return metadata
+
+
+def report_hook(mxfp4: bool):
+    """ShardsTarget's report hook: every shard's requantization error summed (with --mxfp4)."""
+    return (lambda reports: {"requantization": summarize(reports)}) if mxfp4 else (lambda reports: {})

@@ -72,6 +72,7 @@ class ShardsTarget:
         self.names = shard_names(len(self.shards))
         self._by_name = dict(zip(self.names, self.shards))
         self.units = [Unit(n, sum(t.nbytes for t in s)) for n, s in zip(self.names, self.shards)]
+        self.finished: dict = {}                # the record fields finish() wrote (its report's too)
         self.peak_memory = RUNTIME_BYTES + self.in_flight * self.largest_block
 
     def fingerprint(self) -> dict:
@@ -116,7 +117,8 @@ class ShardsTarget:
         reports = {k: v for f in self.names
                    for k, v in json.loads((path / PROGRESS / f"{f}.report.json").read_text()).items()}
         self.metadata(path, self.names, self.shards)
-        return Finished(self.extra | self.report(reports), {}, {})
+        self.finished = self.extra | self.report(reports)
+        return Finished(self.finished, {}, {})
 
     def summary(self, result, seconds: float) -> str:
         return self.summary_of(result, seconds)

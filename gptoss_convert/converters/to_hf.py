@@ -24,9 +24,9 @@ from gptoss_convert.converters import job
 from gptoss_convert.converters.common import parse_size
 from gptoss_convert.converters.provenance import ReadAheadHashes
 from gptoss_convert.converters.requantize import (DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, PUBLISHED_QUANTIZATION,  # noqa: F401
-                                                   _add, out_config, summarize)
-from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write_index
-from gptoss_convert.converters.sources import DType, OrbaxSrc, dtype_of, open_source, write_sidecars
+                                                   _add, hf_metadata, out_config, report_hook, summarize)
+from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget
+from gptoss_convert.converters.sources import DType, OrbaxSrc, dtype_of, open_source
 from gptoss_convert.converters.stream import prefetch
 from gptoss_convert.errors import InputError
 from gptoss_convert.finite import all_finite
@@ -277,26 +277,19 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
     total = sum(t.nbytes for t in tensors)
     rule = opts.rule if mxfp4 else None
 
-    def metadata(out, names, shards) -> None:
-        write_sidecars(out, out_config(source.config_raw, mxfp4=mxfp4, dtype=dt.name), source.sidecars())
-        write_index(out, names, shards)
-
-    def report(reports: dict) -> dict:
-        target.requantization = summarize(reports) if mxfp4 else None
-        return {"requantization": target.requantization} if mxfp4 else {}
-
     def summary(result, seconds: float) -> str:
-        return _done_line(result, orbax, total, len(target.names), seconds, target.requantization, opts.rule)
+        return _done_line(result, orbax, total, len(target.names), seconds, target.finished.get("requantization"),
+                          opts.rule)
 
     target = ShardsTarget("to-hf", tensors, max_shard,
                           lambda path, shard, bar: _write_shard(orbax, path, shard, opts, bar),
-                          metadata, {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
-                                     "like": None if like is None else str(like)}, summary, report,
+                          hf_metadata(source.config_raw, source.sidecars(), mxfp4=mxfp4, dtype=dt.name),
+                          {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
+                           "like": None if like is None else str(like)}, summary, report_hook(mxfp4),
                           extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,
                                  "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves},
                           largest_block=max((t.block_bytes for t in tensors), default=0),
                           in_flight=2 * (opts.workers + 2))    # read ahead and in the workers; requantization copies
-    target.requantization = None
     return target
 
 
