@@ -215,19 +215,19 @@ def convert_row(cmd: str, src: Source, out: Path, s: dict, baseline_bytes: int, 
 
 # --- gpt-oss-120b: the plan from sparse shards -----------------------------------------------
 
-def dry_run_120b(work: Path, cfg: dict) -> dict:
+def dry_run_120b(work: Path, cfg: dict, **kw) -> dict:
     """`to-orbax --dry-run --scanned` on real-shape sparse 120b shards (15, as published)."""
     from gptoss_convert.testing.tiny import write_sparse_checkpoint
-    return dry_run(work / "sparse-120b", lambda d: write_sparse_checkpoint(d, cfg, shards=15))
+    return dry_run(work / "sparse-120b", lambda d: write_sparse_checkpoint(d, cfg, shards=15), **kw)
 
 
-def dry_run(src: Path, write_sparse) -> dict:
+def dry_run(src: Path, write_sparse, **kw) -> dict:
     """`to-orbax --dry-run --scanned` on the real-shape sparse shards `write_sparse(src)` writes
     (any family): its summary lines and the source's size; the shards are deleted after."""
     from gptoss_convert.converters.to_orbax import to_orbax
     write_sparse(src)
     lines: list[str] = []
-    to_orbax(src, src.parent / "never-written", scanned=True, dry_run=True, log=lines.append)
+    to_orbax(src, src.parent / "never-written", scanned=True, dry_run=True, log=lines.append, **kw)
     source = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     shutil.rmtree(src)
     return {"source_GB": round(source / 1e9, 2), "summary": lines[-1].splitlines()[-3:]}

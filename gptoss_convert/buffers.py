@@ -95,6 +95,8 @@ class RecyclingPool:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+# What keep_freed_memory lets the heap keep free at its top before giving it back to the kernel.
+RETAINED_HEAP_BYTES = 1 << 30
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +117,20 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return all(mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30)))
+               ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES)))
+
+
+def retain_freed_memory_up_to(nbytes: int) -> bool:
+    """Lower what glibc keeps of freed heap memory (keep_freed_memory's 1 GB) to `nbytes`, at
+    least 64 MB, so that memory kept for reuse stays under a ceiling (--max-memory) too;
+    returns whether it did (glibc only, and not with GPTOSS_CONVERT_MALLOC=default)."""
+    if os.environ.get("GPTOSS_CONVERT_MALLOC") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.mallopt(_M_TRIM_THRESHOLD, int(min(max(nbytes, 64 << 20), RETAINED_HEAP_BYTES))) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def as_bits(arr: np.ndarray) -> np.ndarray:

@@ -121,6 +121,15 @@ DTYPE = click.Choice(["bf16", "fp32", "bfloat16", "float32"])
 _LONG = {"bf16": "bfloat16", "fp32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
 
 
+def _memory_size(ctx, param, value):
+    """--max-memory in bytes; a value that is not a size is a usage error (exit 2)."""
+    from gptoss_convert.converters.job import memory_ceiling
+    try:
+        return memory_ceiling(value)
+    except ConvertError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1]) from e
+
+
 _common = [
     click.option("--dtype", type=DTYPE, default="bf16", show_default=True,
                  help="Output dtype (bfloat16, float32 also accepted)."),
@@ -136,7 +145,11 @@ _common = [
                  help="Refuse config.json fields this tool does not know "
                       "(default: accept them as inert, with a warning)."),
     click.option("--no-space-check", is_flag=True,
-                 help="Write even if OUT's filesystem has less free space than the output needs."),
+                 help="Write even if OUT's filesystem has less free space than the output needs "
+                      "(or this machine less free memory than the plan's peak)."),
+    click.option("--max-memory", default="1.5GB", show_default=True, metavar="SIZE", callback=_memory_size,
+                 help="Memory ceiling: fewer blocks are held at once to stay under it (e.g. 1GB, 800MiB); "
+                      "refused before any work if one block cannot fit."),
 ]
 
 
@@ -170,9 +183,10 @@ def common_options(fn):
     """The options every converting command takes, handed to `fn` as one dict `opts` (the library's
     keywords) beside `dtype`, `dry_run` and `workers`; plus --json and --s3-endpoint."""
     @functools.wraps(fn)
-    def wrapper(*args, overwrite, resume, no_progress, allow_nonfinite, strict_config, no_space_check, **kwargs):
+    def wrapper(*args, overwrite, resume, no_progress, allow_nonfinite, strict_config, no_space_check, max_memory,
+                **kwargs):
         opts = dict(overwrite=overwrite, resume=resume, progress=not no_progress, allow_nonfinite=allow_nonfinite,
-                    strict_config=strict_config, check_space=not no_space_check)
+                    strict_config=strict_config, check_space=not no_space_check, max_memory=max_memory)
         return fn(*args, opts=opts, **kwargs)
     for opt in reversed(_common + [json_option, s3_endpoint_option]):
         wrapper = opt(wrapper)

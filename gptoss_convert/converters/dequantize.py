@@ -14,6 +14,7 @@ from gptoss_convert import faults
 from gptoss_convert.buffers import BufferPool
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
+from gptoss_convert.converters.job import Memory
 from gptoss_convert.converters.common import check_against_backend, parse_size
 from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget, write_index
 from gptoss_convert.converters.sources import DType, HFSource, dtype_of, write_sidecars
@@ -58,6 +59,9 @@ def _out_tensors(ck: HFCheckpoint, dtype: str, block_bytes: int) -> list[OutTens
     return out
 
 
+READ_AHEAD = 2     # blocks read ahead of the one being written (each held, with its pooled twin)
+
+
 def _read(ck: HFCheckpoint, t: OutTensor, rows: slice | None, pool: BufferPool) -> np.ndarray:
     np_dtype = np.float32 if t.dtype == "F32" else ml_dtypes.bfloat16
     arr = ck.read(t.name, rows, dtype=np_dtype, alloc=pool.get)    # into a recycled buffer
@@ -75,13 +79,13 @@ def _row_slices(t: OutTensor):
     return [slice(r, min(r + t.rows_per_block, t.shape[0])) for r in range(0, t.shape[0], t.rows_per_block)]
 
 
-def _write_shard(ck, path: Path, tensors: list[OutTensor], bar) -> str:
-    """Write one output shard, streaming row blocks; returns its hash (files.HASH)."""
+def _write_shard(ck, path: Path, tensors: list[OutTensor], bar, ahead: int) -> str:
+    """Write one output shard, streaming row blocks with `ahead` read ahead; returns its hash (files.HASH)."""
     w = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
-    pool = BufferPool(keep=4)                   # the prefetched blocks + the one being written
+    pool = BufferPool(keep=ahead + 2)           # the prefetched blocks + the one being written
     try:
         items = [(t, rows) for t in tensors for rows in _row_slices(t)]
-        for (t, _), arr in prefetch(items, lambda it: _read(ck, *it, pool)):
+        for (t, _), arr in prefetch(items, lambda it: _read(ck, *it, pool), depth=ahead):
             faults.point("read")
             w.append(t.name, arr)
             faults.point("write")
@@ -98,6 +102,7 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | D
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
                strict_config: bool = False, dry_run: bool = False, check_space: bool = True,
+               max_memory: str | int = job.DEFAULT_MAX_MEMORY,
                cluster=None, log=print) -> Path | ShardsTarget:
     """Convert an MXFP4 gpt-oss or FP8 Qwen3-MoE checkpoint (or a BF16 one) `src` to an HF checkpoint at `out`.
 
@@ -118,7 +123,8 @@ def dequantize(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | D
     if dry_run:
         log(describe(target))
         return target
-    return job.run(HFSource(ck), target, out, job.JobOptions(overwrite, resume, progress, check_space), cluster, log)
+    return job.run(HFSource(ck), target, out, job.JobOptions(overwrite, resume, progress, check_space, max_memory),
+                   cluster, log)
 
 
 def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: int,
@@ -142,10 +148,10 @@ def dequantize_target(ck: HFCheckpoint, dt: DType, max_shard: int, block_bytes: 
         write_index(out, names, shards)
 
     target = ShardsTarget("dequantize", tensors, max_shard,
-                          lambda path, shard, bar: (_write_shard(ck, path, shard, bar), {}),
+                          lambda path, shard, bar, ahead: (_write_shard(ck, path, shard, bar, ahead), {}),
                           metadata, {"dtype": dt.st, "max_shard_size": max_shard}, summary,
                           extra={"config_unknown_fields": list(cfg.unknown_fields)},
-                          largest_block=max((_block_bytes(t) for t in tensors), default=0), in_flight=7)
+                          memory=Memory(max((_block_bytes(t) for t in tensors), default=0), READ_AHEAD, per=2, fixed=3))
     return target
 
 

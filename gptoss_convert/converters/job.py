@@ -21,21 +21,24 @@ and a resumed run hashes its source first and continues only if every recorded h
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from typing import Callable, Protocol
 
-from gptoss_convert.buffers import keep_freed_memory
+from gptoss_convert.buffers import keep_freed_memory, retain_freed_memory_up_to
 from gptoss_convert.converters import distributed as dist
+from gptoss_convert.converters.common import parse_size
 from gptoss_convert.converters.output import open_output
 from gptoss_convert.converters.provenance import write_record
 from gptoss_convert.converters.stream import background
-from gptoss_convert.errors import InputError, OutputError
+from gptoss_convert.errors import ConvertError, InputError, OutputError
 from gptoss_convert.io.files import HASHES
 from gptoss_convert.io.location import is_url
 from gptoss_convert.progress import progress, step
 
 SOURCE_ENTRY = "source"
 RUNTIME_BYTES = 400 << 20   # the process before its first block: Python, numpy, TensorStore, the plan
+DEFAULT_MAX_MEMORY = "1.5GB"    # --max-memory: the ceiling every converting command fits its plan under
 
 
 class ResourceError(OutputError):
@@ -54,14 +57,49 @@ def available_memory() -> int | None:
     return None
 
 
-def check_memory(target) -> None:
-    """Refuse a plan whose peak memory estimate (blocks in flight over the runtime) exceeds the
-    memory available now: a stranger's checkpoint can declare blocks of any size."""
-    need, free = getattr(target, "peak_memory", 0), available_memory()
-    if free is not None and need > free:
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """What a target holds at once: `per` blocks for each unit of its parallelism (threads
+    decoding, writes in flight) and `fixed` more, each at most `largest` bytes; `most` is the
+    parallelism it is planned with. The blocks are bounded by the plan (one expert, a row block
+    of at most --block bytes), never by the model's size."""
+
+    largest: int
+    most: int
+    per: int
+    fixed: int
+
+    def peak(self, parallel: int) -> int:
+        """Bytes at the peak with `parallel`: the runtime and the blocks held at once."""
+        return RUNTIME_BYTES + (self.per * parallel + self.fixed) * self.largest
+
+
+def memory_ceiling(value: int | str) -> int:
+    """The --max-memory value in bytes (a size such as "1.5GB" or "800MiB")."""
+    try:
+        return parse_size(value)
+    except ConvertError as e:
+        raise InputError(f"--max-memory {value!r}: not a size; write e.g. 1.5GB or 800MiB") from e
+
+
+def fit_memory(target, ceiling: int, check_available: bool = True) -> int:
+    """Set `target.parallel` to the most its `memory` allows under `ceiling` bytes (the
+    --max-memory ceiling) and return the peak estimate; refuse (ResourceError, exit 3) a plan
+    whose least parallel form does not fit, or, with `check_available`, whose estimate exceeds
+    the memory available now (a stranger's checkpoint can declare blocks of any size)."""
+    m: Memory = target.memory
+    fits = [p for p in range(max(m.most, 1), 0, -1) if m.peak(p) <= ceiling]
+    if not fits:
+        raise ResourceError(f"{target.command}: needs at least {m.peak(1) / 1e9:.2f} GB of memory at its peak "
+                            f"(blocks of up to {m.largest / 1e6:.0f} MB over the runtime), more than --max-memory "
+                            f"{ceiling / 1e9:.2f} GB; raise --max-memory")
+    target.parallel = fits[0]
+    need, free = m.peak(fits[0]), available_memory()
+    if check_available and free is not None and need > free:
         raise ResourceError(f"{target.command}: needs about {need / 1e9:.1f} GB of memory at its peak (blocks in "
                             f"flight over the runtime), {free / 1e9:.1f} GB available; free memory, lower "
-                            "--workers, or pass --no-space-check to run anyway")
+                            "--max-memory or --workers, or pass --no-space-check to run anyway")
+    return need
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +118,7 @@ class JobOptions:
     resume: bool = False
     progress: bool = True
     check_space: bool = True
+    max_memory: int | str = DEFAULT_MAX_MEMORY     # the ceiling (bytes, or a size such as "1.5GB")
 
 
 class Source(Protocol):
@@ -220,8 +259,9 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
     """Run `target` from `source` into `out` under the protocol above; returns OUT (every process)."""
     t0 = time.perf_counter()
     keep_freed_memory()
-    if opts.check_space:
-        check_memory(target)
+    ceiling = memory_ceiling(opts.max_memory)
+    estimate = fit_memory(target, ceiling, opts.check_space)
+    retain_freed_memory_up_to(ceiling - estimate)       # what malloc keeps for reuse stays under the ceiling too
     output = open_output(out, fingerprint=target.fingerprint() | {"source_files": source.sizes()},
                          overwrite=opts.overwrite, resume=opts.resume, source=source.root,
                          need_bytes=sum(u.nbytes for u in target.units) if opts.check_space else 0, log=log)
@@ -249,12 +289,22 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
                                              f"({sum(u.nbytes for u in units) / 1e9:.3f} GB)")
         hashes, source_files, sizes = merged
         fin = target.finish(staged.path, is_url(staged.path), hashes)
+        memory = {"max_memory": ceiling, "estimate": estimate, "parallel": target.parallel,
+                  "planned_parallel": target.memory.most, "largest_block": target.memory.largest,
+                  "peak_rss": peak_rss()}
         write_record(staged.path, command=target.command, source_dir=source.root, source_files=source_files,
-                     options=target.options(), extra=fin.extra, output_hashes=hashes | fin.hashes,
+                     options=target.options(), extra=fin.extra | {"memory": memory}, output_hashes=hashes | fin.hashes,
                      output_sizes=sizes | fin.sizes, pending=fin.pending)
         if fin.commit is not None:
             fin.commit()
         result = staged.commit()
     cluster.finish(result)
+    log(f"{target.command}: peak memory {peak_rss() / 1e9:.2f} GB (estimate {estimate / 1e9:.2f} GB, "
+        f"--max-memory {ceiling / 1e9:.2f} GB)")
     log(target.summary(result, time.perf_counter() - t0))
     return result
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

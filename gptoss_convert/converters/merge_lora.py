@@ -21,6 +21,7 @@ from gptoss_convert import faults
 from gptoss_convert.buffers import BufferPool
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
+from gptoss_convert.converters.job import Memory
 from gptoss_convert.converters.common import check_against_backend, parse_size
 from gptoss_convert.converters.lora import Adapter, LoraSource, adapter_summary, open_adapter
 from gptoss_convert.converters.requantize import DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, _add, hf_metadata, report_hook
@@ -64,6 +65,12 @@ class MergeTensor:
     @property
     def nbytes(self) -> int:
         return sum(math.prod(s) * DTYPES[d].itemsize for _, d, s in self.entries)
+
+    @property
+    def fp32_block_bytes(self) -> int:
+        """Bytes of its largest block in fp32 (how a merged block is computed)."""
+        rows = self.shape[0] if self.row_blocks() == [None] or not self.shape else self.rows_per_block
+        return 4 * rows * math.prod(self.shape[1:])
 
     def row_blocks(self) -> list[slice | None]:
         if self.rows_per_block is None or self.rows_per_block >= self.shape[0]:
@@ -136,12 +143,12 @@ class _Writer:
                                                                else "pass --allow-nonfinite to write them anyway"))
         return w
 
-    def shard(self, path: Path, tensors: list[MergeTensor], bar) -> tuple[str, dict]:
-        """Write one shard, a block at a time; returns (its hash, requantization reports)."""
+    def shard(self, path: Path, tensors: list[MergeTensor], bar, workers: int) -> tuple[str, dict]:
+        """Write one shard, a block at a time on `workers` threads; returns (its hash, requantization reports)."""
         w = ShardWriter(path, [e for t in tensors for e in t.entries], SHARD_METADATA)
-        pool, reports, pending = BufferPool(keep=self.workers + 3), {}, []
+        pool, reports, pending = BufferPool(keep=workers + 3), {}, []
         items = [(t, rows) for t in tensors for rows in t.row_blocks()]
-        blocks = prefetch(items, lambda it: self.load(*it, pool), depth=self.workers + 1, workers=self.workers)
+        blocks = prefetch(items, lambda it: self.load(*it, pool), depth=workers + 1, workers=workers)
         try:
             for i, ((t, _), got) in enumerate(blocks):
                 faults.point("read")
@@ -169,7 +176,8 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True,
                block_bytes: int = 64 << 20, strict_config: bool = False, dry_run: bool = False,
-               check_space: bool = True, cluster=None, log=print):
+               check_space: bool = True,
+               max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
     """Merge the PEFT LoRA `adapter` (a directory with adapter_config.json and
     adapter_model.safetensors, or a hub id) into the HF checkpoint `base` (MXFP4 or BF16; a
     directory or hub id) and write the result to `out` (a directory, gs:// or s3://).
@@ -198,7 +206,8 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         log(describe(target))
         return target
     return job.run(LoraSource(HFSource(ck), lora), target, out,
-                   job.JobOptions(overwrite, resume, progress, check_space), cluster, log)
+                   job.JobOptions(overwrite, resume, progress, check_space, max_memory),
+                   cluster, log)
 
 
 def _refuse_out_in_adapter(out, lora: Adapter) -> None:
@@ -227,7 +236,10 @@ def merge_target(ck: HFCheckpoint, lora: Adapter, *, dt: DType, mxfp4: bool, rul
                            "scale_rule": rule if mxfp4 else None, "scale": scale, "adapter": str(lora.dir)},
                           lambda result, seconds: _done_line(result, target, seconds, rule),
                           report_hook(mxfp4),
-                          extra={"lora": lora.record(scale), "config_unknown_fields": list(cfg.unknown_fields)})
+                          extra={"lora": lora.record(scale), "config_unknown_fields": list(cfg.unknown_fields)},
+                          # each worker's block in fp32: W, its delta and the sum, plus those read ahead
+                          memory=Memory(max((t.fp32_block_bytes for t in tensors), default=0), writer.workers,
+                                        per=4, fixed=4))
     return target
 
 

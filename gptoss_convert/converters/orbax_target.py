@@ -15,12 +15,12 @@ import numpy as np
 
 from gptoss_convert import faults
 from gptoss_convert.buffers import RecyclingPool
-from gptoss_convert.converters.job import RUNTIME_BYTES, Finished, Unit
+from gptoss_convert.converters.job import Finished, Memory, Unit
 from gptoss_convert.converters.stream import prefetch
 
 STEP = "0"              # where to-orbax puts its one step: OUT/0/items
 ITEM = "items"
-MAX_IN_FLIGHT = 4       # blocks whose writes may be pending at once (overlaps I/O with decoding)
+MAX_IN_FLIGHT = 4       # blocks whose writes may be pending at once (overlaps I/O with decoding), at most
 KNOWN_MODELS = {(24, 32): "gpt-oss-20b", (36, 128): "gpt-oss-120b"}
 
 
@@ -59,11 +59,12 @@ class OrbaxTarget:
     command: str = "to-orbax"
 
     def __post_init__(self):
-        """Units from the blocks; peak memory: the blocks whose writes are in flight (MAX_IN_FLIGHT),
-        read ahead (2) and being decoded (1), plus the recycled buffers RecyclingPool keeps (up
-        to 8 more of the largest size), over the runtime itself."""
+        """Units from the blocks; memory: with `parallel` blocks whose writes are in flight (at most
+        MAX_IN_FLIGHT; job.fit_memory lowers it under --max-memory), 2 read ahead and 1 being
+        decoded, and as many again that RecyclingPool keeps mapped for reuse."""
         self.largest_block = max((b.nbytes for b in self.plan.blocks), default=0)
-        self.peak_memory = RUNTIME_BYTES + (MAX_IN_FLIGHT + 3 + 8) * self.largest_block
+        self.memory = Memory(self.largest_block, MAX_IN_FLIGHT, per=2, fixed=2 * 3)
+        self.parallel = MAX_IN_FLIGHT
         self.units = [Unit(b.key, b.nbytes) for b in self.plan.blocks]
         self._blocks = {b.key: b for b in self.plan.blocks}
         self.writer = None
@@ -110,7 +111,7 @@ class OrbaxTarget:
         return {p.relative_to(path).as_posix(): v for p, v in d.items()}
 
     def _stream(self, blocks: list, journal) -> None:
-        pool = RecyclingPool()      # each block's memory comes back when TensorStore has let go of it
+        pool = RecyclingPool(keep=self.parallel + 3)    # a block's memory comes back when TensorStore lets go of it
         in_flight: collections.deque = collections.deque()      # (block, its pending writes)
 
         def retire(n: int) -> None:
@@ -125,7 +126,7 @@ class OrbaxTarget:
         for block, x in prefetch(blocks, lambda b: self.plan.read(b, pool.empty)):
             faults.point("read")
             in_flight.append((block, self.plan.emit(self.writer, block, x)))
-            retire(MAX_IN_FLIGHT)
+            retire(self.parallel)
         retire(0)
 
     def finish(self, path, remote: bool, hashes: dict) -> Finished:

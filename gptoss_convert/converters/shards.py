@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from gptoss_convert.converters.job import RUNTIME_BYTES, Finished, Unit
+from gptoss_convert.converters.job import Finished, Memory, Unit
 from gptoss_convert.converters.provenance import PROGRESS
 from gptoss_convert.io.files import temp_path
 from gptoss_convert.io.hf_checkpoint import INDEX
@@ -51,8 +51,10 @@ def shard_size(tensors: list) -> int:
 class ShardsTarget:
     """Job target writing `tensors` into safetensors shards of at most `max_shard` bytes.
 
-    `write_shard(path, tensors, bar)` writes one shard file and returns (its hash, a report
-    dict); `metadata(out, names, shards)` writes config, tokenizer and index files;
+    `write_shard(path, tensors, bar, parallel)` writes one shard file with `parallel` blocks
+    read or computed at once and returns (its hash, a report dict); `memory` says what that holds
+    (job.fit_memory sets `parallel` under --max-memory); `metadata(out, names, shards)` writes
+    config, tokenizer and index files;
     `report(reports)` turns the reports of every shard, in shard order, into record fields."""
 
     command: str
@@ -64,8 +66,7 @@ class ShardsTarget:
     summary_of: Callable[[object, float], str]
     report: Callable[[dict], dict] = lambda reports: {}
     extra: dict = dataclasses.field(default_factory=dict)
-    largest_block: int = 0                      # bytes of the largest block read at once
-    in_flight: int = 8                          # how many such blocks may be held at once
+    memory: Memory = Memory(0, 1, 0, 0)
 
     def __post_init__(self):
         self.shards = split_shards(self.tensors, self.max_shard)
@@ -73,7 +74,7 @@ class ShardsTarget:
         self._by_name = dict(zip(self.names, self.shards))
         self.units = [Unit(n, sum(t.nbytes for t in s)) for n, s in zip(self.names, self.shards)]
         self.finished: dict = {}                # the record fields finish() wrote (its report's too)
-        self.peak_memory = RUNTIME_BYTES + self.in_flight * self.largest_block
+        self.parallel = self.memory.most
 
     def fingerprint(self) -> dict:
         return {"command": self.command, **self.recorded, "shards": [[t.name for t in s] for s in self.shards]}
@@ -102,7 +103,7 @@ class ShardsTarget:
             local = isinstance(dest, Path)
             tmp = temp_path(dest) if local else Path(tempfile.mkstemp(prefix=".gptoss-shard-")[1])
             try:
-                hashes[u.key], rep = self.write_shard(tmp, shard, bar)
+                hashes[u.key], rep = self.write_shard(tmp, shard, bar, self.parallel)
                 sizes[u.key] = tmp.stat().st_size
                 os.replace(tmp, dest) if local else dest.write_bytes(tmp.read_bytes())
             finally:

@@ -21,6 +21,7 @@ from gptoss_convert import faults
 from gptoss_convert.backends import Backend
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
+from gptoss_convert.converters.job import Memory
 from gptoss_convert.converters.common import parse_size
 from gptoss_convert.converters.provenance import ReadAheadHashes
 from gptoss_convert.converters.requantize import (DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, PUBLISHED_QUANTIZATION,  # noqa: F401
@@ -170,8 +171,8 @@ def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtyp
         raise
 
 
-def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tuple[str, dict]:
-    """Write one shard, a row block at a time; returns (its hash, requantization reports)."""
+def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar, workers: int) -> tuple[str, dict]:
+    """Write one shard, a row block at a time on `workers` threads; returns (its hash, requantization reports)."""
     w = ShardWriter(path, [e for t in tensors for e in t.entries], SHARD_METADATA)
     reports: dict[str, dict] = {}
 
@@ -187,7 +188,7 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar) -> tup
         hasher = opts.hasher
         if hasher is not None:
             hasher.expect([block_files(src, t, rows) for t, rows in items])
-        for i, ((t, _), got) in enumerate(prefetch(items, load, depth=opts.workers + 1, workers=opts.workers)):
+        for i, ((t, _), got) in enumerate(prefetch(items, load, depth=workers + 1, workers=workers)):
             if hasher is not None:
                 hasher.taken()
             faults.point("read")
@@ -217,7 +218,8 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
           like: str | os.PathLike | None = None, step: int | None = None, max_shard_size: str | int = "5GB",
           dtype: str | DType = "bf16", dry_run: bool = False, overwrite: bool = False, resume: bool = False,
           allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
-          workers: int | None = None, strict_config: bool = False, check_space: bool = True, cluster=None, log=print):
+          workers: int | None = None, strict_config: bool = False, check_space: bool = True,
+          max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
     """Export the Orbax checkpoint `src` (this tool's output, a MaxText params-only or training
     checkpoint; a run root, step directory or its items; `step` picks one) to an HF checkpoint.
 
@@ -247,8 +249,8 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     hasher = None
     if isinstance(cluster, dist.Solo) and not source.orbax.remote and not source.orbax.other_leaves:
         hasher = opts.read_ahead(source.orbax)          # a file per chunk: each read from disk once
-    return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space), cluster, log,
-                   hasher=hasher)
+    return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space, max_memory),
+                   cluster, log, hasher=hasher)
 
 
 @dataclasses.dataclass
@@ -282,14 +284,14 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
                           opts.rule)
 
     target = ShardsTarget("to-hf", tensors, max_shard,
-                          lambda path, shard, bar: _write_shard(orbax, path, shard, opts, bar),
+                          lambda path, shard, bar, workers: _write_shard(orbax, path, shard, opts, bar, workers),
                           hf_metadata(source.config_raw, source.sidecars(), mxfp4=mxfp4, dtype=dt.name),
                           {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
                            "like": None if like is None else str(like)}, summary, report_hook(mxfp4),
                           extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,
                                  "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves},
-                          largest_block=max((t.block_bytes for t in tensors), default=0),
-                          in_flight=2 * (opts.workers + 2))    # read ahead and in the workers; requantization copies
+                          # read ahead and in the workers, each with its requantization copies
+                          memory=Memory(max((t.block_bytes for t in tensors), default=0), opts.workers, per=2, fixed=4))
     return target
 
 

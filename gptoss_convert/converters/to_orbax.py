@@ -54,7 +54,8 @@ def needs(target: OrbaxTarget, ck: HFCheckpoint) -> str:
     source = sum((ck.dir / f).stat().st_size for f in ck.files)
     total = sum(u.nbytes for u in target.units)
     return (f"needs: {total / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), peak memory at most "
-            f"about {target.peak_memory / 1e9:.1f} GB (largest block {target.largest_block / 1e6:.0f} MB)")
+            f"about {target.memory.peak(target.parallel) / 1e9:.1f} GB (largest block "
+            f"{target.largest_block / 1e6:.0f} MB)")
 
 
 @dist.distributable
@@ -63,7 +64,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
              allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES,
              compression: str | None = None,
              strict_config: bool = False, like: str | os.PathLike | None = None, step: int | None = None,
-             check_space: bool = True, cluster=None, log=print) -> Path | Plan:
+             check_space: bool = True,
+             max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
     The result is `out/0/items` (load it with MaxText's `load_parameters_path=<out>/0/items`)
@@ -81,6 +83,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     (jax.distributed; `coordinator_address`, `num_processes`, `process_id` unless JAX detects
     them; `distributed_timeout`, `heartbeat_timeout` in seconds; docs/multihost.md).
     `resume=True` continues an interrupted run, only onto the same source bytes.
+    `max_memory` (bytes or a size such as "1.5GB") is the ceiling its blocks in flight are fitted
+    under (fewer writes in flight, or refused before any work if even one block cannot fit).
     """
     from gptoss_convert.io.orbax_source import is_orbax
 
@@ -95,9 +99,11 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         source, target = HFSource(ck), hf_target(ck, scanned=scanned, dt=dt, block_bytes=block_bytes,
                                                   compression=compression, strict_config=strict_config)
     if dry_run:
+        job.fit_memory(target, job.memory_ceiling(max_memory), check_available=False)
         log(target.describe())
         return getattr(target.plan, "plan", None) or target.plan.blocks     # the Plan; a relayout's moves
-    return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space), cluster, log)
+    return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space, max_memory),
+                   cluster, log)
 
 
 @dataclasses.dataclass
