@@ -50,7 +50,7 @@ def _write_block(writer, block: ReadBlock, x: np.ndarray | list[np.ndarray], dty
 
 def needs(target: OrbaxTarget, ck: HFCheckpoint) -> str:
     """One line: the disk OUT will take and an estimate of the peak memory, from the plan (memory is
-    bounded by blocks, not by the model: OrbaxTarget.peak_memory)."""
+    bounded by blocks, not by the model: OrbaxTarget.memory)."""
     source = sum((ck.dir / f).stat().st_size for f in ck.files)
     total = sum(u.nbytes for u in target.units)
     return (f"needs: {total / 1e9:.1f} GB of disk for OUT (source {source / 1e9:.1f} GB), peak memory at most "
