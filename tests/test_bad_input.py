@@ -182,3 +182,24 @@ def test_scale_overflowing_to_inf_is_refused(mxfp4_dir, tmp_path):
     _rewrite_tensor(src, GU + "_scales", {GU + "_scales": scales})
     r = CliRunner().invoke(main, ["dequantize", str(src), str(tmp_path / "out2"), "--no-progress"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("layer_types", [True, False])
+def test_odd_layer_count_under_scanned_is_refused_naming_unscanned(tmp_path, layer_types):
+    """gpt-oss's scanned layout stacks (sliding, full) pairs: 3 layers cannot be scanned. One line
+    naming the count and --unscanned, exit 2, nothing written; --unscanned converts it."""
+    from gptoss_convert.testing.tiny import tiny_config, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", tiny_config(num_hidden_layers=3), fmt="mxfp4", seed=0)
+    if not layer_types:
+        raw = json.loads((src / "config.json").read_text())
+        del raw["layer_types"]
+        (src / "config.json").write_text(json.dumps(raw))
+    before = _snapshot(src)
+    r = CliRunner().invoke(main, ["to-orbax", str(src), str(tmp_path / "out"), "--scanned", "--no-progress"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip() == ("error: num_hidden_layers=3 is not a multiple of 2: MaxText's scanned layout stacks "
+                                "the layers in groups of 2 (one per attention kind); convert with --unscanned")
+    assert not (tmp_path / "out").exists() and _snapshot(src) == before
+    r = CliRunner().invoke(main, ["to-orbax", str(src), str(tmp_path / "out"), "--unscanned", "--no-progress"])
+    assert r.exit_code == 0, r.output

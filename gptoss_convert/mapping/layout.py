@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from gptoss_convert.errors import InputError
+
 SCAN_AXIS = 1  # MaxText param_scan_axis
 _LAYER_PATH = re.compile(r"^decoder/(layers_\d+|layers/layers_\d+|layers)/")
 
@@ -45,7 +47,9 @@ class Layout:
 
     def __post_init__(self):
         if self.scanned and self.num_layers % self.period:
-            raise ValueError(f"num_layers={self.num_layers} is not a multiple of the scan period {self.period}")
+            raise InputError(f"num_hidden_layers={self.num_layers} is not a multiple of {self.period}: MaxText's "
+                             f"scanned layout stacks the layers in groups of {self.period} (one per attention kind); "
+                             "convert with --unscanned")
 
     @property
     def name(self) -> str:
