@@ -4,7 +4,7 @@
 32 experts, 2880 wide) and 2, 12 and 24 of its 24 layers, each at the ceilings given
 (`--max-memory`, default 1.5GB and 1GB), each run in a fresh process: its wall time, the
 estimate and parallelism the protocol fitted (conversion.json's `memory`), and its peak RSS
-(the child's VmHWM as the kernel reports it, and the record's ru_maxrss). Then gpt-oss-120b's
+(the child's VmHWM as the kernel reports it). Then gpt-oss-120b's
 plan under the same ceilings, from real-shape sparse shards (`--dry-run`: the estimate only,
 nothing converted).
 
@@ -52,7 +52,7 @@ def convert(src: Path, out: Path, ceiling: str) -> dict:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     hwm = [0.0]
 
-    def watch():                    # VmHWM just before the process ends (the record's is earlier)
+    def watch():                    # VmHWM until the process ends
         while proc.poll() is None:
             hwm[0] = max(hwm[0], _hwm_mb(proc.pid) or 0.0)
             time.sleep(0.05)
@@ -68,8 +68,8 @@ def convert(src: Path, out: Path, ceiling: str) -> dict:
     shutil.rmtree(out)
     return {"max_memory": ceiling, "written_GB": round(written / 1e9, 2), "seconds": round(secs, 1),
             "largest_block_MB": round(mem["largest_block"] / 1e6), "parallel": mem["parallel"],
-            "estimate_GB": round(mem["estimate"] / 1e9, 2), "peak_rss_GB": round(mem["peak_rss"] / 1e9, 3),
-            "vmhwm_GB": round(hwm[0] * 2**20 / 1e9, 3), "load_1m": round(os.getloadavg()[0], 1)}
+            "estimate_GB": round(mem["estimate"] / 1e9, 2), "vmhwm_GB": round(hwm[0] * 2**20 / 1e9, 3),
+            "load_1m": round(os.getloadavg()[0], 1)}
 
 
 def main() -> None:
@@ -99,7 +99,7 @@ def main() -> None:
         plan[ceiling] = dry_run_120b(work, cfg, max_memory=ceiling)
         print(json.dumps({"gpt-oss-120b": ceiling, **plan[ceiling]}), flush=True)
     print(markdown_table(rows, ["layers", "max_memory", "written_GB", "seconds", "largest_block_MB", "parallel",
-                                "estimate_GB", "peak_rss_GB", "vmhwm_GB", "load_1m"]))
+                                "estimate_GB", "vmhwm_GB", "load_1m"]))
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine(), "rows": rows, "gpt-oss-120b": plan}, indent=2))
 

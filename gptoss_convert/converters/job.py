@@ -289,9 +289,8 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
                                              f"({sum(u.nbytes for u in units) / 1e9:.3f} GB)")
         hashes, source_files, sizes = merged
         fin = target.finish(staged.path, is_url(staged.path), hashes)
-        memory = {"max_memory": ceiling, "estimate": estimate, "parallel": target.parallel,
-                  "planned_parallel": target.memory.most, "largest_block": target.memory.largest,
-                  "peak_rss": peak_rss()}
+        memory = {"max_memory": ceiling, "estimate": estimate, "parallel": target.parallel,     # not the measured
+                  "planned_parallel": target.memory.most, "largest_block": target.memory.largest}  # peak: reproducible
         write_record(staged.path, command=target.command, source_dir=source.root, source_files=source_files,
                      options=target.options(), extra=fin.extra | {"memory": memory}, output_hashes=hashes | fin.hashes,
                      output_sizes=sizes | fin.sizes, pending=fin.pending)
