@@ -104,10 +104,13 @@ def fit_memory(target, ceiling: int, check_available: bool = True) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One journaled piece of work: a block of an Orbax leaf, or a safetensors shard."""
+    """One journaled piece of work: a block of an Orbax leaf, or a safetensors shard. `reads`:
+    the source files it may read, where the target knows them (then it is journaled as soon as
+    their hashes are, not only once the whole source is hashed); None: any of them."""
 
     key: str
     nbytes: int
+    reads: frozenset[str] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,22 +165,26 @@ class Finished:
 
 class Journal:
     """The output's journal, written through it: a unit is recorded only once the hashes of the
-    source bytes it may have read are recorded before it (resume means the same bytes)."""
+    source bytes it may have read are recorded before it (resume means the same bytes): the
+    hashes known so far are recorded as they come, a unit that says what it reads (`Unit.reads`)
+    is released once those are, any other once every process has hashed its whole share."""
 
     def __init__(self, output, hashing: "Hashing", bar, cluster):
         self.output, self.hashing, self.bar, self.cluster = output, hashing, bar, cluster
         self._held: list[Unit] = []
+        self._recorded: set[str] = set()
         self._sources_written = self._all = False
 
     def is_done(self, unit: Unit) -> bool:
         return self.output.is_done(unit.key)
 
-    def done(self, unit: Unit) -> None:
-        """`unit`'s bytes are durable: journal it (held back until the source hashes are known)."""
-        self.bar.update(unit.nbytes)
+    def done(self, unit: Unit, counted: bool = False) -> None:
+        """`unit`'s bytes are durable: journal it (held back until the source hashes it may have
+        read are recorded). `counted`: the target already advanced the progress bar by its bytes."""
+        if not counted:
+            self.bar.update(unit.nbytes)
         self._held.append(unit)
-        if self._sources() and self._everyone():
-            self._release()
+        self._release()
 
     def flush(self, wait: bool = False) -> None:
         """Journal what is held back. With `wait` (after this process's last unit), first wait for
@@ -188,15 +195,17 @@ class Journal:
             self._sources()
             self.cluster.wait_all_hashed()
             self._all = True
-        if self._sources() and self._everyone():
-            self._release()
+        self._release()
 
     def _sources(self) -> bool:
-        """Record this process's source hashes once they are all known (before any unit)."""
-        if not self._sources_written and self.hashing.done():
-            for f, h in sorted(self.hashing.result().items()):
-                self.output.mark_done(source_entry(f, h), fault=False)
-            self._sources_written = True
+        """Record the source hashes known so far, each once; whether all of this process's are."""
+        if not self._sources_written:
+            done = self.hashing.done()
+            known = self.hashing.result() if done else self.hashing.known()
+            for f in sorted(set(known) - self._recorded):
+                self.output.mark_done(source_entry(f, known[f]), fault=False)
+                self._recorded.add(f)
+            self._sources_written = done
         return self._sources_written
 
     def _everyone(self) -> bool:
@@ -205,9 +214,12 @@ class Journal:
         return self._all
 
     def _release(self) -> None:
-        for u in self._held:
+        """Journal each held unit whose source hashes are recorded."""
+        complete = self._sources() and self._everyone()
+        ready = [u for u in self._held if complete or (u.reads is not None and u.reads <= self._recorded)]
+        for u in ready:
             self.output.mark_done(u.key)
-        self._held.clear()
+        self._held = [u for u in self._held if u not in ready]
 
 
 def source_entry(file: str, digests: dict) -> str:
@@ -236,6 +248,10 @@ class Hashing:
 
     def done(self) -> bool:
         return self._known is not None or self._future.done()
+
+    def known(self) -> dict:
+        """The files hashed so far (all of them, at once, when the background hash ends)."""
+        return self.result() if self.done() else {}
 
     def result(self) -> dict:
         return self._known if self._known is not None else self._future.result()

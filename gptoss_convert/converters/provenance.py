@@ -44,11 +44,13 @@ class ReadAheadHashes:
     before the writer takes them), so the conversion finds them in the page cache: one read
     from disk, and the hash's read doubles as read-ahead. `expect` queues each block's files
     (in the order the writer will take the blocks), `taken` says the writer took one, and
-    `result()` hashes the rest of `files` (metadata, and what no block read: shards a resumed
-    run skipped, chunks that are not files) and returns source_hashes()'s map of `files`."""
+    `result()` hashes the rest of `files` (what no block read: shards a resumed run skipped,
+    chunks that are not files) and returns source_hashes()'s map of `files`. `first` (the
+    metadata every block depends on) is hashed before any block; `known()` gives what is hashed
+    so far, so that the journal can release a unit as soon as the files it read are hashed."""
 
-    def __init__(self, root: Path, files: list[str], ahead: int):
-        self.root, self._files = root, files
+    def __init__(self, root: Path, files: list[str], ahead: int, first: list[str] = ()):
+        self.root, self._files, self._wanted, self._first = root, files, set(files), list(first)
         self._blocks: queue.Queue = queue.Queue()
         self._room = threading.Semaphore(ahead)
         self._done: dict[str, str] = {}
@@ -74,12 +76,17 @@ class ReadAheadHashes:
         """Whether every file is hashed: only once the writer is done (result() called)."""
         return self._future.done()
 
+    def known(self) -> dict[str, dict[str, str]]:
+        """The files of `files` hashed so far (as result() gives them)."""
+        return {f: {HASH: d} for f, d in list(self._done.items()) if f in self._wanted}
+
     def _hash(self, files: list[str]) -> None:
         for f in files:
             if f not in self._done:
                 self._done[f] = file_digest(self.root / f)
 
     def _run(self) -> dict[str, dict[str, str]]:
+        self._hash([f for f in self._first if f in self._wanted])      # what every block reads (metadata)
         while (files := self._blocks.get()) is not None:
             self._room.acquire()
             self._hash(files)

@@ -67,12 +67,15 @@ class ShardsTarget:
     report: Callable[[dict], dict] = lambda reports: {}
     extra: dict = dataclasses.field(default_factory=dict)
     memory: Memory = Memory(0, 1, 0, 0)
+    reads_of: Callable[[list], frozenset[str]] | None = None    # the source files a shard reads, where known
+    shared_reads: list[str] = dataclasses.field(default_factory=list)  # of those, the ones every shard reads
 
     def __post_init__(self):
         self.shards = split_shards(self.tensors, self.max_shard)
         self.names = shard_names(len(self.shards))
         self._by_name = dict(zip(self.names, self.shards))
-        self.units = [Unit(n, sum(t.nbytes for t in s)) for n, s in zip(self.names, self.shards)]
+        self.units = [Unit(n, sum(t.nbytes for t in s), self.reads_of(s) if self.reads_of else None)
+                      for n, s in zip(self.names, self.shards)]
         self.finished: dict = {}                # the record fields finish() wrote (its report's too)
         self.parallel = self.memory.most
 
@@ -110,7 +113,7 @@ class ShardsTarget:
                 if not local:
                     tmp.unlink(missing_ok=True)
             (path / PROGRESS / f"{u.key}.report.json").write_text(json.dumps(rep))
-            journal.done(Unit(u.key, 0))
+            journal.done(u, counted=True)          # write_shard advanced the bar block by block
         return hashes, sizes
 
     def finish(self, path, remote: bool, hashes: dict) -> Finished:

@@ -136,6 +136,19 @@ def block_files(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[s
     return [f for p, i in indices if not src.whole_chunk(p, i) for f in src.chunk_files(p, i) or []]
 
 
+def chunk_reads(src: OrbaxSource, t: ExportTensor) -> frozenset[str] | None:
+    """Every chunk file the blocks of `t` read (whole chunks included); None where chunks are
+    not files of their own (OCDBT, buckets)."""
+    files: set[str] = set()
+    for rows in t.row_blocks():
+        for p, slot in t.sources:
+            got = src.chunk_files(p, _index(src, p, slot, t.expert, t.row_axis, rows))
+            if got is None:
+                return None
+            files.update(got)
+    return frozenset(files)
+
+
 def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, allow_nonfinite: bool,
                hashes=None):
     """HF rows `rows` of tensor `t` (None: all), in `dtype`; NaN/inf refused unless allowed."""
@@ -248,7 +261,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
         return target.tensors
     hasher = None
     if isinstance(cluster, dist.Solo) and not source.orbax.remote and not source.orbax.other_leaves:
-        hasher = opts.read_ahead(source.orbax)          # a file per chunk: each read from disk once
+        hasher = opts.read_ahead(source.orbax, target.shared_reads)   # a file per chunk: each read once
     return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space, max_memory),
                    cluster, log, hasher=hasher)
 
@@ -263,10 +276,11 @@ class ExportOptions:
     workers: int
     hasher: ReadAheadHashes | None = None
 
-    def read_ahead(self, source: OrbaxSource):
-        """A job hasher: the source's files hashed just ahead of the reads (job.Hashing's interface)."""
+    def read_ahead(self, source: OrbaxSource, first: list[str]):
+        """A job hasher: the source's files hashed just ahead of the reads, `first` before any
+        (job.Hashing's interface)."""
         def make(files):
-            self.hasher = ReadAheadHashes(source.step_dir, files, ahead=self.workers + 3)
+            self.hasher = ReadAheadHashes(source.step_dir, files, ahead=self.workers + 3, first=first)
             return self.hasher
         return make
 
@@ -283,6 +297,15 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
         return _done_line(result, orbax, total, len(target.names), seconds, target.finished.get("requantization"),
                           opts.rule)
 
+    # What each shard reads: its chunk files and the metadata every read depends on, so that a
+    # shard is journaled as soon as those are hashed (an interrupted export keeps its shards).
+    reads = {t.name: chunk_reads(orbax, t) for t in tensors}
+    known = None if any(r is None for r in reads.values()) else frozenset().union(*reads.values())
+    metadata = [] if known is None else [f for f in orbax.files() if f not in known]
+
+    def reads_of(shard: list) -> frozenset[str] | None:
+        return None if known is None else frozenset(metadata).union(*(reads[t.name] for t in shard))
+
     target = ShardsTarget("to-hf", tensors, max_shard,
                           lambda path, shard, bar, workers: _write_shard(orbax, path, shard, opts, bar, workers),
                           hf_metadata(source.config_raw, source.sidecars(), mxfp4=mxfp4, dtype=dt.name),
@@ -291,7 +314,8 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
                           extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,
                                  "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves},
                           # read ahead and in the workers, each with its requantization copies
-                          memory=Memory(max((t.block_bytes for t in tensors), default=0), opts.workers, per=2, fixed=4))
+                          memory=Memory(max((t.block_bytes for t in tensors), default=0), opts.workers, per=2, fixed=4),
+                          reads_of=reads_of, shared_reads=metadata)
     return target
 
 
