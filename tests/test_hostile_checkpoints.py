@@ -410,6 +410,22 @@ def test_verify_on_a_truncated_chunk_is_one_line_without_event_loop_tracebacks(s
     assert str(chunk) in lines[0]
 
 
+def test_streamed_verify_on_a_truncated_chunk_is_one_line(scanned_out, tmp_path):
+    """The same damage under `verify --streamed` (the reader that goes leaf by leaf): exit 2 and
+    one line naming the step, the leaf and the damaged chunk (it was a DATA_LOSS ValueError, exit 1)."""
+    src = _copy(scanned_out, tmp_path / "src")
+    (src / "conversion.json").unlink()
+    chunk = _chunk(src)
+    with open(chunk, "r+b") as f:
+        f.truncate(100)
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "verify", str(src), "--golden", str(_golden(tmp_path)),
+                        "--streamed", "--no-progress"], capture_output=True, text=True, env=run_env(), timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {src / '0'}: cannot read "), lines
+    assert "DATA_LOSS" in lines[0] and str(chunk) in lines[0] and "gptoss-convert check" in lines[0], lines[0]
+
+
 def test_generate_refuses_an_oversized_tokenizer_and_a_bad_eos(scanned_out, tmp_path):
     """generate read tokenizer.json whole (1.5 GB accepted) and trusted generation_config.json's
     eos ids; both are refused now, named."""

@@ -12,6 +12,7 @@ import functools
 import numpy as np
 
 from gptoss_convert.backends import Backend, backend_for
+from gptoss_convert.errors import InputError
 from gptoss_convert.io.orbax_reader import open_leaf
 from gptoss_convert.mapping.layout import Layout
 from gptoss_convert.tree import unflatten
@@ -32,12 +33,21 @@ class LeafReader:
             idx = (expert,) + idx[1:]
         return p.path, idx
 
+    def _read(self, path: str, view) -> np.ndarray:
+        """`view(leaf)` read as float32; a chunk TensorStore cannot decode (DATA_LOSS: a damaged
+        or truncated file) is refused naming the leaf, as the whole-model loader does."""
+        try:
+            return np.asarray(view(self._open(path)).read().result(), np.float32)
+        except ValueError as e:
+            raise InputError(f"{self.step_dir}: cannot read {path} ({' '.join(str(e).split())[:400]}); run "
+                             "`gptoss-convert check` on it, then replace or reconvert it") from None
+
     def layer(self, layer: int, rel: str, expert: int | None = None) -> np.ndarray:
         """Leaf `rel` of layer `layer` (unscanned shape), or only expert `expert`'s slice of it."""
         path, idx = self._index(layer, rel, expert)
         if expert is not None and self.experts_read is not None:
             self.experts_read[layer].add(int(expert))
-        return np.asarray(self._open(path)[idx].read().result(), np.float32)
+        return self._read(path, lambda leaf: leaf[idx])
 
     def dense_layer(self, layer: int) -> dict:
         """Everything of layer `layer` except the expert matrices, as a nested dict. Reading it
@@ -48,10 +58,10 @@ class LeafReader:
         return unflatten({rel: self.layer(layer, rel) for rel in self.dense_leaves})
 
     def leaf(self, path: str, index=()) -> np.ndarray:
-        return np.asarray(self._open(path)[index].read().result(), np.float32)
+        return self._read(path, lambda leaf: leaf[index])
 
     def rows(self, path: str, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(self._open(path).oindex[rows].read().result(), np.float32)
+        return self._read(path, lambda leaf: leaf.oindex[rows])
 
 
 def streamed_logits(step_dir, cfg, scanned: bool, tokens: np.ndarray, mask: np.ndarray, *,
