@@ -251,35 +251,45 @@ def _vocab_size(d: Path) -> int | None:
 
 
 def read_golden(path: str | os.PathLike, vocab_size: int | None = None) -> list[dict]:
-    """Read and validate a golden file; every problem names the line."""
-    import numpy as np
-
+    """Read and validate a golden file; every problem names the line. Read a line (one prompt's
+    record) at a time: the JSON text of a full-vocabulary file is several times its float32
+    logits, and only one record's text and parse are held at once."""
     records = []
     try:
-        lines = Path(path).read_text().splitlines()
+        for n, line in enumerate(_lines(path), 1):
+            if line.strip():
+                records.append(_golden_record(path, n, line, vocab_size))
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read golden file ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            tokens = rec["tokens"]
-            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-                raise TypeError("tokens must be a list of integers")
-            logits = np.asarray(rec["logits"], dtype=np.float32)
-        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
-            msg = " ".join(str(e).split())[:120]
-            raise InputError(f"{path}:{n}: not a golden record with integer tokens and logits "
-                             f"({type(e).__name__}: {msg})") from None
-        if not tokens or logits.ndim != 2 or logits.shape[0] != len(tokens):
-            raise InputError(f"{path}:{n}: logits shape {list(logits.shape)} does not match {len(tokens)} tokens")
-        if vocab_size is not None and (logits.shape[1] != vocab_size or max(tokens) >= vocab_size or min(tokens) < 0):
-            raise InputError(f"{path}:{n}: golden vocab {logits.shape[1]} / token ids up to {max(tokens)} do not fit "
-                             f"the model's vocab_size {vocab_size}")
-        if not np.isfinite(logits).all():
-            raise InputError(f"{path}:{n}: logits contain NaN or inf")
-        records.append({"prompt": rec.get("prompt", ""), "tokens": tokens, "logits": logits})
     if not records:
         raise InputError(f"{path}: no golden records")
     return records
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        yield from f
+
+
+def _golden_record(path, n: int, line: str, vocab_size: int | None) -> dict:
+    """Line `n` of the golden file `path`, validated."""
+    import numpy as np
+
+    try:
+        rec = json.loads(line)
+        tokens = rec["tokens"]
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise TypeError("tokens must be a list of integers")
+        logits = np.asarray(rec["logits"], dtype=np.float32)
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
+        msg = " ".join(str(e).split())[:120]
+        raise InputError(f"{path}:{n}: not a golden record with integer tokens and logits "
+                         f"({type(e).__name__}: {msg})") from None
+    if not tokens or logits.ndim != 2 or logits.shape[0] != len(tokens):
+        raise InputError(f"{path}:{n}: logits shape {list(logits.shape)} does not match {len(tokens)} tokens")
+    if vocab_size is not None and (logits.shape[1] != vocab_size or max(tokens) >= vocab_size or min(tokens) < 0):
+        raise InputError(f"{path}:{n}: golden vocab {logits.shape[1]} / token ids up to {max(tokens)} do not fit "
+                         f"the model's vocab_size {vocab_size}")
+    if not np.isfinite(logits).all():
+        raise InputError(f"{path}:{n}: logits contain NaN or inf")
+    return {"prompt": rec.get("prompt", ""), "tokens": tokens, "logits": logits}
