@@ -391,39 +391,27 @@ def test_read_small_reads_no_further_than_the_limit_from_an_object():
 
 
 # -- 8. clean failures ----------------------------------------------------------------------------
-def test_verify_on_a_truncated_chunk_is_one_line_without_event_loop_tracebacks(scanned_out, tmp_path):
+@pytest.mark.parametrize("mode", ["--in-memory", "--streamed"])
+def test_verify_on_a_truncated_chunk_is_one_line_without_event_loop_tracebacks(scanned_out, tmp_path, mode):
     """A checkpoint without a record (from elsewhere) with a chunk cut short: before, verify printed
     the error as `ValueError: DATA_LOSS ...` (exit 1) amid a dozen `RuntimeError: Event loop is
-    closed` tracebacks from Orbax's reads still in flight. Now: exit 2 and one line naming the chunk."""
+    closed` tracebacks from Orbax's reads still in flight (and `--streamed`, which reads leaf by
+    leaf, as a bare ValueError). Now: exit 2 and one line naming the chunk (and, streamed, the leaf)."""
     src = _copy(scanned_out, tmp_path / "src")
     (src / "conversion.json").unlink()
     chunk = _chunk(src)
     with open(chunk, "r+b") as f:
         f.truncate(100)
     r = subprocess.run([sys.executable, "-m", "gptoss_convert", "verify", str(src), "--golden", str(_golden(tmp_path)),
-                        "--in-memory", "--no-progress"], capture_output=True, text=True, env=run_env(), timeout=300)
+                        mode, "--no-progress"], capture_output=True, text=True, env=run_env(), timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr
     assert len(lines) == 1
-    assert lines[0].startswith(f"error: {src / '0' / 'items'}: cannot read the checkpoint (DATA_LOSS")
-    assert str(chunk) in lines[0]
-
-
-def test_streamed_verify_on_a_truncated_chunk_is_one_line(scanned_out, tmp_path):
-    """The same damage under `verify --streamed` (the reader that goes leaf by leaf): exit 2 and
-    one line naming the step, the leaf and the damaged chunk (it was a DATA_LOSS ValueError, exit 1)."""
-    src = _copy(scanned_out, tmp_path / "src")
-    (src / "conversion.json").unlink()
-    chunk = _chunk(src)
-    with open(chunk, "r+b") as f:
-        f.truncate(100)
-    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "verify", str(src), "--golden", str(_golden(tmp_path)),
-                        "--streamed", "--no-progress"], capture_output=True, text=True, env=run_env(), timeout=300)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"error: {src / '0'}: cannot read "), lines
-    assert "DATA_LOSS" in lines[0] and str(chunk) in lines[0] and "gptoss-convert check" in lines[0], lines[0]
+    where = (f"{src / '0' / 'items'}: cannot read the checkpoint (" if mode == "--in-memory"
+             else f"{src / '0'}: cannot read ")
+    assert lines[0].startswith(f"error: {where}") and "DATA_LOSS" in lines[0], lines[0]
+    assert str(chunk) in lines[0] and "gptoss-convert check" in lines[0], lines[0]
 
 
 def test_generate_refuses_an_oversized_tokenizer_and_a_bad_eos(scanned_out, tmp_path):
