@@ -260,3 +260,21 @@ def test_cli_step_item_on_generate():
     r = CliRunner().invoke(main, ["generate", str(_root("full_unscanned")), "--like", str(DATA), "--prompt", "hi",
                                   "--step", "2"])
     assert r.exit_code != 0 and "has no step 2 (steps: [3])" in r.output
+
+
+def test_streamed_forward_reads_the_nnx_layout():
+    """verify --streamed reads leaves through the same reader: layer by layer, MaxText's logits."""
+    from gptoss_convert.verify.streamed import streamed_logits
+    ck = locate(_root("full_scanned"), DATA)
+    backend, cfg = load_config(ck)
+    tokens, expected = _logits("full_scanned")
+    got = streamed_logits(ck.orbax, cfg, True, tokens, np.ones_like(tokens), backend=backend)
+    assert np.abs(np.stack(got) - expected).max() < TOL
+
+
+def test_pure_nnx_train_state_nnx_aux_ignored():
+    """MaxText's train state (an NNX one saved as Linen params/params + opt_state + nnx_aux):
+    the layout is named and nnx_aux, opt_state, step left out."""
+    src = open_orbax(Path(__file__).parent / "data" / "maxtext_train" / "checkpoints")
+    assert src.layout.name == "items:params/params" and src.layout.zarr3
+    assert {"nnx_aux", "opt_state", "step"} <= set(src.layout.ignored)
