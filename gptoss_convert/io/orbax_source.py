@@ -52,6 +52,9 @@ COMMIT_FILE = "commit_success.txt"
 # (prefix, leaf suffix) tried in order: the first whose tree holds a decoder is the params
 PREFIXES = ((("params", "params"), ()), (("params",), ()), ((), ()), ((), NNX_VALUE), (("base",), NNX_VALUE))
 ROOTS = ("decoder", "token_embedder")
+_CHUNKS = RecyclingPool(keep=8)                         # whole chunk files read by read_whole_chunk
+_CHUNK_KEY = re.compile(r"[0-9]+([./][0-9]+)*")          # a zarr chunk file's name (zarr2 "0.1", zarr3 "c/0/1")
+_ALLOW_UNCOMMITTED = contextvars.ContextVar("gptoss_allow_uncommitted", default=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +89,6 @@ class Layout:
         """What conversion.json keeps of it."""
         return {"name": self.name, "item": self.item, "prefix": "/".join(self.prefix), "nnx": bool(self.suffix),
                 "ocdbt": self.ocdbt, "zarr3": self.zarr3, "ignored": dict(sorted(self.ignored.items()))}
-_CHUNKS = RecyclingPool(keep=8)                         # whole chunk files read by read_whole_chunk
-_CHUNK_KEY = re.compile(r"[0-9]+([./][0-9]+)*")          # a zarr chunk file's name (zarr2 "0.1", zarr3 "c/0/1")
-_ALLOW_UNCOMMITTED = contextvars.ContextVar("gptoss_allow_uncommitted", default=False)
 
 
 @contextlib.contextmanager
