@@ -312,7 +312,7 @@ class MaxTextAdapter:
         self.axis = SCAN_AXIS
         self.config = {"r": rank, "lora_alpha": alpha, "format": "maxtext", "layout": source.layout.name}
         self.weights = self._match(backend.flat_shapes(cfg, source.scanned))
-        self._deltas = Recent(keep=2)
+        self._deltas = Recent(keep=4)          # a few layers in flight across read workers
         self.pairs = self._hf_pairs(hf_names)
 
     def files(self) -> list[str]:
@@ -357,24 +357,31 @@ class MaxTextAdapter:
                              "model?")
         return MaxTextLora(base, a, b, splits[0], scanned)
 
-    def leaf_delta(self, base: str) -> np.ndarray:
-        """alpha/rank*scale * A @ B of weight `base` in its own layout (fp32), computed once."""
+    def layer_delta(self, base: str, slot: int | None) -> np.ndarray:
+        """alpha/rank*scale * reshape(A @ B) of weight `base`, one layer (stack slot `slot` when
+        scanned), in the weight's per-layer shape, fp32; the last few made are kept."""
+        lora = self.weights[base]
+        shape = self.backend.flat_shapes(self.cfg, lora.scanned)[base]
+        local = shape[:self.axis] + shape[self.axis + 1:] if lora.scanned else shape
+
         def make():
-            lora = self.weights[base]
-            a = np.asarray(self.source.read(lora.a, ()), np.float32)
-            b = np.asarray(self.source.read(lora.b, ()), np.float32)
-            if not lora.scanned:
-                return a @ b * np.float32(self.scaling)                           # [prod C, prod R]
-            per = [a[:, i, :] @ b[:, i, :] for i in range(a.shape[1])]       # [prod C, prod R] per layer
-            return np.stack(per, axis=self.axis) * np.float32(self.scaling)   # [prod C, L, prod R]
-        flat = self._deltas.get(base, make)
-        shape = self.backend.flat_shapes(self.cfg, self.source.scanned)[base]
-        local = shape[:self.axis] + shape[self.axis + 1:] if self.source.scanned else shape
-        k = self.weights[base].split
-        if self.source.scanned:       # [prod C, L, prod R] -> [C..., L, R...] -> the weight's [c0, L, c1.., R...]
-            x = flat.reshape(*local[:k], shape[self.axis], *local[k:])
-            return np.moveaxis(x, k, self.axis)
-        return flat.reshape(local)
+            at = (slice(None), slot) if lora.scanned else ()
+            a = np.asarray(self.source.read(lora.a, at), np.float32)           # [prod C, r]
+            b = np.asarray(self.source.read(lora.b, at), np.float32)           # [r, prod R]
+            return (a @ b * np.float32(self.scaling)).reshape(local)           # [C..., R...]
+        return self._deltas.get(f"{base}#{slot}", make)
+
+    def delta_at(self, base: str, index: tuple) -> np.ndarray:
+        """The delta of weight `base`[index] (an index as to-hf reads leaves: one stack slot)."""
+        if not self.weights[base].scanned:
+            return self.layer_delta(base, None)[index]
+        index = tuple(index) + (slice(None),) * (self.axis + 1 - len(index))
+        slot = index[self.axis]
+        if isinstance(slot, (int, np.integer)):
+            return self.layer_delta(base, int(slot))[index[:self.axis] + index[self.axis + 1:]]
+        layers = self.backend.flat_shapes(self.cfg, True)[base][self.axis]
+        whole = np.stack([self.layer_delta(base, i) for i in range(layers)], axis=self.axis)
+        return whole[index]
 
     def _hf_pairs(self, hf_names) -> dict[str, "MaxTextPair"]:
         """{HF tensor: its delta} for every HF tensor made of a weight the adapter changes."""
@@ -429,9 +436,7 @@ class MaxTextPair:
     def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
         from gptoss_convert.mapping.transforms import apply
         (path, slot), = self.tensor.sources
-        d = self.adapter.leaf_delta(path)
-        if slot is not None:
-            d = np.take(d, slot, axis=self.adapter.axis)
+        d = self.adapter.layer_delta(path, slot)
         d = np.ascontiguousarray(apply(self.tensor.transforms, d), dtype=np.float32)
         if d.shape != tuple(shape):
             raise InputError(f"{self.adapter.dir}: the delta of {self.tensor.name} is {list(d.shape)}, the base "
@@ -467,7 +472,7 @@ class MergedLeaves:
     def read(self, path: str, index: tuple, on_whole_file=None) -> np.ndarray:
         x = self.base.read(path, index, on_whole_file)
         if path in self.lora.weights:
-            x = x.astype(np.float32) + self.lora.leaf_delta(path)[index]
+            x = x.astype(np.float32) + self.lora.delta_at(path, index)
         return x
 
 
