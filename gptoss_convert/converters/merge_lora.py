@@ -219,7 +219,6 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
 def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
                       strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
     """merge-lora with an Orbax BASE and a MaxText adapter: to-hf's export of the merged leaves."""
-
     from gptoss_convert.converters.lora import hf_tensor_names, merged_export_target
     from gptoss_convert.converters.sources import OrbaxSrc, open_source
     from gptoss_convert.io.orbax_source import is_orbax
@@ -229,7 +228,7 @@ def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha
     source = OrbaxSrc(open_source(base, None, None, log), like, strict_config=strict_config)
     lora = open_maxtext_adapter(adapter, source.backend, source.cfg, hf_tensor_names(source), alpha=alpha, rank=rank,
                                 scale=scale)
-    log(f"{lora.source.step_dir}: {lora.source.layout.describe()}")
+    _announce(lora, log)
     if lora.source.scanned != source.orbax.scanned:
         lay = ("scanned", "unscanned")
         raise InputError(f"{adapter}: a {lay[not lora.source.scanned]} adapter, but the base {base} is "
@@ -259,10 +258,15 @@ def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, stri
     cfg = check_against_backend(ck, strict_config=strict_config)
     lora = open_maxtext_adapter(adapter, get_backend(ck.config_raw["model_type"]), cfg, set(ck.tensors),
                                 alpha=alpha, rank=rank, scale=scale)
+    _announce(lora, log)
+    return lora
+
+
+def _announce(lora, log) -> None:
+    """What was found: the MaxText adapter's layout, and that it has no expert adapters if so."""
     log(f"{lora.source.step_dir}: {lora.source.layout.describe()}")
     if note := lora.experts_note():
         log(note)
-    return lora
 
 
 def _refuse_out_in_adapter(out, lora: Adapter) -> None:
