@@ -231,6 +231,9 @@ _like = click.option("--like", default=None, metavar="HF_DIR_OR_ID",
                           "(needed for MaxText's own checkpoints).")
 _step = click.option("--step", type=int, default=None,
                      help="Orbax SRC given as a run root: this step (default: the latest committed).")
+_item = click.option("--item", default=None, metavar="NAME",
+                     help="Orbax SRC: the step's item holding the params where it holds several "
+                          "(default: found from the checkpoint: items, model_params).")
 _shard = click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
 
 
@@ -263,17 +266,18 @@ def _layout(ctx, scanned: bool, unscanned: bool) -> bool:
 @click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 @_like
 @_step
+@_item
 @common_options
 @distributed_options
 @allow_uncommitted_option
 @_run
-def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, dtype, dry_run, workers, opts, dist):
+def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, item, dtype, dry_run, workers, opts, dist):
     """MXFP4 or BF16 SRC (directory or hub id), or an Orbax checkpoint (relayout) -> MaxText Orbax checkpoint OUT
     (OUT/0/items; a directory, gs:// or s3://)."""
     scanned = _layout(click.get_current_context(), scanned, unscanned)
     from gptoss_convert.converters.to_orbax import to_orbax
     return to_orbax(src, out, scanned=scanned, dtype=dtype, dry_run=dry_run, workers=workers,
-                    compression="zstd" if zstd else None, like=like, step=step, **opts, **dist)
+                    compression="zstd" if zstd else None, like=like, step=step, item=item, **opts, **dist)
 
 
 @main.command("to-hf")
@@ -285,15 +289,16 @@ def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, dtype, dry_run,
                    "(as at gpt-oss's release; vLLM's copy) or to even (triton-rtne), or OCP's floor(log2 amax)-2.")
 @_like
 @_step
+@_item
 @_shard
 @common_options
 @distributed_options
 @allow_uncommitted_option
 @_run
-def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, max_shard_size, dtype, dry_run, workers, opts, dist):
+def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, item, max_shard_size, dtype, dry_run, workers, opts, dist):
     """Orbax checkpoint SRC (run root, step or items; ours or MaxText's) -> HF checkpoint OUT (a directory, gs:// or s3://)."""
     from gptoss_convert.converters.to_hf import to_hf
-    return to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, dtype=dtype,
+    return to_hf(src, out, mxfp4=mxfp4, scale_rule=scale_rule, like=like, step=step, item=item, dtype=dtype,
                  max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
 
 
@@ -305,15 +310,24 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, max_shard_size, dtype, dr
 @click.option("--scale-rule", type=click.Choice(["triton", "triton-rtne", "ocp"]), default="triton", show_default=True,
               help="MXFP4 rule, as for to-hf.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's scaling by this.")
+@click.option("--lora-alpha", type=float, default=None,
+              help="MaxText LoRA ADAPTER: the run's lora.lora_alpha (MaxText does not record it).")
+@click.option("--lora-rank", type=click.IntRange(1), default=None,
+              help="MaxText LoRA ADAPTER: the run's lora.lora_rank (checked against the adapters' shapes).")
+@_like
 @_shard
 @common_options
 @distributed_options
+@allow_uncommitted_option
 @_run
-def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, max_shard_size, dtype, dry_run, workers, opts, dist):
-    """HF checkpoint BASE (MXFP4 or BF16; directory or hub id) + PEFT LoRA ADAPTER (directory or hub id) -> merged HF
-    checkpoint OUT (a directory, gs:// or s3://)."""
+def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lora_rank, like, max_shard_size, dtype,
+                   dry_run, workers, opts, dist):
+    """HF checkpoint BASE (MXFP4 or BF16; directory or hub id) + LoRA ADAPTER (a PEFT directory or hub id, or a
+    MaxText/Tunix LoRA checkpoint: run root or step) -> merged HF checkpoint OUT (a directory, gs:// or s3://).
+    With a MaxText ADAPTER, BASE may be an Orbax checkpoint (--like: its config where MaxText wrote it)."""
     from gptoss_convert.converters.merge_lora import merge_lora
     return merge_lora(base, adapter, out, mxfp4=mxfp4, scale_rule=scale_rule, scale=scale, dtype=dtype,
+                      lora_alpha=lora_alpha, lora_rank=lora_rank, like=like,
                       max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
 
 
@@ -355,16 +369,18 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_p
 @click.option("--streamed/--in-memory", default=None,
               help="Layer by layer, reading only the selected experts; with --hf the golden too (default: by size).")
 @click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
+@_step
+@_item
 @s3_endpoint_option
 @allow_uncommitted_option
 @_run
 def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, tokens,
-               streamed, no_progress):
+               streamed, no_progress, step, item):
     """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
     from gptoss_convert.verify.verify import verify
     verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
            skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts,
-           streamed=streamed, tokens=tokens, show_progress=not no_progress)
+           streamed=streamed, tokens=tokens, show_progress=not no_progress, step=step, item=item)
 
 
 @main.command("check")
@@ -405,15 +421,18 @@ def demo_cmd(workdir, no_progress):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same tokens).")
 @click.option("--moe", type=click.Choice(["ragged_dot", "megablox", "dense"]), default="ragged_dot", show_default=True)
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
+@_step
+@_item
 @s3_endpoint_option
 @json_option
 @allow_uncommitted_option
 @_run
-def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype):
+def generate_cmd(ckpt, prompt, tokenizer, max_new_tokens, temperature, top_p, seed, moe, dtype, step, item):
     """Continue --prompt with CKPT (an Orbax output or an HF directory) using a KV cache."""
     from gptoss_convert.generate import generate_from_checkpoint
     r = generate_from_checkpoint(ckpt, prompt, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=_LONG[dtype])
+                                 temperature=temperature, top_p=top_p, seed=seed, moe=moe, dtype=_LONG[dtype],
+                                 step=step, item=item)
     click.echo(r["prompt"] + r["text"])
     click.echo(f"prompt ids: {r['prompt_ids']}")
     click.echo(f"new ids: {r['new_ids']}")

@@ -38,11 +38,12 @@ def _tokenizer(tokenizer_dir: Path):
 
 def generate_from_checkpoint(ckpt: str | os.PathLike, prompt: str, *, tokenizer: str | os.PathLike | None = None,
                              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                             moe: str = "ragged_dot", dtype="float32") -> dict:
+                             moe: str = "ragged_dot", dtype="float32", step: int | None = None,
+                             item: str | None = None) -> dict:
     """Load CKPT (OUT, OUT/0, OUT/0/items of to-orbax, or an HF directory), tokenize `prompt` with the
     tokenizer beside it (or `tokenizer`), and continue it. Returns prompt/text/ids/stats."""
     like = tokenizer if tokenizer and (Path(tokenizer) / "config.json").is_file() else None
-    ck = locate(ckpt, like)
+    ck = locate(ckpt, like, step=step, item=item)
     backend, cfg = load_config(ck)
     tok = _tokenizer(Path(tokenizer) if tokenizer else ck.config_dir)
     prompt_ids = tok.encode(prompt).ids

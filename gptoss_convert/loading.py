@@ -14,35 +14,42 @@ from gptoss_convert.errors import InputError
 from gptoss_convert.io.files import (MAX_CONFIG_BYTES, MAX_SIDECAR_BYTES, MAX_TOKENIZER_BYTES, read_json_object,
                                      read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
+from gptoss_convert.io.orbax_source import OrbaxSource, is_orbax, open_orbax
 from gptoss_convert.io.record import RECORD, RecordedFiles, read_record
 from gptoss_convert.tree import flatten
 
 
 @dataclasses.dataclass
 class Checkpoint:
-    """What a command was pointed at: an Orbax step (MaxText layout) or an HF safetensors dir."""
+    """What a command was pointed at: an Orbax step (any layout io/orbax_source reads) or an HF
+    safetensors dir."""
 
     kind: str                     # "orbax" | "hf"
     path: Path                    # step dir (…/0) for orbax; the directory for hf
     config_dir: Path              # where config.json lives
+    orbax: OrbaxSource | None = None    # the step's params, opened (orbax only)
 
 
 def locate(ckpt: str | os.PathLike, config: str | os.PathLike | None = None, *,
-           allow_uncommitted: bool | None = None) -> Checkpoint:
-    """Accepts OUT, OUT/0 or OUT/0/items of a to-orbax output, or an HF checkpoint directory;
-    OUT may be a gs:// or s3:// URL (see locate_remote). The checkpoint is checked before it is
-    read (verify_checkpoint): committed, no link out of it, its files as its record lists them."""
+           allow_uncommitted: bool | None = None, step: int | None = None, item: str | None = None) -> Checkpoint:
+    """Accepts an Orbax run root (the latest committed step, or `step`), step or item, in any
+    layout io/orbax_source reads (this tool's output, MaxText's train state, Tunix's model_params;
+    `item` picks the item), or an HF checkpoint directory; a to-orbax OUT may be a gs:// or s3://
+    URL (see locate_remote). The checkpoint is checked before it is read (verify_checkpoint):
+    committed, no link out of it, its files as its record lists them."""
     if is_url(ckpt):
-        return verify_checkpoint(locate_remote(resolve(ckpt), config), allow_uncommitted)
+        ck = locate_remote(resolve(ckpt), config)
+        ck.orbax = open_orbax(ck.path, allow_uncommitted=allow_uncommitted, item=item)
+        return verify_checkpoint(ck, allow_uncommitted)
     p = Path(ckpt)
     if not p.exists():
         raise InputError(f"{p}: does not exist")
-    for step in (p / "0", p, p.parent):
-        if (step / "items").is_dir() and (step / "_CHECKPOINT_METADATA").is_file():
-            cfg_dir = Path(config) if config else step.parent
-            if not (cfg_dir / "config.json").is_file():
-                raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --like HF_DIR")
-            return verify_checkpoint(Checkpoint("orbax", step, cfg_dir), allow_uncommitted)
+    if is_orbax(p):
+        src = open_orbax(p, step=step, item=item, allow_uncommitted=allow_uncommitted)
+        cfg_dir = Path(config) if config else src.step_dir.parent
+        if not (cfg_dir / "config.json").is_file():
+            raise InputError(f"{cfg_dir}: no config.json beside the checkpoint; pass --like HF_DIR")
+        return verify_checkpoint(Checkpoint("orbax", src.step_dir, cfg_dir, src), allow_uncommitted)
     if (p / "config.json").is_file() and (list(p.glob("*.safetensors"))):
         return verify_checkpoint(Checkpoint("hf", p, Path(config) if config else p), allow_uncommitted)
     raise InputError(f"{p}: neither an Orbax checkpoint (OUT/0/items) nor an HF safetensors directory")
@@ -108,20 +115,19 @@ def load_params(ck: Checkpoint, dtype=np.float32):
         _, flat = convert_in_memory(ck.path, scanned=False, dtype="fp32")
         return flat, False
     from gptoss_convert.io.orbax_reader import load_params as orbax_load
-    tree = orbax_load(ck.path, dtype=dtype)
+    src = ck.orbax
+    tree = orbax_load(src.item_dir, dtype=dtype, item_name=src.item_dir.name, prefix=src.prefix, suffix=src.suffix)
     return {k: np.asarray(v) for k, v in flatten(tree).items()}, is_scanned(ck)
 
 
 def is_scanned(ck: Checkpoint) -> bool:
     """The layout the forward will see, read off the leaf names (`decoder/layers/...` = scanned),
     not the `scan_layers` note, so checkpoints without our metadata (MaxText's own) work too."""
-    from gptoss_convert.io.orbax_reader import read_metadata
-    return any(p.startswith("decoder/layers/") for p in read_metadata(ck.path)["leaves"])
+    return any(p.startswith("decoder/layers/") for p in ck.orbax.leaves)
 
 
 def checkpoint_bytes(ck: Checkpoint) -> int:
     """Bytes of the checkpoint's files (on an object store: of its leaves, from their metadata)."""
     if isinstance(ck.path, Location):
-        from gptoss_convert.io.orbax_reader import read_metadata
-        return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in read_metadata(ck.path)["leaves"].values())
+        return sum(int(np.prod(s)) * np.dtype(t).itemsize for s, t in ck.orbax.leaves.values())
     return sum(p.stat().st_size for p in ck.path.rglob("*") if p.is_file())

@@ -206,7 +206,8 @@ def test_fuzz_orbax_tree_metadata(work, meta):
         assert "_METADATA" in str(err)
         return
     keys, _ = got
-    assert all(k and all(isinstance(p, str) and p not in ("", ".", "..") and "/" not in p for p in k) for k in keys)
+    assert all(k and all(isinstance(p, str) and p not in ("", ".", "..") and "/" not in p for p in k)
+               for k in keys.values())
 
 
 @FUZZ

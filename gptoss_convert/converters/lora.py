@@ -103,6 +103,9 @@ class Adapter:
     config: dict
     pairs: dict[str, LoraPair]
 
+    def files(self) -> list[str]:
+        return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
     def record(self, scale: float) -> dict:
         """What conversion.json keeps of the adapter."""
         keep = ("peft_version", "base_model_name_or_path", "r", "lora_alpha", "use_rslora", "target_modules",
@@ -239,7 +242,7 @@ class LoraSource:
         self._dirs = {"base": Path(base.root), "adapter": adapter.dir}
 
     def files(self) -> list[str]:
-        return [f"base/{f}" for f in self.base.files()] + [f"adapter/{ADAPTER_CONFIG}", f"adapter/{ADAPTER_WEIGHTS}"]
+        return [f"base/{f}" for f in self.base.files()] + [f"adapter/{f}" for f in self.adapter.files()]
 
     def _split(self, files: list[str]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {"base": [], "adapter": []}
@@ -264,8 +267,230 @@ class LoraSource:
 def adapter_summary(adapter: Adapter) -> str:
     """One line: what the adapter changes."""
     c = adapter.config
+    if isinstance(adapter, MaxTextAdapter):
+        return (f"adapter {adapter.dir} (MaxText LoRA, {adapter.source.layout.name}): r={adapter.rank} "
+                f"lora_alpha={adapter.alpha} (scaling {adapter.scaling:g}), {len(adapter.weights)} MaxText weights -> "
+                f"{len(adapter.pairs)} HF tensors")
     experts = sum(p.experts is not None for p in adapter.pairs.values())
     rs = " (rsLoRA)" if c.get("use_rslora") else ""
     return (f"adapter {adapter.dir}: r={c['r']} lora_alpha={c['lora_alpha']}{rs}, "
             f"{len(adapter.pairs)} tensors ({experts} expert stacks); targets "
             f"{json.dumps(c.get('target_modules'))} / {json.dumps(c.get('target_parameters'))}")
+
+
+# --- a MaxText / Tunix LoRA checkpoint (qwix's adapters) -----------------------------------------
+
+LORA_A, LORA_B = "_lora_a", "_lora_b"      # qwix names a weight `w`'s adapters `w_lora_a`, `w_lora_b`
+EXPERT_MODULES = ("GptOssMlp", "MoeBlock")  # where gpt-oss's (and MoE models') expert weights live
+
+
+@dataclasses.dataclass
+class MaxTextLora:
+    """One MaxText weight's qwix adapter: leaf `base` ([C..., R...], the layer axis at SCAN_AXIS
+    when scanned) changes by alpha/rank * reshape(A @ B), A [prod C, (L,) r], B [r, (L,) prod R]
+    (qwix `_compute_lora_delta`: A reshaped to the contracting dims, B to the remaining ones)."""
+
+    base: str
+    a: str
+    b: str
+    split: int                  # the weight's first `split` (per-layer) axes are the contracting ones
+    scanned: bool
+
+
+class MaxTextAdapter:
+    """A MaxText LoRA checkpoint (Tunix's model_params holding only `*_lora_a/_lora_b`, no rank
+    or alpha): each adapter matched to a MaxText weight of the base's tree, and `pairs` giving
+    merge-lora each changed HF tensor's delta (the MaxText delta through the to-hf mapping)."""
+
+    def __init__(self, source, backend, cfg, alpha: float, rank: int, scale: float, hf_names):
+        from gptoss_convert.mapping.layout import SCAN_AXIS
+
+        self.source, self.backend, self.cfg = source, backend, cfg
+        self.dir = Path(str(source.step_dir))
+        self.alpha, self.rank, self.scale = alpha, rank, scale
+        self.scaling = alpha / rank * scale
+        self.axis = SCAN_AXIS
+        self.config = {"r": rank, "lora_alpha": alpha, "format": "maxtext", "layout": source.layout.name}
+        self.weights = self._match(backend.flat_shapes(cfg, source.scanned))
+        self._deltas = Recent(keep=4)          # a few layers in flight across read workers
+        self.pairs = self._hf_pairs(hf_names)
+
+    def files(self) -> list[str]:
+        return self.source.files()
+
+    def _match(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, MaxTextLora]:
+        """{base leaf: its adapter}; anything but A/B pairs of a weight of the base refused."""
+        found: dict[str, dict[str, str]] = {}
+        for path in self.source.leaves:
+            side = "a" if path.endswith(LORA_A) else "b" if path.endswith(LORA_B) else None
+            if side is None:
+                raise InputError(f"{self.dir}: leaf {path} is not a LoRA adapter (*{LORA_A}, *{LORA_B}); a full "
+                                 "fine-tune is exported with to-hf, not merged")
+            found.setdefault(path[:-len(LORA_A)], {})[side] = path
+        out = {}
+        for base, ab in sorted(found.items()):
+            if len(ab) != 2:
+                raise InputError(f"{self.dir}: {base} has only {next(iter(ab.values()))}; the checkpoint is incomplete")
+            if base not in shapes:
+                raise InputError(f"{self.dir}: adapters {base}{LORA_A}/{LORA_B} change no weight of the base "
+                                 f"({'scanned' if self.source.scanned else 'unscanned'} {self.backend.model_type}); "
+                                 "is it for this model?")
+            out[base] = self._check(base, shapes[base], ab["a"], ab["b"])
+        if not out:
+            raise InputError(f"{self.dir}: holds no LoRA adapters")
+        return out
+
+    def _check(self, base: str, shape: tuple[int, ...], a: str, b: str) -> MaxTextLora:
+        """The adapter's shapes against the weight's and --lora-rank; the contracting split found."""
+        sa, sb = self.source.leaves[a][0], self.source.leaves[b][0]
+        scanned = self.source.scanned
+        local = shape[:self.axis] + shape[self.axis + 1:] if scanned else shape
+        layers = (shape[self.axis],) if scanned else ()
+        if sa[-1] != self.rank or sb[0] != self.rank:
+            raise InputError(f"{self.dir}: {base}'s adapters are rank {sa[-1]} (A {list(sa)}, B {list(sb)}), not "
+                             f"--lora-rank {self.rank}; pass the rank the run trained with")
+        splits = [k for k in range(1, len(local)) if sa == (math.prod(local[:k]), *layers, self.rank)
+                  and sb == (self.rank, *layers, math.prod(local[k:]))]
+        if len(splits) != 1:
+            raise InputError(f"{self.dir}: {base} {list(shape)} cannot take adapters A {list(sa)}, B {list(sb)} "
+                             "(contracting dims leading, remaining trailing, as qwix lays them out); is it for this "
+                             "model?")
+        return MaxTextLora(base, a, b, splits[0], scanned)
+
+    def layer_delta(self, base: str, slot: int | None) -> np.ndarray:
+        """alpha/rank*scale * reshape(A @ B) of weight `base`, one layer (stack slot `slot` when
+        scanned), in the weight's per-layer shape, fp32; the last few made are kept."""
+        lora = self.weights[base]
+        shape = self.backend.flat_shapes(self.cfg, lora.scanned)[base]
+        local = shape[:self.axis] + shape[self.axis + 1:] if lora.scanned else shape
+
+        def make():
+            at = (slice(None), slot) if lora.scanned else ()
+            a = np.asarray(self.source.read(lora.a, at), np.float32)           # [prod C, r]
+            b = np.asarray(self.source.read(lora.b, at), np.float32)           # [r, prod R]
+            return (a @ b * np.float32(self.scaling)).reshape(local)           # [C..., R...]
+        return self._deltas.get(f"{base}#{slot}", make)
+
+    def delta_at(self, base: str, index: tuple) -> np.ndarray:
+        """The delta of weight `base`[index] (an index as to-hf reads leaves: one stack slot)."""
+        if not self.weights[base].scanned:
+            return self.layer_delta(base, None)[index]
+        index = tuple(index) + (slice(None),) * (self.axis + 1 - len(index))
+        slot = index[self.axis]
+        if isinstance(slot, (int, np.integer)):
+            return self.layer_delta(base, int(slot))[index[:self.axis] + index[self.axis + 1:]]
+        layers = self.backend.flat_shapes(self.cfg, True)[base][self.axis]
+        whole = np.stack([self.layer_delta(base, i) for i in range(layers)], axis=self.axis)
+        return whole[index]
+
+    def _hf_pairs(self, hf_names) -> dict[str, "MaxTextPair"]:
+        """{HF tensor: its delta} for every HF tensor made of a weight the adapter changes."""
+        import types
+
+        from gptoss_convert.converters.to_hf import export_plan
+        shapes = self.backend.flat_shapes(self.cfg, self.source.scanned)
+        fake = types.SimpleNamespace(leaves={p: (s, np.dtype(np.float32)) for p, s in shapes.items()},
+                                     scanned=self.source.scanned)
+        pairs = {}
+        for t in export_plan(self.backend, self.cfg, fake, mxfp4=False, itemsize=4):
+            if any(p in self.weights for p, _ in t.sources):
+                if t.name not in hf_names:
+                    raise InputError(f"{self.dir}: the adapter changes {t.name}, which the base checkpoint lacks")
+                if len(t.sources) != 1 or t.expert is not None:
+                    raise InputError(f"{self.dir}: adapters on {t.sources[0][0]} (an expert or fused weight) are not "
+                                     "merged by merge-lora yet; merge them in MaxText")
+                pairs[t.name] = MaxTextPair(self, t)
+        return pairs
+
+    def record(self, scale: float) -> dict:
+        return {"path": str(self.dir), "format": "maxtext", "layout": self.source.layout.record(), "r": self.rank,
+                "lora_alpha": self.alpha, "scale": scale, "scaling": [self.scaling],
+                "maxtext_weights": sorted(self.weights), "tensors": sorted(self.pairs)}
+
+    def experts_note(self) -> str | None:
+        """Why no expert changes, where the checkpoint has no expert adapters (qwix hooks
+        dot_general/einsum on weights; the MoE's experts are not among the weights it wrapped)."""
+        if any(m in w for w in self.weights for m in EXPERT_MODULES):
+            return None
+        return ("note: this MaxText LoRA holds adapters for attention only, none for the experts: MaxText's "
+                "gpt-oss lora_module_path names GptOssMlp/wi_0|wi_1|wo, but qwix creates no adapter on the MoE's "
+                "expert weights; the merged experts are the base's")
+
+
+@dataclasses.dataclass
+class MaxTextPair:
+    """One HF tensor's change from a MaxText adapter: the weight's delta, through to-hf's mapping."""
+
+    adapter: MaxTextAdapter
+    tensor: object                   # to_hf.ExportTensor
+    experts: int | None = None
+
+    @property
+    def scaling(self) -> float:
+        return self.adapter.scaling
+
+    @property
+    def rank(self) -> int:
+        return self.adapter.rank
+
+    def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
+        from gptoss_convert.mapping.transforms import apply
+        (path, slot), = self.tensor.sources
+        d = self.adapter.layer_delta(path, slot)
+        d = np.ascontiguousarray(apply(self.tensor.transforms, d), dtype=np.float32)
+        if d.shape != tuple(shape):
+            raise InputError(f"{self.adapter.dir}: the delta of {self.tensor.name} is {list(d.shape)}, the base "
+                             f"tensor {list(shape)}")
+        return d if rows is None else d[rows]
+
+
+def open_maxtext_adapter(adapter, backend, cfg, hf_names, *, alpha: float | None, rank: int | None, scale: float,
+                         step: int | None = None, item: str | None = None) -> MaxTextAdapter:
+    """A MaxText LoRA run root or step (any layout io/orbax_source reads), with the rank and
+    alpha MaxText does not record (refused without them, naming the flags)."""
+    from gptoss_convert.io.orbax_source import open_orbax
+    if alpha is None or rank is None:
+        missing = " and ".join(f for f, v in (("--lora-alpha", alpha), ("--lora-rank", rank)) if v is None)
+        raise InputError(f"{adapter}: a MaxText LoRA checkpoint records no rank or alpha; pass {missing} (the "
+                         "lora.lora_alpha and lora.lora_rank the run trained with)")
+    if rank <= 0 or not alpha > 0 or not math.isfinite(alpha):
+        raise InputError(f"--lora-rank {rank} / --lora-alpha {alpha}: must be positive")
+    source = open_orbax(adapter, step=step, item=item)
+    return MaxTextAdapter(source, backend, cfg, float(alpha), int(rank), scale, hf_names)
+
+
+class MergedLeaves:
+    """An Orbax source whose leaves read as W + the MaxText adapter's delta (fp32) where it has
+    one; everything else is the base's (OrbaxSource's interface, for to-hf's export)."""
+
+    def __init__(self, base, lora):
+        self.base, self.lora = base, lora
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def read(self, path: str, index: tuple, on_whole_file=None) -> np.ndarray:
+        x = self.base.read(path, index, on_whole_file)
+        if path in self.lora.weights:
+            x = x.astype(np.float32) + self.lora.delta_at(path, index)
+        return x
+
+
+def hf_tensor_names(source) -> set[str]:
+    """The HF tensors to-hf makes of an Orbax source (an OrbaxSrc), by its mapping table."""
+    from gptoss_convert.converters.to_hf import export_plan
+    return {t.name for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
+
+
+def merged_export_target(source, lora: MaxTextAdapter, *, mxfp4: bool, dt, max_shard: int, block_bytes: int, rule: str,
+                         allow_nonfinite: bool, workers: int | None, like):
+    """to-hf's export target of the Orbax source `source` (an OrbaxSrc; its `orbax` is replaced
+    by the merged view), recorded as merge-lora with the adapter."""
+    from gptoss_convert.converters.to_hf import READ_WORKERS, ExportOptions, export_target
+    source.orbax = MergedLeaves(source.orbax, lora)
+    opts = ExportOptions(rule, dt.np, allow_nonfinite, workers or max(READ_WORKERS, os.cpu_count() or 1))
+    target = export_target(source, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes, opts=opts,
+                           like=like)
+    target.command = "merge-lora"
+    target.extra["lora"] = lora.record(lora.scale)
+    return target

@@ -23,7 +23,7 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
 from gptoss_convert.converters.job import Memory
 from gptoss_convert.converters.common import check_against_backend, parse_size
-from gptoss_convert.converters.lora import Adapter, LoraSource, adapter_summary, open_adapter
+from gptoss_convert.converters.lora import Adapter, LoraSource, adapter_summary, open_adapter, open_maxtext_adapter
 from gptoss_convert.converters.requantize import DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, _add, hf_metadata, report_hook
 from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget
 from gptoss_convert.converters.sources import DType, HFSource, dtype_of
@@ -176,8 +176,9 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                max_shard_size: str | int = "5GB", workers: int | None = None, overwrite: bool = False,
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True,
                block_bytes: int = 64 << 20, strict_config: bool = False, dry_run: bool = False,
-               check_space: bool = True,
-               max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
+               lora_alpha: float | None = None, lora_rank: int | None = None, like=None,
+               check_space: bool = True, max_memory: str | int = job.DEFAULT_MAX_MEMORY,
+               cluster=None, log=print):
     """Merge the PEFT LoRA `adapter` (a directory with adapter_config.json and
     adapter_model.safetensors, or a hub id) into the HF checkpoint `base` (MXFP4 or BF16; a
     directory or hub id) and write the result to `out` (a directory, gs:// or s3://).
@@ -188,15 +189,30 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     report is logged and recorded. `scale` multiplies the adapter's scaling. Adapters merge-lora
     does not implement (DoRA, LoRA biases, modules_to_save, rank/alpha patterns, ...) and pairs
     that match no base tensor or disagree with its shape are refused. Options as for dequantize;
-    returns OUT (the plan with dry_run=True)."""
+    returns OUT (the plan with dry_run=True).
+
+    `adapter` may also be a MaxText / Tunix LoRA checkpoint (a run root or step; qwix's
+    `*_lora_a/_lora_b` leaves): it records no rank or alpha, so `lora_rank` and `lora_alpha` (the
+    run's lora.lora_rank, lora.lora_alpha) are required; each MaxText weight W changes as in
+    MaxText's forward, W + alpha/rank * scale * reshape(A @ B), mapped to HF by to-hf's table.
+    With a MaxText adapter `base` may also be an Orbax checkpoint (the params the fine-tune
+    started from; `like` gives its config where MaxText wrote it): each MaxText weight is merged
+    in its own layout as it is read, and the result exported as to-hf exports."""
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
     if not math.isfinite(scale):
         raise InputError(f"--scale {scale!r} must be a finite number")
     dt = dtype_of(dtype)
+    job_opts = job.JobOptions(overwrite, resume, progress, check_space, max_memory)
+    from gptoss_convert.io.orbax_source import is_orbax
+    if is_orbax(base):
+        return _merge_into_orbax(base, adapter, out, like=like, mxfp4=mxfp4, rule=scale_rule, scale=scale, dt=dt,
+                                 alpha=lora_alpha, rank=lora_rank, max_shard=parse_size(max_shard_size),
+                                 block_bytes=block_bytes, strict_config=strict_config, allow_nonfinite=allow_nonfinite,
+                                 workers=workers, dry_run=dry_run, job_opts=job_opts, cluster=cluster, log=log)
     ck = open_checkpoint(base)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
-    lora = open_adapter(adapter, {n: t.shape for n, t in ck.tensors.items()}, scale)
+    lora = _open_any_adapter(adapter, ck, scale, lora_alpha, lora_rank, strict_config, log)
     _refuse_out_in_adapter(out, lora)
     target = merge_target(ck, lora, dt=dt, mxfp4=mxfp4, rule=scale_rule, scale=scale, block_bytes=block_bytes,
                           max_shard=parse_size(max_shard_size), strict_config=strict_config,
@@ -205,9 +221,60 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     if dry_run:
         log(describe(target))
         return target
-    return job.run(LoraSource(HFSource(ck), lora), target, out,
-                   job.JobOptions(overwrite, resume, progress, check_space, max_memory),
-                   cluster, log)
+    return job.run(LoraSource(HFSource(ck), lora), target, out, job_opts, cluster, log)
+
+
+def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
+                      strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
+    """merge-lora with an Orbax BASE and a MaxText adapter: to-hf's export of the merged leaves."""
+    from gptoss_convert.converters.lora import hf_tensor_names, merged_export_target
+    from gptoss_convert.converters.sources import OrbaxSrc, open_source
+    from gptoss_convert.io.orbax_source import is_orbax
+    if not is_orbax(adapter):
+        raise InputError(f"{adapter}: a PEFT adapter merges into an HF base; export the Orbax base {base} with "
+                         "to-hf first (or give a MaxText LoRA checkpoint as ADAPTER)")
+    source = OrbaxSrc(open_source(base, None, None, log), like, strict_config=strict_config)
+    lora = open_maxtext_adapter(adapter, source.backend, source.cfg, hf_tensor_names(source), alpha=alpha, rank=rank,
+                                scale=scale)
+    _announce(lora, log)
+    if lora.source.scanned != source.orbax.scanned:
+        lay = ("scanned", "unscanned")
+        raise InputError(f"{adapter}: a {lay[not lora.source.scanned]} adapter, but the base {base} is "
+                         f"{lay[not source.orbax.scanned]}; relayout the base with to-orbax "
+                         f"--{lay[not lora.source.scanned]} first")
+    if note := lora.experts_note():
+        log(note)
+    log(adapter_summary(lora))
+    target = merged_export_target(source, lora, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes,
+                                  rule=rule, allow_nonfinite=allow_nonfinite, workers=workers, like=like)
+    if dry_run:
+        log("\n".join(f"{t.name} {list(t.shape)}: merge" for t in target.tensors if t.name in lora.pairs))
+        return target
+    _refuse_out_in_adapter(out, lora)
+    return job.run(LoraSource(source, lora), target, out, job_opts, cluster, log)
+
+
+def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, strict_config: bool, log):
+    """A PEFT adapter directory, or a MaxText LoRA checkpoint (with --lora-alpha/--lora-rank)."""
+    from gptoss_convert.io.orbax_source import is_orbax
+    if not is_orbax(adapter):
+        if alpha is not None or rank is not None:
+            raise InputError(f"{adapter}: --lora-alpha/--lora-rank are for MaxText LoRA checkpoints; a PEFT "
+                             "adapter's adapter_config.json records lora_alpha and r")
+        return open_adapter(adapter, {n: t.shape for n, t in ck.tensors.items()}, scale)
+    from gptoss_convert.backends import get_backend
+    cfg = check_against_backend(ck, strict_config=strict_config)
+    lora = open_maxtext_adapter(adapter, get_backend(ck.config_raw["model_type"]), cfg, set(ck.tensors),
+                                alpha=alpha, rank=rank, scale=scale)
+    _announce(lora, log)
+    return lora
+
+
+def _announce(lora, log) -> None:
+    """What was found: the MaxText adapter's layout, and that it has no expert adapters if so."""
+    log(f"{lora.source.step_dir}: {lora.source.layout.describe()}")
+    if note := lora.experts_note():
+        log(note)
 
 
 def _refuse_out_in_adapter(out, lora: Adapter) -> None:

@@ -119,10 +119,12 @@ class MoveBlocks:
 
 
 def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | None = None, strict_config: bool = False,
-                 allow_nonfinite: bool = False, block_bytes: int = 64 << 20, compression: str | None = None):
+                 allow_nonfinite: bool = False, block_bytes: int = 64 << 20, compression: str | None = None,
+                 item: str | None = None, log=None):
     """(source, target) writing the params of the Orbax checkpoint `src` (a run root, step or
-    items; `step` picks one) as a params-only checkpoint, scanned or not; see `to_orbax`."""
-    source = OrbaxSrc(open_source(src, step), like, strict_config=strict_config)
+    item; `step`, `item` pick one; any layout open_orbax reads) as a params-only checkpoint,
+    scanned or not; see `to_orbax`."""
+    source = OrbaxSrc(open_source(src, step, item, log), like, strict_config=strict_config)
     orbax, backend, cfg = source.orbax, source.backend, source.cfg
     targets = backend.flat_shapes(cfg, scanned)
     out_layout, in_layout = backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned)
@@ -144,7 +146,8 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
                          {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},
                          compression, {"layout": layout, "dtype": dtype.name, "compression": compression,
                                        "relayout_from": was},
-                         {"source_step": orbax.step_dir.name, "source_other_leaves_dropped": orbax.other_leaves},
+                         {"source_step": orbax.step_dir.name, "source_other_leaves_dropped": orbax.other_leaves,
+                          "source_layout": orbax.layout.record() if orbax.layout else None},
                          sidecars, summary, identity={"relayout": True, "block_bytes": block_bytes,
                                                       "source": str(orbax.step_dir)})
     target.describe = lambda: (f"relayout {was} -> {layout}: {len(targets)} leaves, {len(moves)} blocks, "

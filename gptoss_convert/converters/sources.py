@@ -128,13 +128,16 @@ class OrbaxSrc:
         return [self.sidecar_dir / f for f in SIDECAR_FILES if (self.sidecar_dir / f).is_file()]
 
 
-def open_source(src, step: int | None) -> OrbaxSource:
+def open_source(src, step: int | None, item: str | None = None, log=None) -> OrbaxSource:
     """open_orbax, and for a gs:// / s3:// SRC written by this tool, refuse one whose conversion
-    did not finish (its journal is still there, as `check` and the other readers do)."""
-    source = open_orbax(src, step=step)
+    did not finish (its journal is still there, as `check` and the other readers do). `log`
+    (if given) is told the layout found (io/orbax_source.Layout.describe)."""
+    source = open_orbax(src, step=step, item=item)
     if source.remote and (source.step_dir.parent / PROGRESS / "plan.json").is_file():    # written first, deleted last
         raise InputError(f"{source.step_dir.parent}: the conversion writing it did not finish ({PROGRESS}/ is "
                          "still there); rerun it with --resume first")
+    if log is not None and source.layout is not None:
+        log(f"{source.step_dir}: {source.layout.describe()}")
     return source
 
 

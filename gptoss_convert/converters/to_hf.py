@@ -228,13 +228,15 @@ READ_WORKERS = 4
 
 @dist.distributable
 def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False, scale_rule: str = DEFAULT_SCALE_RULE,
-          like: str | os.PathLike | None = None, step: int | None = None, max_shard_size: str | int = "5GB",
+          like: str | os.PathLike | None = None, step: int | None = None, item: str | None = None,
+          max_shard_size: str | int = "5GB",
           dtype: str | DType = "bf16", dry_run: bool = False, overwrite: bool = False, resume: bool = False,
           allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = 64 << 20,
           workers: int | None = None, strict_config: bool = False, check_space: bool = True,
           max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
     """Export the Orbax checkpoint `src` (this tool's output, a MaxText params-only or training
-    checkpoint; a run root, step directory or its items; `step` picks one) to an HF checkpoint.
+    checkpoint, or a post-training one (Tunix's model_params, NNX); a run root, step directory or
+    its item; `step` picks the step, `item` the item where a step holds several) to an HF checkpoint.
 
     `mxfp4=True` (gpt-oss) requantizes the expert weights into the published MXFP4 layout with
     the rule `scale_rule` ("triton": triton_kernels' round-up scale, element ties up; "triton-rtne":
@@ -247,7 +249,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
     dt = dtype_of(dtype)
-    source = OrbaxSrc(open_source(src, step), like, strict_config=strict_config)
+    source = OrbaxSrc(open_source(src, step, item, log), like, strict_config=strict_config)
     if mxfp4 and source.backend.model_type != "gpt_oss":
         raise InputError(f"--mxfp4: requantization is for gpt-oss only; {source.backend.model_type} exports as BF16")
     opts = ExportOptions(scale_rule, dt.np, allow_nonfinite, workers or max(READ_WORKERS, os.cpu_count() or 1))
@@ -312,7 +314,8 @@ def export_target(source: OrbaxSrc, *, mxfp4: bool, dt: DType, max_shard: int, b
                           {"mxfp4": mxfp4, "scale_rule": rule, "dtype": dt.st, "max_shard_size": max_shard,
                            "like": None if like is None else str(like)}, summary, report_hook(mxfp4),
                           extra={"source_step": orbax.step_dir.name, "source_scanned": orbax.scanned,
-                                 "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves},
+                                 "source_prefix": "/".join(orbax.prefix), "source_other_leaves": orbax.other_leaves,
+                                 "source_layout": orbax.layout.record() if orbax.layout else None},
                           # read ahead and in the workers, each with its requantization copies
                           memory=Memory(max((t.block_bytes for t in tensors), default=0), opts.workers, per=2, fixed=4),
                           reads_of=reads_of, shared_reads=metadata)

@@ -64,7 +64,7 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
              allow_nonfinite: bool = False, progress: bool = True, block_bytes: int = DEFAULT_BLOCK_BYTES,
              compression: str | None = None,
              strict_config: bool = False, like: str | os.PathLike | None = None, step: int | None = None,
-             check_space: bool = True,
+             item: str | None = None, check_space: bool = True,
              max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print) -> Path | Plan:
     """Convert `src` (MXFP4 or BF16 directory, or hub id) to a MaxText Orbax checkpoint at `out`.
 
@@ -77,7 +77,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     `strict_config=True` refuses config.json fields this tool does not know (by default they are
     accepted as inert, warned about and recorded in conversion.json).
     `src` may also be an Orbax checkpoint (this tool's, MaxText's params-only or training
-    checkpoint; `step` picks one, `like` gives the config of one MaxText wrote): its params are
+    checkpoint, or a post-training one; `step` and `item` pick one, `like` gives the config of one
+    MaxText wrote): its params are
     relaid out bit-exact (converters/relayout.py).
     `distributed=True` runs this as one of several processes writing one checkpoint
     (jax.distributed; `coordinator_address`, `num_processes`, `process_id` unless JAX detects
@@ -92,7 +93,8 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
     if is_orbax(src):
         from gptoss_convert.converters.relayout import relayout_job
         source, target = relayout_job(src, scanned=scanned, dtype=dt, like=like, step=step, strict_config=strict_config,
-                                      allow_nonfinite=allow_nonfinite, block_bytes=block_bytes, compression=compression)
+                                      allow_nonfinite=allow_nonfinite, block_bytes=block_bytes, compression=compression,
+                                      item=item, log=log)
     else:
         ck = open_checkpoint(src)
         ck.workers, ck.allow_nonfinite = workers, allow_nonfinite

@@ -29,6 +29,8 @@ from gptoss_convert.io.orbax_writer import (
 from gptoss_convert.io.location import Location, is_url, resolve, store_context
 
 PREFIX = ("params", "params")  # TrainState.params = {"params": tree} (docs/maxtext.md §1)
+NNX_VALUE = ("value",)         # an NNX state's leaves: `<param path>/value` (Tunix's model_params)
+NNX_STATE = "rngs"             # NNX rng streams (`.../rngs/<stream>/{key,count}/value`): state, not weights
 
 
 def _dirs(step_dir, item_name: str) -> tuple[Path, Path]:
@@ -77,12 +79,24 @@ def tree_keys(meta: dict, path) -> list[tuple[str, ...]]:
     return keys
 
 
-def _item_leaves(item_dir: Path, prefix: tuple[str, ...]) -> tuple[list[tuple[str, ...]], bool]:
-    """(tree paths of every leaf under `prefix`, whether arrays are zarr3) from `_METADATA`."""
+def param_keys(keys, prefix: tuple[str, ...], suffix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """{param path: stored key} of the leaves under `prefix`; with an NNX `suffix` (("value",))
+    the path drops it, and only leaves that end in it and are not rng state count."""
+    out = {}
+    for k in keys:
+        if k[:len(prefix)] != prefix or len(k) <= len(prefix) + len(suffix):
+            continue
+        if suffix and (k[len(k) - len(suffix):] != suffix or NNX_STATE in k[len(prefix):]):
+            continue
+        out["/".join(k[len(prefix):len(k) - len(suffix)])] = tuple(k)
+    return out
+
+
+def _item_leaves(item_dir: Path, prefix: tuple[str, ...], suffix: tuple[str, ...] = ()) -> tuple[dict, bool]:
+    """({param path: stored key} of every leaf under `prefix`, whether arrays are zarr3) from `_METADATA`."""
     path = item_dir / PYTREE_METADATA_FILE
     meta = _read_json(path, "Orbax PyTree metadata")
-    keys = tree_keys(meta, path)
-    return [k for k in keys if k[:len(prefix)] == prefix], bool(meta.get("use_zarr3"))
+    return param_keys(tree_keys(meta, path), prefix, suffix), bool(meta.get("use_zarr3"))
 
 
 def _leaf_spec(item_dir: Path, keys: tuple[str, ...], use_zarr3: bool) -> dict:
@@ -100,12 +114,14 @@ def _leaf_spec(item_dir: Path, keys: tuple[str, ...], use_zarr3: bool) -> dict:
             "recheck_cached_data": False, "recheck_cached_metadata": False}
 
 
-def read_metadata(step_dir, *, item_name: str = "items", prefix: tuple[str, ...] = PREFIX) -> dict:
+def read_metadata(step_dir, *, item_name: str = "items", prefix: tuple[str, ...] = PREFIX,
+                  suffix: tuple[str, ...] = ()) -> dict:
     """Custom metadata and leaf shapes of a finalized checkpoint step.
 
     Returns {"custom_metadata": {...} (e.g. {"scan_layers": True}),
              "leaves": {"decoder/decoder_norm/scale": ((H,), dtype), ...}} with paths relative
-    to `prefix`. Shapes and dtypes come from each array's zarr metadata; no data is read.
+    to `prefix` (and without an NNX `suffix`, see param_keys). Shapes and dtypes come from each
+    array's zarr metadata; no data is read.
     """
     step, item = _dirs(step_dir, item_name)
     meta = _read_json(step / CHECKPOINT_METADATA_FILE, "Orbax step metadata")
@@ -113,26 +129,26 @@ def read_metadata(step_dir, *, item_name: str = "items", prefix: tuple[str, ...]
         # no rename on object stores: Orbax's commit marker, written last, says the step is whole
         raise InputError(f"{step / COMMIT_SUCCESS_FILE} is missing: the checkpoint's write did not finish "
                          "(rerun the conversion with --resume)")
-    keys, use_zarr3 = _item_leaves(item, tuple(prefix))
+    keys, use_zarr3 = _item_leaves(item, tuple(prefix), tuple(suffix))
     context = _context(step)
-    futures = [ts.open(_leaf_spec(item, k, use_zarr3), open=True, read=True, context=context) for k in keys]
+    futures = {p: ts.open(_leaf_spec(item, k, use_zarr3), open=True, read=True, context=context)
+               for p, k in keys.items()}
     leaves = {}
-    for k, future in zip(keys, futures):
+    for p, future in futures.items():
         store = future.result()
-        leaves["/".join(k[len(prefix):])] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+        leaves[p] = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
     return {"custom_metadata": meta.get("custom_metadata") or {}, "leaves": leaves}
 
 
 def open_leaf(step_dir, path: str, *, item_name: str = "items",
-              prefix: tuple[str, ...] = PREFIX) -> ts.TensorStore:
+              prefix: tuple[str, ...] = PREFIX, suffix: tuple[str, ...] = ()) -> ts.TensorStore:
     """Open one leaf for lazy reads: `open_leaf(d, "decoder/.../wi_0")[e, s].read().result()`
     reads the chunks of that slice only."""
     _, item = _dirs(step_dir, item_name)
-    keys = tuple(prefix) + tuple(path.split("/"))
-    known, use_zarr3 = _item_leaves(item, tuple(prefix))
-    if keys not in known:
+    known, use_zarr3 = _item_leaves(item, tuple(prefix), tuple(suffix))
+    if path not in known:
         raise InputError(f"leaf {path!r} is not in the checkpoint at {item}")
-    spec = _leaf_spec(item, keys, use_zarr3)
+    spec = _leaf_spec(item, known[path], use_zarr3)
     return ts.open(spec, open=True, read=True, context=_context(item)).result()
 
 
@@ -200,8 +216,9 @@ def _quiet_closed_loop_callbacks() -> None:
 
 def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
                 sharding: dict | Callable[[str], Any] | None = None,
-                item_name: str = "items", prefix: tuple[str, ...] = PREFIX) -> dict:
-    """Restore the params tree (under `prefix`) of a checkpoint step as a nested dict.
+                item_name: str = "items", prefix: tuple[str, ...] = PREFIX, suffix: tuple[str, ...] = ()) -> dict:
+    """Restore the params tree (under `prefix`; NNX leaves `<path>/value` with suffix ("value",),
+    returned without it) of a checkpoint step as a nested dict.
 
     abstract_tree: nested dict of objects with .shape/.dtype (e.g. jax.ShapeDtypeStruct) naming
         the leaves to restore (others are skipped); default: every leaf, in its stored dtype.
@@ -214,18 +231,22 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
     import orbax.checkpoint as ocp
 
     if is_url(step_dir):
-        return _load_remote(step_dir, abstract_tree, dtype=dtype, sharding=sharding, item_name=item_name, prefix=prefix)
+        return _load_remote(step_dir, abstract_tree, dtype=dtype, sharding=sharding, item_name=item_name, prefix=prefix,
+                            suffix=suffix)
     _, item = _dirs(step_dir, item_name)
-    stored = read_metadata(step_dir, item_name=item_name, prefix=prefix)["leaves"]
+    stored = read_metadata(step_dir, item_name=item_name, prefix=prefix, suffix=suffix)["leaves"]
     if abstract_tree is None:
         flat = {p: jax.ShapeDtypeStruct(s, t) for p, (s, t) in stored.items()}
     else:
         flat = flatten(abstract_tree)
         _check_abstract(flat, stored)
     args = _restore_args(flat, dtype, sharding)
+    tail = "".join("/" + s for s in suffix)
+
+    def stored_tree(leaves: dict) -> dict:
+        return _wrap(prefix, unflatten({p + tail: v for p, v in leaves.items()}))
     # partial_restore: the checkpoint may hold more than asked for (as MaxText's loader does).
-    restore = ocp.args.PyTreeRestore(item=_wrap(prefix, unflatten(flat)), restore_args=_wrap(prefix, unflatten(args)),
-                                     partial_restore=True)
+    restore = ocp.args.PyTreeRestore(item=stored_tree(flat), restore_args=stored_tree(args), partial_restore=True)
     _quiet_closed_loop_callbacks()
     try:
         restored = ocp.PyTreeCheckpointer().restore(item, args=restore)
@@ -234,21 +255,23 @@ def load_params(step_dir, abstract_tree: dict | None = None, *, dtype=None,
                          "`gptoss-convert check` on it, then replace or reconvert it") from None
     for key in prefix:
         restored = restored[key]
+    if suffix:
+        restored = unflatten({p[:len(p) - len(tail)]: v for p, v in flatten(restored).items()})
     return restored
 
 
 def _load_remote(step_dir, abstract_tree: dict | None, *, dtype, sharding, item_name: str,
-                 prefix: tuple[str, ...]) -> dict:
+                 prefix: tuple[str, ...], suffix: tuple[str, ...] = ()) -> dict:
     """load_params for gs:// and s3://, through the TensorStore specs of `open_leaf` (stock Orbax
     0.12.8 cannot open s3://, orbax#359); numpy leaves only."""
     if sharding is not None:
         raise InputError(f"{step_dir}: sharded restores read local checkpoints only; restore to host "
                          "(no sharding) or copy the checkpoint to a local disk")
-    stored = read_metadata(step_dir, item_name=item_name, prefix=prefix)["leaves"]
+    stored = read_metadata(step_dir, item_name=item_name, prefix=prefix, suffix=suffix)["leaves"]
     flat = {p: t for p, (_, t) in stored.items()} if abstract_tree is None else flatten(abstract_tree)
     if abstract_tree is not None:
         _check_abstract(flat, stored)
-    futures = {p: open_leaf(step_dir, p, item_name=item_name, prefix=prefix).read() for p in flat}
+    futures = {p: open_leaf(step_dir, p, item_name=item_name, prefix=prefix, suffix=suffix).read() for p in flat}
     out = {}
     for path, leaf in flat.items():
         target = np.dtype(dtype) if dtype is not None else np.dtype(getattr(leaf, "dtype", leaf))

@@ -4,9 +4,16 @@ SRC may be a step directory (`<root>/<N>`), its item (`<root>/<N>/items`) or a r
 root (the latest committed step, or `step=N`). A step counts only when Orbax committed it: its
 `_CHECKPOINT_METADATA` records `commit_timestamp_nsecs`, or `commit_success.txt` is there (what
 Orbax writes last; a save cut short has neither, or still has its `.orbax-checkpoint-tmp` name).
-The params live under `params/params` in this tool's output, in MaxText's params-only
-checkpoints and in MaxText's training state (beside `opt_state` and `step`, OCDBT + zarr3 as
-MaxText's `create_orbax_checkpoint_manager` saves by default); other leaves are ignored.
+
+Where the params are is read off the checkpoint (`detect_layout`, named in the log and the record):
+- item `items`, params under `params/params`: this tool's output, MaxText's params-only
+  checkpoints and MaxText's training state (beside `opt_state`, `step` and, from a pure-NNX train
+  state, `nnx_aux`; OCDBT + zarr3 as MaxText's `create_orbax_checkpoint_manager` saves by default);
+- item `model_params` (beside `optimizer_state`): what Tunix saves for MaxText's post-training
+  (SFT; RL wraps the model in `base/`): an NNX state, every leaf `<param path>/value`, with the
+  modules' rng streams (`.../rngs/<stream>/{key,count}/value`) among them; OCDBT, zarr2.
+Optimizer state, rng state and aux subtrees are ignored. `item` picks the item where a step holds
+several; a step holding none of these is refused, naming what it holds.
 
 SRC may also be a `gs://` or `s3://` URL (a `Location`): the same layouts, read through
 TensorStore. There a step counts only with Orbax's `commit_success.txt` (no rename on object
@@ -34,17 +41,54 @@ from gptoss_convert.buffers import RecyclingPool
 from gptoss_convert.io.files import (HASH, MAX_CONFIG_BYTES, MAX_ORBAX_METADATA_BYTES, MAX_SIDECAR_BYTES,
                                      MAX_TOKENIZER_BYTES, check_size, new_hash, read_file, read_small)
 from gptoss_convert.io.location import Location, is_url, resolve
-from gptoss_convert.io.orbax_reader import _read_json, open_leaf, read_metadata, tree_keys
+from gptoss_convert.io.orbax_reader import NNX_STATE, NNX_VALUE, _read_json, open_leaf, read_metadata, tree_keys
 from gptoss_convert.io.orbax_writer import (CHECKPOINT_METADATA_FILE, PYTREE_METADATA_FILE, SHARD_INDEX_BYTES,
                                             array_name, shard_index)
 from gptoss_convert.io.record import RECORD, RecordedFiles, link_in_path, read_record, step_outputs
 
 ITEM = "items"
+ITEMS = ("items", "model_params")         # the items that hold params: MaxText's train state, Tunix's model
 COMMIT_FILE = "commit_success.txt"
-PREFIXES = (("params", "params"), ("params",), ())     # tried in order: the first that holds a decoder
+# (prefix, leaf suffix) tried in order: the first whose tree holds a decoder is the params
+PREFIXES = ((("params", "params"), ()), (("params",), ()), ((), ()), ((), NNX_VALUE), (("base",), NNX_VALUE))
+ROOTS = ("decoder", "token_embedder")
 _CHUNKS = RecyclingPool(keep=8)                         # whole chunk files read by read_whole_chunk
 _CHUNK_KEY = re.compile(r"[0-9]+([./][0-9]+)*")          # a zarr chunk file's name (zarr2 "0.1", zarr3 "c/0/1")
 _ALLOW_UNCOMMITTED = contextvars.ContextVar("gptoss_allow_uncommitted", default=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one checkpoint's params are: its item, the tree prefix, the NNX leaf suffix, its
+    storage, and the leaves outside the params (by top-level key; `rngs`: NNX rng leaves)."""
+
+    item: str
+    prefix: tuple[str, ...]
+    suffix: tuple[str, ...]
+    ocdbt: bool
+    zarr3: bool
+    ignored: dict[str, int]
+
+    @property
+    def name(self) -> str:
+        """e.g. `items:params/params` (MaxText), `model_params:nnx` (Tunix SFT), `model_params:base/nnx` (RL)."""
+        tree = "/".join(self.prefix + (("nnx",) if self.suffix else ())) or "root"
+        return f"{self.item}:{tree}"
+
+    def describe(self) -> str:
+        """One line for the log: the layout, its storage and what is left out."""
+        store = ("OCDBT" if self.ocdbt else "a folder per array") + (" + zarr3" if self.zarr3 else ", zarr2")
+        what = {"items:params/params": "MaxText train state / params-only",
+                "model_params:nnx": "Tunix NNX model (MaxText SFT)",
+                "model_params:base/nnx": "Tunix NNX model under base/ (MaxText RL)"}.get(self.name, "")
+        skipped = ", ".join(f"{k} ({n})" for k, n in sorted(self.ignored.items()))
+        line = f"layout {self.name}{f' ({what})' if what else ''}, {store}"
+        return line + (f"; ignored: {skipped}" if skipped else "")
+
+    def record(self) -> dict:
+        """What conversion.json keeps of it."""
+        return {"name": self.name, "item": self.item, "prefix": "/".join(self.prefix), "nnx": bool(self.suffix),
+                "ocdbt": self.ocdbt, "zarr3": self.zarr3, "ignored": dict(sorted(self.ignored.items()))}
 
 
 @contextlib.contextmanager
@@ -90,7 +134,8 @@ class OrbaxSource:
     prefix: tuple[str, ...]
     leaves: dict[str, tuple[tuple[int, ...], np.dtype]]      # path under prefix -> (shape, dtype)
     custom_metadata: dict
-    other_leaves: int                                         # leaves outside the params (opt_state, step)
+    other_leaves: int                                         # leaves and items beside the params (opt_state, step)
+    layout: Layout | None = None
     _stores: dict = dataclasses.field(default_factory=dict)
     _layouts: dict = dataclasses.field(default_factory=dict)
     _plain: dict = dataclasses.field(default_factory=dict)      # leaf -> its shards are whole plain chunks
@@ -117,7 +162,7 @@ class OrbaxSource:
             return
         files = self.chunk_files(path, index)
         if files is None:                     # not a file per chunk here: every file of the leaf
-            folder = f"{Path(str(self.item_dir)).name}/{array_name(self.prefix + tuple(path.split('/')))}/"
+            folder = f"{Path(str(self.item_dir)).name}/{array_name(self.stored_key(path))}/"
             files = [f for f in self.recorded.outputs if f.startswith(folder)]
         for f in files:
             self.recorded.verify_file(f)
@@ -154,10 +199,19 @@ class OrbaxSource:
             return {f: None for f in self.files()}
         return {f: (self.step_dir / f).stat().st_size for f in self.files()}
 
+    @property
+    def suffix(self) -> tuple[str, ...]:
+        return self.layout.suffix if self.layout else ()
+
+    def stored_key(self, path: str) -> tuple[str, ...]:
+        """The key leaf `path` has in the item's tree (prefix and NNX suffix included)."""
+        return self.prefix + tuple(path.split("/")) + self.suffix
+
     def store(self, path: str) -> ts.TensorStore:
         """The TensorStore of leaf `path`, opened once."""
         if path not in self._stores:
-            self._stores[path] = open_leaf(self.step_dir, path, prefix=self.prefix)
+            self._stores[path] = open_leaf(self.item_dir, path, item_name=self.item_dir.name, prefix=self.prefix,
+                                           suffix=self.suffix)
         return self._stores[path]
 
     def chunk_files(self, path: str, index: tuple) -> list[str] | None:
@@ -306,22 +360,53 @@ def require_committed(step_dir: Path | Location, outputs: dict | None, allow_unc
                      "damaged copy; pick another step, or pass --allow-uncommitted to read it anyway")
 
 
-def _locate(src, step: int | None, allow_uncommitted: bool | None = None) -> tuple:
-    """(step dir, item dir, the step's record entries or None) of SRC: a step dir, its items, or a run root."""
-    if (src / PYTREE_METADATA_FILE).is_file() or src.name == ITEM:
-        step_dir, item = src.parent, src
-    elif (src / ITEM).is_dir():
-        step_dir, item = src, src / ITEM
+def _item_names(step_dir) -> list[str]:
+    """The step's items that are Orbax PyTrees (a folder with `_METADATA`)."""
+    if isinstance(step_dir, Location):
+        return sorted({k.split("/")[0] for k in step_dir.keys() if k.count("/") == 1
+                       and k.endswith("/" + PYTREE_METADATA_FILE)})
+    return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and (p / PYTREE_METADATA_FILE).is_file())
+
+
+def _is_step(path) -> bool:
+    return (path / CHECKPOINT_METADATA_FILE).is_file() or any((path / i).is_dir() for i in ITEMS)
+
+
+def _pick_item(step_dir, item: str | None):
+    """The item of `step_dir` that holds the params: `item`, else the one of ITEMS the step has."""
+    names = sorted(set(_item_names(step_dir)) | {n for n in ITEMS if (step_dir / n).is_dir()})
+    if item is not None:
+        if item not in names:
+            raise InputError(f"{step_dir}: has no Orbax item {item!r} (items: {', '.join(names) or 'none'}); "
+                             "pick one with --item")
+        return step_dir / item
+    known = [n for n in ITEMS if n in names]
+    if len(known) > 1:
+        raise InputError(f"{step_dir}: holds several params items ({', '.join(known)}); pick one with --item")
+    if not known:
+        raise InputError(f"{step_dir}: unknown Orbax layout: items {names or 'none'}, none of "
+                         f"{', '.join(ITEMS)}; pick the params item with --item")
+    return step_dir / known[0]
+
+
+def _locate(src, step: int | None, allow_uncommitted: bool | None = None, item: str | None = None) -> tuple:
+    """(step dir, item dir, the step's record entries or None) of SRC: a step dir, one of its
+    items, or a run root; `item` names the item where the step holds several."""
+    if (src / PYTREE_METADATA_FILE).is_file() or src.name in ITEMS:
+        step_dir, item_dir = src.parent, src
+        if item is not None and item != src.name:
+            raise InputError(f"{src}: is item {src.name!r}, not --item {item}; give the step or run root with --item")
     else:
-        step_dir = _pick_step(src, step)
-        item = step_dir / ITEM
+        step_dir = src if _is_step(src) else _pick_step(src, step)
+        item_dir = None
     if step is not None and step_dir.name != str(step):
         raise InputError(f"{src}: is step {step_dir.name}, not --step {step}; give the run's root with --step")
     outputs = step_record(step_dir)
     require_committed(step_dir, outputs, allow_uncommitted)
-    if not (item / PYTREE_METADATA_FILE).is_file():
-        raise InputError(f"{item}: no {PYTREE_METADATA_FILE} (not an Orbax PyTree item)")
-    return step_dir, item, outputs
+    item_dir = item_dir or _pick_item(step_dir, item)
+    if not (item_dir / PYTREE_METADATA_FILE).is_file():
+        raise InputError(f"{item_dir}: no {PYTREE_METADATA_FILE} (not an Orbax PyTree item)")
+    return step_dir, item_dir, outputs
 
 
 def refuse_links_out(step_dir: Path) -> None:
@@ -347,15 +432,38 @@ def _check_sidecar_sizes(root: Path) -> None:
             check_size(root / name, limits.get(name, MAX_SIDECAR_BYTES), name)
 
 
+def detect_layout(item) -> Layout:
+    """Where the params are in `item` (see the module docstring), from its tree metadata alone;
+    an item holding no model params is refused, naming its top-level keys."""
+    path = item / PYTREE_METADATA_FILE
+    meta = _read_json(path, "Orbax PyTree metadata")
+    keys = tree_keys(meta, path)
+    for prefix, suffix in PREFIXES:
+        n = len(prefix)
+        under = [k for k in keys if k[:n] == prefix and len(k) > n]
+        if not any(k[n] in ROOTS for k in under):
+            continue
+        nnx = all(k[-1] == NNX_VALUE[-1] for k in under if k[n] in ROOTS)
+        if nnx != bool(suffix):
+            continue
+        ignored: dict[str, int] = {}
+        for k in keys:
+            if k[:n] != prefix or len(k) <= n:
+                ignored[k[0]] = ignored.get(k[0], 0) + 1
+            elif suffix and NNX_STATE in k[n:]:
+                ignored[NNX_STATE] = ignored.get(NNX_STATE, 0) + 1
+        ocdbt = bool(meta.get("use_ocdbt", (item / "manifest.ocdbt").is_file()))
+        return Layout(Path(str(item)).name, prefix, suffix, ocdbt, bool(meta.get("use_zarr3")), ignored)
+    top = sorted({k[0] for k in keys})
+    raise InputError(f"{item}: unknown Orbax layout: no decoder/ or token_embedder/ under params/params, params, "
+                     f"base or the root (top-level keys: {', '.join(top[:12]) or 'none'}"
+                     f"{', ...' if len(top) > 12 else ''}); is it a model checkpoint?")
+
+
 def _prefix(item) -> tuple[tuple[str, ...], int]:
     """(the params prefix, number of leaves outside it) from the item's tree metadata."""
-    keys = tree_keys(_read_json(item / PYTREE_METADATA_FILE, "Orbax PyTree metadata"), item / PYTREE_METADATA_FILE)
-    for prefix in PREFIXES:
-        n = len(prefix)
-        if any(k[:n] == prefix and len(k) > n and k[n] in ("decoder", "token_embedder") for k in keys):
-            return prefix, sum(k[:n] != prefix for k in keys)
-    raise InputError(f"{item}: no params tree in this checkpoint (no decoder/ or token_embedder/ under "
-                     "params/params, params or the root); is it a model checkpoint?")
+    layout = detect_layout(item)
+    return layout.prefix, sum(layout.ignored.values())
 
 
 def _verify_metadata(recorded: RecordedFiles) -> None:
@@ -365,24 +473,29 @@ def _verify_metadata(recorded: RecordedFiles) -> None:
             recorded.verify_file(f)
 
 
-def open_orbax(src, *, step: int | None = None, allow_uncommitted: bool | None = None) -> OrbaxSource:
-    """Resolve SRC (step dir, its items, or a run root, local or gs:// / s3:// ; `step` picks one)
-    to its params. Refused: a step without its commit marker (unless `allow_uncommitted`, default:
+def open_orbax(src, *, step: int | None = None, allow_uncommitted: bool | None = None,
+               item: str | None = None) -> OrbaxSource:
+    """Resolve SRC (step dir, its items, or a run root, local or gs:// / s3:// ; `step` picks one,
+    `item` the params item) to its params, in any layout detect_layout knows.
+    Refused: a step without its commit marker (unless `allow_uncommitted`, default:
     allowing_uncommitted's setting), a link out of the checkpoint, and where conversion.json lies
     beside the step, a metadata file whose hash differs from it (chunks are checked as read)."""
     path = resolve(src)
     if not path.is_dir():
         what = "no objects under this prefix" if isinstance(path, Location) else "not a directory"
         raise InputError(f"{src}: {what} (an Orbax checkpoint, step directory or items)")
-    step_dir, item, outputs = _locate(path, step, allow_uncommitted)
+    step_dir, item_dir, outputs = _locate(path, step, allow_uncommitted, item)
     if not isinstance(step_dir, Location):
         refuse_links_out(step_dir)
         _check_sidecar_sizes(step_dir.parent)
     recorded = RecordedFiles(step_dir, outputs)
     _verify_metadata(recorded)
-    prefix, others = _prefix(item)
-    meta = read_metadata(item, item_name=ITEM, prefix=prefix)
-    return OrbaxSource(step_dir, item, prefix, meta["leaves"], meta["custom_metadata"], others, recorded=recorded)
+    layout = detect_layout(item_dir)
+    others = {f"{n}/": 1 for n in _item_names(step_dir) if n != item_dir.name}   # whole items (optimizer_state)
+    layout = dataclasses.replace(layout, ignored={**layout.ignored, **others})
+    meta = read_metadata(item_dir, item_name=item_dir.name, prefix=layout.prefix, suffix=layout.suffix)
+    return OrbaxSource(step_dir, item_dir, layout.prefix, meta["leaves"], meta["custom_metadata"],
+                       sum(layout.ignored.values()), recorded=recorded, layout=layout)
 
 
 def is_orbax(src) -> bool:
@@ -393,6 +506,6 @@ def is_orbax(src) -> bool:
     p = Path(src)
     if not p.is_dir() or (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         return False
-    if (p / PYTREE_METADATA_FILE).is_file() or (p / ITEM).is_dir() or (p / CHECKPOINT_METADATA_FILE).is_file():
+    if (p / PYTREE_METADATA_FILE).is_file() or _is_step(p):
         return True
-    return any(s.is_dir() and (s / ITEM).is_dir() for s in _steps(p).values())
+    return any(s.is_dir() and _is_step(s) for s in _steps(p).values())

@@ -24,7 +24,9 @@ class LeafReader:
     def __init__(self, step_dir, layout: Layout, dense_leaves: list[str], on_layer=None, experts_read=None):
         self.step_dir, self.layout, self.dense_leaves = step_dir, layout, dense_leaves
         self.on_layer, self.experts_read, self._last = on_layer, experts_read, None
-        self._open = functools.lru_cache(maxsize=None)(lambda path: open_leaf(step_dir, path))
+        # an OrbaxSource opens leaves in its own layout (io/orbax_source); a step dir, this tool's
+        opener = step_dir.store if hasattr(step_dir, "store") else (lambda path: open_leaf(step_dir, path))
+        self._open = functools.lru_cache(maxsize=None)(opener)
 
     def _index(self, layer: int, rel: str, expert: int | None):
         p = self.layout.place(layer, rel, ())

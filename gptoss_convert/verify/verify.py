@@ -52,7 +52,8 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
            moe: str = "ragged_dot", atol: float = 0.1, rtol: float = 0.1, max_kl: float = 3e-4,
            skip_first_token: bool = False, json_report: str | os.PathLike | None = None,
            config: str | os.PathLike | None = None, prompts: str | None = None, streamed: bool | None = None,
-           tokens: str | os.PathLike | None = None, show_progress: bool = True, log=print) -> dict:
+           tokens: str | os.PathLike | None = None, show_progress: bool = True, step: int | None = None,
+           item: str | None = None, log=print) -> dict:
     """Compare the JAX forward on `ckpt` with golden logits (a file, or HF run on `hf` now).
 
     Prints a table per prompt and the expert coverage, returns the report; raises VerifyFailed
@@ -72,7 +73,7 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
         raise InputError("--tokens and --prompts choose what --hf runs; a --golden file has its own tokens")
     if json_report:
         check_writable(json_report, "JSON report")
-    ck = locate(ckpt, config)
+    ck = locate(ckpt, config, step=step, item=item)    # an Orbax run root: `step`; its params item: `item`
     backend, cfg = load_config(ck)
     phases = Phases()
     with phases("golden"):
@@ -110,7 +111,7 @@ def _our_logits(ck, backend, cfg, records, moe, streamed, show_progress):
         scanned = is_scanned(ck)
         hit = [set() for _ in range(cfg.L)]
         with progress(cfg.L, "verify: our forward, layer by layer", show_progress, unit="it") as bar:
-            ours = run_batch(lambda tokens, mask: streamed_logits(ck.path, cfg, scanned, tokens, mask, backend=backend,
+            ours = run_batch(lambda tokens, mask: streamed_logits(ck.orbax, cfg, scanned, tokens, mask, backend=backend,
                                                                   on_layer=lambda i: bar.update(1), experts_read=hit),
                              records)
         return ours, scanned, [sorted(h) for h in hit]
