@@ -24,6 +24,7 @@ class LeafReader:
     def __init__(self, step_dir, layout: Layout, dense_leaves: list[str], on_layer=None, experts_read=None):
         self.step_dir, self.layout, self.dense_leaves = step_dir, layout, dense_leaves
         self.on_layer, self.experts_read, self._last = on_layer, experts_read, None
+        self.where = getattr(step_dir, "step_dir", step_dir)       # named in errors
         # an OrbaxSource opens leaves in its own layout (io/orbax_source); a step dir, this tool's
         opener = step_dir.store if hasattr(step_dir, "store") else (lambda path: open_leaf(step_dir, path))
         self._open = functools.lru_cache(maxsize=None)(opener)
@@ -41,7 +42,7 @@ class LeafReader:
         try:
             return np.asarray(view(self._open(path)).read().result(), np.float32)
         except ValueError as e:
-            raise InputError(f"{self.step_dir}: cannot read {path} ({' '.join(str(e).split())[:400]}); run "
+            raise InputError(f"{self.where}: cannot read {path} ({' '.join(str(e).split())[:400]}); run "
                              "`gptoss-convert check` on it, then replace or reconvert it") from None
 
     def layer(self, layer: int, rel: str, expert: int | None = None) -> np.ndarray:
