@@ -36,6 +36,17 @@ def codes(idx, ties_up: bool):
     return jnp.where(e >= 127, normal, jnp.where(e == 126, half, jnp.where(e == 125, quarter, 0)))
 
 
+def scale_step(scale: str, m):
+    """What a scale rule adds to floor(log2(amax)) - 2 given amax's 7-bit bf16 mantissa `m` (numpy
+    or jax ints): "round-up", 1 above a mantissa of exactly 1.5 (amax / 6 > 2**e / 4); "threshold"
+    (compressed-tensors), 1 from 1.75; "floor", 0."""
+    if scale == "round-up":
+        return (m > 64).astype(m.dtype)
+    if scale == "threshold":
+        return (m >= 96).astype(m.dtype)
+    return 0
+
+
 def _value(c):
     """|E2M1 value| of code c (0..7) as float32, from its bits: 0, 0.5, then 2**(c//2 - 1) * (1 + (c&1)/2)."""
     import jax
@@ -54,7 +65,7 @@ def _sum32(x):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(round_up: bool, ties_up: bool):
+def _kernel(scale_rule: str, ties_up: bool, zero_byte: int):
     import jax
     import jax.numpy as jnp
 
@@ -71,11 +82,11 @@ def _kernel(round_up: bool, ties_up: bool):
         mag = b & 0x7FFF
         amax = mag.max(axis=1)                                           # [G, N]
         e, m = amax >> 7, amax & 0x7F
-        k = e - 129 + ((m > 64).astype(jnp.int32) if round_up else 0)   # log2 of the scale
+        k = e - 129 + scale_step(scale_rule, m)                         # log2 of the scale
         zero = amax == 0
         k = jnp.where(zero, 0, k)
         bad = ((amax >= 0x7F80) | (~zero & (amax < (8 << 7)))).any()
-        scale = jnp.where(zero, 0 if round_up else 127, k + 127).astype(jnp.uint8)
+        scale = jnp.where(zero, zero_byte, k + 127).astype(jnp.uint8)
         idx = jnp.maximum(mag - (k << 7)[:, None, :], 0)                # q = |w| / 2**k as bf16 bits
         c = codes(idx, ties_up)
         code = (c | ((b >> 15) << 3)).astype(jnp.uint32)
@@ -85,7 +96,7 @@ def _kernel(round_up: bool, ties_up: bool):
         q = jax.lax.bitcast_convert_type((idx << 16).astype(jnp.uint32), jnp.float32)
         d = q - _value(c)
         # under the round-up rule q <= 6 always (amax / 2**ceil(log2(amax / 6))): nothing saturates
-        sat = jnp.int32(0) if round_up else (idx > SAT_BITS).sum(dtype=jnp.int32)
+        sat = jnp.int32(0) if scale_rule == "round-up" else (idx > SAT_BITS).sum(dtype=jnp.int32)
         return words, scale, _sum32(d * d), _sum32(q * q), sat, bad
 
     return jax.jit(encode)
@@ -101,12 +112,13 @@ def _cpu():
 _SCALE_SQUARED = np.ldexp(1.0, 2 * (np.arange(256) - 127))
 
 
-def encode_columns(bits: np.ndarray, round_up: bool, ties_up: bool):
-    """uint16 bf16 bits [G, 32, N] (groups down the columns) -> (packed words [G*4, N] uint32,
+def encode_columns(bits: np.ndarray, rule):
+    """uint16 bf16 bits [G, 32, N] (groups down the columns), quantized by `rule` (a
+    codec.ScaleRule) -> (packed words [G*4, N] uint32,
     see `_kernel`; scales [G, N] u8; report {err2, ref2, saturated, clamped_groups}); None when
     a group needs the float path. Runs on the CPU whatever JAX's default device."""
     import jax
-    words, scale, e2, r2, sat, bad = _kernel(round_up, ties_up)(jax.device_put(bits, _cpu()))
+    words, scale, e2, r2, sat, bad = _kernel(rule.scale, rule.ties_up, rule.zero_byte)(jax.device_put(bits, _cpu()))
     if bool(bad):
         return None
     scales = np.asarray(scale)
