@@ -160,3 +160,58 @@ def test_to_hf_cli_writes_compressed_tensors_values(bf16_dir, tmp_path):
     rec = json.loads((tmp_path / "hf" / "conversion.json").read_text())
     assert rec["options"]["scale_rule"] == RULE and sorted(rec["requantization"]["tensors"]) == sorted(experts)
     assert "compressed-tensors scales" in r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def twins(bf16_dir, tmp_path_factory):
+    """A LoRA-merged tiny gpt-oss (a fine-tune: its experts are no longer MXFP4 values) as BF16 and
+    as MXFP4 (compressed-tensors rule), and token lists to run."""
+    from gptoss_convert.converters.merge_lora import merge_lora
+    from test_merge_lora import ATTENTION, EXPERTS, QUIET, _peft_model
+    root = tmp_path_factory.mktemp("twins")
+    _peft_model(bf16_dir, 5, r=4, lora_alpha=8, target_modules=ATTENTION,
+                target_parameters=EXPERTS).save_pretrained(root / "adapter")
+    bf = merge_lora(bf16_dir, root / "adapter", root / "bf16", **QUIET)
+    mx = merge_lora(bf16_dir, root / "adapter", root / "mx", mxfp4=True, scale_rule=RULE, **QUIET)
+    toks = np.random.default_rng(7).integers(0, 300, (3, 11)).tolist()
+    (root / "tokens.json").write_text(json.dumps(toks))
+    return bf, mx, root / "tokens.json", toks
+
+
+def _kl_by_transformers(bf, mx, toks) -> list[float]:
+    """Mean KL(P_bf16 || Q_mxfp4) per token list, from transformers' fp32 models of both directories."""
+    from transformers import GptOssForCausalLM
+    models = [GptOssForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (bf, mx)]
+    out = []
+    with torch.no_grad():
+        for t in toks:
+            lp, lq = (torch.log_softmax(m(torch.tensor([t])).logits[0].double(), -1) for m in models)
+            out.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_verify_gives_the_kl_of_an_mxfp4_export_against_its_bf16_twin(twins, streamed, tmp_path):
+    """`verify MXFP4 --hf BF16`: the per-prompt mean KL it reports is the KL computed here from
+    transformers' own fp32 models of both twins (streamed: both sides transformers', layer by
+    layer, equal to 1e-5; in memory: our JAX forward on the MXFP4 side, equal to 1e-2); it is
+    not zero, and the default --max-kl fails the export (exit 4 on the CLI)."""
+    import subprocess
+    import sys
+
+    from conftest import run_env
+    from gptoss_convert.verify.verify import verify
+    bf, mx, tokens, toks = twins
+    want = _kl_by_transformers(bf, mx, toks)
+    rep = verify(mx, hf=bf, tokens=tokens, streamed=streamed, max_kl=1.0, atol=100, rtol=0, show_progress=False,
+                 log=lambda *_: None)
+    got = [r["mean_kl"] for r in rep["prompts"]]
+    assert min(want) > 1e-7 and rep["pass"]
+    np.testing.assert_allclose(got, want, rtol=1e-5 if streamed else 1e-2)
+    assert rep["moe"] == ("transformers, layer by layer (HF checkpoint)" if streamed else "ragged_dot")
+    assert all(0 < r["max_abs_diff"] and 0 <= r["top1_agreement"] <= 1 for r in rep["prompts"])
+    r = subprocess.run([sys.executable, "-m", "gptoss_convert", "verify", str(mx), "--hf", str(bf), "--tokens",
+                        str(tokens), "--streamed" if streamed else "--in-memory", "--no-progress"],
+                       env=run_env(), capture_output=True, text=True)
+    assert r.returncode == 4 and "mean KL" in r.stdout and "FAIL" in r.stdout, r.stdout + r.stderr
