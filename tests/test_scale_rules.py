@@ -215,3 +215,35 @@ def test_verify_gives_the_kl_of_an_mxfp4_export_against_its_bf16_twin(twins, str
                         str(tokens), "--streamed" if streamed else "--in-memory", "--no-progress"],
                        env=run_env(), capture_output=True, text=True)
     assert r.returncode == 4 and "mean KL" in r.stdout and "FAIL" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("rule", SCALE_RULES)
+def test_fp32_column_kernel_equals_the_float_path(rule):
+    """merge-lora's merged experts are fp32: the XLA column kernel on fp32 bits gives the float
+    path's bytes (quantize_with_report on the transpose) and report, under every rule, on exact
+    E2M1 midpoints and one ulp either side, values just above 0.25 (where triton's RTNE ignores
+    the two lowest mantissa bits), amax at 1.5 and 1.75 times a power of two, zero groups; a group
+    whose scale nears E8M0's floor goes to the float path."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_t(3, (3, 256, 96)) * 0.02).astype(np.float32)
+    ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+    g = w[0, :32, 0]
+    g[:] = 0
+    g[0], g[1:8], g[8:15], g[15:22] = 6.0, ties, np.nextafter(ties, 10), np.nextafter(ties, 0)
+    g[22:28] = np.float32(0.25) + np.float32(2.0 ** -25) * np.array([1, 2, 3, 4, 8, 12])
+    w[1, :32, 1] = 0
+    w[1, :32, 2] = np.float32(1.5) * np.linspace(-1, 1, 32)
+    w[2, :32, 5] = np.float32(1.75) * np.linspace(1, -0.5, 32)
+    w[2, :32, 6] = np.nextafter(np.float32(1.75), 0) * np.linspace(-1, 0.5, 32)
+    fast = _quantize_bf16_columns([w], rule)
+    assert fast is not None
+    slow = quantize_with_report(np.ascontiguousarray(np.swapaxes(w, -1, -2)), rule)
+    assert fast[0].tobytes() == slow[0].tobytes() and fast[1].tobytes() == slow[1].tobytes()
+    assert fast[2]["saturated"] == slow[2]["saturated"] and fast[2]["clamped_groups"] == slow[2]["clamped_groups"]
+    for key in ("err2", "ref2"):
+        assert fast[2][key] == pytest.approx(slow[2][key], rel=1e-5)
+    w[1, :32, 7] = np.float32(1e-37)
+    assert _quantize_bf16_columns([w], rule) is None
+    got = quantize_columns([w], rule)
+    want = quantize_with_report(np.ascontiguousarray(np.swapaxes(w, -1, -2)), rule)
+    assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()

@@ -345,12 +345,12 @@ def quantize_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np
     groups run down the columns, so each part is quantized alone and its packed columns are
     interleaved as they are transposed (to-hf's gate_up_proj, from MaxText's wi_0 and wi_1).
 
-    bf16 goes through one fused XLA loop (mxfp4/columns.py) and only the packed bytes, a quarter
-    of the input, are transposed; other inputs, and bf16 groups that need the float path, are
+    bf16 and fp32 go through one fused XLA loop (mxfp4/columns.py) and only the packed bytes, a
+    quarter of the input, are transposed; other inputs, and groups that need the float path, are
     interleaved, transposed and given to quantize_with_report."""
     ws = [np.asarray(w) for w in parts]
     w = ws[0]
-    if (w.dtype == ml_dtypes.bfloat16 and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0
+    if (w.dtype in (ml_dtypes.bfloat16, np.float32) and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0
             and all(x.shape == w.shape and x.dtype == w.dtype for x in ws)):
         fast = _quantize_bf16_columns(ws, rule)
         if fast is not None:
@@ -360,7 +360,8 @@ def quantize_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np
 
 
 def _quantize_bf16_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """quantize_columns for bf16 parts [..., K, N]; None when a group needs the float path."""
+    """quantize_columns for bf16 or fp32 parts [..., K, N] by their bits (merge-lora's merged
+    experts are fp32); None when a group needs the float path."""
     *lead, rows, cols = parts[0].shape
     m, groups, n = math.prod(lead), rows // 32, len(parts)
     blocks = _OUT.empty((m, cols, n, groups * 16), np.uint8)         # [M, N, parts, G*16]: interleaved columns
@@ -368,8 +369,8 @@ def _quantize_bf16_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarr
     blocks_le = blocks.view("<u4")                                    # the kernel's words: 4 packed bytes each
     report: dict = {}
     for p, w in enumerate(parts):
-        bits = np.ascontiguousarray(w).view(np.uint16).reshape(m * groups, 32, cols)
-        got = columns.encode_columns(bits, _rule(rule))
+        bits = np.ascontiguousarray(w).view(f"u{w.dtype.itemsize}").reshape(m * groups, 32, cols)
+        got = columns.encode_columns(bits, _rule(rule), quarter_sticky=rule == "triton-rtne" and w.dtype.itemsize == 4)
         if got is None:
             return None
         words, s, rep = got
