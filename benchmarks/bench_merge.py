@@ -121,7 +121,8 @@ def run_merge(base: Path, adapter: Path, out: Path, extra: list[str]) -> dict:
     peak = int(field["Maximum resident set size (kbytes)"]) * 1024 / 1e9
     return {"seconds": round(secs, 1), "peak_rss_GB": round(peak, 2),
             "user_s": float(field["User time (seconds)"]), "sys_s": float(field["System time (seconds)"]),
-            "cold_cache": cold, "load_1m_after": round(os.getloadavg()[0], 1), "log": p.stdout.strip().splitlines()[-3:]}
+            "cold_cache": cold, "load_1m_after": round(os.getloadavg()[0], 1),
+            "log": p.stdout.strip().splitlines()[-3:]}
 
 
 def main() -> None:
