@@ -146,7 +146,7 @@ class _Writer:
         B @ A goes to a pooled fp32 buffer in one matmul (the product PEFT's merge computes); then
         tiles of it are scaled, added to W and cast while in cache: one gate_up expert of 20b took
         390 ms as separate whole-array passes and 220 ms so (2-core VM, the same bits)."""
-        w = self.ck.read(t.name, rows, dtype=np.float32)
+        w = self.ck.read(t.name, rows, dtype=np.float32, alloc=pool.get)   # pooled: no fresh pages per expert
         pair = self.adapter.pairs.get(t.name)
         if pair is None:
             merged = w.astype(out_dtype, copy=False)
@@ -156,6 +156,8 @@ class _Writer:
             _scale_add(d, np.float32(pair.scaling), w, merged)
             if merged is not d:
                 pool.put(d)
+        if merged is not w:
+            pool.put(w)
         if not all_finite(merged) and (t.how == "quantize" or not self.allow_nonfinite):
             r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
             raise InputError(f"{t.name}{r}: the merged weights hold NaN or inf (is the adapter "
