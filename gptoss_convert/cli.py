@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from gptoss_convert.errors import ConvertError, OutputError
+from gptoss_convert.mxfp4.rules import SCALE_RULES
 
 
 DEBUG_ENV = "GPTOSS_CONVERT_DEBUG"
@@ -234,6 +235,12 @@ _step = click.option("--step", type=int, default=None,
 _item = click.option("--item", default=None, metavar="NAME",
                      help="Orbax SRC: the step's item holding the params where it holds several "
                           "(default: found from the checkpoint: items, model_params).")
+_scale_rule = click.option(
+    "--scale-rule", type=click.Choice(SCALE_RULES), default="triton", show_default=True,
+    help="MXFP4 rule (docs/finetune.md, 'Which scale rule'): triton_kernels' round-up scale (nothing saturates) with "
+         "element ties rounded up (as at gpt-oss's release; vLLM's copy) or to even (triton-rtne); OCP's "
+         "floor(log2 amax)-2; or compressed-tensors' (llm-compressor's MXFP4: amax rounded to a power of two "
+         "at 0.75, ties to even).")
 _shard = click.option("--max-shard-size", default="5GB", show_default=True, help="e.g. 5GB, 500MiB")
 
 
@@ -284,9 +291,7 @@ def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, item, dtype, dr
 @click.argument("src")
 @click.argument("out")
 @click.option("--mxfp4", is_flag=True, help="Requantize the expert weights to MXFP4 in the published layout (gpt-oss).")
-@click.option("--scale-rule", type=click.Choice(["triton", "triton-rtne", "ocp"]), default="triton", show_default=True,
-              help="MXFP4 rule: triton_kernels' round-up scale (nothing saturates) with element ties rounded up "
-                   "(as at gpt-oss's release; vLLM's copy) or to even (triton-rtne), or OCP's floor(log2 amax)-2.")
+@_scale_rule
 @_like
 @_step
 @_item
@@ -307,8 +312,7 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, item, max_shard_size, dty
 @click.argument("adapter")
 @click.argument("out")
 @click.option("--mxfp4", is_flag=True, help="Write the expert weights as MXFP4 in the published layout (gpt-oss).")
-@click.option("--scale-rule", type=click.Choice(["triton", "triton-rtne", "ocp"]), default="triton", show_default=True,
-              help="MXFP4 rule, as for to-hf.")
+@_scale_rule
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's scaling by this.")
 @click.option("--lora-alpha", type=float, default=None,
               help="MaxText LoRA ADAPTER: the run's lora.lora_alpha (MaxText does not record it).")

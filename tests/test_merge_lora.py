@@ -72,7 +72,8 @@ def merged(lora, bf16_dir, mxfp4_dir, tmp_path_factory):
     """merge-lora outputs: {(base, dtype, mxfp4, rule): OUT}."""
     root = tmp_path_factory.mktemp("merged")
     runs = [("bf16", "bf16", False, "triton"), ("mxfp4", "bf16", False, "triton"), ("mxfp4", "fp32", False, "triton"),
-            ("mxfp4", "bf16", True, "triton"), ("bf16", "bf16", True, "ocp")]
+            ("mxfp4", "bf16", True, "triton"), ("bf16", "bf16", True, "ocp"),
+            ("bf16", "bf16", True, "compressed-tensors")]
     dirs = {"bf16": bf16_dir, "mxfp4": mxfp4_dir}
     return {r: merge_lora(dirs[r[0]], lora[0], root / "-".join(map(str, r)), dtype=r[1], mxfp4=r[2], scale_rule=r[3],
                           max_shard_size="300KB", **QUIET) for r in runs}
@@ -142,11 +143,21 @@ def _mxfp4_values(w: np.ndarray, rule: str) -> np.ndarray:
     return (_round_e2m1(q, rule == "triton") * scale).reshape(w.shape)
 
 
-@pytest.mark.parametrize("base,rule", [("mxfp4", "triton"), ("bf16", "ocp")])
+def _rule_values(w: np.ndarray, rule: str) -> np.ndarray:
+    """The values `rule` gives fp32 expert weights [E, in, out]: compressed-tensors' own code for
+    its rule (groups along `in`), the numpy re-derivation for the others."""
+    if rule == "compressed-tensors":
+        from test_scale_rules import ct_quantize
+        return np.swapaxes(ct_quantize(np.ascontiguousarray(np.swapaxes(w, 1, 2)))[0], 1, 2)
+    return _mxfp4_values(w, rule)
+
+
+@pytest.mark.parametrize("base,rule", [("mxfp4", "triton"), ("bf16", "ocp"), ("bf16", "compressed-tensors")])
 def test_mxfp4_experts_decoded_by_transformers_are_the_rule_applied_to_the_merged_fp32(merged, lora, base, rule):
     """--mxfp4: transformers' own MXFP4 decoder on our blocks/scales gives exactly the rule's
-    quantization (re-derived here in numpy) of PEFT's merged fp32 experts; the rest is BF16 as
-    in the BF16 merge; config.json carries the published quantization_config."""
+    quantization (compressed-tensors' own code, or re-derived here in numpy) of PEFT's merged fp32
+    experts; the rest is BF16 as in the BF16 merge; config.json carries the published
+    quantization_config."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     out = merged[base, "bf16", True, rule]
     got, ref, bf = stored(out), lora[1], stored(merged["bf16", "bf16", False, "triton"])
@@ -157,7 +168,7 @@ def test_mxfp4_experts_decoded_by_transformers_are_the_rule_applied_to_the_merge
         dec = convert_moe_packed_tensors(torch.from_numpy(got[n + "_blocks"]), torch.from_numpy(got[n + "_scales"]),
                                          dtype=torch.float32).numpy()
         assert dec.shape == ref[n].shape, n
-        np.testing.assert_array_equal(dec, _mxfp4_values(ref[n], rule), err_msg=n)
+        np.testing.assert_array_equal(dec, _rule_values(ref[n], rule), err_msg=n)
     for n in bf:
         if n not in experts:
             assert got[n].tobytes() == bf[n].tobytes(), n
@@ -348,13 +359,14 @@ def test_mxfp4_ties_follow_each_rule(lora, bf16_dir, tmp_path):
     """An adapter of dyadic weights (multiples of 1/16) on the tiny model's dyadic experts: the
     merged values are exact, and many fall exactly between two E2M1 values. transformers' decoder
     on each rule's output gives the re-derived rule (ties up for triton, to even for triton-rtne
-    and ocp) of the merged tensor, computed here exactly in numpy from the base and adapter."""
+    and ocp; compressed-tensors' own code for its rule) of the merged tensor, computed here exactly
+    in numpy from the base and adapter."""
     d = _adapter_copy(lora, tmp_path)
     tensors = {k: np.round(v.astype(np.float32) * 16) / 16 for k, v in stored(d).items()}
     save_file(tensors, d / "adapter_model.safetensors")
     base = stored(bf16_dir)
     outs = {rule: stored(merge_lora(bf16_dir, d, tmp_path / rule, mxfp4=True, scale_rule=rule, **QUIET))
-            for rule in ("triton", "triton-rtne", "ocp")}
+            for rule in ("triton", "triton-rtne", "ocp", "compressed-tensors")}
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
     ties = 0
     for i in range(6):
@@ -370,7 +382,7 @@ def test_mxfp4_ties_follow_each_rule(lora, bf16_dir, tmp_path):
             for rule, got in outs.items():
                 dec = convert_moe_packed_tensors(torch.from_numpy(got[n + "_blocks"]),
                                                  torch.from_numpy(got[n + "_scales"]), dtype=torch.float32).numpy()
-                np.testing.assert_array_equal(dec, _mxfp4_values(w.astype(np.float32), rule), err_msg=f"{rule} {n}")
+                np.testing.assert_array_equal(dec, _rule_values(w.astype(np.float32), rule), err_msg=f"{rule} {n}")
             q = np.abs(_scaled(w.astype(np.float32), "triton")[0])
             ties += int(np.isin(q, (E2M1[1:] + E2M1[:-1]) / 2).sum())
     assert ties > 1000, ties          # the tie rules were exercised

@@ -82,17 +82,26 @@ class LoraPair:
 
     def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
         """scaling * (B @ A) in fp32 for rows `rows` of the base tensor (experts: rows of experts)."""
+        d = self.product(rows, shape)
+        d *= np.float32(self.scaling)
+        return d
+
+    def product(self, rows: slice | None, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """B @ A in fp32 (not yet scaled) for rows `rows` of the base tensor, into `out` if given
+        (C-contiguous fp32 of the rows' shape): merge-lora scales and adds it in cache-sized tiles."""
         rows = slice(0, shape[0]) if rows is None else rows
+        if out is None:
+            out = np.empty((rows.stop - rows.start, *shape[1:]), np.float32)
         if self.experts is None:
             b = read_tensor(self.b, rows).astype(np.float32)
-            d = np.matmul(b, read_tensor(self.a).astype(np.float32))
+            np.matmul(b, read_tensor(self.a).astype(np.float32), out=out)
         else:       # B's columns e::E are expert e's: B is read whole once per stack, not once per expert
             r, b = self.rank, self.recent.get(self.tensor, lambda: read_tensor(self.b).astype(np.float32))
             a = read_tensor(self.a, slice(rows.start * r, rows.stop * r)).astype(np.float32)
-            d = np.stack([np.matmul(a[(e - rows.start) * r:(e - rows.start + 1) * r].T, b[:, e::self.experts].T)
-                          for e in range(rows.start, rows.stop)])
-        d *= np.float32(self.scaling)
-        return d
+            for e in range(rows.start, rows.stop):
+                np.matmul(a[(e - rows.start) * r:(e - rows.start + 1) * r].T, b[:, e::self.experts].T,
+                          out=out[e - rows.start])
+        return out
 
 
 @dataclasses.dataclass

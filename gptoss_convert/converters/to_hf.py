@@ -240,7 +240,7 @@ def to_hf(src: str | os.PathLike, out: str | os.PathLike, *, mxfp4: bool = False
 
     `mxfp4=True` (gpt-oss) requantizes the expert weights into the published MXFP4 layout with
     the rule `scale_rule` ("triton": triton_kernels' round-up scale, element ties up; "triton-rtne":
-    ties to even, as triton_kernels does since PR #8110; "ocp"); the
+    ties to even, as triton_kernels does since PR #8110; "ocp"; "compressed-tensors"); the
     per-tensor error report is logged and recorded in conversion.json. config.json, tokenizer and
     chat template come from the files to-orbax wrote beside `src`, or from `like` (an HF
     directory or hub id; needed for MaxText's own checkpoints). `out` is a directory or a gs://

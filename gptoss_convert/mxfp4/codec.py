@@ -13,7 +13,8 @@ import numpy as np
 from gptoss_convert.buffers import BufferPool, RecyclingPool, as_bits, empty
 from gptoss_convert.errors import CorruptTensorError
 from gptoss_convert.mxfp4 import columns
-from gptoss_convert.mxfp4.columns import SAT_BITS
+from gptoss_convert.mxfp4.columns import SAT_BITS, scale_step
+from gptoss_convert.mxfp4.rules import RULES, SCALE_RULES, ScaleRule
 
 # E2M1 code -> value. Code 8 is -0.0 (kept as such).
 FP4_VALUES = np.array(
@@ -225,18 +226,23 @@ def _decode_tiles_transposed(table, blocks, scales, out, tile: int, start: int, 
     _SCRATCH.put(scratch)
 
 
-SCALE_RULES = ("triton", "triton-rtne", "ocp")
+
+
+def _rule(rule: str) -> ScaleRule:
+    if rule not in RULES:
+        raise ValueError(f"rule: expected one of {SCALE_RULES}, got {rule!r}")
+    return RULES[rule]
 
 
 def _round_up_scale(rule: str) -> bool:
     """Whether `rule` takes triton_kernels' round-up shared exponent (both triton rules)."""
-    return rule.startswith("triton")
+    return _rule(rule).scale == "round-up"
 
 
 def _ties_up(rule: str) -> bool:
     """Whether `rule` rounds an element exactly between two E2M1 values up (triton_kernels
     before its round-to-nearest-even change, triton PR #8110) rather than to the even code."""
-    return rule == "triton"
+    return _rule(rule).ties_up
 
 
 def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.ndarray]:
@@ -251,11 +257,15 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
     fp32 and rounded to nearest with ties UP (the guard bit alone decides); an all-zero group
     gets scale byte 0. rule="triton-rtne": the same scale, elements rounded as triton_kernels
     does since its PR #8110 (ties to even by a guard/sticky rule; below 0.5 the bits shifted
-    out do not count as sticky). See `quantize_report` for what a rule lost.
-    The sign is kept under every rule, so -0.0 encodes as code 8 (-0).
+    out do not count as sticky). rule="compressed-tensors" (its MXFP4 scheme, as llm-compressor
+    writes it): shared exponent = floor(log2(amax)) - 2, one more when amax >= 1.75 *
+    2**floor(log2(amax)) (its round_to_power_2 adds a quarter of the mantissa range and keeps the
+    exponent), the byte clamped to [0, 254]; elements as OCP (nearest, ties to even, saturating at
+    6, which happens for amax in [1.5, 1.75) * 2**e); an all-zero group gets scale byte 0. See
+    `quantize_report` for what a rule lost. The sign is kept under every rule, so -0.0 encodes as
+    code 8 (-0).
     """
-    if rule not in SCALE_RULES:
-        raise ValueError(f"rule: expected one of {SCALE_RULES}, got {rule!r}")
+    spec = _rule(rule)
     w = np.asarray(weights)
     if w.ndim < 1 or w.shape[-1] % 32:
         raise ValueError(f"weights: last axis must be a multiple of 32, got shape {w.shape}")
@@ -277,10 +287,11 @@ def quantize(weights: np.ndarray, rule: str = "ocp") -> tuple[np.ndarray, np.nda
     if _round_up_scale(rule):
         code, scales = _triton_codes(groups, ties_up=_ties_up(rule))
     else:
-        exp = _shared_exponent(np.abs(groups).max(axis=-1))            # [..., G] int32
+        amax = np.abs(groups).max(axis=-1)
+        exp = _shared_exponent(amax, spec.scale == "threshold")       # [..., G] int32
         scaled = np.abs(groups) * np.ldexp(w.dtype.type(1), -exp)[..., None]  # exact: power of two
         code = _round_magnitude(scaled) | (np.signbit(groups).astype(np.uint8) << 3)
-        scales = (exp + 127).astype(np.uint8)
+        scales = np.where(amax == 0, spec.zero_byte, exp + 127).astype(np.uint8)
     blocks = code[..., 0::2] | (code[..., 1::2] << 4)                  # element 2b low nibble, 2b+1 high
     return blocks.astype(np.uint8), scales
 
@@ -334,12 +345,12 @@ def quantize_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np
     groups run down the columns, so each part is quantized alone and its packed columns are
     interleaved as they are transposed (to-hf's gate_up_proj, from MaxText's wi_0 and wi_1).
 
-    bf16 goes through one fused XLA loop (mxfp4/columns.py) and only the packed bytes, a quarter
-    of the input, are transposed; other inputs, and bf16 groups that need the float path, are
+    bf16 and fp32 go through one fused XLA loop (mxfp4/columns.py) and only the packed bytes, a
+    quarter of the input, are transposed; other inputs, and groups that need the float path, are
     interleaved, transposed and given to quantize_with_report."""
     ws = [np.asarray(w) for w in parts]
     w = ws[0]
-    if (w.dtype == ml_dtypes.bfloat16 and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0
+    if (w.dtype in (ml_dtypes.bfloat16, np.float32) and rule in SCALE_RULES and w.ndim >= 2 and w.shape[-2] % 32 == 0
             and all(x.shape == w.shape and x.dtype == w.dtype for x in ws)):
         fast = _quantize_bf16_columns(ws, rule)
         if fast is not None:
@@ -349,7 +360,8 @@ def quantize_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np
 
 
 def _quantize_bf16_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """quantize_columns for bf16 parts [..., K, N]; None when a group needs the float path."""
+    """quantize_columns for bf16 or fp32 parts [..., K, N] by their bits (merge-lora's merged
+    experts are fp32); None when a group needs the float path."""
     *lead, rows, cols = parts[0].shape
     m, groups, n = math.prod(lead), rows // 32, len(parts)
     blocks = _OUT.empty((m, cols, n, groups * 16), np.uint8)         # [M, N, parts, G*16]: interleaved columns
@@ -357,8 +369,8 @@ def _quantize_bf16_columns(parts: list[np.ndarray], rule: str) -> tuple[np.ndarr
     blocks_le = blocks.view("<u4")                                    # the kernel's words: 4 packed bytes each
     report: dict = {}
     for p, w in enumerate(parts):
-        bits = np.ascontiguousarray(w).view(np.uint16).reshape(m * groups, 32, cols)
-        got = columns.encode_columns(bits, _round_up_scale(rule), _ties_up(rule))
+        bits = np.ascontiguousarray(w).view(f"u{w.dtype.itemsize}").reshape(m * groups, 32, cols)
+        got = columns.encode_columns(bits, _rule(rule), quarter_sticky=rule == "triton-rtne" and w.dtype.itemsize == 4)
         if got is None:
             return None
         words, s, rep = got
@@ -403,11 +415,12 @@ def _bf16_scales(amax: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray] |
     if amax.max(initial=0) >= 0x7F80 or ((amax > 0) & (amax < (8 << 7))).any():
         return None
     e, m = (amax >> 7).astype(np.int32), (amax & 0x7F).astype(np.int32)
-    up = _round_up_scale(rule)
-    k = e - 129 + ((m > 64) if up else 0)                              # log2 of the scale
+    spec = _rule(rule)
+    k = e - 129 + scale_step(spec.scale, m)                           # log2 of the scale
     zero = amax == 0
     k[zero] = 0
-    return k, np.where(zero, np.uint8(0 if up else 127), (k + 127).astype(np.uint8))
+    return k, np.where(zero, np.uint8(spec.zero_byte), (k + 127).astype(np.uint8))
+
 
 
 def _add_stats(report: dict, idx: np.ndarray, k: np.ndarray, ties_up: bool) -> None:
@@ -456,18 +469,28 @@ def quantize_report(weights: np.ndarray, blocks: np.ndarray, scales: np.ndarray,
     amax = np.maximum(w.max(axis=-1), -w.min(axis=-1))
     limit = 6 * np.ldexp(np.float32(1), scales.reshape(-1).astype(np.int32) - 127)
     over = amax > limit                                                # groups with a saturated value
+    spec = _rule(rule)
     with np.errstate(divide="ignore"):
-        ideal = np.ceil(np.log2(amax / 6)) if _round_up_scale(rule) else np.floor(np.log2(amax)) - 2
+        if spec.scale == "round-up":
+            ideal, lowest = np.ceil(np.log2(amax / 6)), -126
+        else:
+            ideal, lowest = _ideal_exponent(amax, spec.scale == "threshold"), -127
     return {"err2": float(np.dot(d.reshape(-1), d.reshape(-1))), "ref2": float(np.dot(w.reshape(-1), w.reshape(-1))),
             "saturated": int(np.count_nonzero(np.abs(w[over]) > limit[over, None])),
-            "clamped_groups": int(np.count_nonzero((amax > 0) & (ideal < (-126 if _round_up_scale(rule) else -127))))}
+            "clamped_groups": int(np.count_nonzero((amax > 0) & (ideal < lowest)))}
 
 
-def _shared_exponent(amax: np.ndarray) -> np.ndarray:
-    """floor(log2(amax)) - 2, exactly (frexp, not a rounded log2), clamped to [-127, 127]; 0 for 0."""
-    mant, e = np.frexp(amax)                                           # amax = mant * 2**e, mant in [0.5, 1)
-    exp = np.where(amax > 0, e.astype(np.int32) - 1 - 2, 0)
+def _shared_exponent(amax: np.ndarray, threshold: bool = False) -> np.ndarray:
+    """floor(log2(amax)) - 2, exactly (frexp, not a rounded log2), plus one with `threshold` when
+    amax >= 1.75 * 2**floor(log2(amax)) (compressed-tensors); clamped to [-127, 127]; 0 for 0."""
+    exp = np.where(amax > 0, _ideal_exponent(amax, threshold), 0)
     return np.clip(exp, -127, 127).astype(np.int32)
+
+
+def _ideal_exponent(amax: np.ndarray, threshold: bool) -> np.ndarray:
+    """The unclamped shared exponent of groups with largest magnitude amax > 0 (int32), exactly."""
+    mant, e = np.frexp(amax)                                           # amax = mant * 2**e, mant in [0.5, 1)
+    return e.astype(np.int32) - 3 + ((mant >= 0.875) if threshold else 0)
 
 
 _MIDPOINTS = (FP4_VALUES[1:8] + FP4_VALUES[0:7]) / 2                   # [7] 0.25 0.75 1.25 1.75 2.5 3.5 5

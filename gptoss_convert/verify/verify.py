@@ -80,13 +80,14 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
         records, cov_golden = _golden_records(golden, hf, prompts, tokens, cfg.V, streamed, show_progress)
     th = Thresholds(atol, rtol, max_kl)
     if streamed is None:
-        streamed = ck.kind == "orbax" and checkpoint_bytes(ck) > STREAM_ABOVE
+        streamed = checkpoint_bytes(ck) > STREAM_ABOVE if ck.kind == "orbax" else _hf_too_big(ck)
     with phases("forward"):
         ours, scanned, hit = _our_logits(ck, backend, cfg, records, moe, streamed, show_progress)
     rows = _compare_all(records, ours, th, skip_first_token, show_progress)
-    cov = coverage(hit, cfg.E, "our streamed forward") if hit is not None else cov_golden
+    source = "transformers router on CKPT, streamed" if ck.kind == "hf" else "our streamed forward"
+    cov = coverage(hit, cfg.E, source) if hit is not None else cov_golden
     report = {"checkpoint": str(ck.path), "kind": ck.kind, "layout": "scanned" if scanned else "unscanned",
-              "moe": "streamed per-expert" if streamed else moe, "thresholds": dataclasses.asdict(th), "prompts": rows,
+              "moe": _moe_label(ck, streamed, moe), "thresholds": dataclasses.asdict(th), "prompts": rows,
               "coverage": cov, "golden_coverage": cov_golden, "phases": phases.done,
               "pass": all(r["pass"] for r in rows)}
     log(_table(rows, th))
@@ -101,12 +102,24 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
     return report
 
 
+def _hf_too_big(ck) -> bool:
+    """Whether an HF checkpoint would not fit in memory as the fp32 model our forward loads."""
+    from gptoss_convert.verify.golden import want_streamed
+    return want_streamed(Path(ck.path), "float32")
+
+
+def _moe_label(ck, streamed: bool, moe: str) -> str:
+    if not streamed:
+        return moe
+    return "transformers, layer by layer (HF checkpoint)" if ck.kind == "hf" else "streamed per-expert"
+
+
 def _our_logits(ck, backend, cfg, records, moe, streamed, show_progress):
     """Our forward's logits per record, the layout, and the experts read per layer (streamed; else None)."""
     from gptoss_convert.progress import progress, step
+    if streamed and ck.kind == "hf":
+        return _hf_streamed_logits(ck, records, show_progress)
     if streamed:
-        if ck.kind != "orbax":
-            raise InputError(f"{ck.path}: --streamed reads Orbax checkpoints; convert with to-orbax first")
         from gptoss_convert.verify.streamed import streamed_logits
         scanned = is_scanned(ck)
         hit = [set() for _ in range(cfg.L)]
@@ -121,6 +134,20 @@ def _our_logits(ck, backend, cfg, records, moe, streamed, show_progress):
     with step(f"verify: our forward ({moe}), {len(records)} prompts in one batch", show_progress):
         ours = run_batch(lambda tokens, mask: backend.forward(tree, tokens, cfg, moe=moe, attention_mask=mask), records)
     return ours, scanned, None
+
+
+def _hf_streamed_logits(ck, records, show_progress):
+    """An HF checkpoint too big for our in-memory forward (e.g. an MXFP4 export against its BF16
+    twin, `verify OUT-MXFP4 --hf OUT-BF16`): transformers' own layers, one at a time, as the
+    streamed golden runs them (verify/hf_streamed.py). Both sides are then transformers', so the
+    comparison measures the checkpoints, not the forward; the experts its router read are the coverage."""
+    from gptoss_convert.verify import hf_streamed
+    if (ck.config_dir / "config.json").resolve() != (Path(ck.path) / "config.json").resolve():
+        raise InputError(f"{ck.path}: --like/--config is for Orbax checkpoints; an HF checkpoint is run with "
+                         "its own config.json")
+    logits, hit = hf_streamed.streamed_logits(Path(ck.path), [r["tokens"] for r in records], "float32",
+                                              show_progress=show_progress)
+    return logits, False, hit
 
 
 def _compare_all(records, ours, th, skip_first_token, show_progress) -> list[dict]:
