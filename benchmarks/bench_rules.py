@@ -98,7 +98,7 @@ def run(base: Path, adapter: Path, work: Path, tokens: Path | None) -> list[dict
         report = work / f"verify-{rule}.json"
         args = ["verify", str(out), "--hf", str(twin), "--streamed", "--json", str(report)]
         ver = cli(*args, *(["--tokens", str(tokens)] if tokens else []))
-        prompts = json.loads(report.read_text())["prompts"]
+        prompts = json.loads(report.read_text())["result"]["prompts"]     # --json: the common summary
         n = sum(p["tokens"] for p in prompts)
         worst = max(r["rel_rms"] for r in req["tensors"].values())
         rows.append({"rule": rule,

@@ -91,7 +91,7 @@ def main() -> None:
     report = work / f"verify-{a.layers}L.json"
     secs, rss, rc = run_measured(py + ["verify", str(out), "--hf", str(src), "--tokens", str(toks),
                                        "--streamed", "--json", str(report)])
-    rep = json.loads(report.read_text()) if report.is_file() else {}
+    rep = (json.loads(report.read_text())["result"] or {}) if report.is_file() else {}     # --json: the summary
     # verify resets the kernel's high-water mark between its halves, so wait4's figure is the
     # last half's peak: the command's peak is the larger of the halves'
     peaks = [p["peak_rss_GiB"] for p in (rep.get("phases") or {}).values()] + [rss]

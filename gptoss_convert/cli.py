@@ -79,7 +79,7 @@ def _run(fn):
         except ConvertError as e:
             if debug:
                 raise
-            code, error = e.exit_code, e.one_line()
+            code, error, result = e.exit_code, e.one_line(), e.result
             click.echo(f"error: {error}", err=True)
             sys.exit(code)
         except KeyboardInterrupt:
@@ -364,7 +364,6 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_p
 @click.option("--rtol", type=float, default=0.1, show_default=True)
 @click.option("--max-kl", type=float, default=3e-4, show_default=True)
 @click.option("--skip-first-token", is_flag=True)
-@click.option("--json", "json_report", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
 @click.option("--like", "--config", "config", type=click.Path(exists=True, file_okay=False), default=None,
               help="HF directory holding config.json (and tokenizer), if not beside the checkpoint.")
 @click.option("--prompts", default=None, help="With --hf: ';'-separated prompts.")
@@ -377,14 +376,16 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_p
 @_item
 @s3_endpoint_option
 @allow_uncommitted_option
+@json_option
 @_run
-def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, json_report, config, prompts, tokens,
+def verify_cmd(ckpt, golden_file, hf, moe, atol, rtol, max_kl, skip_first_token, config, prompts, tokens,
                streamed, no_progress, step, item):
-    """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS."""
+    """Check CKPT (an Orbax output or an HF directory) against golden logits; exit 0 only on PASS.
+    --json FILE: the common summary, its `result` the report (per prompt, coverage, phases), FAIL too."""
     from gptoss_convert.verify.verify import verify
-    verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
-           skip_first_token=skip_first_token, json_report=json_report, config=config, prompts=prompts,
-           streamed=streamed, tokens=tokens, show_progress=not no_progress, step=step, item=item)
+    return verify(ckpt, golden=golden_file, hf=hf, moe=moe, atol=atol, rtol=rtol, max_kl=max_kl,
+                  skip_first_token=skip_first_token, config=config, prompts=prompts,
+                  streamed=streamed, tokens=tokens, show_progress=not no_progress, step=step, item=item)
 
 
 @main.command("check")

@@ -7,6 +7,7 @@ class ConvertError(Exception):
     """Base class: the CLI prints `error: <message>` on one line and exits non-zero."""
 
     exit_code = 1
+    result = None           # what the command found before failing (verify's FAIL report), for --json
 
     def one_line(self) -> str:
         return " ".join(str(self).split())
@@ -66,6 +67,10 @@ class OutputError(ConvertError):
 
 
 class VerifyFailed(ConvertError):
-    """verify ran to the end and the checkpoint did not pass the thresholds."""
+    """verify ran to the end and the checkpoint did not pass the thresholds (`result`: its report)."""
 
     exit_code = 4
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result

@@ -182,7 +182,7 @@ def test_unwritable_outputs_refused_before_work(gpt_orbax, mxfp4_dir, tmp_path):
     env = run_env() | {"GPTOSS_CONVERT_PROGRESS_EVERY": "0"}
     for args, path in ((["golden", str(mxfp4_dir), "--out", "/nonexistent/dir/g.jsonl"], "/nonexistent/dir/g.jsonl"),
                        (["verify", str(gpt_orbax), "--hf", str(mxfp4_dir), "--json", "/nonexistent/r.json"],
-                        "/nonexistent/r.json")):
+                        "--json /nonexistent/r.json")):
         proc = subprocess.run([sys.executable, "-m", "gptoss_convert", *args], capture_output=True, text=True, env=env)
         assert proc.returncode == 3, proc.stderr
         assert f"error: {path}" in proc.stderr and "[progress]" not in proc.stderr and "PASS" not in proc.stdout

@@ -296,7 +296,10 @@ def test_cli_pass_exit_0_table_and_json(orbax_fp32, golden_short, tmp_path):
     assert res.exit_code == 0, res.output
     assert "max|Δ|" in res.stdout and res.stdout.count("PASS") >= len(SHORT.split(";")) + 1
     assert "verify: PASS (orbax, unscanned, moe=dense, 4 prompts)" in res.stdout
-    assert json.loads(rp.read_text())["pass"] is True
+    summary = json.loads(rp.read_text())         # the common --json schema; the report is its result
+    assert {k: summary[k] for k in ("command", "ok", "exit_code", "error")} == \
+        {"command": "verify", "ok": True, "exit_code": 0, "error": None}
+    assert summary["result"]["pass"] is True and len(summary["result"]["prompts"]) == 4
 
 
 def test_cli_tight_atol_fails_bf16_checkpoint_exit_4(orbax_bf16, golden_short, tmp_path):
@@ -310,7 +313,9 @@ def test_cli_tight_atol_fails_bf16_checkpoint_exit_4(orbax_bf16, golden_short, t
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "FAIL against the golden logits" in err[0], proc.stderr
     assert "FAIL" in proc.stdout and "thresholds: atol=1e-12 rtol=0.0" in proc.stdout
-    report = json.loads(rp.read_text())
+    summary = json.loads(rp.read_text())
+    assert summary["ok"] is False and summary["exit_code"] == 4 and "FAIL against the golden" in summary["error"]
+    report = summary["result"]
     assert report["pass"] is False and report["thresholds"]["atol"] == 1e-12
     assert all(r["allclose_fraction"] < 1.0 for r in report["prompts"])
     assert worst(report)["max_abs"] < EXACT["max_abs"]      # the checkpoint is right; only the bar moved

@@ -97,7 +97,7 @@ def verify(ckpt: str | os.PathLike, *, golden: str | os.PathLike | None = None, 
         Path(json_report).write_text(json.dumps(report, indent=1))
     if not report["pass"]:
         failed = sum(not r["pass"] for r in rows)
-        raise VerifyFailed(f"{ck.path}: {failed} of {len(rows)} prompt(s) FAIL against the golden logits")
+        raise VerifyFailed(f"{ck.path}: {failed} of {len(rows)} prompt(s) FAIL against the golden logits", report)
     log(f"verify: PASS ({ck.kind}, {report['layout']}, moe={report['moe']}, {len(rows)} prompts)")
     return report
 
