@@ -80,6 +80,11 @@ class LoraPair:
     experts: int | None = None
     recent: Recent = dataclasses.field(default_factory=Recent, repr=False)
 
+    @property
+    def product_scale(self) -> float:
+        """What `product` is multiplied by to give the delta: PEFT's scaling (applied after B @ A)."""
+        return self.scaling
+
     def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
         """scaling * (B @ A) in fp32 for rows `rows` of the base tensor (experts: rows of experts)."""
         d = self.product(rows, shape)
@@ -441,6 +446,17 @@ class MaxTextPair:
     @property
     def rank(self) -> int:
         return self.adapter.rank
+
+    # MaxText's rule scales A @ B before the reshape (qwix's forward): `product` is the delta itself.
+    product_scale = 1.0
+
+    def product(self, rows: slice | None, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """The delta for rows `rows` (already scaled), into `out` if given (merge-lora's pooled buffer)."""
+        d = self.delta(rows, shape)
+        if out is None:
+            return d
+        np.copyto(out, d)
+        return out
 
     def delta(self, rows: slice | None, shape: tuple[int, ...]) -> np.ndarray:
         from gptoss_convert.mapping.transforms import apply

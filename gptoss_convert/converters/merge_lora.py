@@ -160,7 +160,7 @@ class _Writer:
         else:
             d = pair.product(rows, t.shape, out=pool.get(w.shape, np.float32))
             merged = d if out_dtype == np.float32 else pool.get(w.shape, out_dtype)
-            _scale_add(d, np.float32(pair.scaling), w, merged)
+            _scale_add(d, np.float32(pair.product_scale), w, merged)    # MaxText's product is already scaled
             if merged is not d:
                 pool.put(d)
         if merged is not w:
