@@ -10,8 +10,8 @@ the command's GB/s (bytes written / wall) over the mean of the two O_DIRECT figu
     python -m benchmarks.bench_speed --workdir /work/big/speed --src20b /work/big/src20b \
         --json speed.json [--groups gpt-oss gpt-oss-orbax qwen3] [--qwen-layers 12] [--orbax-layers 8]
 
-Groups (each holds the shared disk lock `--lock` while its big files exist, and releases it
-between groups; every output is deleted before the release):
+Groups (the run holds the shared disk lock `--lock` from its first group to its last; every
+output is deleted before the release):
   gpt-oss        the full-size synthetic 20b at `--src20b` (made here if absent, under the lock):
                  dequantize, to-orbax --scanned, to-orbax --unscanned.
   gpt-oss-orbax  the commands that read an Orbax checkpoint, from a synthetic 20b cut to
@@ -107,14 +107,18 @@ def o_direct(work: Path, nbytes: int) -> float:
 
 
 CODE: list[Path] = [ROOT]      # the code trees each row runs, in turn (--code)
+COMPARE: set[str] = set()      # the groups whose rows run with every tree of CODE (--compare); others: the last
+GROUP = [""]                   # the group running now
 
 
 def measure(family: str, label: str, args: list[str], out: Path, work: Path, baseline: int, keep: bool = False,
             note: str = "") -> list[dict]:
-    """The row (see the module docstring) once per code tree of CODE, alternated; deletes `out`
-    afterwards unless `keep` (then the last tree's output stays)."""
-    return [_measure(family, label, args, out, work, baseline, keep and i == len(CODE) - 1, note, code)
-            for i, code in enumerate(CODE)]
+    """The row (see the module docstring) once per code tree of CODE, alternated (only the last
+    tree's for the groups not in COMPARE); deletes `out` afterwards unless `keep` (then the
+    last tree's output stays)."""
+    codes = CODE if GROUP[0] in COMPARE else CODE[-1:]
+    return [_measure(family, label, args, out, work, baseline, keep and i == len(codes) - 1, note, code)
+            for i, code in enumerate(codes)]
 
 
 def _measure(family: str, label: str, args: list[str], out: Path, work: Path, baseline: int, keep: bool,
@@ -212,15 +216,19 @@ def main() -> None:
     ap.add_argument("--lock", default="/work/.bigdisk.lock", help="flock file held by each group ('' for none)")
     ap.add_argument("--code", nargs="+", default=[str(ROOT)],
                     help="code trees to run each row with, alternated (e.g. a checkout of main, then this tree)")
+    ap.add_argument("--compare", nargs="*", default=None,
+                    help="groups run with every --code tree (default: all); the others with the last one only")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     CODE[:] = [Path(c).resolve() for c in a.code]
+    COMPARE.update(a.groups if a.compare is None else a.compare)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     baseline = int(a.baseline_gb * 1e9)
     rows = []
-    for g in a.groups:
-        with disk_lock(a.lock):
+    with disk_lock(a.lock):         # once for all groups: the lock is not handed to a queued run between them
+        for g in a.groups:
+            GROUP[0] = g
             rows += GROUPS[g](a, work, baseline)
     from benchmarks.common import markdown_table
     print(markdown_table(rows, COLUMNS))
