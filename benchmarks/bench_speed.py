@@ -150,7 +150,8 @@ def _measure(family: str, label: str, args: list[str], out: Path, work: Path, ba
 def gpt_oss(a, work: Path, baseline: int) -> list[dict]:
     from benchmarks.bench_fullsize import published_config
     src = synthetic.write(a.src20b, cfg=published_config("20b", None), shard_bytes=5 << 30)
-    note = "24 layers (full)"
+    layers = json.loads((Path(src) / "config.json").read_text())["num_hidden_layers"]
+    note = f"{layers} of 24 layers"
     rows = measure("gpt-oss-20b", "dequantize", ["dequantize", str(src)], work / "out", work, baseline, note=note)
     for layout in a.layouts:
         rows.extend(measure("gpt-oss-20b", f"to-orbax --{layout}", ["to-orbax", str(src), f"--{layout}"],
