@@ -191,12 +191,12 @@ def file_digest(path: Path, algorithm: str = HASH, *, bufsize: int = 1 << 20, dr
     """Hex digest of a file's bytes. `drop_cache`: then drop the file from the page cache (for
     freshly written bulk output that nobody reads again soon).
 
-    Hashed from read-only mappings of DIGEST_WINDOW bytes at a time, not from read() copies: on
-    this project's VM a 5.3 GB shard hashed in 6.9-11.7 s cold and 1.4-2.0 s warm against
-    17-22 s and 4.1-4.4 s through read() into a buffer (BENCHMARKS.md, "Disk speed for every
-    family and command"); the kernel's copy into the buffer was 30% of a full-size to-orbax's
-    CPU. The page cache the hash fills is what the conversion reads next. Where a file cannot be
-    mapped (a special file, a file system without mmap), it is read in `bufsize` pieces."""
+    Hashed from read-only mappings of DIGEST_WINDOW bytes at a time, not from read() copies into
+    a buffer: a 3.74 GB shard in the page cache hashed in 0.4-0.6 s (0.56-0.58 CPU-s) against
+    2.0-2.7 s (1.7-2.3 CPU-s); cold, 5.7-7.3 s (2.9-4.3 CPU-s) against 6.2-8.1 s (4.0-4.4 CPU-s)
+    (BENCHMARKS.md, "Disk speed for every family and command"). The page cache it fills is what
+    the conversion reads next. Where a file cannot be mapped (a special file, a file system
+    without mmap), it is read in `bufsize` pieces."""
     h = new_hash(algorithm)
     with open(path, "rb", buffering=0) as f:
         if not _digest_mapped(f.fileno(), h):
