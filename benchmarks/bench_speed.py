@@ -9,6 +9,8 @@ the command's GB/s (bytes written / wall) over the mean of the two O_DIRECT figu
 
     python -m benchmarks.bench_speed --workdir /work/big/speed --src20b /work/big/src20b \
         --json speed.json [--groups gpt-oss gpt-oss-orbax qwen3] [--qwen-layers 12] [--orbax-layers 8]
+    python -m benchmarks.bench_speed --workdir W --code OLD_TREE NEW_TREE --repeats 3 \
+        --alternate "to-orbax SRC --scanned"        # one command, trees alternated, medians
 
 Groups (the run holds the shared disk lock `--lock` from its first group to its last; every
 output is deleted before the release):
@@ -199,6 +201,25 @@ def qwen3(a, work: Path, baseline: int) -> list[dict]:
     return rows
 
 
+def alternate(command: list[str], out: Path, repeats: int) -> dict:
+    """`command` (CLI arguments before OUT) with each tree of CODE in turn, `repeats` times, the
+    order reversed every other round, cache dropped before each: {tree: [run_cli results]}."""
+    import statistics
+    runs: dict[str, list[dict]] = {c.name: [] for c in CODE}
+    for i in range(repeats):
+        for code in CODE if i % 2 == 0 else CODE[::-1]:
+            shutil.rmtree(out, ignore_errors=True)
+            drop_caches()
+            runs[code.name].append(run_cli([*command, str(out)], code))
+            shutil.rmtree(out, ignore_errors=True)
+            last = {k: round(v, 2) for k, v in runs[code.name][-1].items()}
+            print(json.dumps({"code": code.name, **last}), flush=True)
+    for name, rs in runs.items():
+        med = {k: round(statistics.median(r[k] for r in rs), 1) for k in ("seconds", "user_s", "sys_s")}
+        print(json.dumps({"code": name, "median": med, "load_1m": round(os.getloadavg()[0], 2)}), flush=True)
+    return runs
+
+
 GROUPS = {"gpt-oss": gpt_oss, "gpt-oss-orbax": gpt_oss_orbax, "qwen3": qwen3}
 COLUMNS = ["code", "family", "command", "note", "written_GB", "seconds", "GB_per_s", "o_direct_before",
            "o_direct_after", "ratio", "cpu_s", "user_s", "sys_s", "cpu_s_per_GB", "peak_rss_GB", "load_before",
@@ -219,6 +240,10 @@ def main() -> None:
                     help="code trees to run each row with, alternated (e.g. a checkout of main, then this tree)")
     ap.add_argument("--compare", nargs="*", default=None,
                     help="groups run with every --code tree (default: all); the others with the last one only")
+    ap.add_argument("--alternate", default=None, metavar="'COMMAND SRC [OPTIONS]'",
+                    help="instead of the groups: run this command (CLI arguments before OUT, one string) with each "
+                         "--code tree in turn, --repeats times, cache dropped before each, and print the medians")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     CODE[:] = [Path(c).resolve() for c in a.code]
@@ -226,6 +251,10 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     baseline = int(a.baseline_gb * 1e9)
+    if a.alternate:
+        import shlex
+        alternate(shlex.split(a.alternate), work / "out", a.repeats)
+        return
     rows = []
     with disk_lock(a.lock):         # once for all groups: the lock is not handed to a queued run between them
         for g in a.groups:
