@@ -30,6 +30,11 @@ import numpy as np
 # Below this numpy's own allocator is used: small blocks come from the malloc heap (numpy advises
 # huge pages only from 4 MB on).
 MAP_MIN_BYTES = 4 << 20
+# From this size up to MAP_MIN_BYTES a heap block is placed on a page boundary (one page more is
+# allocated): the chunk writer writes a page-aligned block with O_DIRECT, any other one through the
+# page cache (io.files.write_new_file). Qwen3's 3 MB experts were all written buffered.
+ALIGN_MIN_BYTES = 64 << 10
+PAGE = mmap.PAGESIZE
 
 
 def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -41,9 +46,13 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """
     shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if not _mapped(nbytes):
+    if _mapped(nbytes):
+        return np.ndarray(shape, dtype, buffer=_mapping(nbytes))
+    if nbytes < ALIGN_MIN_BYTES:
         return np.empty(shape, dtype)
-    return np.ndarray(shape, dtype, buffer=_mapping(nbytes))
+    raw = np.empty(nbytes + PAGE, np.uint8)
+    start = -raw.ctypes.data % PAGE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _mapped(nbytes: int) -> bool:
@@ -78,7 +87,7 @@ class RecyclingPool:
         shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         if not _mapped(nbytes):
-            return np.empty(shape, dtype)
+            return empty(shape, dtype)
         with self._lock:
             free = self._free.get(nbytes)
             mapping = free.pop() if free else None
@@ -143,7 +152,8 @@ def as_bits(arr: np.ndarray) -> np.ndarray:
 def _owns_memory(arr: np.ndarray) -> bool:
     """True for an array that is the whole of its memory (not a view of another array's)."""
     base = arr.base
-    return base is None or (isinstance(base, mmap.mmap) and len(base) == arr.nbytes)
+    return (base is None or (isinstance(base, mmap.mmap) and len(base) == arr.nbytes)
+            or (isinstance(base, np.ndarray) and base.base is None and base.nbytes == arr.nbytes + PAGE))
 
 
 class BufferPool:

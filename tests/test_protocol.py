@@ -256,3 +256,58 @@ def test_an_interrupted_export_keeps_the_shards_it_finished(orbax_src, tmp_path)
     fresh = tmp_path / "fresh"
     assert _cli("to-hf", orbax_src, fresh, *opts).returncode == 0
     assert _files(out) == _files(fresh)
+
+
+class _SlowJournal:
+    """An output whose journal fsync takes a while: records each batch of keys it was given."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.batches: list[list[str]] = []
+        self.fail_after = fail_after
+
+    def mark_done(self, key, fault=True):
+        self.mark_done_many([key])
+
+    def mark_done_many(self, keys, fault=True):
+        import time
+        if self.fail_after is not None and len(self.batches) >= self.fail_after:
+            raise OSError("journal disk full")
+        time.sleep(0.01)
+        self.batches.append(list(keys))
+
+
+class _Solo:
+    def all_hashed(self):
+        return True
+
+    def wait_all_hashed(self):
+        pass
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+
+def test_journal_group_commit_records_every_unit_in_order_in_fewer_fsyncs():
+    """Units released one by one while the journal's fsync runs are all journaled, in order, by
+    the final flush; the ones that came in meanwhile share an fsync; the source entries first."""
+    from gptoss_convert.converters.job import Hashing, Journal, Unit
+    out = _SlowJournal()
+    journal = Journal(out, Hashing(known={"a.safetensors": {"size": 1}}), _Bar(), _Solo())
+    for i in range(60):
+        journal.done(Unit(f"u{i}", 1))
+    journal.flush(wait=True)
+    keys = [k for b in out.batches for k in b]
+    assert keys[0].startswith("source\ta.safetensors") and keys[1:] == [f"u{i}" for i in range(60)]
+    assert len(out.batches) < 30
+
+
+def test_journal_writer_error_is_raised_not_lost():
+    from gptoss_convert.converters.job import Hashing, Journal, Unit
+    out = _SlowJournal(fail_after=0)
+    journal = Journal(out, Hashing(known={}), _Bar(), _Solo())
+    with pytest.raises(OSError, match="journal disk full"):
+        for i in range(50):
+            journal.done(Unit(f"u{i}", 1))
+        journal.flush(wait=True)

@@ -15,8 +15,9 @@ import pytest
 import xxhash
 from safetensors.numpy import load_file
 
-from gptoss_convert.buffers import MAP_MIN_BYTES, BufferPool, RecyclingPool, empty
-from gptoss_convert.io.files import DirectWriter, WriteBehind, hub_blob_sha256, write_new_file
+from gptoss_convert.buffers import ALIGN_MIN_BYTES, MAP_MIN_BYTES, PAGE, BufferPool, RecyclingPool, empty
+from gptoss_convert.io import files
+from gptoss_convert.io.files import DirectWriter, WriteBehind, file_digest, hub_blob_sha256, write_new_file
 from gptoss_convert.io.safetensors import ShardWriter, read_header, read_tensor
 
 
@@ -239,6 +240,42 @@ def test_buffer_pool_recycles_only_whole_buffers():
     assert pool.get((4, 8), np.float32) is b and pool.get((4, 8), np.float32) is not c
     pool.put(np.empty(2, np.float32))                  # under min_bytes: not kept
     assert pool.get((2,), np.float32).shape == (2,)
+
+
+@pytest.mark.parametrize("nbytes", [ALIGN_MIN_BYTES, 768 * 2048 * 2, MAP_MIN_BYTES - 2])
+def test_empty_puts_mid_sized_blocks_on_a_page_boundary_and_pools_take_them(nbytes):
+    """Blocks from ALIGN_MIN_BYTES up start on a page (the chunk writer writes those with
+    O_DIRECT): Qwen3's [768, 2048] bf16 expert among them; both pools still recycle them."""
+    a = empty((nbytes // 2,), np.uint16)
+    assert a.ctypes.data % PAGE == 0 and a.nbytes == nbytes and a.flags.c_contiguous and a.flags.writeable
+    a[...] = 3
+    assert int(a.sum(dtype=np.int64)) == 3 * a.size
+    pool = BufferPool(keep=1, min_bytes=1)
+    pool.put(a[1:])                                    # a view: not recycled
+    pool.put(a)
+    assert pool.get(a.shape, a.dtype) is a
+    r = RecyclingPool().empty((nbytes // 2,), np.uint16)
+    assert r.ctypes.data % PAGE == 0
+    assert empty((ALIGN_MIN_BYTES // 2 - 1,), np.uint16).base is None   # below: numpy's own allocator
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * (64 << 10) + 17])
+def test_file_digest_from_mapped_windows_equals_xxhash_of_the_bytes(tmp_path, monkeypatch, size):
+    """The digest from mappings, across window edges (windows shrunk to 64 KiB), equals the
+    xxhash package's digest of the whole bytes, and the read() fallback gives the same."""
+    import mmap
+    monkeypatch.setattr(files, "DIGEST_WINDOW", max(mmap.ALLOCATIONGRANULARITY, 64 << 10))
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    want = xxhash.xxh3_128(data).hexdigest()
+    assert file_digest(path) == want
+    assert file_digest(path, "sha256") == hashlib.sha256(data).hexdigest()
+
+    def refuse(*a, **k):
+        raise OSError("no mmap here")
+    monkeypatch.setattr(files.mmap, "mmap", refuse)
+    assert file_digest(path, bufsize=4096) == want
 
 
 def _mapping_flags(address: int) -> list[str] | None:

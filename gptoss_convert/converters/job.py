@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import threading
 import time
 from typing import Callable, Protocol
 
@@ -174,6 +175,10 @@ class Journal:
         self._held: list[Unit] = []
         self._recorded: set[str] = set()
         self._sources_written = self._all = False
+        self._pending: list[str] = []           # released unit keys the journal writer has not taken yet
+        self._lock = threading.Lock()
+        self._writer = None                     # the journal writer's Future (the last one started)
+        self._writing = False                   # whether it is still to take what is pending
 
     def is_done(self, unit: Unit) -> bool:
         return self.output.is_done(unit.key)
@@ -196,6 +201,8 @@ class Journal:
             self.cluster.wait_all_hashed()
             self._all = True
         self._release()
+        if wait and self._writer is not None:
+            self._writer.result()               # every released unit is in the journal now
 
     def _sources(self) -> bool:
         """Record the source hashes known so far, each once; whether all of this process's are."""
@@ -214,12 +221,42 @@ class Journal:
         return self._all
 
     def _release(self) -> None:
-        """Journal each held unit whose source hashes are recorded."""
+        """Journal each held unit whose source hashes are recorded: hand it to the journal writer,
+        a thread that appends every key released while its last fsync ran with one fsync (a group
+        commit), after the source entries (written before, on this thread). The caller goes on
+        at once: an fsync per unit on the converting thread held it 1.5 s of a 10 s one-layer
+        Qwen3-30B-A3B to-orbax (412 blocks of ~3 MB, py-spy; the full model has 18,885). A
+        writer's error is raised here or at the final flush."""
         complete = self._sources() and self._everyone()
         ready = [u for u in self._held if complete or (u.reads is not None and u.reads <= self._recorded)]
-        for u in ready:
-            self.output.mark_done(u.key)
         self._held = [u for u in self._held if u not in ready]
+        with self._lock:
+            if self._writer is not None and self._writer.done() and self._writer.exception() is not None:
+                raise self._writer.exception()
+            self._pending += [u.key for u in ready]
+            if not self._writing and self._pending:
+                self._writing = True
+                self._writer = background(self._write_pending)
+
+    def _write_pending(self) -> None:
+        """The journal writer: until nothing is pending, journal what is (one fsync each time)."""
+        many = getattr(self.output, "mark_done_many", None)
+        try:
+            while True:
+                with self._lock:
+                    keys, self._pending = self._pending, []
+                    if not keys:
+                        self._writing = False
+                        return
+                if many is not None:
+                    many(keys)
+                else:
+                    for k in keys:
+                        self.output.mark_done(k)
+        except BaseException:
+            with self._lock:
+                self._writing = False
+            raise
 
 
 def source_entry(file: str, digests: dict) -> str:

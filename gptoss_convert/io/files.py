@@ -7,6 +7,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -182,18 +183,55 @@ def new_hash(algorithm: str = HASH):
     return HASHES[algorithm]()
 
 
+# Window of a file mapped at a time by file_digest (a multiple of mmap.ALLOCATIONGRANULARITY).
+DIGEST_WINDOW = 64 << 20
+
+
 def file_digest(path: Path, algorithm: str = HASH, *, bufsize: int = 1 << 20, drop_cache: bool = False) -> str:
-    """Hex digest of a file's bytes, read in cache-sized pieces. `drop_cache`: then drop the file
-    from the page cache (for freshly written bulk output that nobody reads again soon)."""
+    """Hex digest of a file's bytes. `drop_cache`: then drop the file from the page cache (for
+    freshly written bulk output that nobody reads again soon).
+
+    Hashed from read-only mappings of DIGEST_WINDOW bytes at a time, not from read() copies into
+    a buffer: a 3.74 GB shard in the page cache hashed in 0.4-0.6 s (0.56-0.58 CPU-s) against
+    2.0-2.7 s (1.7-2.3 CPU-s); cold, 5.7-7.3 s (2.9-4.3 CPU-s) against 6.2-8.1 s (4.0-4.4 CPU-s)
+    (BENCHMARKS.md, "Disk speed for every family and command"). The page cache it fills is what
+    the conversion reads next. Where a file cannot be mapped (a special file, a file system
+    without mmap), it is read in `bufsize` pieces."""
     h = new_hash(algorithm)
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+        if not _digest_mapped(f.fileno(), h):
+            h = new_hash(algorithm)
+            buf = bytearray(bufsize)
+            view = memoryview(buf)
+            f.seek(0)
+            while n := f.readinto(buf):
+                h.update(view[:n])
         if drop_cache:
             drop_cached(f.fileno())
     return h.hexdigest()
+
+
+def _digest_mapped(fd: int, h) -> bool:
+    """Feed the file `fd` to `h` window by window from read-only mappings; False (nothing fed)
+    where it cannot be mapped (not a regular file). RSS stays at one window: each is unmapped
+    before the next. As for io.safetensors.MappedFiles, a file cut short while it is being hashed
+    ends the process (SIGBUS) instead of giving a wrong digest."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    size = st.st_size
+    for start in range(0, size, DIGEST_WINDOW):
+        try:
+            window = mmap.mmap(fd, min(DIGEST_WINDOW, size - start), offset=start, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            if start == 0:
+                return False
+            raise
+        with window:
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                window.madvise(mmap.MADV_SEQUENTIAL)
+            h.update(window)
+    return True
 
 
 def hub_blob_sha256(path: Path) -> str | None:
