@@ -106,6 +106,7 @@ class RecyclingPool:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # What keep_freed_memory lets the heap keep free at its top before giving it back to the kernel.
 RETAINED_HEAP_BYTES = 1 << 30
+RETURNED_BLOCK_BYTES = 1 << 20     # retain_freed_memory_up_to(return_large=True): mapped, unmapped on free
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,15 +130,19 @@ def keep_freed_memory() -> bool:
                ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES)))
 
 
-def retain_freed_memory_up_to(nbytes: int) -> bool:
+def retain_freed_memory_up_to(nbytes: int, return_large: bool = False) -> bool:
     """Lower what glibc keeps of freed heap memory (keep_freed_memory's 1 GB) to `nbytes`, at
-    least 64 MB, so that memory kept for reuse stays under a ceiling (--max-memory) too;
-    returns whether it did (glibc only, and not with GPTOSS_CONVERT_MALLOC=default)."""
+    least 64 MB, so that memory kept for reuse stays under a ceiling (--max-memory) too; with
+    `return_large`, also hand blocks of RETURNED_BLOCK_BYTES or more back to the kernel when freed
+    (for reads that allocate outside this project's pools: TensorStore's read results, which the
+    heap otherwise kept, fragmented, 0.45 GB over the ceiling in a relayout). Returns whether it
+    did (glibc only, and not with GPTOSS_CONVERT_MALLOC=default)."""
     if os.environ.get("GPTOSS_CONVERT_MALLOC") == "default":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt(_M_TRIM_THRESHOLD, int(min(max(nbytes, 64 << 20), RETAINED_HEAP_BYTES))) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, int(min(max(nbytes, 64 << 20), RETAINED_HEAP_BYTES))) == 1
+        return ok and (not return_large or libc.mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK_BYTES) == 1)
     except (OSError, AttributeError):
         return False
 

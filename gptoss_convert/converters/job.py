@@ -69,10 +69,11 @@ class Memory:
     most: int
     per: int
     fixed: int
+    transient: int = 0      # blocks a read allocates outside the pools (TensorStore's results), freed after
 
     def peak(self, parallel: int) -> int:
         """Bytes at the peak with `parallel`: the runtime and the blocks held at once."""
-        return RUNTIME_BYTES + (self.per * parallel + self.fixed) * self.largest
+        return RUNTIME_BYTES + (self.per * parallel + self.fixed + self.transient) * self.largest
 
 
 def memory_ceiling(value: int | str) -> int:
@@ -314,7 +315,8 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
     keep_freed_memory()
     ceiling = memory_ceiling(opts.max_memory)
     estimate = fit_memory(target, ceiling, opts.check_space)
-    retain_freed_memory_up_to(ceiling - estimate)       # what malloc keeps for reuse stays under the ceiling too
+    # what malloc keeps for reuse stays under the ceiling too (and reads' own blocks go back when freed)
+    retain_freed_memory_up_to(ceiling - estimate, return_large=target.memory.transient > 0)
     output = open_output(out, fingerprint=target.fingerprint() | {"source_files": source.sizes()},
                          overwrite=opts.overwrite, resume=opts.resume, source=source.root,
                          need_bytes=sum(u.nbytes for u in target.units) if opts.check_space else 0, log=log)

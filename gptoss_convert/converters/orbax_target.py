@@ -35,6 +35,7 @@ class BlockPlan(Protocol):
     """The blocks of one Orbax conversion: each has `.key` and `.nbytes`."""
 
     blocks: list
+    transient_blocks: int       # blocks one read allocates outside the pools (freed once it returns)
 
     def read(self, block, alloc) -> object: ...
     def emit(self, writer, block, x) -> list: ...
@@ -61,9 +62,11 @@ class OrbaxTarget:
     def __post_init__(self):
         """Units from the blocks; memory: with `parallel` blocks whose writes are in flight (at most
         MAX_IN_FLIGHT; job.fit_memory lowers it under --max-memory), 2 read ahead and 1 being
-        decoded, and as many again that RecyclingPool keeps mapped for reuse."""
+        decoded, and as many again that RecyclingPool keeps mapped for reuse; plus what one read
+        allocates outside the pools (the plan's transient_blocks)."""
         self.largest_block = max((b.nbytes for b in self.plan.blocks), default=0)
-        self.memory = Memory(self.largest_block, MAX_IN_FLIGHT, per=2, fixed=2 * 3)
+        self.memory = Memory(self.largest_block, MAX_IN_FLIGHT, per=2, fixed=2 * 3,
+                             transient=self.plan.transient_blocks)
         self.parallel = MAX_IN_FLIGHT
         self.units = [Unit(b.key, b.nbytes) for b in self.plan.blocks]
         self._blocks = {b.key: b for b in self.plan.blocks}

@@ -116,6 +116,7 @@ class HFBlocks:
     ck: HFCheckpoint
     plan: Plan
     dtype: np.dtype
+    transient_blocks = 0        # reads decode into pooled buffers
 
     @property
     def blocks(self) -> list[ReadBlock]:
