@@ -28,12 +28,13 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
 
 def rss_mb() -> float:
     """Current resident set size of this process in MiB (Linux /proc; 0.0 elsewhere)."""
-    return _status_mb("VmRSS:")
+    return status_mb("VmRSS:")
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """`field` (e.g. "VmHWM:") of process `pid`'s /proc status, in MiB; 0.0 where unreadable."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field):
                 return int(line.split()[1]) / 1024                 # kB -> MiB
     except OSError:
@@ -43,7 +44,7 @@ def _status_mb(field: str) -> float:
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (VmHWM; since the last reset_peak_rss())."""
-    return _status_mb("VmHWM:")
+    return status_mb("VmHWM:")
 
 
 def reset_peak_rss() -> bool:

@@ -109,6 +109,18 @@ RETAINED_HEAP_BYTES = 1 << 30
 RETURNED_BLOCK_BYTES = 1 << 20     # retain_freed_memory_up_to(return_large=True): mapped, unmapped on free
 
 
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt for each (parameter, value); whether all took. False where this is not
+    glibc, or with GPTOSS_CONVERT_MALLOC=default (the allocator left as it is)."""
+    if os.environ.get("GPTOSS_CONVERT_MALLOC") == "default":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, int(value)) == 1 for param, value in settings)
+
+
 @functools.lru_cache(maxsize=None)
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks for the next ones, once per process; returns
@@ -119,15 +131,7 @@ def keep_freed_memory() -> bool:
     up to 256 MB come from the heap, the heap is trimmed only past 1 GB free, and at most 2
     arenas (TensorStore's threads each took their own, each holding its freed blocks):
     BENCHMARKS.md, "to-hf --mxfp4". Not glibc (or GPTOSS_CONVERT_MALLOC=default): nothing done."""
-    if os.environ.get("GPTOSS_CONVERT_MALLOC") == "default":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES)))
+    return _mallopt((_M_ARENA_MAX, 2), (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, RETAINED_HEAP_BYTES))
 
 
 def retain_freed_memory_up_to(nbytes: int, return_large: bool = False) -> bool:
@@ -137,14 +141,8 @@ def retain_freed_memory_up_to(nbytes: int, return_large: bool = False) -> bool:
     (for reads that allocate outside this project's pools: TensorStore's read results, which the
     heap otherwise kept, fragmented, 0.45 GB over the ceiling in a relayout). Returns whether it
     did (glibc only, and not with GPTOSS_CONVERT_MALLOC=default)."""
-    if os.environ.get("GPTOSS_CONVERT_MALLOC") == "default":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, int(min(max(nbytes, 64 << 20), RETAINED_HEAP_BYTES))) == 1
-        return ok and (not return_large or libc.mallopt(_M_MMAP_THRESHOLD, RETURNED_BLOCK_BYTES) == 1)
-    except (OSError, AttributeError):
-        return False
+    trim = ((_M_TRIM_THRESHOLD, min(max(nbytes, 64 << 20), RETAINED_HEAP_BYTES)),)
+    return _mallopt(*trim, *([(_M_MMAP_THRESHOLD, RETURNED_BLOCK_BYTES)] if return_large else []))
 
 
 def as_bits(arr: np.ndarray) -> np.ndarray:

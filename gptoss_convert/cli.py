@@ -131,6 +131,9 @@ def _memory_size(ctx, param, value):
         raise click.BadParameter(str(e).split(": ", 1)[1]) from e
 
 
+_no_progress = click.option("--no-progress", "--quiet", "no_progress", is_flag=True,
+                            help="No progress bar or progress lines.")
+
 _common = [
     click.option("--dtype", type=DTYPE, default="bf16", show_default=True,
                  help="Output dtype (bfloat16, float32 also accepted)."),
@@ -140,7 +143,7 @@ _common = [
     click.option("--resume", is_flag=True,
                  help="Continue an interrupted run into the same OUT (only from the same source bytes)."),
     click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding threads (default: all cores)."),
-    click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress bar or progress lines."),
+    _no_progress,
     click.option("--allow-nonfinite", is_flag=True, help="Convert even if BF16 weights hold NaN/inf."),
     click.option("--strict-config", is_flag=True,
                  help="Refuse config.json fields this tool does not know "
@@ -345,7 +348,7 @@ def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lor
 @click.option("--dtype", type=DTYPE, default="fp32", show_default=True)
 @click.option("--streamed/--whole-model", default=None,
               help="transformers' layers one at a time, bounded memory (default: model > half the free memory).")
-@click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
+@_no_progress
 @json_option
 @_run
 def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_progress):
@@ -371,7 +374,7 @@ def golden_cmd(hf_dir, out, prompts, prompts_file, tokens, dtype, streamed, no_p
               help="With --hf: a JSON list of token-id lists instead of prompts (no tokenizer needed).")
 @click.option("--streamed/--in-memory", default=None,
               help="Layer by layer, reading only the selected experts; with --hf the golden too (default: by size).")
-@click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
+@_no_progress
 @_step
 @_item
 @s3_endpoint_option
@@ -402,7 +405,7 @@ def check_cmd(out):
 
 @main.command("demo")
 @click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
-@click.option("--no-progress", "--quiet", "no_progress", is_flag=True, help="No progress lines.")
+@_no_progress
 @json_option
 @_run
 def demo_cmd(workdir, no_progress):

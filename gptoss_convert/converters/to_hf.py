@@ -126,14 +126,18 @@ def read_parts(src: OrbaxSource, t: ExportTensor, rows: slice | None, hashes=Non
     digest of a whole chunk file OrbaxSource.read reads itself goes to `hashes.have` (the
     provenance hash, without a second read)."""
     have = None if hashes is None else hashes.have
-    return [src.read(p, _index(src, p, slot, t.expert, t.row_axis, rows), have) for p, slot in t.sources]
+    return [src.read(p, i, have) for p, i in _leaf_indices(src, t, rows)]
+
+
+def _leaf_indices(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[tuple[str, tuple]]:
+    """(leaf, index) of each part HF rows `rows` of `t` are read from."""
+    return [(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
 
 
 def block_files(src: OrbaxSource, t: ExportTensor, rows: slice | None) -> list[str]:
     """The source files TensorStore reads for these rows in read_parts ([] where chunks are not
     files; whole chunks read_parts reads itself are hashed from its own read)."""
-    indices = [(p, _index(src, p, slot, t.expert, t.row_axis, rows)) for p, slot in t.sources]
-    return [f for p, i in indices if not src.whole_chunk(p, i) for f in src.chunk_files(p, i) or []]
+    return [f for p, i in _leaf_indices(src, t, rows) if not src.whole_chunk(p, i) for f in src.chunk_files(p, i) or []]
 
 
 def chunk_reads(src: OrbaxSource, t: ExportTensor) -> frozenset[str] | None:
@@ -141,8 +145,8 @@ def chunk_reads(src: OrbaxSource, t: ExportTensor) -> frozenset[str] | None:
     not files of their own (OCDBT, buckets)."""
     files: set[str] = set()
     for rows in t.row_blocks():
-        for p, slot in t.sources:
-            got = src.chunk_files(p, _index(src, p, slot, t.expert, t.row_axis, rows))
+        for p, i in _leaf_indices(src, t, rows):
+            got = src.chunk_files(p, i)
             if got is None:
                 return None
             files.update(got)

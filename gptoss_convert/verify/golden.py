@@ -256,19 +256,15 @@ def read_golden(path: str | os.PathLike, vocab_size: int | None = None) -> list[
     logits, and only one record's text and parse are held at once."""
     records = []
     try:
-        for n, line in enumerate(_lines(path), 1):
-            if line.strip():
-                records.append(_golden_record(path, n, line, vocab_size))
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    records.append(_golden_record(path, n, line, vocab_size))
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read golden file ({e})") from None
     if not records:
         raise InputError(f"{path}: no golden records")
     return records
-
-
-def _lines(path):
-    with open(path, encoding="utf-8") as f:
-        yield from f
 
 
 def _golden_record(path, n: int, line: str, vocab_size: int | None) -> dict:
