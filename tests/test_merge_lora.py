@@ -429,3 +429,26 @@ def test_an_expert_lora_laid_out_out_in_is_refused(lora, bf16_dir, tmp_path):
     with pytest.raises(InputError, match=r"LoRA of model\.layers\.0\.mlp\.experts\.gate_up_proj is laid out "
                                          r"\[experts, out, in\]"):
         merge_lora(bf16_dir, d, tmp_path / "o", **QUIET)
+
+
+def test_the_merge_runs_blas_on_one_thread_inside_its_own_workers(lora, bf16_dir, monkeypatch, tmp_path):
+    """The blocks are the parallelism (job.run limits BLAS while the target writes): OpenBLAS's own
+    threads spin-waited between merge-lora's small B @ A products, 25% of a merge's CPU samples
+    (BENCHMARKS.md, "merge-lora at full size"). Outside the run BLAS keeps its threads."""
+    from threadpoolctl import threadpool_info
+
+    from gptoss_convert.converters import lora as lora_mod
+    seen, product = [], lora_mod.LoraPair.product
+
+    def recording(self, *args, **kwargs):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return product(self, *args, **kwargs)
+
+    monkeypatch.setattr(lora_mod.LoraPair, "product", recording)
+    before = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    out = merge_lora(bf16_dir, lora[0], tmp_path / "o", workers=2, **QUIET)
+    assert len(seen) >= 6 * 6 and all(s == {1} for s in seen), seen      # every pair, once per row block
+    assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == before
+    got = stored(out)
+    n = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(got[n].view(np.uint16), lora[1][n].astype(BF16).view(np.uint16))

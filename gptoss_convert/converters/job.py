@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from threadpoolctl import threadpool_limits
+
 from gptoss_convert.buffers import keep_freed_memory, retain_freed_memory_up_to
 from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters.common import parse_size
@@ -336,7 +338,8 @@ def run(source: Source, target: Target, out, opts: JobOptions, cluster: dist.Clu
             journal = Journal(staged, hashing, bar, cluster)
             todo = [u for u in units if not (journal.is_done(u) and target.still_there(staged.path, u))]
             bar.update(sum(u.nbytes for u in units) - sum(u.nbytes for u in todo))
-            hashes, sizes = target.write(staged.path, todo, journal, bar)
+            with threadpool_limits(limits=1, user_api="blas"):    # the target's own threads are the parallelism
+                hashes, sizes = target.write(staged.path, todo, journal, bar)
             journal.flush(wait=True)
         merged = cluster.merge_shares(staged, hashes, hashing.result(), sizes)
         if merged is None:          # another process of a distributed run: its share is on disk

@@ -240,7 +240,7 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                                  block_bytes=block_bytes, strict_config=strict_config, allow_nonfinite=allow_nonfinite,
                                  workers=workers, dry_run=dry_run, job_opts=job_opts, cluster=cluster, log=log)
     ck = open_checkpoint(base)
-    ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
+    ck.workers, ck.allow_nonfinite = 1, allow_nonfinite      # one thread per block: the blocks are the parallelism
     lora = _open_any_adapter(adapter, ck, scale, lora_alpha, lora_rank, strict_config, log)
     _refuse_out_in_adapter(out, lora)
     target = merge_target(ck, lora, dt=dt, mxfp4=mxfp4, rule=scale_rule, scale=scale, block_bytes=block_bytes,
