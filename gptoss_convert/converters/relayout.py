@@ -9,6 +9,7 @@ first axis at a time; values are copied, never recomputed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -24,26 +25,38 @@ from gptoss_convert.mapping.layout import SCAN_AXIS, layer_relative
 
 @dataclasses.dataclass(frozen=True)
 class Move:
-    """Rows `rows` of axis 0 of one layer's leaf: from (path, slot) in SRC to (path, slot) in OUT."""
+    """Region `region` (a slice per axis of one layer's leaf, the stack axis left out) of one
+    leaf: from (path, slot) in SRC to (path, slot) in OUT."""
 
     src: str
     src_slot: int | None
     dst: str
     dst_slot: int | None
-    rows: slice
+    region: tuple[slice, ...]
     nbytes: int
 
     @property
+    def rows(self) -> slice:
+        return self.region[0]
+
+    def where(self, shape: tuple[int, ...], slot: int | None) -> str:
+        """`rows a:b` where the block is whole rows of the leaf of shape `shape`, else `block [a:b, c:d, ..]`."""
+        local = shape[:SCAN_AXIS] + shape[SCAN_AXIS + 1:] if slot is not None else shape
+        if all(r.start == 0 and r.stop == n for r, n in zip(self.region[1:], local[1:])):
+            return f"rows {self.rows.start}:{self.rows.stop}"
+        return "block [" + ", ".join(f"{r.start}:{r.stop}" for r in self.region) + "]"
+
+    @property
     def key(self) -> str:
-        return f"{self.dst}@{self.dst_slot}[{self.rows.start}:{self.rows.stop}]"
+        where = ",".join(f"{r.start}:{r.stop}" for r in self.region)
+        return f"{self.dst}@{self.dst_slot}[{where}]"
 
 
-def _index(ndim: int, slot: int | None, rows: slice, keep_slot: bool) -> tuple:
-    index: list = [slice(None)] * ndim
-    index[0] = rows
+def _index(ndim: int, slot: int | None, region: tuple[slice, ...], keep_slot: bool) -> tuple:
+    index: list = list(region)
     if slot is not None:
-        index[SCAN_AXIS] = slice(slot, slot + 1) if keep_slot else slot
-    return tuple(index)
+        index.insert(SCAN_AXIS, slice(slot, slot + 1) if keep_slot else slot)
+    return tuple(index + [slice(None)] * (ndim - len(index)))
 
 
 def _source_of(path: str, slot: int | None, in_layout, out_layout) -> tuple[str, int | None]:
@@ -55,20 +68,42 @@ def _source_of(path: str, slot: int | None, in_layout, out_layout) -> tuple[str,
     return p.path, p.slot
 
 
+def block_shape(local: tuple[int, ...], chunk: tuple[int, ...] | None, itemsize: int,
+                block_bytes: int) -> tuple[int, ...]:
+    """The shape of the blocks a leaf of shape `local` is copied in, given its source's chunk
+    shape (`local`'s axes; None when unknown): whole source chunks where one fits in
+    `block_bytes`, grouped along the first axis where a chunk spans every other axis; else
+    rows of the first axis, as many as fit.
+
+    Whole chunks, because a block that cuts across chunks makes TensorStore read every chunk it
+    touches whole for each block: the 20b's logits_dense, chunked by columns, was read 18 times
+    over in row blocks (a 2-layer relayout read 22 GB for 5.6), and the chunks it held beside
+    the block took the peak over --max-memory. A block that is one chunk file of this tool's
+    output is read with one O_DIRECT read into recycled memory (OrbaxSource.read_whole_chunk)."""
+    row = math.prod(local[1:]) * itemsize
+    if chunk is None or math.prod(chunk) * itemsize > block_bytes:
+        return (min(local[0], max(1, block_bytes // max(1, row))), *local[1:])
+    block = [min(c, n) for c, n in zip(chunk, local)]
+    if block[1:] == list(local[1:]):
+        block[0] = min(local[0], block[0] * max(1, block_bytes // max(1, math.prod(block) * itemsize)))
+    return tuple(block)
+
+
 def plan_moves(targets: dict[str, tuple[int, ...]], out_layout, in_layout, itemsize: int,
-               block_bytes: int = 64 << 20) -> list[Move]:
-    """Every block to copy, target leaf by target leaf."""
+               block_bytes: int = 64 << 20, source_chunk=lambda path, slot: None) -> list[Move]:
+    """Every block to copy, target leaf by target leaf; `source_chunk(path, slot)` gives the
+    chunk shape of a source leaf as `block_shape` takes it (None: unknown)."""
     moves = []
     for path, shape in targets.items():
         stacked = layer_relative(path) is not None and out_layout.scanned
         local = shape[:SCAN_AXIS] + shape[SCAN_AXIS + 1:] if stacked else shape
-        row = math.prod(local[1:]) * itemsize
-        n = max(1, block_bytes // max(1, row))
         for slot in range(shape[SCAN_AXIS]) if stacked else [None]:
             src, src_slot = _source_of(path, slot, in_layout, out_layout)
-            for r in range(0, local[0], n):
-                rows = slice(r, min(r + n, local[0]))
-                moves.append(Move(src, src_slot, path, slot, rows, (rows.stop - rows.start) * row))
+            block = block_shape(local, source_chunk(src, src_slot), itemsize, block_bytes)
+            for corner in itertools.product(*(range(0, n, b) for n, b in zip(local, block))):
+                region = tuple(slice(c, min(c + b, n)) for c, b, n in zip(corner, block, local))
+                moves.append(Move(src, src_slot, path, slot, region,
+                                  math.prod(r.stop - r.start for r in region) * itemsize))
     return moves
 
 
@@ -76,13 +111,23 @@ def _chunks(moves: list[Move], targets: dict[str, tuple[int, ...]]) -> dict[str,
     """Per target, the shape of its largest block: one block is one chunk file."""
     out = {}
     for m in moves:
-        shape = list(targets[m.dst])
-        shape[0] = m.rows.stop - m.rows.start
+        shape = [r.stop - r.start for r in m.region]
         if m.dst_slot is not None:
-            shape[SCAN_AXIS] = 1
+            shape.insert(SCAN_AXIS, 1)
         if m.dst not in out or math.prod(shape) > math.prod(out[m.dst]):
             out[m.dst] = tuple(shape)
     return out
+
+
+def _source_chunk(source: OrbaxSource):
+    """`plan_moves`' source_chunk for `source`: a leaf's read chunk shape, its stack axis left
+    out for a slot of a stacked leaf (None where the chunk spans several slots)."""
+    def chunk(path: str, slot: int | None) -> tuple[int, ...] | None:
+        shape = source.chunk_shape(path)
+        if shape is None or slot is None:
+            return shape
+        return None if shape[SCAN_AXIS] != 1 else shape[:SCAN_AXIS] + shape[SCAN_AXIS + 1:]
+    return chunk
 
 
 @dataclasses.dataclass
@@ -95,8 +140,9 @@ class MoveBlocks:
     allow_nonfinite: bool
     leaves: dict[str, tuple[int, ...]]
     # TensorStore's result and its source chunks' buffers, copied into pooled memory and freed:
-    # uncounted (and kept by the heap) they took a relayout 0.45 GB over the --max-memory default
-    transient_blocks = 3
+    # uncounted (and kept by the heap) they took a relayout 0.45 GB over the --max-memory default.
+    # 0 where every block is one whole chunk file (read straight into recycled memory).
+    transient_blocks: int = 3
 
     def read(self, m: Move, alloc=None) -> np.ndarray:
         """The block of `m`, in the output dtype; NaN/inf refused unless allowed (as to-orbax does).
@@ -107,10 +153,10 @@ class MoveBlocks:
         Qwen3-30B-A3B relayout (each block spans 21 one-expert source chunks, so TensorStore
         reads it). One copy in memory instead of the page cache's copy and its writeback."""
         src = self.source
-        x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.rows, keep_slot=False))
+        x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.region, keep_slot=False))
         if not self.allow_nonfinite and not all_finite(x):
             slot = "" if m.src_slot is None else f", slot {m.src_slot}"
-            raise InputError(f"{m.src} (rows {m.rows.start}:{m.rows.stop}{slot}) "
+            raise InputError(f"{m.src} ({m.where(src.leaves[m.src][0], m.src_slot)}{slot}) "
                              f"in {src.item_dir}: NaN or inf weights; pass --allow-nonfinite to copy them anyway")
         x = np.ascontiguousarray(x.astype(self.dtype, copy=False))
         if alloc is not None and x.ctypes.data % PAGE and x.nbytes >= ALIGN_MIN_BYTES:
@@ -121,7 +167,7 @@ class MoveBlocks:
 
     def _dst(self, m: Move) -> tuple[slice, ...]:
         shape = self.leaves[m.dst]
-        index = _index(len(shape), m.dst_slot, m.rows, keep_slot=True)
+        index = _index(len(shape), m.dst_slot, m.region, keep_slot=True)
         return tuple(slice(0, shape[a]) if s == slice(None) else s for a, s in enumerate(index))
 
     def emit(self, writer, m: Move, x: np.ndarray) -> list:
@@ -143,7 +189,9 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
     orbax, backend, cfg = source.orbax, source.backend, source.cfg
     targets = backend.flat_shapes(cfg, scanned)
     out_layout, in_layout = backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned)
-    moves = plan_moves(targets, out_layout, in_layout, dtype.itemsize, block_bytes)
+    moves = plan_moves(targets, out_layout, in_layout, dtype.itemsize, block_bytes, _source_chunk(orbax))
+    whole = all(orbax.whole_chunk(m.src, _index(len(orbax.leaves[m.src][0]), m.src_slot, m.region, False))
+                for m in moves)
     total = sum(m.nbytes for m in moves)
     layout, was = out_layout.name, in_layout.name
 
@@ -156,7 +204,8 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
                 f"({total / 1e9:.2f} GB) at {result} in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); "
                 f"{orbax.other_leaves} non-param leaves dropped.\nMaxText flags: {maxtext_flags(result, scanned, cfg)}")
 
-    target = OrbaxTarget(MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets), targets, _chunks(moves, targets),
+    plan = MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets, transient_blocks=0 if whole else 3)
+    target = OrbaxTarget(plan, targets, _chunks(moves, targets),
                          dtype.np,
                          {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},
                          compression, {"layout": layout, "dtype": dtype.name, "compression": compression,
@@ -164,7 +213,7 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
                          {"source_step": orbax.step_dir.name, "source_other_leaves_dropped": orbax.other_leaves,
                           "source_layout": orbax.layout.record() if orbax.layout else None},
                          sidecars, summary, identity={"relayout": True, "block_bytes": block_bytes,
-                                                      "source": str(orbax.step_dir)})
+                                                      "blocks": "source chunks", "source": str(orbax.step_dir)})
     target.describe = lambda: (f"relayout {was} -> {layout}: {len(targets)} leaves, {len(moves)} blocks, "
                                f"{total / 1e9:.2f} GB to write, from step {orbax.step_dir.name} "
                                f"of {orbax.step_dir.parent}")

@@ -230,6 +230,13 @@ class OrbaxSource:
         keys = [sep.join(prefix + [str(c) for c in cell]) for cell in itertools.product(*ranges)]
         return [f"{folder}/{k}" for k in keys] if ranges else [f"{folder}/{sep.join(prefix) or '0'}"]
 
+    def chunk_shape(self, path: str) -> tuple[int, ...] | None:
+        """Leaf `path`'s read chunk shape (TensorStore's unit of reading), None if it has none."""
+        try:
+            return tuple(int(n) for n in self.store(path).chunk_layout.read_chunk.shape)
+        except (TypeError, ValueError):
+            return None
+
     def _chunk_layout(self, path: str):
         """(leaf folder relative to step_dir, chunk shape, key prefix, separator) or None."""
         if path not in self._layouts:
