@@ -322,19 +322,23 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, item, max_shard_size, dty
 @click.option("--lora-rank", type=click.IntRange(1), default=None,
               help="MaxText LoRA ADAPTER: the run's lora.lora_rank (checked against the adapters' shapes).")
 @_like
+@_step
+@_item
 @_shard
 @common_options
 @distributed_options
 @allow_uncommitted_option
 @_run
-def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lora_rank, like, max_shard_size, dtype,
-                   dry_run, workers, opts, dist):
+def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lora_rank, like, step, item,
+                   max_shard_size, dtype, dry_run, workers, opts, dist):
     """HF checkpoint BASE (MXFP4 or BF16; directory or hub id) + LoRA ADAPTER (a PEFT directory or hub id, or a
     MaxText/Tunix LoRA checkpoint: run root or step) -> merged HF checkpoint OUT (a directory, gs:// or s3://).
-    With a MaxText ADAPTER, BASE may be an Orbax checkpoint (--like: its config where MaxText wrote it)."""
+    With a MaxText ADAPTER, BASE may be an Orbax checkpoint (--like: its config where MaxText wrote it).
+    --step/--item choose within the ADAPTER when it is an Orbax checkpoint, else within an Orbax BASE
+    (to pick a base's step too, give BASE as that step's directory)."""
     from gptoss_convert.converters.merge_lora import merge_lora
     return merge_lora(base, adapter, out, mxfp4=mxfp4, scale_rule=scale_rule, scale=scale, dtype=dtype,
-                      lora_alpha=lora_alpha, lora_rank=lora_rank, like=like,
+                      lora_alpha=lora_alpha, lora_rank=lora_rank, like=like, step=step, item=item,
                       max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
 
 

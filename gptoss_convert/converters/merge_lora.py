@@ -206,8 +206,8 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True,
                block_bytes: int = 64 << 20, strict_config: bool = False, dry_run: bool = False,
                lora_alpha: float | None = None, lora_rank: int | None = None, like=None,
-               check_space: bool = True, max_memory: str | int = job.DEFAULT_MAX_MEMORY,
-               cluster=None, log=print):
+               step: int | None = None, item: str | None = None, check_space: bool = True,
+               max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
     """Merge the PEFT LoRA `adapter` (a directory with adapter_config.json and
     adapter_model.safetensors, or a hub id) into the HF checkpoint `base` (MXFP4 or BF16; a
     directory or hub id) and write the result to `out` (a directory, gs:// or s3://).
@@ -226,7 +226,11 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     MaxText's forward, W + alpha/rank * scale * reshape(A @ B), mapped to HF by to-hf's table.
     With a MaxText adapter `base` may also be an Orbax checkpoint (the params the fine-tune
     started from; `like` gives its config where MaxText wrote it): each MaxText weight is merged
-    in its own layout as it is read, and the result exported as to-hf exports."""
+    in its own layout as it is read, and the result exported as to-hf exports.
+
+    `step` and `item` (as to_hf's) choose within the ADAPTER when it is an Orbax checkpoint (a
+    LoRA run root has steps; the base it started from is params-only: give a base step directory
+    to pick the base's), else within an Orbax BASE; with neither Orbax they are refused."""
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
     if not math.isfinite(scale):
@@ -234,14 +238,15 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     dt = dtype_of(dtype)
     job_opts = job.JobOptions(overwrite, resume, progress, check_space, max_memory)
     from gptoss_convert.io.orbax_source import is_orbax
+    pick = _pick(base, adapter, step, item)
     if is_orbax(base):
-        return _merge_into_orbax(base, adapter, out, like=like, mxfp4=mxfp4, rule=scale_rule, scale=scale, dt=dt,
-                                 alpha=lora_alpha, rank=lora_rank, max_shard=parse_size(max_shard_size),
+        return _merge_into_orbax(base, adapter, out, pick=pick, like=like, mxfp4=mxfp4, rule=scale_rule, scale=scale,
+                                 dt=dt, alpha=lora_alpha, rank=lora_rank, max_shard=parse_size(max_shard_size),
                                  block_bytes=block_bytes, strict_config=strict_config, allow_nonfinite=allow_nonfinite,
                                  workers=workers, dry_run=dry_run, job_opts=job_opts, cluster=cluster, log=log)
     ck = open_checkpoint(base)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
-    lora = _open_any_adapter(adapter, ck, scale, lora_alpha, lora_rank, strict_config, log)
+    lora = _open_any_adapter(adapter, ck, scale, lora_alpha, lora_rank, strict_config, log, pick)
     _refuse_out_in_adapter(out, lora)
     target = merge_target(ck, lora, dt=dt, mxfp4=mxfp4, rule=scale_rule, scale=scale, block_bytes=block_bytes,
                           max_shard=parse_size(max_shard_size), strict_config=strict_config,
@@ -253,7 +258,23 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     return job.run(LoraSource(HFSource(ck), lora), target, out, job_opts, cluster, log)
 
 
-def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
+def _pick(base, adapter, step: int | None, item: str | None) -> dict:
+    """{"base": {step, item}, "adapter": {step, item}}: --step/--item go to the ADAPTER when it is
+    an Orbax checkpoint (a LoRA run root holds steps), else to an Orbax BASE; refused with neither."""
+    from gptoss_convert.io.orbax_source import is_orbax
+    chosen, none = {"step": step, "item": item}, {"step": None, "item": None}
+    if is_orbax(adapter):
+        return {"base": none, "adapter": chosen}
+    if is_orbax(base):
+        return {"base": chosen, "adapter": none}
+    if step is not None or item is not None:
+        flag = "--step" if step is not None else "--item"
+        raise InputError(f"{flag}: neither BASE {base} nor ADAPTER {adapter} is an Orbax checkpoint; {flag} chooses "
+                         "within an Orbax one (drop it)")
+    return {"base": none, "adapter": none}
+
+
+def _merge_into_orbax(base, adapter, out, *, pick, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
                       strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
     """merge-lora with an Orbax BASE and a MaxText adapter: to-hf's export of the merged leaves."""
     from gptoss_convert.converters.lora import hf_tensor_names, merged_export_target
@@ -262,9 +283,9 @@ def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha
     if not is_orbax(adapter):
         raise InputError(f"{adapter}: a PEFT adapter merges into an HF base; export the Orbax base {base} with "
                          "to-hf first (or give a MaxText LoRA checkpoint as ADAPTER)")
-    source = OrbaxSrc(open_source(base, None, None, log), like, strict_config=strict_config)
+    source = OrbaxSrc(open_source(base, **pick["base"], log=log), like, strict_config=strict_config)
     lora = open_maxtext_adapter(adapter, source.backend, source.cfg, hf_tensor_names(source), alpha=alpha, rank=rank,
-                                scale=scale)
+                                scale=scale, **pick["adapter"])
     _announce(lora, log)
     if lora.source.scanned != source.orbax.scanned:
         lay = ("scanned", "unscanned")
@@ -283,7 +304,7 @@ def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha
     return job.run(LoraSource(source, lora), target, out, job_opts, cluster, log)
 
 
-def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, strict_config: bool, log):
+def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, strict_config: bool, log, pick: dict):
     """A PEFT adapter directory, or a MaxText LoRA checkpoint (with --lora-alpha/--lora-rank)."""
     from gptoss_convert.io.orbax_source import is_orbax
     if not is_orbax(adapter):
@@ -294,7 +315,7 @@ def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, stri
     from gptoss_convert.backends import get_backend
     cfg = check_against_backend(ck, strict_config=strict_config)
     lora = open_maxtext_adapter(adapter, get_backend(ck.config_raw["model_type"]), cfg, set(ck.tensors),
-                                alpha=alpha, rank=rank, scale=scale)
+                                alpha=alpha, rank=rank, scale=scale, **pick["adapter"])
     _announce(lora, log)
     return lora
 
