@@ -333,7 +333,7 @@ def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lor
                    max_shard_size, dtype, dry_run, workers, opts, dist):
     """HF checkpoint BASE (MXFP4 or BF16; directory or hub id) + LoRA ADAPTER (a PEFT directory or hub id, or a
     MaxText/Tunix LoRA checkpoint: run root or step) -> merged HF checkpoint OUT (a directory, gs:// or s3://).
-    With a MaxText ADAPTER, BASE may be an Orbax checkpoint (--like: its config where MaxText wrote it).
+    BASE may also be an Orbax checkpoint (--like: its config where MaxText wrote it).
     --step/--item choose within the ADAPTER when it is an Orbax checkpoint, else within an Orbax BASE
     (to pick a base's step too, give BASE as that step's directory)."""
     from gptoss_convert.converters.merge_lora import merge_lora

@@ -429,3 +429,50 @@ def test_an_expert_lora_laid_out_out_in_is_refused(lora, bf16_dir, tmp_path):
     with pytest.raises(InputError, match=r"LoRA of model\.layers\.0\.mlp\.experts\.gate_up_proj is laid out "
                                          r"\[experts, out, in\]"):
         merge_lora(bf16_dir, d, tmp_path / "o", **QUIET)
+
+
+# --- an Orbax BASE: PEFT's adapter attaches to to-hf's tensors (HF names) ---------------------------
+
+@pytest.fixture(scope="module")
+def orbax_bases(bf16_dir, tmp_path_factory):
+    """{scanned: our to-orbax output of the tiny BF16 model, in fp32 (its weights exactly)}."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    root = tmp_path_factory.mktemp("orbax-base")
+    return {s: to_orbax(bf16_dir, root / f"base-{s}", scanned=s, dtype="fp32", **QUIET) for s in (True, False)}
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_peft_adapter_into_an_orbax_base_equals_peft_merge_and_unload(orbax_bases, scanned, lora, tmp_path):
+    """BASE = our to-orbax of the model PEFT trained on (scanned and unscanned): every merged
+    tensor is PEFT's merge_and_unload() within fp32 rounding (measured: bit for bit), and
+    transformers' fp32 logits of it are PEFT's merged model's (max |Δ| < 1e-4)."""
+    from transformers import GptOssForCausalLM
+    base = orbax_bases[scanned]
+    out = merge_lora(base, lora[0], tmp_path / "merged", dtype="fp32", step=0, **QUIET)
+    got, ref = stored(out), lora[1]
+    assert sorted(got) == sorted(ref)
+    for n, arr in got.items():
+        assert arr.dtype == np.float32, n
+        np.testing.assert_array_max_ulp(arr, ref[n], maxulp=1)
+    record = json.loads((Path(out) / "conversion.json").read_text())
+    assert record["command"] == "merge-lora" and len(record["lora"]["tensors"]) == 6 * 6
+    assert {f.split("/")[0] for f in record["source"]["files"]} == {"base", "adapter"}     # resume compares both
+    model = GptOssForCausalLM.from_pretrained(out, dtype=torch.float32)
+    delta = np.abs(_logits(model, TOKENS) - lora[2]).max()
+    assert delta < 1e-4, delta
+    check(out)
+
+
+def test_peft_adapter_into_an_orbax_base_mxfp4_and_step(orbax_bases, lora, merged, tmp_path):
+    """--mxfp4 from the Orbax base writes the bytes the HF base's merge writes (the merged fp32
+    quantized by the same rule; that one is checked against a numpy re-derivation above); --step
+    chooses within the Orbax BASE when the adapter is PEFT's, one line naming it when missing."""
+    base = orbax_bases[True]
+    got = merge_lora(base, lora[0], tmp_path / "o", mxfp4=True, scale_rule="ocp", **QUIET)
+    a, b = stored(got), stored(merged["bf16", "bf16", True, "ocp"])
+    assert sorted(a) == sorted(b) and any(n.endswith("_blocks") for n in a)
+    for n in a:
+        assert a[n].dtype == b[n].dtype and a[n].tobytes() == b[n].tobytes(), n
+    with pytest.raises(InputError, match=r"has no step 2 \(steps: \[0\]\); pick one with --step"):
+        merge_lora(base, lora[0], tmp_path / "bad", step=2, **QUIET)
+    assert not (tmp_path / "bad").exists()

@@ -501,21 +501,29 @@ class MergedLeaves:
         return x
 
 
-def hf_tensor_names(source) -> set[str]:
-    """The HF tensors to-hf makes of an Orbax source (an OrbaxSrc), by its mapping table."""
+def hf_tensor_shapes(source) -> dict[str, tuple[int, ...]]:
+    """{HF tensor: its shape} as to-hf makes them of an Orbax source (an OrbaxSrc), by its mapping table."""
     from gptoss_convert.converters.to_hf import export_plan
-    return {t.name for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
+    return {t.name: t.shape for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
 
 
-def merged_export_target(source, lora: MaxTextAdapter, *, mxfp4: bool, dt, max_shard: int, block_bytes: int, rule: str,
-                         allow_nonfinite: bool, workers: int | None, like):
-    """to-hf's export target of the Orbax source `source` (an OrbaxSrc; its `orbax` is replaced
-    by the merged view), recorded as merge-lora with the adapter."""
+def merged_export_target(source, lora: Adapter, *, mxfp4: bool, dt, max_shard: int, block_bytes: int, rule: str,
+                         allow_nonfinite: bool, workers: int | None, like, scale: float):
+    """to-hf's export target of the Orbax source `source` (an OrbaxSrc), recorded as merge-lora
+    with the adapter. A MaxText adapter merges in MaxText's layout as each leaf is read (its
+    `orbax` is replaced by the merged view); a PEFT one, in HF names, as each HF block is made:
+    W + scaling * (B @ A) in fp32 (to_hf.read_block's `delta`)."""
     from gptoss_convert.converters.to_hf import READ_WORKERS, ExportOptions, export_target
-    source.orbax = MergedLeaves(source.orbax, lora)
     opts = ExportOptions(rule, dt.np, allow_nonfinite, workers or max(READ_WORKERS, os.cpu_count() or 1))
+    if isinstance(lora, MaxTextAdapter):
+        source.orbax = MergedLeaves(source.orbax, lora)
+    else:
+        opts.delta = lambda t, rows: lora.pairs[t.name].delta(rows, t.shape) if t.name in lora.pairs else None
     target = export_target(source, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes, opts=opts,
                            like=like)
+    if not isinstance(lora, MaxTextAdapter):    # each worker's block in fp32: W, its delta and the sum
+        target.memory = dataclasses.replace(target.memory, per=4, largest=max(
+            (t.block_bytes // t.itemsize * 4 for t in target.tensors), default=0))
     target.command = "merge-lora"
-    target.extra["lora"] = lora.record(lora.scale)
+    target.extra["lora"] = lora.record(scale)
     return target

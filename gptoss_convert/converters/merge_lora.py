@@ -1,4 +1,4 @@
-"""`gptoss-convert merge-lora`: an HF base checkpoint + a PEFT LoRA adapter -> one HF checkpoint.
+"""`gptoss-convert merge-lora`: a base checkpoint (HF or Orbax) + a LoRA adapter (PEFT or MaxText) -> one HF checkpoint.
 
 Every tensor the adapter changes becomes W + scaling * (B @ A), computed in fp32 (the expert
 stacks one expert at a time; converters/lora.py lays the change out as PEFT does) and written
@@ -23,7 +23,8 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
 from gptoss_convert.converters.job import Memory
 from gptoss_convert.converters.common import check_against_backend, parse_size
-from gptoss_convert.converters.lora import Adapter, LoraSource, adapter_summary, open_adapter, open_maxtext_adapter
+from gptoss_convert.converters.lora import (Adapter, LoraSource, MaxTextAdapter, adapter_summary, open_adapter,
+                                            open_maxtext_adapter)
 from gptoss_convert.converters.requantize import DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, _add, hf_metadata, report_hook
 from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget
 from gptoss_convert.converters.sources import DType, HFSource, dtype_of
@@ -224,9 +225,10 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     `*_lora_a/_lora_b` leaves): it records no rank or alpha, so `lora_rank` and `lora_alpha` (the
     run's lora.lora_rank, lora.lora_alpha) are required; each MaxText weight W changes as in
     MaxText's forward, W + alpha/rank * scale * reshape(A @ B), mapped to HF by to-hf's table.
-    With a MaxText adapter `base` may also be an Orbax checkpoint (the params the fine-tune
-    started from; `like` gives its config where MaxText wrote it): each MaxText weight is merged
-    in its own layout as it is read, and the result exported as to-hf exports.
+    `base` may also be an Orbax checkpoint (the params the fine-tune started from; `like` gives
+    its config where MaxText wrote it), exported as to-hf exports it: a MaxText adapter's weights
+    merged in MaxText's layout as each is read, a PEFT adapter's (HF names) added to each HF
+    block as it is made.
 
     `step` and `item` (as to_hf's) choose within the ADAPTER when it is an Orbax checkpoint (a
     LoRA run root has steps; the base it started from is params-only: give a base step directory
@@ -246,7 +248,11 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                                  workers=workers, dry_run=dry_run, job_opts=job_opts, cluster=cluster, log=log)
     ck = open_checkpoint(base)
     ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
-    lora = _open_any_adapter(adapter, ck, scale, lora_alpha, lora_rank, strict_config, log, pick)
+    from gptoss_convert.backends import get_backend
+    lora = _open_any_adapter(adapter, {n: t.shape for n, t in ck.tensors.items()},
+                             lambda: (get_backend(ck.config_raw["model_type"]),
+                                      check_against_backend(ck, strict_config=strict_config)),
+                             scale, lora_alpha, lora_rank, log, pick)
     _refuse_out_in_adapter(out, lora)
     target = merge_target(ck, lora, dt=dt, mxfp4=mxfp4, rule=scale_rule, scale=scale, block_bytes=block_bytes,
                           max_shard=parse_size(max_shard_size), strict_config=strict_config,
@@ -276,27 +282,21 @@ def _pick(base, adapter, step: int | None, item: str | None) -> dict:
 
 def _merge_into_orbax(base, adapter, out, *, pick, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
                       strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
-    """merge-lora with an Orbax BASE and a MaxText adapter: to-hf's export of the merged leaves."""
-    from gptoss_convert.converters.lora import hf_tensor_names, merged_export_target
+    """merge-lora with an Orbax BASE: to-hf's export of the merged model (a MaxText adapter merged
+    in MaxText's layout as leaves are read, a PEFT one in HF names as HF blocks are made)."""
+    from gptoss_convert.converters.lora import hf_tensor_shapes, merged_export_target
     from gptoss_convert.converters.sources import OrbaxSrc, open_source
-    from gptoss_convert.io.orbax_source import is_orbax
-    if not is_orbax(adapter):
-        raise InputError(f"{adapter}: a PEFT adapter merges into an HF base; export the Orbax base {base} with "
-                         "to-hf first (or give a MaxText LoRA checkpoint as ADAPTER)")
     source = OrbaxSrc(open_source(base, **pick["base"], log=log), like, strict_config=strict_config)
-    lora = open_maxtext_adapter(adapter, source.backend, source.cfg, hf_tensor_names(source), alpha=alpha, rank=rank,
-                                scale=scale, **pick["adapter"])
-    _announce(lora, log)
-    if lora.source.scanned != source.orbax.scanned:
+    lora = _open_any_adapter(adapter, hf_tensor_shapes(source), lambda: (source.backend, source.cfg), scale, alpha,
+                             rank, log, pick)
+    if isinstance(lora, MaxTextAdapter) and lora.source.scanned != source.orbax.scanned:
         lay = ("scanned", "unscanned")
         raise InputError(f"{adapter}: a {lay[not lora.source.scanned]} adapter, but the base {base} is "
                          f"{lay[not source.orbax.scanned]}; relayout the base with to-orbax "
                          f"--{lay[not lora.source.scanned]} first")
-    if note := lora.experts_note():
-        log(note)
     log(adapter_summary(lora))
     target = merged_export_target(source, lora, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes,
-                                  rule=rule, allow_nonfinite=allow_nonfinite, workers=workers, like=like)
+                                  rule=rule, allow_nonfinite=allow_nonfinite, workers=workers, like=like, scale=scale)
     if dry_run:
         log("\n".join(f"{t.name} {list(t.shape)}: merge" for t in target.tensors if t.name in lora.pairs))
         return target
@@ -304,18 +304,20 @@ def _merge_into_orbax(base, adapter, out, *, pick, like, mxfp4, rule, scale, dt,
     return job.run(LoraSource(source, lora), target, out, job_opts, cluster, log)
 
 
-def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, strict_config: bool, log, pick: dict):
-    """A PEFT adapter directory, or a MaxText LoRA checkpoint (with --lora-alpha/--lora-rank)."""
+def _open_any_adapter(adapter, shapes: dict[str, tuple[int, ...]], model, scale: float, alpha, rank, log,
+                      pick: dict) -> Adapter:
+    """A PEFT adapter directory, or a MaxText LoRA checkpoint (with --lora-alpha/--lora-rank),
+    matched to the base's HF tensors `shapes` ({name: shape}); `model()` gives the base's
+    (backend, config), which a MaxText adapter is matched against."""
     from gptoss_convert.io.orbax_source import is_orbax
     if not is_orbax(adapter):
         if alpha is not None or rank is not None:
             raise InputError(f"{adapter}: --lora-alpha/--lora-rank are for MaxText LoRA checkpoints; a PEFT "
                              "adapter's adapter_config.json records lora_alpha and r")
-        return open_adapter(adapter, {n: t.shape for n, t in ck.tensors.items()}, scale)
-    from gptoss_convert.backends import get_backend
-    cfg = check_against_backend(ck, strict_config=strict_config)
-    lora = open_maxtext_adapter(adapter, get_backend(ck.config_raw["model_type"]), cfg, set(ck.tensors),
-                                alpha=alpha, rank=rank, scale=scale, **pick["adapter"])
+        return open_adapter(adapter, shapes, scale)
+    backend, cfg = model()
+    lora = open_maxtext_adapter(adapter, backend, cfg, set(shapes), alpha=alpha, rank=rank, scale=scale,
+                                **pick["adapter"])
     _announce(lora, log)
     return lora
 
