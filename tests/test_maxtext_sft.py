@@ -186,11 +186,11 @@ def test_cli_item_option_spelled_the_same(tmp_path):
 
 # --- MaxText LoRA -> merge-lora ------------------------------------------------------------------
 
-def _merge(run: str, out: Path, **kw) -> Path:
+def _merge(run: str, out: Path, base: Path = DATA / "hf_source", **kw) -> Path:
     from gptoss_convert.converters.merge_lora import merge_lora
     lora = _run()["lora"]
     kw = {"lora_alpha": lora["alpha"], "lora_rank": lora["rank"], **kw}
-    return merge_lora(DATA / "hf_source", _root(run), out, dtype="fp32", **QUIET, **kw)
+    return merge_lora(base, _root(run), out, dtype="fp32", **QUIET, **kw)
 
 
 @pytest.mark.parametrize("run", [r if r == "lora_scanned" else pytest.param(r, marks=pytest.mark.slow)
@@ -243,6 +243,28 @@ def test_maxtext_lora_merge_into_orbax_base(scanned, tmp_path):
     assert np.abs(_transformers_logits(Path(out), tokens) - expected).max() < TOL
     with pytest.raises(InputError, match="relayout the base with to-orbax"):
         _merge_into(base, "lora_unscanned" if scanned else "lora_scanned", tmp_path / "other")
+
+
+@pytest.mark.parametrize("base", ["hf", "orbax"])
+def test_maxtext_lora_merge_to_orbax_reproduces_maxtexts_forward(base, tmp_path):
+    """merge-lora --to-orbax --unscanned of the scanned LoRA run, from the HF base and from its
+    fp32 scanned Orbax conversion (merged in MaxText's layout, then relaid out): our forward on
+    the Orbax output = MaxText's own forward with the adapter applied; check passes."""
+    from gptoss_convert.converters.check import check
+    from gptoss_convert.converters.to_orbax import to_orbax
+    src = DATA / "hf_source"
+    if base == "orbax":
+        src = to_orbax(src, tmp_path / "base", scanned=True, dtype="fp32", **QUIET)
+    out = _merge("lora_scanned", tmp_path / "merged", to_orbax=True, scanned=False, base=src)
+    rec = check(out, log=lambda *_: None)
+    assert rec["command"] == "merge-lora" and rec["lora"]["format"] == "maxtext" and rec["options"]["layout"]
+    ck = locate(out, None)
+    backend, cfg = load_config(ck)
+    flat, scanned = load_params(ck, dtype=np.float32)
+    assert scanned is False
+    tokens, expected = _logits("lora_scanned")
+    ours = np.asarray(backend.forward(unflatten(flat), jnp.asarray(tokens), cfg, moe="ragged_dot", dtype=jnp.float32))
+    assert np.abs(ours - expected).max() < TOL
 
 
 def _merge_into(base, run: str, out: Path) -> Path:

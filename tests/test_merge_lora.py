@@ -59,12 +59,15 @@ TOKENS = np.random.default_rng(3).integers(0, 300, (2, 9))
 
 @pytest.fixture(scope="module")
 def lora(bf16_dir, tmp_path_factory):
-    """(adapter dir, PEFT's merged fp32 state dict, PEFT's merged logits): attention and experts."""
+    """(adapter dir, PEFT's merged fp32 state dict, PEFT's merged logits, that model saved by
+    transformers' save_pretrained): attention and experts."""
     root = tmp_path_factory.mktemp("lora")
     model = _peft_model(bf16_dir, 0, r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERTS)
     model.save_pretrained(root / "adapter")
     merged = model.merge_and_unload()
-    return root / "adapter", {k: v.numpy().copy() for k, v in merged.state_dict().items()}, _logits(merged, TOKENS)
+    merged.save_pretrained(root / "peft-merged")
+    return (root / "adapter", {k: v.numpy().copy() for k, v in merged.state_dict().items()}, _logits(merged, TOKENS),
+            root / "peft-merged")
 
 
 @pytest.fixture(scope="module")
@@ -476,3 +479,94 @@ def test_peft_adapter_into_an_orbax_base_mxfp4_and_step(orbax_bases, lora, merge
     with pytest.raises(InputError, match=r"has no step 2 \(steps: \[0\]\); pick one with --step"):
         merge_lora(base, lora[0], tmp_path / "bad", step=2, **QUIET)
     assert not (tmp_path / "bad").exists()
+
+
+# --- --to-orbax: the merged model as to-orbax writes it ----------------------------------------------
+
+def _orbax_leaves(out: Path) -> dict[str, np.ndarray]:
+    from gptoss_convert.io.orbax_source import open_orbax
+    src = open_orbax(out)
+    return {p: np.asarray(src.read(p, ())) for p in src.leaves}
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_to_orbax_equals_to_orbax_of_peft_merge_and_unload(lora, mxfp4_dir, scanned, tmp_path):
+    """Oracle: to-orbax of PEFT's merge_and_unload() model (saved by transformers) = our
+    `merge-lora --to-orbax` from the MXFP4 base, leaf for leaf (within 1 ulp; measured bit for
+    bit); our JAX forward on it gives PEFT's merged logits (max |Δ| < 1e-4); check passes."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    from gptoss_convert.loading import load_config, load_params, locate
+    from gptoss_convert.tree import unflatten
+    import jax.numpy as jnp
+    out = merge_lora(mxfp4_dir, lora[0], tmp_path / "ours", to_orbax=True, scanned=scanned, dtype="fp32", **QUIET)
+    want = to_orbax(lora[3], tmp_path / "ref", scanned=scanned, dtype="fp32", **QUIET)
+    got, ref = _orbax_leaves(out), _orbax_leaves(want)
+    assert sorted(got) == sorted(ref) and len(got) > 10
+    for p in ref:
+        assert got[p].dtype == np.float32, p
+        np.testing.assert_array_max_ulp(got[p], ref[p], maxulp=1)
+    rec = check(out, log=lambda *_: None)
+    assert rec["command"] == "merge-lora" and rec["maxtext_item"] == "0/items" and len(rec["lora"]["tensors"]) == 36
+    assert rec["options"]["layout"] == ("scanned" if scanned else "unscanned") and rec["options"]["scale"] == 1.0
+    ck = locate(out, None)
+    backend, cfg = load_config(ck)
+    flat, got_scanned = load_params(ck, dtype=np.float32)
+    assert got_scanned == scanned
+    ours = np.asarray(backend.forward(unflatten(flat), jnp.asarray(TOKENS), cfg, moe="ragged_dot", dtype=jnp.float32))
+    delta = np.abs(ours - lora[2]).max()
+    assert delta < 1e-4, delta
+
+
+def test_to_orbax_dry_run_and_refusals(lora, bf16_dir, tmp_path):
+    """--to-orbax --dry-run prints to-orbax's plan and writes nothing; --mxfp4 with it, a layout
+    flag without it, no layout with it, and a PEFT adapter with an Orbax BASE are refused in one
+    line naming the option, nothing written."""
+    lines: list[str] = []
+    plan = merge_lora(bf16_dir, lora[0], tmp_path / "dry", to_orbax=True, scanned=False, dry_run=True,
+                      progress=False, log=lines.append)
+    assert plan.command == "merge-lora" and not (tmp_path / "dry").exists()
+    assert any(line.startswith("needs: ") for line in "\n".join(lines).splitlines())
+    from click.testing import CliRunner
+
+    from gptoss_convert.cli import main
+    from gptoss_convert.converters.to_orbax import to_orbax
+    base = to_orbax(bf16_dir, tmp_path / "base", scanned=True, **QUIET)
+    for args, msg in [(["--to-orbax", "--scanned", "--mxfp4"], "error: --mxfp4 with --to-orbax: an Orbax checkpoint"),
+                      (["--unscanned"], "error: --unscanned: an Orbax layout option; merge-lora writes HF unless"),
+                      (["--zstd"], "error: --zstd: an Orbax layout option"),
+                      (["--to-orbax"], "Error: choose one layout: --scanned (training) or --unscanned (decoding)"),
+                      (["--to-orbax", "--scanned", "--base-is-orbax"], "error: " + str(lora[0]) + ": a PEFT adapter "
+                       "changes HF tensors; with an Orbax BASE merge to HF")]:
+        src = base if "--base-is-orbax" in args else bf16_dir
+        args = [a for a in args if a != "--base-is-orbax"]
+        r = CliRunner().invoke(main, ["merge-lora", str(src), str(lora[0]), str(tmp_path / "bad"), *args,
+                                      "--no-progress"])
+        assert r.exit_code != 0 and msg in r.output, (args, r.output)
+        assert len([x for x in r.output.splitlines() if x.strip().startswith(("error", "Error"))]) == 1, r.output
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_to_orbax_killed_then_resumed_is_the_uninterrupted_output(lora, bf16_dir, tmp_path):
+    """--to-orbax resumes as to-orbax does (the source is BASE and ADAPTER): killed mid-write,
+    --resume finishes it, every chunk byte-identical to an uninterrupted run; check passes.
+    A resume with another --scale (the merge differs, the source bytes do not) starts over."""
+    args = ("--to-orbax", "--unscanned", "--no-progress")
+    r = _cli("merge-lora", bf16_dir, lora[0], tmp_path / "whole", *args)
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other"
+    r = _cli("merge-lora", bf16_dir, lora[0], other, *args, env={"GPTOSS_CONVERT_KILL_AT": "write:20"})
+    assert r.returncode == -9, r.stderr
+    r = _cli("merge-lora", bf16_dir, lora[0], other, *args, "--resume", "--scale", "0.5")
+    assert r.returncode == 0 and "made with other inputs or options; starting over" in r.stdout, r.stdout + r.stderr
+    out = tmp_path / "out"
+    r = _cli("merge-lora", bf16_dir, lora[0], out, *args, env={"GPTOSS_CONVERT_KILL_AT": "write:20"})
+    assert r.returncode == -9, r.stderr
+    r = _cli("merge-lora", bf16_dir, lora[0], out, *args, "--resume")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    skip = {"_CHECKPOINT_METADATA", "conversion.json", "commit_success.txt"}
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name not in skip}
+    assert len(files) > 20 and files == {p.relative_to(tmp_path / "whole").as_posix()
+                                         for p in (tmp_path / "whole").rglob("*") if p.is_file() and p.name not in skip}
+    assert all((out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes() for f in files)
+    assert check(out, log=lambda *_: None)["command"] == "merge-lora"

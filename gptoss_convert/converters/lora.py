@@ -28,6 +28,7 @@ import numpy as np
 
 from gptoss_convert.converters.provenance import source_hashes
 from gptoss_convert.errors import InputError
+from gptoss_convert.finite import all_finite
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
 
@@ -526,4 +527,74 @@ def merged_export_target(source, lora: Adapter, *, mxfp4: bool, dt, max_shard: i
             (t.block_bytes // t.itemsize * 4 for t in target.tensors), default=0))
     target.command = "merge-lora"
     target.extra["lora"] = lora.record(scale)
+    return target
+
+
+class MergedTensors:
+    """An HF checkpoint whose tensors the adapter changes read as W + its change, in fp32 (W
+    decoded or widened to fp32, then scaling * (B @ A) added in fp32, as PEFT's merge and
+    merge-lora's HF output compute it); every other tensor reads as the checkpoint's own
+    (HFCheckpoint's read interface, for to-orbax's plan)."""
+
+    def __init__(self, ck, lora: Adapter):
+        self.ck, self.lora = ck, lora
+
+    def __getattr__(self, name):
+        return getattr(self.ck, name)
+
+    def read(self, name: str, rows: slice | None = None, dtype=None, alloc=None) -> np.ndarray:
+        pair = self.lora.pairs.get(name)
+        if pair is None:
+            return self.ck.read(name, rows, **({} if dtype is None else {"dtype": dtype}), alloc=alloc)
+        w = self.ck.read(name, rows, dtype=np.float32)
+        d = pair.product(rows, self.ck.tensors[name].shape)     # [rows, ...] fp32, B @ A (MaxText's: scaled)
+        d *= np.float32(pair.product_scale)
+        d += w                                                  # = W + scaling * (B @ A), PEFT's order
+        if not self.ck.allow_nonfinite and not all_finite(d):
+            r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
+            raise InputError(f"{name}{r}: the merged weights hold NaN or inf (is the adapter {self.lora.dir} "
+                             "broken?); pass --allow-nonfinite to write them anyway")
+        return d
+
+    def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=None, alloc=None) -> list[np.ndarray]:
+        """read(name, rows)[..., p::parts] for each p, C-contiguous (the gate/up split)."""
+        if name not in self.lora.pairs:
+            return self.ck.read_parts(name, parts, rows, **({} if dtype is None else {"dtype": dtype}), alloc=alloc)
+        whole = self.read(name, rows)
+        return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
+
+
+def merged_orbax_target(ck, lora: Adapter, *, scanned: bool, dt, block_bytes: int, compression: str | None,
+                        strict_config: bool, scale: float):
+    """to-orbax's target (OrbaxTarget, MaxText layout) of the HF checkpoint `ck` with `lora`
+    merged into the tensors it changes as they are read, recorded as merge-lora."""
+    from gptoss_convert.converters.to_orbax import hf_target
+    target = hf_target(MergedTensors(ck, lora), scanned=scanned, dt=dt, block_bytes=block_bytes,
+                       compression=compression, strict_config=strict_config)
+    return _as_merge(target, lora, scale, fp32_blocks=4 // dt.itemsize)
+
+
+def merged_relayout_target(source, lora: "MaxTextAdapter", *, scanned: bool, dt, block_bytes: int,
+                           compression: str | None, allow_nonfinite: bool, scale: float):
+    """to-orbax's relayout target of the Orbax source `source` (an OrbaxSrc) with the MaxText
+    adapter merged into each leaf as it is read (MergedLeaves), recorded as merge-lora."""
+    from gptoss_convert.converters.relayout import relayout_target
+    source.orbax = MergedLeaves(source.orbax, lora)
+    target = relayout_target(source, scanned=scanned, dtype=dt, allow_nonfinite=allow_nonfinite,
+                             block_bytes=block_bytes, compression=compression)
+    return _as_merge(target, lora, scale, fp32_blocks=4 // dt.itemsize)
+
+
+def _as_merge(target, lora: Adapter, scale: float, fp32_blocks: int):
+    """An OrbaxTarget recorded (and fingerprinted: resume) as merge-lora of `lora` at `scale`;
+    its blocks are read merged in fp32 (`fp32_blocks` times their output size), W and the change
+    beside each while it is merged."""
+    target.command = "merge-lora"
+    line = target.summary_of
+    target.summary_of = lambda result, seconds: "merge-lora: " + line(result, seconds).removeprefix("to-orbax: ")
+    target.recorded.update({"scale": scale, "adapter": str(lora.dir)})
+    target.identity["scaling"] = lora.record(scale)["scaling"]
+    target.extra["lora"] = lora.record(scale)
+    m = target.memory
+    target.memory = dataclasses.replace(m, largest=m.largest * fp32_blocks, transient=m.transient + 2)
     return target

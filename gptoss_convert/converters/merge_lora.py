@@ -207,7 +207,8 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True,
                block_bytes: int = 64 << 20, strict_config: bool = False, dry_run: bool = False,
                lora_alpha: float | None = None, lora_rank: int | None = None, like=None,
-               step: int | None = None, item: str | None = None, check_space: bool = True,
+               step: int | None = None, item: str | None = None, to_orbax: bool = False, scanned: bool | None = None,
+               compression: str | None = None, check_space: bool = True,
                max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
     """Merge the PEFT LoRA `adapter` (a directory with adapter_config.json and
     adapter_model.safetensors, or a hub id) into the HF checkpoint `base` (MXFP4 or BF16; a
@@ -230,6 +231,12 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     merged in MaxText's layout as each is read, a PEFT adapter's (HF names) added to each HF
     block as it is made.
 
+    `to_orbax=True` writes the merged model as a MaxText Orbax checkpoint instead (OUT/0/items,
+    `scanned` True or False and `compression` as to_orbax's; BF16 or FP32, so not with `mxfp4`)
+    through to-orbax's own target: every tensor the adapter changes is merged in fp32 as it is
+    read, then mapped as to_orbax maps it. Its BASE is an HF checkpoint, or an Orbax one with a
+    MaxText adapter (merged in MaxText's layout, then relaid out as to_orbax relays out).
+
     `step` and `item` (as to_hf's) choose within the ADAPTER when it is an Orbax checkpoint (a
     LoRA run root has steps; the base it started from is params-only: give a base step directory
     to pick the base's), else within an Orbax BASE; with neither Orbax they are refused."""
@@ -240,10 +247,12 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     dt = dtype_of(dtype)
     job_opts = job.JobOptions(overwrite, resume, progress, check_space, max_memory)
     from gptoss_convert.io.orbax_source import is_orbax
+    _check_orbax_out(to_orbax, scanned, compression, mxfp4)
     pick = _pick(base, adapter, step, item)
     if is_orbax(base):
-        return _merge_into_orbax(base, adapter, out, pick=pick, like=like, mxfp4=mxfp4, rule=scale_rule, scale=scale,
-                                 dt=dt, alpha=lora_alpha, rank=lora_rank, max_shard=parse_size(max_shard_size),
+        return _merge_into_orbax(base, adapter, out, pick=pick, like=like, orbax_out=(to_orbax, scanned, compression),
+                                 mxfp4=mxfp4, rule=scale_rule, scale=scale, dt=dt, alpha=lora_alpha, rank=lora_rank,
+                                 max_shard=parse_size(max_shard_size),
                                  block_bytes=block_bytes, strict_config=strict_config, allow_nonfinite=allow_nonfinite,
                                  workers=workers, dry_run=dry_run, job_opts=job_opts, cluster=cluster, log=log)
     ck = open_checkpoint(base)
@@ -254,6 +263,11 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                                       check_against_backend(ck, strict_config=strict_config)),
                              scale, lora_alpha, lora_rank, log, pick)
     _refuse_out_in_adapter(out, lora)
+    if to_orbax:
+        from gptoss_convert.converters.lora import merged_orbax_target
+        target = merged_orbax_target(ck, lora, scanned=scanned, dt=dt, block_bytes=block_bytes, compression=compression,
+                                     strict_config=strict_config, scale=scale)
+        return _run_orbax(LoraSource(HFSource(ck), lora), target, out, lora, dry_run, job_opts, cluster, log)
     target = merge_target(ck, lora, dt=dt, mxfp4=mxfp4, rule=scale_rule, scale=scale, block_bytes=block_bytes,
                           max_shard=parse_size(max_shard_size), strict_config=strict_config,
                           allow_nonfinite=allow_nonfinite, workers=workers)
@@ -262,6 +276,29 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
         log(describe(target))
         return target
     return job.run(LoraSource(HFSource(ck), lora), target, out, job_opts, cluster, log)
+
+
+def _check_orbax_out(to_orbax: bool, scanned: bool | None, compression: str | None, mxfp4: bool) -> None:
+    """--to-orbax takes --scanned or --unscanned (and --zstd); those need it; --mxfp4 is HF's."""
+    if to_orbax:
+        if mxfp4:
+            raise InputError("--mxfp4 with --to-orbax: an Orbax checkpoint holds BF16 or FP32 weights (MaxText "
+                             "reads no MXFP4); drop --mxfp4, or merge to HF without --to-orbax")
+        if scanned is None:
+            raise InputError("--to-orbax: choose the layout, --scanned (training) or --unscanned (decoding)")
+    elif scanned is not None or compression is not None:
+        flag = "--zstd" if compression is not None else "--scanned" if scanned else "--unscanned"
+        raise InputError(f"{flag}: an Orbax layout option; merge-lora writes HF unless --to-orbax is given")
+
+
+def _run_orbax(source, target, out, lora, dry_run: bool, job_opts, cluster, log):
+    """The merge into to-orbax's target: its plan printed on a dry run, else the job run."""
+    log(adapter_summary(lora))
+    if dry_run:
+        job.fit_memory(target, job.memory_ceiling(job_opts.max_memory), check_available=False)
+        log(target.describe())
+        return target
+    return job.run(source, target, out, job_opts, cluster, log)
 
 
 def _pick(base, adapter, step: int | None, item: str | None) -> dict:
@@ -280,8 +317,8 @@ def _pick(base, adapter, step: int | None, item: str | None) -> dict:
     return {"base": none, "adapter": none}
 
 
-def _merge_into_orbax(base, adapter, out, *, pick, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
-                      strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
+def _merge_into_orbax(base, adapter, out, *, pick, orbax_out, like, mxfp4, rule, scale, dt, alpha, rank, max_shard,
+                      block_bytes, strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
     """merge-lora with an Orbax BASE: to-hf's export of the merged model (a MaxText adapter merged
     in MaxText's layout as leaves are read, a PEFT one in HF names as HF blocks are made)."""
     from gptoss_convert.converters.lora import hf_tensor_shapes, merged_export_target
@@ -294,6 +331,10 @@ def _merge_into_orbax(base, adapter, out, *, pick, like, mxfp4, rule, scale, dt,
         raise InputError(f"{adapter}: a {lay[not lora.source.scanned]} adapter, but the base {base} is "
                          f"{lay[not source.orbax.scanned]}; relayout the base with to-orbax "
                          f"--{lay[not lora.source.scanned]} first")
+    if orbax_out[0]:
+        return _relayout_merged(source, lora, out, orbax_out, dt=dt, block_bytes=block_bytes,
+                                allow_nonfinite=allow_nonfinite, scale=scale, dry_run=dry_run, job_opts=job_opts,
+                                cluster=cluster, log=log)
     log(adapter_summary(lora))
     target = merged_export_target(source, lora, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes,
                                   rule=rule, allow_nonfinite=allow_nonfinite, workers=workers, like=like, scale=scale)
@@ -302,6 +343,21 @@ def _merge_into_orbax(base, adapter, out, *, pick, like, mxfp4, rule, scale, dt,
         return target
     _refuse_out_in_adapter(out, lora)
     return job.run(LoraSource(source, lora), target, out, job_opts, cluster, log)
+
+
+def _relayout_merged(source, lora, out, orbax_out, *, dt, block_bytes, allow_nonfinite, scale, dry_run, job_opts,
+                     cluster, log):
+    """--to-orbax from an Orbax BASE: a MaxText adapter merged into each leaf as read, relaid out
+    as to-orbax relays out; a PEFT adapter (HF names) is refused."""
+    from gptoss_convert.converters.lora import merged_relayout_target
+    if not isinstance(lora, MaxTextAdapter):
+        raise InputError(f"{lora.dir}: a PEFT adapter changes HF tensors; with an Orbax BASE merge to HF (drop "
+                         "--to-orbax), then to-orbax that output, or give the HF base as BASE")
+    _, scanned, compression = orbax_out
+    target = merged_relayout_target(source, lora, scanned=scanned, dt=dt, block_bytes=block_bytes,
+                                    compression=compression, allow_nonfinite=allow_nonfinite, scale=scale)
+    _refuse_out_in_adapter(out, lora)
+    return _run_orbax(LoraSource(source, lora), target, out, lora, dry_run, job_opts, cluster, log)
 
 
 def _open_any_adapter(adapter, shapes: dict[str, tuple[int, ...]], model, scale: float, alpha, rank, log,
