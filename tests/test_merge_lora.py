@@ -564,9 +564,45 @@ def test_to_orbax_killed_then_resumed_is_the_uninterrupted_output(lora, bf16_dir
     assert r.returncode == -9, r.stderr
     r = _cli("merge-lora", bf16_dir, lora[0], out, *args, "--resume")
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
-    skip = {"_CHECKPOINT_METADATA", "conversion.json", "commit_success.txt"}
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name not in skip}
-    assert len(files) > 20 and files == {p.relative_to(tmp_path / "whole").as_posix()
-                                         for p in (tmp_path / "whole").rglob("*") if p.is_file() and p.name not in skip}
-    assert all((out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes() for f in files)
+    assert _orbax_files(out) == _orbax_files(tmp_path / "whole")
     assert check(out, log=lambda *_: None)["command"] == "merge-lora"
+
+
+def _orbax_files(root: Path) -> dict[str, bytes]:
+    """Every file of an Orbax output but those holding timestamps or paths, by relative path."""
+    skip = {"_CHECKPOINT_METADATA", "conversion.json", "commit_success.txt"}
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name not in skip}
+    assert len(files) > 20
+    return files
+
+
+def test_to_orbax_bucket_out_reads_back_equal_to_the_local_merge(lora, bf16_dir, gcs, tmp_path):
+    """--to-orbax onto gs:// (the emulator): the same leaves as the local run, and `check` passes."""
+    url = merge_lora(bf16_dir, lora[0], "gs://bkt/merge-lora/orbax", to_orbax=True, scanned=True, **QUIET)
+    local = merge_lora(bf16_dir, lora[0], tmp_path / "local", to_orbax=True, scanned=True, **QUIET)
+    got, want = _orbax_leaves(url), _orbax_leaves(local)
+    assert sorted(got) == sorted(want) and all(got[p].tobytes() == want[p].tobytes() for p in want)
+    assert check(str(url), log=lambda *_: None)["command"] == "merge-lora"
+
+
+@pytest.mark.slow
+def test_to_orbax_two_processes_write_the_single_process_merge(lora, bf16_dir, tmp_path):
+    """--to-orbax --distributed on two processes: one OUT, its chunks byte-identical to one process's."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(bf16_dir), str(lora[0])]
+    assert _cli("merge-lora", *args, tmp_path / "one", "--to-orbax", "--scanned", "--no-progress").returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "gptoss_convert", "merge-lora", *args, str(tmp_path / "two"),
+                               "--to-orbax", "--scanned", "--no-progress", "--coordinator-address", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "5",
+                               "--distributed-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]           # (pipes drained while waiting)
+    results = [(p.returncode, *o) for p, o in zip(procs, outputs)]
+    assert all(rc == 0 for rc, _, _ in results), [err[-600:] for _, _, err in results]
+    assert _orbax_files(tmp_path / "two") == _orbax_files(tmp_path / "one")
+    assert check(tmp_path / "two", log=lambda *_: None)["command"] == "merge-lora"
