@@ -403,6 +403,12 @@ def test_cli_takes_every_converting_option_and_the_api_is_public():
               "--max-shard-size"}
     opts = {o for p in main.commands["merge-lora"].params for o in p.opts}
     assert shared <= opts, shared - opts
+
+    def helps(cmd: str) -> dict:
+        return {o: p.help for p in main.commands[cmd].params for o in p.opts}
+    mine = helps("merge-lora")
+    for cmd, same in (("to-hf", ["--step", "--item"]), ("to-orbax", ["--scanned", "--unscanned", "--zstd"])):
+        assert all(mine[o] == helps(cmd)[o] and mine[o] for o in same), cmd      # the same options, same help
     assert gptoss_convert.merge_lora is merge_lora and "PEFT" in merge_lora.__doc__
 
 
