@@ -162,7 +162,7 @@ def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.
     parts = read_parts(src, t, rows, hashes)
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
     if delta is not None and (d := delta(t, rows)) is not None:
-        x = _plus(x, d)
+        x = _plus(t, x, d)
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
     if not all_finite(x) and (t.mxfp4 or not allow_nonfinite):
         _refuse_nonfinite(src, t, rows)
@@ -176,10 +176,10 @@ def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None):
     raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
 
 
-def _plus(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+def _plus(t: ExportTensor, x: np.ndarray, d: np.ndarray) -> np.ndarray:
     """x + d in fp32 (d: fp32, the shape of x), as PEFT's merge adds its delta to W."""
     if d.shape != x.shape:
-        raise InputError(f"a change of shape {list(d.shape)} does not fit the tensor's rows {list(x.shape)}")
+        raise InputError(f"{t.name}: a change of shape {list(d.shape)} does not fit its rows {list(x.shape)}")
     return np.add(x.astype(np.float32, copy=False), d, dtype=np.float32)
 
 
@@ -195,7 +195,7 @@ def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtyp
     if d is not None or (t.transforms and t.transforms != (Interleave(len(parts)),)):
         parts = [apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])]
     if d is not None:
-        parts, dtype = [_plus(parts[0], d)], np.dtype(np.float32)      # quantized from the merged fp32, as merge-lora
+        parts, dtype = [_plus(t, parts[0], d)], np.dtype(np.float32)    # quantized from the merged fp32
     parts = [np.ascontiguousarray(x).astype(dtype, copy=False) for x in parts]
     try:
         return quantize_columns(parts, rule)
