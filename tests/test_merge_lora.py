@@ -523,10 +523,26 @@ def test_to_orbax_equals_to_orbax_of_peft_merge_and_unload(lora, mxfp4_dir, scan
     assert delta < 1e-4, delta
 
 
+@pytest.mark.parametrize("scanned", [True, False])
+def test_to_orbax_from_an_orbax_base_equals_to_orbax_of_peft_merge_and_unload(orbax_bases, lora, scanned, tmp_path):
+    """BASE = our to-orbax output (each layout), OUT the other layout: to-hf's HF tensors of the
+    base, the PEFT change added in fp32, mapped back as to-orbax maps; = to-orbax of PEFT's
+    merge_and_unload() model, leaf for leaf (within 1 ulp; measured bit for bit)."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    out = merge_lora(orbax_bases[scanned], lora[0], tmp_path / "ours", to_orbax=True, scanned=not scanned,
+                     dtype="fp32", **QUIET)
+    want = to_orbax(lora[3], tmp_path / "ref", scanned=not scanned, dtype="fp32", **QUIET)
+    got, ref = _orbax_leaves(out), _orbax_leaves(want)
+    assert sorted(got) == sorted(ref)
+    for p in ref:
+        np.testing.assert_array_max_ulp(got[p], ref[p], maxulp=1)
+    assert len(check(out, log=lambda *_: None)["lora"]["tensors"]) == 6 * 6
+
+
 def test_to_orbax_dry_run_and_refusals(lora, bf16_dir, tmp_path):
     """--to-orbax --dry-run prints to-orbax's plan and writes nothing; --mxfp4 with it, a layout
-    flag without it, no layout with it, and a PEFT adapter with an Orbax BASE are refused in one
-    line naming the option, nothing written."""
+    flag without it, no layout with it, and MaxText's --lora-rank with a PEFT adapter are refused
+    in one line naming the option, nothing written (here from an Orbax BASE)."""
     lines: list[str] = []
     plan = merge_lora(bf16_dir, lora[0], tmp_path / "dry", to_orbax=True, scanned=False, dry_run=True,
                       progress=False, log=lines.append)
@@ -541,11 +557,9 @@ def test_to_orbax_dry_run_and_refusals(lora, bf16_dir, tmp_path):
                       (["--unscanned"], "error: --unscanned: an Orbax layout option; merge-lora writes HF unless"),
                       (["--zstd"], "error: --zstd: an Orbax layout option"),
                       (["--to-orbax"], "Error: choose one layout: --scanned (training) or --unscanned (decoding)"),
-                      (["--to-orbax", "--scanned", "--base-is-orbax"], "error: " + str(lora[0]) + ": a PEFT adapter "
-                       "changes HF tensors; with an Orbax BASE merge to HF")]:
-        src = base if "--base-is-orbax" in args else bf16_dir
-        args = [a for a in args if a != "--base-is-orbax"]
-        r = CliRunner().invoke(main, ["merge-lora", str(src), str(lora[0]), str(tmp_path / "bad"), *args,
+                      (["--to-orbax", "--unscanned", "--lora-rank", "4"], "error: " + str(lora[0]) + ": --lora-alpha"
+                       "/--lora-rank are for MaxText LoRA checkpoints")]:
+        r = CliRunner().invoke(main, ["merge-lora", str(base), str(lora[0]), str(tmp_path / "bad"), *args,
                                       "--no-progress"])
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
         assert len([x for x in r.output.splitlines() if x.strip().startswith(("error", "Error"))]) == 1, r.output

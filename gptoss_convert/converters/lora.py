@@ -564,6 +564,37 @@ class MergedTensors:
         return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
 
 
+class OrbaxAsHF:
+    """An Orbax source (an OrbaxSrc) read as the HF checkpoint to-hf makes of it, in fp32
+    (HFCheckpoint's read interface: to-hf's mapping run backwards per block), so that a PEFT
+    adapter (HF names) can merge into it on its way to to-orbax's target."""
+
+    def __init__(self, source, allow_nonfinite: bool):
+        import types
+
+        from gptoss_convert.converters.to_hf import export_plan
+        self.source, self.allow_nonfinite, self.workers = source, allow_nonfinite, None
+        self.plan = {t.name: t for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
+        self.tensors = {n: types.SimpleNamespace(shape=t.shape, dtype="F32", is_mxfp4=False)
+                        for n, t in self.plan.items()}
+        self.config_raw, self.dir, self.files = source.config_raw, source.orbax.step_dir, source.files()
+        self._whole = Recent(keep=2)        # tensors whose HF rows are no leaf axis (q/k/v): read whole once
+
+    def sidecar_files(self) -> list:
+        return self.source.sidecars()
+
+    def read(self, name: str, rows: slice | None = None, dtype=None, alloc=None) -> np.ndarray:
+        from gptoss_convert.converters.to_hf import read_block
+        t = self.plan[name]
+        if rows is not None and t.row_axis is None:
+            return self._whole.get(name, lambda: self.read(name))[rows]
+        return read_block(self.source.orbax, t, rows, np.dtype(np.float32), self.allow_nonfinite)
+
+    def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=None, alloc=None) -> list[np.ndarray]:
+        whole = self.read(name, rows)
+        return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
+
+
 def merged_orbax_target(ck, lora: Adapter, *, scanned: bool, dt, block_bytes: int, compression: str | None,
                         strict_config: bool, scale: float):
     """to-orbax's target (OrbaxTarget, MaxText layout) of the HF checkpoint `ck` with `lora`

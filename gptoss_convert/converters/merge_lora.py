@@ -234,8 +234,9 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     `to_orbax=True` writes the merged model as a MaxText Orbax checkpoint instead (OUT/0/items,
     `scanned` True or False and `compression` as to_orbax's; BF16 or FP32, so not with `mxfp4`)
     through to-orbax's own target: every tensor the adapter changes is merged in fp32 as it is
-    read, then mapped as to_orbax maps it. Its BASE is an HF checkpoint, or an Orbax one with a
-    MaxText adapter (merged in MaxText's layout, then relaid out as to_orbax relays out).
+    read, then mapped as to_orbax maps it. From an Orbax BASE a MaxText adapter merges in
+    MaxText's layout (then relaid out as to_orbax relays out), a PEFT one into the HF tensors
+    to_hf makes of the base (then mapped back as to_orbax maps them).
 
     `step` and `item` (as to_hf's) choose within the ADAPTER when it is an Orbax checkpoint (a
     LoRA run root has steps; the base it started from is params-only: give a base step directory
@@ -348,14 +349,17 @@ def _merge_into_orbax(base, adapter, out, *, pick, orbax_out, like, mxfp4, rule,
 def _relayout_merged(source, lora, out, orbax_out, *, dt, block_bytes, allow_nonfinite, scale, dry_run, job_opts,
                      cluster, log):
     """--to-orbax from an Orbax BASE: a MaxText adapter merged into each leaf as read, relaid out
-    as to-orbax relays out; a PEFT adapter (HF names) is refused."""
-    from gptoss_convert.converters.lora import merged_relayout_target
-    if not isinstance(lora, MaxTextAdapter):
-        raise InputError(f"{lora.dir}: a PEFT adapter changes HF tensors; with an Orbax BASE merge to HF (drop "
-                         "--to-orbax), then to-orbax that output, or give the HF base as BASE")
+    as to-orbax relays out; a PEFT adapter (HF names) merged into the HF tensors to-hf makes of
+    the base, mapped back as to-orbax maps an HF checkpoint."""
+    from gptoss_convert.converters.lora import OrbaxAsHF, merged_orbax_target, merged_relayout_target
     _, scanned, compression = orbax_out
-    target = merged_relayout_target(source, lora, scanned=scanned, dt=dt, block_bytes=block_bytes,
-                                    compression=compression, allow_nonfinite=allow_nonfinite, scale=scale)
+    if isinstance(lora, MaxTextAdapter):
+        target = merged_relayout_target(source, lora, scanned=scanned, dt=dt, block_bytes=block_bytes,
+                                        compression=compression, allow_nonfinite=allow_nonfinite, scale=scale)
+    else:
+        target = merged_orbax_target(OrbaxAsHF(source, allow_nonfinite), lora, scanned=scanned, dt=dt,
+                                     block_bytes=block_bytes, compression=compression, strict_config=False,
+                                     scale=scale)
     _refuse_out_in_adapter(out, lora)
     return _run_orbax(LoraSource(source, lora), target, out, lora, dry_run, job_opts, cluster, log)
 
