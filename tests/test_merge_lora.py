@@ -626,3 +626,23 @@ def test_to_orbax_two_processes_write_the_single_process_merge(lora, bf16_dir, t
     assert all(rc == 0 for rc, _, _ in results), [err[-600:] for _, _, err in results]
     assert _orbax_files(tmp_path / "two") == _orbax_files(tmp_path / "one")
     assert check(tmp_path / "two", log=lambda *_: None)["command"] == "merge-lora"
+
+
+def test_an_inf_in_the_adapter_is_refused_on_every_path_unless_allowed(lora, bf16_dir, orbax_bases, tmp_path):
+    """An inf in one lora_B: HF and --to-orbax outputs, from an HF and an Orbax BASE, are refused
+    naming the tensor and --allow-nonfinite, nothing written; with --allow-nonfinite they are written."""
+    adapter = _adapter_copy(lora, tmp_path)
+    tensors = stored(adapter)
+    key = next(k for k in sorted(tensors) if "layers.1.self_attn.k_proj.lora_B" in k)
+    tensors[key] = tensors[key].copy()
+    tensors[key][2, 1] = np.inf
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    runs = {"hf": (bf16_dir, {}), "hf-to-orbax": (bf16_dir, {"to_orbax": True, "scanned": True}),
+            "orbax": (orbax_bases[True], {}),
+            "orbax-to-orbax": (orbax_bases[True], {"to_orbax": True, "scanned": False})}
+    for name, (base, kw) in runs.items():
+        with pytest.raises(InputError, match=r"layers\.1\.self_attn\.k_proj\.weight.*NaN or inf.*--allow-nonfinite"):
+            merge_lora(base, adapter, tmp_path / name, **kw, **QUIET)
+        assert not (tmp_path / name).exists(), name
+        merge_lora(base, adapter, tmp_path / name, allow_nonfinite=True, **kw, **QUIET)
+        assert (tmp_path / name / "conversion.json").is_file(), name

@@ -161,19 +161,21 @@ def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.
     change in HF orientation added to the rows in fp32 before the cast."""
     parts = read_parts(src, t, rows, hashes)
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
-    if delta is not None and (d := delta(t, rows)) is not None:
+    merged = delta is not None and (d := delta(t, rows)) is not None
+    if merged:
         x = _plus(t, x, d)
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
     if not all_finite(x) and (t.mxfp4 or not allow_nonfinite):
-        _refuse_nonfinite(src, t, rows)
+        _refuse_nonfinite(src, t, rows, merged)
     return x
 
 
-def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None):
+def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None, merged: bool = False):
     r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
     what = ("MXFP4 cannot encode them (export BF16 instead)" if t.mxfp4
             else "pass --allow-nonfinite to export them anyway")
-    raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
+    whose = "with the adapter's change: is the adapter broken?" if merged else f"in {src.item_dir}"
+    raise InputError(f"{t.name}{r} (from {t.sources[0][0]} {whose}): NaN or inf weights; {what}")
 
 
 def _plus(t: ExportTensor, x: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -201,7 +203,7 @@ def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtyp
         return quantize_columns(parts, rule)
     except ValueError:                  # the float path's refusal of inf/NaN
         if not all(map(all_finite, parts)):
-            _refuse_nonfinite(src, t, rows)
+            _refuse_nonfinite(src, t, rows, d is not None)
         raise
 
 
