@@ -285,8 +285,9 @@ def test_cli_resume_onto_a_changed_adapter_byte_is_refused(lora, mxfp4_dir, merg
 
 def test_qwen3_moe_attention_lora_equals_peft_and_fused_expert_targets_are_refused(tmp_path):
     """Qwen3-MoE (BF16, per-expert tensors): an attention LoRA merges to PEFT's merge, bit for
-    bit after BF16 rounding; a target_parameters LoRA on transformers' fused expert stack names
-    tensors the checkpoint does not store, and is refused naming them."""
+    bit after BF16 rounding, and with --to-orbax to to-orbax of that merge; a target_parameters
+    LoRA on transformers' fused expert stack names tensors the checkpoint does not store, and is
+    refused naming them."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeForCausalLM
     from family_cases import write_tiny_qwen3
@@ -308,6 +309,10 @@ def test_qwen3_moe_attention_lora_equals_peft_and_fused_expert_targets_are_refus
             assert arr.tobytes() != src[n].tobytes(), n
         else:
             assert arr.tobytes() == src[n].tobytes(), n
+    from gptoss_convert.converters.to_orbax import to_orbax     # --to-orbax: to-orbax of that (PEFT's) merge
+    direct = _orbax_leaves(merge_lora(base, tmp_path / "a", tmp_path / "o3", to_orbax=True, scanned=True, **QUIET))
+    want = _orbax_leaves(to_orbax(tmp_path / "o", tmp_path / "o4", scanned=True, **QUIET))
+    assert sorted(direct) == sorted(want) and all(direct[p].tobytes() == want[p].tobytes() for p in want)
     fused = get_peft_model(Qwen3MoeForCausalLM.from_pretrained(base, dtype=torch.float32),
                            LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]))
     fused.save_pretrained(tmp_path / "f")
