@@ -268,12 +268,18 @@ def _layout(ctx, scanned: bool, unscanned: bool) -> bool:
     return scanned
 
 
+_scanned = click.option("--scanned", is_flag=True, help="Layout for training (layers stacked, scan_layers=true).")
+_unscanned = click.option("--unscanned", is_flag=True,
+                          help="Layout for decoding (one subtree per layer, scan_layers=false).")
+_zstd = click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
+
+
 @main.command("to-orbax")
 @click.argument("src")
 @click.argument("out")
-@click.option("--scanned", is_flag=True, help="Layout for training (layers stacked, scan_layers=true).")
-@click.option("--unscanned", is_flag=True, help="Layout for decoding (one subtree per layer, scan_layers=false).")
-@click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
+@_scanned
+@_unscanned
+@_zstd
 @_like
 @_step
 @_item
@@ -321,20 +327,35 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, item, max_shard_size, dty
               help="MaxText LoRA ADAPTER: the run's lora.lora_alpha (MaxText does not record it).")
 @click.option("--lora-rank", type=click.IntRange(1), default=None,
               help="MaxText LoRA ADAPTER: the run's lora.lora_rank (checked against the adapters' shapes).")
+@click.option("--to-orbax", "to_orbax", is_flag=True,
+              help="Write OUT as a MaxText Orbax checkpoint (OUT/0/items, as to-orbax; with --scanned or --unscanned).")
+@_scanned
+@_unscanned
+@_zstd
 @_like
+@_step
+@_item
 @_shard
 @common_options
 @distributed_options
 @allow_uncommitted_option
 @_run
-def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lora_rank, like, max_shard_size, dtype,
-                   dry_run, workers, opts, dist):
+def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lora_rank, to_orbax, scanned, unscanned,
+                   zstd, like, step, item, max_shard_size, dtype, dry_run, workers, opts, dist):
     """HF checkpoint BASE (MXFP4 or BF16; directory or hub id) + LoRA ADAPTER (a PEFT directory or hub id, or a
     MaxText/Tunix LoRA checkpoint: run root or step) -> merged HF checkpoint OUT (a directory, gs:// or s3://).
-    With a MaxText ADAPTER, BASE may be an Orbax checkpoint (--like: its config where MaxText wrote it)."""
+    BASE may also be an Orbax checkpoint (--like: its config where MaxText wrote it).
+    --step/--item choose within the ADAPTER when it is an Orbax checkpoint, else within an Orbax BASE
+    (to pick a base's step too, give BASE as that step's directory). --to-orbax writes the merged model as
+    to-orbax writes (--scanned or --unscanned; not --mxfp4)."""
+    if to_orbax:
+        layout = _layout(click.get_current_context(), scanned, unscanned)
+    else:                           # the library refuses a layout flag without --to-orbax, naming it
+        layout = True if scanned else False if unscanned else None
     from gptoss_convert.converters.merge_lora import merge_lora
     return merge_lora(base, adapter, out, mxfp4=mxfp4, scale_rule=scale_rule, scale=scale, dtype=dtype,
-                      lora_alpha=lora_alpha, lora_rank=lora_rank, like=like,
+                      lora_alpha=lora_alpha, lora_rank=lora_rank, like=like, step=step, item=item,
+                      to_orbax=to_orbax, scanned=layout, compression="zstd" if zstd else None,
                       max_shard_size=max_shard_size, dry_run=dry_run, workers=workers, **opts, **dist)
 
 

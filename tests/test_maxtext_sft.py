@@ -6,6 +6,7 @@ applies it. MaxText is not needed here; it made the data once."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -185,11 +186,11 @@ def test_cli_item_option_spelled_the_same(tmp_path):
 
 # --- MaxText LoRA -> merge-lora ------------------------------------------------------------------
 
-def _merge(run: str, out: Path, **kw) -> Path:
+def _merge(run: str, out: Path, base: Path = DATA / "hf_source", **kw) -> Path:
     from gptoss_convert.converters.merge_lora import merge_lora
     lora = _run()["lora"]
     kw = {"lora_alpha": lora["alpha"], "lora_rank": lora["rank"], **kw}
-    return merge_lora(DATA / "hf_source", _root(run), out, dtype="fp32", **QUIET, **kw)
+    return merge_lora(base, _root(run), out, dtype="fp32", **QUIET, **kw)
 
 
 @pytest.mark.parametrize("run", [r if r == "lora_scanned" else pytest.param(r, marks=pytest.mark.slow)
@@ -244,9 +245,74 @@ def test_maxtext_lora_merge_into_orbax_base(scanned, tmp_path):
         _merge_into(base, "lora_unscanned" if scanned else "lora_scanned", tmp_path / "other")
 
 
+@pytest.mark.parametrize("base", ["hf", "orbax"])
+def test_maxtext_lora_merge_to_orbax_reproduces_maxtexts_forward(base, tmp_path):
+    """merge-lora --to-orbax --unscanned of the scanned LoRA run, from the HF base and from its
+    fp32 scanned Orbax conversion (merged in MaxText's layout, then relaid out): our forward on
+    the Orbax output = MaxText's own forward with the adapter applied; check passes."""
+    from gptoss_convert.converters.check import check
+    from gptoss_convert.converters.to_orbax import to_orbax
+    src = DATA / "hf_source"
+    if base == "orbax":
+        src = to_orbax(src, tmp_path / "base", scanned=True, dtype="fp32", **QUIET)
+    out = _merge("lora_scanned", tmp_path / "merged", to_orbax=True, scanned=False, base=src)
+    rec = check(out, log=lambda *_: None)
+    assert rec["command"] == "merge-lora" and rec["lora"]["format"] == "maxtext" and rec["options"]["layout"]
+    ck = locate(out, None)
+    backend, cfg = load_config(ck)
+    flat, scanned = load_params(ck, dtype=np.float32)
+    assert scanned is False
+    tokens, expected = _logits("lora_scanned")
+    ours = np.asarray(backend.forward(unflatten(flat), jnp.asarray(tokens), cfg, moe="ragged_dot", dtype=jnp.float32))
+    assert np.abs(ours - expected).max() < TOL
+
+
 def _merge_into(base, run: str, out: Path) -> Path:
     from gptoss_convert.converters.merge_lora import merge_lora
     return merge_lora(base, _root(run), out, dtype="fp32", lora_alpha=8.0, lora_rank=4, **QUIET)
+
+
+def _two_step_run(tmp_path: Path) -> Path:
+    """A LoRA run root holding step 3 (the scanned run's adapter) and step 5 (the unscanned one's)."""
+    import shutil
+    root = tmp_path / "run"
+    shutil.copytree(_root("lora_scanned") / "3", root / "3")
+    shutil.copytree(_root("lora_unscanned") / "3", root / "5")
+    return root
+
+
+def _merge_cli(*args: str):
+    from click.testing import CliRunner
+
+    from gptoss_convert.cli import main
+    return CliRunner().invoke(main, ["merge-lora", *map(str, args), "--lora-alpha", "8", "--lora-rank", "4",
+                                     "--dtype", "fp32", "--no-progress"])
+
+
+def test_merge_lora_step_and_item_choose_within_the_adapter(tmp_path):
+    """--step/--item pick the MaxText ADAPTER's step and item (the HF BASE has none): the latest
+    committed by default; a missing step or item, or an ambiguous item, refused in one line naming
+    the option; on two HF checkpoints they are refused too."""
+    root = _two_step_run(tmp_path)
+    r = _merge_cli(DATA / "hf_source", root, tmp_path / "dry", "--dry-run")
+    assert r.exit_code == 0 and f"{root / '5'}: layout model_params:nnx" in r.output, r.output
+    r = _merge_cli(DATA / "hf_source", root, tmp_path / "dry", "--dry-run", "--step", "3", "--item", "model_params")
+    assert r.exit_code == 0 and f"{root / '3'}: layout model_params:nnx" in r.output, r.output
+    out = _merge_cli(DATA / "hf_source", root, tmp_path / "merged", "--step", "3")
+    assert out.exit_code == 0, out.output
+    tokens, expected = _logits("lora_scanned")
+    assert np.abs(_transformers_logits(tmp_path / "merged", tokens) - expected).max() < TOL     # step 3's adapter
+    assert np.abs(_logits("lora_unscanned")[1] - expected).max() > 100 * TOL                     # not step 5's
+    (root / "3" / "items").symlink_to("model_params")      # a second params item: which one is ambiguous
+    for args, msg in [(["--step", "4"], r"has no step 4 \(steps: \[3, 5\]\); pick one with --step"),
+                      (["--step", "3"], r"several params items \(items, model_params\); pick one with --item"),
+                      (["--step", "3", "--item", "nope"], r"has no Orbax item 'nope'.*pick one with --item")]:
+        r = _merge_cli(DATA / "hf_source", root, tmp_path / "bad", *args)
+        assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1, r.output
+        assert re.search(msg, r.output), r.output
+    r = _merge_cli(DATA / "hf_source", DATA / "hf_source", tmp_path / "bad", "--step", "3")
+    assert r.exit_code != 0 and "--step: neither BASE" in r.output and "is an Orbax checkpoint" in r.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_step_item_on_generate():

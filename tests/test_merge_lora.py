@@ -59,12 +59,15 @@ TOKENS = np.random.default_rng(3).integers(0, 300, (2, 9))
 
 @pytest.fixture(scope="module")
 def lora(bf16_dir, tmp_path_factory):
-    """(adapter dir, PEFT's merged fp32 state dict, PEFT's merged logits): attention and experts."""
+    """(adapter dir, PEFT's merged fp32 state dict, PEFT's merged logits, that model saved by
+    transformers' save_pretrained): attention and experts."""
     root = tmp_path_factory.mktemp("lora")
     model = _peft_model(bf16_dir, 0, r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=EXPERTS)
     model.save_pretrained(root / "adapter")
     merged = model.merge_and_unload()
-    return root / "adapter", {k: v.numpy().copy() for k, v in merged.state_dict().items()}, _logits(merged, TOKENS)
+    merged.save_pretrained(root / "peft-merged")
+    return (root / "adapter", {k: v.numpy().copy() for k, v in merged.state_dict().items()}, _logits(merged, TOKENS),
+            root / "peft-merged")
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +285,9 @@ def test_cli_resume_onto_a_changed_adapter_byte_is_refused(lora, mxfp4_dir, merg
 
 def test_qwen3_moe_attention_lora_equals_peft_and_fused_expert_targets_are_refused(tmp_path):
     """Qwen3-MoE (BF16, per-expert tensors): an attention LoRA merges to PEFT's merge, bit for
-    bit after BF16 rounding; a target_parameters LoRA on transformers' fused expert stack names
-    tensors the checkpoint does not store, and is refused naming them."""
+    bit after BF16 rounding, and with --to-orbax to to-orbax of that merge; a target_parameters
+    LoRA on transformers' fused expert stack names tensors the checkpoint does not store, and is
+    refused naming them."""
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeForCausalLM
     from family_cases import write_tiny_qwen3
@@ -305,6 +309,10 @@ def test_qwen3_moe_attention_lora_equals_peft_and_fused_expert_targets_are_refus
             assert arr.tobytes() != src[n].tobytes(), n
         else:
             assert arr.tobytes() == src[n].tobytes(), n
+    from gptoss_convert.converters.to_orbax import to_orbax     # --to-orbax: to-orbax of that (PEFT's) merge
+    direct = _orbax_leaves(merge_lora(base, tmp_path / "a", tmp_path / "o3", to_orbax=True, scanned=True, **QUIET))
+    want = _orbax_leaves(to_orbax(tmp_path / "o", tmp_path / "o4", scanned=True, **QUIET))
+    assert sorted(direct) == sorted(want) and all(direct[p].tobytes() == want[p].tobytes() for p in want)
     fused = get_peft_model(Qwen3MoeForCausalLM.from_pretrained(base, dtype=torch.float32),
                            LoraConfig(r=2, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]))
     fused.save_pretrained(tmp_path / "f")
@@ -400,6 +408,12 @@ def test_cli_takes_every_converting_option_and_the_api_is_public():
               "--max-shard-size"}
     opts = {o for p in main.commands["merge-lora"].params for o in p.opts}
     assert shared <= opts, shared - opts
+
+    def helps(cmd: str) -> dict:
+        return {o: p.help for p in main.commands[cmd].params for o in p.opts}
+    mine = helps("merge-lora")
+    for cmd, same in (("to-hf", ["--step", "--item"]), ("to-orbax", ["--scanned", "--unscanned", "--zstd"])):
+        assert all(mine[o] == helps(cmd)[o] and mine[o] for o in same), cmd      # the same options, same help
     assert gptoss_convert.merge_lora is merge_lora and "PEFT" in merge_lora.__doc__
 
 
@@ -452,3 +466,211 @@ def test_the_merge_runs_blas_on_one_thread_inside_its_own_workers(lora, bf16_dir
     got = stored(out)
     n = "model.layers.0.self_attn.q_proj.weight"
     np.testing.assert_array_equal(got[n].view(np.uint16), lora[1][n].astype(BF16).view(np.uint16))
+
+
+# --- an Orbax BASE: PEFT's adapter attaches to to-hf's tensors (HF names) ---------------------------
+
+@pytest.fixture(scope="module")
+def orbax_bases(bf16_dir, tmp_path_factory):
+    """{scanned: our to-orbax output of the tiny BF16 model, in fp32 (its weights exactly)}."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    root = tmp_path_factory.mktemp("orbax-base")
+    return {s: to_orbax(bf16_dir, root / f"base-{s}", scanned=s, dtype="fp32", **QUIET) for s in (True, False)}
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_peft_adapter_into_an_orbax_base_equals_peft_merge_and_unload(orbax_bases, scanned, lora, tmp_path):
+    """BASE = our to-orbax of the model PEFT trained on (scanned and unscanned): every merged
+    tensor is PEFT's merge_and_unload() within fp32 rounding (measured: bit for bit), and
+    transformers' fp32 logits of it are PEFT's merged model's (max |Δ| < 1e-4)."""
+    from transformers import GptOssForCausalLM
+    base = orbax_bases[scanned]
+    out = merge_lora(base, lora[0], tmp_path / "merged", dtype="fp32", step=0, **QUIET)
+    got, ref = stored(out), lora[1]
+    assert sorted(got) == sorted(ref)
+    for n, arr in got.items():
+        assert arr.dtype == np.float32, n
+        np.testing.assert_array_max_ulp(arr, ref[n], maxulp=1)
+    record = json.loads((Path(out) / "conversion.json").read_text())
+    assert record["command"] == "merge-lora" and len(record["lora"]["tensors"]) == 6 * 6
+    assert {f.split("/")[0] for f in record["source"]["files"]} == {"base", "adapter"}     # resume compares both
+    model = GptOssForCausalLM.from_pretrained(out, dtype=torch.float32)
+    delta = np.abs(_logits(model, TOKENS) - lora[2]).max()
+    assert delta < 1e-4, delta
+    check(out)
+
+
+def test_peft_adapter_into_an_orbax_base_mxfp4_and_step(orbax_bases, lora, merged, tmp_path):
+    """--mxfp4 from the Orbax base writes the bytes the HF base's merge writes (the merged fp32
+    quantized by the same rule; that one is checked against a numpy re-derivation above); --step
+    chooses within the Orbax BASE when the adapter is PEFT's, one line naming it when missing."""
+    base = orbax_bases[True]
+    got = merge_lora(base, lora[0], tmp_path / "o", mxfp4=True, scale_rule="ocp", **QUIET)
+    a, b = stored(got), stored(merged["bf16", "bf16", True, "ocp"])
+    assert sorted(a) == sorted(b) and any(n.endswith("_blocks") for n in a)
+    for n in a:
+        assert a[n].dtype == b[n].dtype and a[n].tobytes() == b[n].tobytes(), n
+    with pytest.raises(InputError, match=r"has no step 2 \(steps: \[0\]\); pick one with --step"):
+        merge_lora(base, lora[0], tmp_path / "bad", step=2, **QUIET)
+    assert not (tmp_path / "bad").exists()
+
+
+# --- --to-orbax: the merged model as to-orbax writes it ----------------------------------------------
+
+def _orbax_leaves(out: Path) -> dict[str, np.ndarray]:
+    from gptoss_convert.io.orbax_source import open_orbax
+    src = open_orbax(out)
+    return {p: np.asarray(src.read(p, ())) for p in src.leaves}
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_to_orbax_equals_to_orbax_of_peft_merge_and_unload(lora, mxfp4_dir, scanned, tmp_path):
+    """Oracle: to-orbax of PEFT's merge_and_unload() model (saved by transformers) = our
+    `merge-lora --to-orbax` from the MXFP4 base, leaf for leaf (within 1 ulp; measured bit for
+    bit); our JAX forward on it gives PEFT's merged logits (max |Δ| < 1e-4); check passes."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    from gptoss_convert.loading import load_config, load_params, locate
+    from gptoss_convert.tree import unflatten
+    import jax.numpy as jnp
+    out = merge_lora(mxfp4_dir, lora[0], tmp_path / "ours", to_orbax=True, scanned=scanned, dtype="fp32", **QUIET)
+    want = to_orbax(lora[3], tmp_path / "ref", scanned=scanned, dtype="fp32", **QUIET)
+    got, ref = _orbax_leaves(out), _orbax_leaves(want)
+    assert sorted(got) == sorted(ref) and len(got) > 10
+    for p in ref:
+        assert got[p].dtype == np.float32, p
+        np.testing.assert_array_max_ulp(got[p], ref[p], maxulp=1)
+    rec = check(out, log=lambda *_: None)
+    assert rec["command"] == "merge-lora" and rec["maxtext_item"] == "0/items" and len(rec["lora"]["tensors"]) == 36
+    assert rec["options"]["layout"] == ("scanned" if scanned else "unscanned") and rec["options"]["scale"] == 1.0
+    ck = locate(out, None)
+    backend, cfg = load_config(ck)
+    flat, got_scanned = load_params(ck, dtype=np.float32)
+    assert got_scanned == scanned
+    ours = np.asarray(backend.forward(unflatten(flat), jnp.asarray(TOKENS), cfg, moe="ragged_dot", dtype=jnp.float32))
+    delta = np.abs(ours - lora[2]).max()
+    assert delta < 1e-4, delta
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_to_orbax_from_an_orbax_base_equals_to_orbax_of_peft_merge_and_unload(orbax_bases, lora, scanned, tmp_path):
+    """BASE = our to-orbax output (each layout), OUT the other layout: to-hf's HF tensors of the
+    base, the PEFT change added in fp32, mapped back as to-orbax maps; = to-orbax of PEFT's
+    merge_and_unload() model, leaf for leaf (within 1 ulp; measured bit for bit)."""
+    from gptoss_convert.converters.to_orbax import to_orbax
+    out = merge_lora(orbax_bases[scanned], lora[0], tmp_path / "ours", to_orbax=True, scanned=not scanned,
+                     dtype="fp32", **QUIET)
+    want = to_orbax(lora[3], tmp_path / "ref", scanned=not scanned, dtype="fp32", **QUIET)
+    got, ref = _orbax_leaves(out), _orbax_leaves(want)
+    assert sorted(got) == sorted(ref)
+    for p in ref:
+        np.testing.assert_array_max_ulp(got[p], ref[p], maxulp=1)
+    assert len(check(out, log=lambda *_: None)["lora"]["tensors"]) == 6 * 6
+
+
+def test_to_orbax_dry_run_and_refusals(lora, bf16_dir, tmp_path):
+    """--to-orbax --dry-run prints to-orbax's plan and writes nothing; --mxfp4 with it, a layout
+    flag without it, no layout with it, and MaxText's --lora-rank with a PEFT adapter are refused
+    in one line naming the option, nothing written (here from an Orbax BASE)."""
+    lines: list[str] = []
+    plan = merge_lora(bf16_dir, lora[0], tmp_path / "dry", to_orbax=True, scanned=False, dry_run=True,
+                      progress=False, log=lines.append)
+    assert plan.command == "merge-lora" and not (tmp_path / "dry").exists()
+    assert any(line.startswith("needs: ") for line in "\n".join(lines).splitlines())
+    from click.testing import CliRunner
+
+    from gptoss_convert.cli import main
+    from gptoss_convert.converters.to_orbax import to_orbax
+    base = to_orbax(bf16_dir, tmp_path / "base", scanned=True, **QUIET)
+    for args, msg in [(["--to-orbax", "--scanned", "--mxfp4"], "error: --mxfp4 with --to-orbax: an Orbax checkpoint"),
+                      (["--unscanned"], "error: --unscanned: an Orbax layout option; merge-lora writes HF unless"),
+                      (["--zstd"], "error: --zstd: an Orbax layout option"),
+                      (["--to-orbax"], "Error: choose one layout: --scanned (training) or --unscanned (decoding)"),
+                      (["--to-orbax", "--unscanned", "--lora-rank", "4"], "error: " + str(lora[0]) + ": --lora-alpha"
+                       "/--lora-rank are for MaxText LoRA checkpoints")]:
+        r = CliRunner().invoke(main, ["merge-lora", str(base), str(lora[0]), str(tmp_path / "bad"), *args,
+                                      "--no-progress"])
+        assert r.exit_code != 0 and msg in r.output, (args, r.output)
+        assert len([x for x in r.output.splitlines() if x.strip().startswith(("error", "Error"))]) == 1, r.output
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_to_orbax_killed_then_resumed_is_the_uninterrupted_output(lora, bf16_dir, tmp_path):
+    """--to-orbax resumes as to-orbax does (the source is BASE and ADAPTER): killed mid-write,
+    --resume finishes it, every chunk byte-identical to an uninterrupted run; check passes.
+    A resume with another --scale (the merge differs, the source bytes do not) starts over."""
+    args = ("--to-orbax", "--unscanned", "--no-progress")
+    r = _cli("merge-lora", bf16_dir, lora[0], tmp_path / "whole", *args)
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other"
+    r = _cli("merge-lora", bf16_dir, lora[0], other, *args, env={"GPTOSS_CONVERT_KILL_AT": "write:20"})
+    assert r.returncode == -9, r.stderr
+    r = _cli("merge-lora", bf16_dir, lora[0], other, *args, "--resume", "--scale", "0.5")
+    assert r.returncode == 0 and "made with other inputs or options; starting over" in r.stdout, r.stdout + r.stderr
+    out = tmp_path / "out"
+    r = _cli("merge-lora", bf16_dir, lora[0], out, *args, env={"GPTOSS_CONVERT_KILL_AT": "write:20"})
+    assert r.returncode == -9, r.stderr
+    r = _cli("merge-lora", bf16_dir, lora[0], out, *args, "--resume")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    assert _orbax_files(out) == _orbax_files(tmp_path / "whole")
+    assert check(out, log=lambda *_: None)["command"] == "merge-lora"
+
+
+def _orbax_files(root: Path) -> dict[str, bytes]:
+    """Every file of an Orbax output but those holding timestamps or paths, by relative path."""
+    skip = {"_CHECKPOINT_METADATA", "conversion.json", "commit_success.txt"}
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name not in skip}
+    assert len(files) > 20
+    return files
+
+
+def test_to_orbax_bucket_out_reads_back_equal_to_the_local_merge(lora, bf16_dir, gcs, tmp_path):
+    """--to-orbax onto gs:// (the emulator): the same leaves as the local run, and `check` passes."""
+    url = merge_lora(bf16_dir, lora[0], "gs://bkt/merge-lora/orbax", to_orbax=True, scanned=True, **QUIET)
+    local = merge_lora(bf16_dir, lora[0], tmp_path / "local", to_orbax=True, scanned=True, **QUIET)
+    got, want = _orbax_leaves(url), _orbax_leaves(local)
+    assert sorted(got) == sorted(want) and all(got[p].tobytes() == want[p].tobytes() for p in want)
+    assert check(str(url), log=lambda *_: None)["command"] == "merge-lora"
+
+
+@pytest.mark.slow
+def test_to_orbax_two_processes_write_the_single_process_merge(lora, bf16_dir, tmp_path):
+    """--to-orbax --distributed on two processes: one OUT, its chunks byte-identical to one process's."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [str(bf16_dir), str(lora[0])]
+    assert _cli("merge-lora", *args, tmp_path / "one", "--to-orbax", "--scanned", "--no-progress").returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "gptoss_convert", "merge-lora", *args, str(tmp_path / "two"),
+                               "--to-orbax", "--scanned", "--no-progress", "--coordinator-address", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "5",
+                               "--distributed-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env())
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]           # (pipes drained while waiting)
+    results = [(p.returncode, *o) for p, o in zip(procs, outputs)]
+    assert all(rc == 0 for rc, _, _ in results), [err[-600:] for _, _, err in results]
+    assert _orbax_files(tmp_path / "two") == _orbax_files(tmp_path / "one")
+    assert check(tmp_path / "two", log=lambda *_: None)["command"] == "merge-lora"
+
+
+def test_an_inf_in_the_adapter_is_refused_on_every_path_unless_allowed(lora, bf16_dir, orbax_bases, tmp_path):
+    """An inf in one lora_B: HF and --to-orbax outputs, from an HF and an Orbax BASE, are refused
+    naming the tensor and --allow-nonfinite, nothing written; with --allow-nonfinite they are written."""
+    adapter = _adapter_copy(lora, tmp_path)
+    tensors = stored(adapter)
+    key = next(k for k in sorted(tensors) if "layers.1.self_attn.k_proj.lora_B" in k)
+    tensors[key] = tensors[key].copy()
+    tensors[key][2, 1] = np.inf
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    runs = {"hf": (bf16_dir, {}), "hf-to-orbax": (bf16_dir, {"to_orbax": True, "scanned": True}),
+            "orbax": (orbax_bases[True], {}),
+            "orbax-to-orbax": (orbax_bases[True], {"to_orbax": True, "scanned": False})}
+    for name, (base, kw) in runs.items():
+        with pytest.raises(InputError, match=r"layers\.1\.self_attn\.k_proj\.weight.*NaN or inf.*--allow-nonfinite"):
+            merge_lora(base, adapter, tmp_path / name, **kw, **QUIET)
+        assert not (tmp_path / name).exists(), name
+        merge_lora(base, adapter, tmp_path / name, allow_nonfinite=True, **kw, **QUIET)
+        assert (tmp_path / name / "conversion.json").is_file(), name

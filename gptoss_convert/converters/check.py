@@ -142,7 +142,8 @@ def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool | None =
         raise InputError(f"{out}: not a directory" + (" (no object under this prefix)" if is_url(out) else ""))
     rec = _record(out)
     problems = _check_files(out, rec)
-    if rec.get("command") == "to-orbax":
+    orbax = "maxtext_item" in rec or rec.get("command") == "to-orbax"     # merge-lora --to-orbax writes one too
+    if orbax:
         marker = f"{rec.get('maxtext_item', '0/items').split('/')[0]}/{COMMIT_FILE}"
         if uncommitted_allowed(allow_uncommitted):
             problems = [p for p in problems if p != f"{marker}: missing"]
@@ -150,7 +151,7 @@ def check(out: str | os.PathLike, log=print, *, allow_uncommitted: bool | None =
             problems = [p + (" (the step's commit marker: an unfinished save or a damaged copy; --allow-uncommitted "
                              "checks the rest)" if p == f"{marker}: missing" else "") for p in problems]
     # the tree's problems first: one link or a wrong leaf explains many file problems after it
-    if rec.get("command") == "to-orbax":
+    if orbax:
         problems = _check_orbax(out, rec) + problems
     else:
         problems += _check_safetensors(out)

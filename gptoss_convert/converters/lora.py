@@ -28,6 +28,7 @@ import numpy as np
 
 from gptoss_convert.converters.provenance import source_hashes
 from gptoss_convert.errors import InputError
+from gptoss_convert.finite import all_finite
 from gptoss_convert.io.files import read_json_object
 from gptoss_convert.io.safetensors import TensorInfo, read_header, read_tensor
 
@@ -501,21 +502,130 @@ class MergedLeaves:
         return x
 
 
-def hf_tensor_names(source) -> set[str]:
-    """The HF tensors to-hf makes of an Orbax source (an OrbaxSrc), by its mapping table."""
+def hf_tensor_shapes(source) -> dict[str, tuple[int, ...]]:
+    """{HF tensor: its shape} as to-hf makes them of an Orbax source (an OrbaxSrc), by its mapping table."""
     from gptoss_convert.converters.to_hf import export_plan
-    return {t.name for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
+    return {t.name: t.shape for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
 
 
-def merged_export_target(source, lora: MaxTextAdapter, *, mxfp4: bool, dt, max_shard: int, block_bytes: int, rule: str,
-                         allow_nonfinite: bool, workers: int | None, like):
-    """to-hf's export target of the Orbax source `source` (an OrbaxSrc; its `orbax` is replaced
-    by the merged view), recorded as merge-lora with the adapter."""
+def merged_export_target(source, lora: Adapter, *, mxfp4: bool, dt, max_shard: int, block_bytes: int, rule: str,
+                         allow_nonfinite: bool, workers: int | None, like, scale: float):
+    """to-hf's export target of the Orbax source `source` (an OrbaxSrc), recorded as merge-lora
+    with the adapter. A MaxText adapter merges in MaxText's layout as each leaf is read (its
+    `orbax` is replaced by the merged view); a PEFT one, in HF names, as each HF block is made:
+    W + scaling * (B @ A) in fp32 (to_hf.read_block's `delta`)."""
     from gptoss_convert.converters.to_hf import READ_WORKERS, ExportOptions, export_target
-    source.orbax = MergedLeaves(source.orbax, lora)
     opts = ExportOptions(rule, dt.np, allow_nonfinite, workers or max(READ_WORKERS, os.cpu_count() or 1))
+    if isinstance(lora, MaxTextAdapter):
+        source.orbax = MergedLeaves(source.orbax, lora)
+    else:
+        opts.delta = lambda t, rows: lora.pairs[t.name].delta(rows, t.shape) if t.name in lora.pairs else None
     target = export_target(source, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes, opts=opts,
                            like=like)
+    if not isinstance(lora, MaxTextAdapter):    # each worker's block in fp32: W, its delta and the sum
+        target.memory = dataclasses.replace(target.memory, per=4, largest=max(
+            (t.block_bytes // t.itemsize * 4 for t in target.tensors), default=0))
     target.command = "merge-lora"
-    target.extra["lora"] = lora.record(lora.scale)
+    target.extra["lora"] = lora.record(scale)
+    return target
+
+
+class MergedTensors:
+    """An HF checkpoint whose tensors the adapter changes read as W + its change, in fp32 (W
+    decoded or widened to fp32, then scaling * (B @ A) added in fp32, as PEFT's merge and
+    merge-lora's HF output compute it); every other tensor reads as the checkpoint's own
+    (HFCheckpoint's read interface, for to-orbax's plan)."""
+
+    def __init__(self, ck, lora: Adapter):
+        self.ck, self.lora = ck, lora
+
+    def __getattr__(self, name):
+        return getattr(self.ck, name)
+
+    def read(self, name: str, rows: slice | None = None, dtype=None, alloc=None) -> np.ndarray:
+        pair = self.lora.pairs.get(name)
+        if pair is None:
+            return self.ck.read(name, rows, **({} if dtype is None else {"dtype": dtype}), alloc=alloc)
+        w = self.ck.read(name, rows, dtype=np.float32)
+        d = pair.product(rows, self.ck.tensors[name].shape)     # [rows, ...] fp32, B @ A (MaxText's: scaled)
+        d *= np.float32(pair.product_scale)
+        d += w                                                  # = W + scaling * (B @ A), PEFT's order
+        if not self.ck.allow_nonfinite and not all_finite(d):
+            r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
+            raise InputError(f"{name}{r}: the merged weights hold NaN or inf (is the adapter {self.lora.dir} "
+                             "broken?); pass --allow-nonfinite to write them anyway")
+        return d
+
+    def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=None, alloc=None) -> list[np.ndarray]:
+        """read(name, rows)[..., p::parts] for each p, C-contiguous (the gate/up split)."""
+        if name not in self.lora.pairs:
+            return self.ck.read_parts(name, parts, rows, **({} if dtype is None else {"dtype": dtype}), alloc=alloc)
+        whole = self.read(name, rows)
+        return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
+
+
+class OrbaxAsHF:
+    """An Orbax source (an OrbaxSrc) read as the HF checkpoint to-hf makes of it, in fp32
+    (HFCheckpoint's read interface: to-hf's mapping run backwards per block), so that a PEFT
+    adapter (HF names) can merge into it on its way to to-orbax's target."""
+
+    def __init__(self, source, allow_nonfinite: bool):
+        import types
+
+        from gptoss_convert.converters.to_hf import export_plan
+        self.source, self.allow_nonfinite, self.workers = source, allow_nonfinite, None
+        self.plan = {t.name: t for t in export_plan(source.backend, source.cfg, source.orbax, mxfp4=False, itemsize=4)}
+        self.tensors = {n: types.SimpleNamespace(shape=t.shape, dtype="F32", is_mxfp4=False)
+                        for n, t in self.plan.items()}
+        self.config_raw, self.dir, self.files = source.config_raw, source.orbax.step_dir, source.files()
+        self._whole = Recent(keep=2)        # tensors whose HF rows are no leaf axis (q/k/v): read whole once
+
+    def sidecar_files(self) -> list:
+        return self.source.sidecars()
+
+    def read(self, name: str, rows: slice | None = None, dtype=None, alloc=None) -> np.ndarray:
+        from gptoss_convert.converters.to_hf import read_block
+        t = self.plan[name]
+        if rows is not None and t.row_axis is None:
+            return self._whole.get(name, lambda: self.read(name))[rows]
+        return read_block(self.source.orbax, t, rows, np.dtype(np.float32), self.allow_nonfinite)
+
+    def read_parts(self, name: str, parts: int, rows: slice | None = None, dtype=None, alloc=None) -> list[np.ndarray]:
+        whole = self.read(name, rows)
+        return [np.ascontiguousarray(whole[..., p::parts]) for p in range(parts)]
+
+
+def merged_orbax_target(ck, lora: Adapter, *, scanned: bool, dt, block_bytes: int, compression: str | None,
+                        strict_config: bool, scale: float):
+    """to-orbax's target (OrbaxTarget, MaxText layout) of the HF checkpoint `ck` with `lora`
+    merged into the tensors it changes as they are read, recorded as merge-lora."""
+    from gptoss_convert.converters.to_orbax import hf_target
+    target = hf_target(MergedTensors(ck, lora), scanned=scanned, dt=dt, block_bytes=block_bytes,
+                       compression=compression, strict_config=strict_config)
+    return _as_merge(target, lora, scale, fp32_blocks=4 // dt.itemsize)
+
+
+def merged_relayout_target(source, lora: "MaxTextAdapter", *, scanned: bool, dt, block_bytes: int,
+                           compression: str | None, allow_nonfinite: bool, scale: float):
+    """to-orbax's relayout target of the Orbax source `source` (an OrbaxSrc) with the MaxText
+    adapter merged into each leaf as it is read (MergedLeaves), recorded as merge-lora."""
+    from gptoss_convert.converters.relayout import relayout_target
+    source.orbax = MergedLeaves(source.orbax, lora)
+    target = relayout_target(source, scanned=scanned, dtype=dt, allow_nonfinite=allow_nonfinite,
+                             block_bytes=block_bytes, compression=compression)
+    return _as_merge(target, lora, scale, fp32_blocks=4 // dt.itemsize)
+
+
+def _as_merge(target, lora: Adapter, scale: float, fp32_blocks: int):
+    """An OrbaxTarget recorded (and fingerprinted: resume) as merge-lora of `lora` at `scale`;
+    its blocks are read merged in fp32 (`fp32_blocks` times their output size), W and the change
+    beside each while it is merged."""
+    target.command = "merge-lora"
+    line = target.summary_of
+    target.summary_of = lambda result, seconds: "merge-lora: " + line(result, seconds).removeprefix("to-orbax: ")
+    target.recorded.update({"scale": scale, "adapter": str(lora.dir)})
+    target.identity["scaling"] = lora.record(scale)["scaling"]
+    target.extra["lora"] = lora.record(scale)
+    m = target.memory
+    target.memory = dataclasses.replace(m, largest=m.largest * fp32_blocks, transient=m.transient + 2)
     return target

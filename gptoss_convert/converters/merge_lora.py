@@ -1,4 +1,4 @@
-"""`gptoss-convert merge-lora`: an HF base checkpoint + a PEFT LoRA adapter -> one HF checkpoint.
+"""`gptoss-convert merge-lora`: a base checkpoint (HF or Orbax) + a LoRA adapter (PEFT or MaxText) -> one HF checkpoint.
 
 Every tensor the adapter changes becomes W + scaling * (B @ A), computed in fp32 (the expert
 stacks one expert at a time; converters/lora.py lays the change out as PEFT does) and written
@@ -23,7 +23,8 @@ from gptoss_convert.converters import distributed as dist
 from gptoss_convert.converters import job
 from gptoss_convert.converters.job import Memory
 from gptoss_convert.converters.common import check_against_backend, parse_size
-from gptoss_convert.converters.lora import Adapter, LoraSource, adapter_summary, open_adapter, open_maxtext_adapter
+from gptoss_convert.converters.lora import (Adapter, LoraSource, MaxTextAdapter, adapter_summary, open_adapter,
+                                            open_maxtext_adapter)
 from gptoss_convert.converters.requantize import DEFAULT_SCALE_RULE, MXFP4_SUFFIXES, _add, hf_metadata, report_hook
 from gptoss_convert.converters.shards import SHARD_METADATA, ShardsTarget
 from gptoss_convert.converters.sources import DType, HFSource, dtype_of
@@ -206,8 +207,9 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                resume: bool = False, allow_nonfinite: bool = False, progress: bool = True,
                block_bytes: int = 64 << 20, strict_config: bool = False, dry_run: bool = False,
                lora_alpha: float | None = None, lora_rank: int | None = None, like=None,
-               check_space: bool = True, max_memory: str | int = job.DEFAULT_MAX_MEMORY,
-               cluster=None, log=print):
+               step: int | None = None, item: str | None = None, to_orbax: bool = False, scanned: bool | None = None,
+               compression: str | None = None, check_space: bool = True,
+               max_memory: str | int = job.DEFAULT_MAX_MEMORY, cluster=None, log=print):
     """Merge the PEFT LoRA `adapter` (a directory with adapter_config.json and
     adapter_model.safetensors, or a hub id) into the HF checkpoint `base` (MXFP4 or BF16; a
     directory or hub id) and write the result to `out` (a directory, gs:// or s3://).
@@ -224,9 +226,21 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     `*_lora_a/_lora_b` leaves): it records no rank or alpha, so `lora_rank` and `lora_alpha` (the
     run's lora.lora_rank, lora.lora_alpha) are required; each MaxText weight W changes as in
     MaxText's forward, W + alpha/rank * scale * reshape(A @ B), mapped to HF by to-hf's table.
-    With a MaxText adapter `base` may also be an Orbax checkpoint (the params the fine-tune
-    started from; `like` gives its config where MaxText wrote it): each MaxText weight is merged
-    in its own layout as it is read, and the result exported as to-hf exports."""
+    `base` may also be an Orbax checkpoint (the params the fine-tune started from; `like` gives
+    its config where MaxText wrote it), exported as to-hf exports it: a MaxText adapter's weights
+    merged in MaxText's layout as each is read, a PEFT adapter's (HF names) added to each HF
+    block as it is made.
+
+    `to_orbax=True` writes the merged model as a MaxText Orbax checkpoint instead (OUT/0/items,
+    `scanned` True or False and `compression` as to_orbax's; BF16 or FP32, so not with `mxfp4`)
+    through to-orbax's own target: every tensor the adapter changes is merged in fp32 as it is
+    read, then mapped as to_orbax maps it. From an Orbax BASE a MaxText adapter merges in
+    MaxText's layout (then relaid out as to_orbax relays out), a PEFT one into the HF tensors
+    to_hf makes of the base (then mapped back as to_orbax maps them).
+
+    `step` and `item` (as to_hf's) choose within the ADAPTER when it is an Orbax checkpoint (a
+    LoRA run root has steps; the base it started from is params-only: give a base step directory
+    to pick the base's), else within an Orbax BASE; with neither Orbax they are refused."""
     if scale_rule not in SCALE_RULES:
         raise InputError(f"--scale-rule {scale_rule!r} is not one of {', '.join(SCALE_RULES)}")
     if not math.isfinite(scale):
@@ -234,15 +248,28 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     dt = dtype_of(dtype)
     job_opts = job.JobOptions(overwrite, resume, progress, check_space, max_memory)
     from gptoss_convert.io.orbax_source import is_orbax
+    _check_orbax_out(to_orbax, scanned, compression, mxfp4)
+    pick = _pick(base, adapter, step, item)
     if is_orbax(base):
-        return _merge_into_orbax(base, adapter, out, like=like, mxfp4=mxfp4, rule=scale_rule, scale=scale, dt=dt,
-                                 alpha=lora_alpha, rank=lora_rank, max_shard=parse_size(max_shard_size),
+        return _merge_into_orbax(base, adapter, out, pick=pick, like=like, orbax_out=(to_orbax, scanned, compression),
+                                 mxfp4=mxfp4, rule=scale_rule, scale=scale, dt=dt, alpha=lora_alpha, rank=lora_rank,
+                                 max_shard=parse_size(max_shard_size),
                                  block_bytes=block_bytes, strict_config=strict_config, allow_nonfinite=allow_nonfinite,
                                  workers=workers, dry_run=dry_run, job_opts=job_opts, cluster=cluster, log=log)
     ck = open_checkpoint(base)
-    ck.workers, ck.allow_nonfinite = 1, allow_nonfinite      # one thread per block: the blocks are the parallelism
-    lora = _open_any_adapter(adapter, ck, scale, lora_alpha, lora_rank, strict_config, log)
+    ck.workers, ck.allow_nonfinite = workers, allow_nonfinite
+    from gptoss_convert.backends import get_backend
+    lora = _open_any_adapter(adapter, {n: t.shape for n, t in ck.tensors.items()},
+                             lambda: (get_backend(ck.config_raw["model_type"]),
+                                      check_against_backend(ck, strict_config=strict_config)),
+                             scale, lora_alpha, lora_rank, log, pick)
     _refuse_out_in_adapter(out, lora)
+    if to_orbax:
+        from gptoss_convert.converters.lora import merged_orbax_target
+        target = merged_orbax_target(ck, lora, scanned=scanned, dt=dt, block_bytes=block_bytes, compression=compression,
+                                     strict_config=strict_config, scale=scale)
+        return _run_orbax(LoraSource(HFSource(ck), lora), target, out, lora, dry_run, job_opts, cluster, log)
+    ck.workers = 1      # merge_target's blocks are the parallelism: each decodes on one thread
     target = merge_target(ck, lora, dt=dt, mxfp4=mxfp4, rule=scale_rule, scale=scale, block_bytes=block_bytes,
                           max_shard=parse_size(max_shard_size), strict_config=strict_config,
                           allow_nonfinite=allow_nonfinite, workers=workers)
@@ -253,29 +280,66 @@ def merge_lora(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
     return job.run(LoraSource(HFSource(ck), lora), target, out, job_opts, cluster, log)
 
 
-def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha, rank, max_shard, block_bytes,
-                      strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
-    """merge-lora with an Orbax BASE and a MaxText adapter: to-hf's export of the merged leaves."""
-    from gptoss_convert.converters.lora import hf_tensor_names, merged_export_target
-    from gptoss_convert.converters.sources import OrbaxSrc, open_source
+def _check_orbax_out(to_orbax: bool, scanned: bool | None, compression: str | None, mxfp4: bool) -> None:
+    """--to-orbax takes --scanned or --unscanned (and --zstd); those need it; --mxfp4 is HF's."""
+    if to_orbax:
+        if mxfp4:
+            raise InputError("--mxfp4 with --to-orbax: an Orbax checkpoint holds BF16 or FP32 weights (MaxText "
+                             "reads no MXFP4); drop --mxfp4, or merge to HF without --to-orbax")
+        if scanned is None:
+            raise InputError("--to-orbax: choose the layout, --scanned (training) or --unscanned (decoding)")
+    elif scanned is not None or compression is not None:
+        flag = "--zstd" if compression is not None else "--scanned" if scanned else "--unscanned"
+        raise InputError(f"{flag}: an Orbax layout option; merge-lora writes HF unless --to-orbax is given")
+
+
+def _run_orbax(source, target, out, lora, dry_run: bool, job_opts, cluster, log):
+    """The merge into to-orbax's target: its plan printed on a dry run, else the job run."""
+    log(adapter_summary(lora))
+    if dry_run:
+        job.fit_memory(target, job.memory_ceiling(job_opts.max_memory), check_available=False)
+        log(target.describe())
+        return target
+    return job.run(source, target, out, job_opts, cluster, log)
+
+
+def _pick(base, adapter, step: int | None, item: str | None) -> dict:
+    """{"base": {step, item}, "adapter": {step, item}}: --step/--item go to the ADAPTER when it is
+    an Orbax checkpoint (a LoRA run root holds steps), else to an Orbax BASE; refused with neither."""
     from gptoss_convert.io.orbax_source import is_orbax
-    if not is_orbax(adapter):
-        raise InputError(f"{adapter}: a PEFT adapter merges into an HF base; export the Orbax base {base} with "
-                         "to-hf first (or give a MaxText LoRA checkpoint as ADAPTER)")
-    source = OrbaxSrc(open_source(base, None, None, log), like, strict_config=strict_config)
-    lora = open_maxtext_adapter(adapter, source.backend, source.cfg, hf_tensor_names(source), alpha=alpha, rank=rank,
-                                scale=scale)
-    _announce(lora, log)
-    if lora.source.scanned != source.orbax.scanned:
+    chosen, none = {"step": step, "item": item}, {"step": None, "item": None}
+    if is_orbax(adapter):
+        return {"base": none, "adapter": chosen}
+    if is_orbax(base):
+        return {"base": chosen, "adapter": none}
+    if step is not None or item is not None:
+        flag = "--step" if step is not None else "--item"
+        raise InputError(f"{flag}: neither BASE {base} nor ADAPTER {adapter} is an Orbax checkpoint; {flag} chooses "
+                         "within an Orbax one (drop it)")
+    return {"base": none, "adapter": none}
+
+
+def _merge_into_orbax(base, adapter, out, *, pick, orbax_out, like, mxfp4, rule, scale, dt, alpha, rank, max_shard,
+                      block_bytes, strict_config, allow_nonfinite, workers, dry_run, job_opts, cluster, log):
+    """merge-lora with an Orbax BASE: to-hf's export of the merged model (a MaxText adapter merged
+    in MaxText's layout as leaves are read, a PEFT one in HF names as HF blocks are made)."""
+    from gptoss_convert.converters.lora import hf_tensor_shapes, merged_export_target
+    from gptoss_convert.converters.sources import OrbaxSrc, open_source
+    source = OrbaxSrc(open_source(base, **pick["base"], log=log), like, strict_config=strict_config)
+    lora = _open_any_adapter(adapter, hf_tensor_shapes(source), lambda: (source.backend, source.cfg), scale, alpha,
+                             rank, log, pick)
+    if isinstance(lora, MaxTextAdapter) and lora.source.scanned != source.orbax.scanned:
         lay = ("scanned", "unscanned")
         raise InputError(f"{adapter}: a {lay[not lora.source.scanned]} adapter, but the base {base} is "
                          f"{lay[not source.orbax.scanned]}; relayout the base with to-orbax "
                          f"--{lay[not lora.source.scanned]} first")
-    if note := lora.experts_note():
-        log(note)
+    if orbax_out[0]:
+        return _relayout_merged(source, lora, out, orbax_out, dt=dt, block_bytes=block_bytes,
+                                allow_nonfinite=allow_nonfinite, scale=scale, dry_run=dry_run, job_opts=job_opts,
+                                cluster=cluster, log=log)
     log(adapter_summary(lora))
     target = merged_export_target(source, lora, mxfp4=mxfp4, dt=dt, max_shard=max_shard, block_bytes=block_bytes,
-                                  rule=rule, allow_nonfinite=allow_nonfinite, workers=workers, like=like)
+                                  rule=rule, allow_nonfinite=allow_nonfinite, workers=workers, like=like, scale=scale)
     if dry_run:
         log("\n".join(f"{t.name} {list(t.shape)}: merge" for t in target.tensors if t.name in lora.pairs))
         return target
@@ -283,18 +347,38 @@ def _merge_into_orbax(base, adapter, out, *, like, mxfp4, rule, scale, dt, alpha
     return job.run(LoraSource(source, lora), target, out, job_opts, cluster, log)
 
 
-def _open_any_adapter(adapter, ck: HFCheckpoint, scale: float, alpha, rank, strict_config: bool, log):
-    """A PEFT adapter directory, or a MaxText LoRA checkpoint (with --lora-alpha/--lora-rank)."""
+def _relayout_merged(source, lora, out, orbax_out, *, dt, block_bytes, allow_nonfinite, scale, dry_run, job_opts,
+                     cluster, log):
+    """--to-orbax from an Orbax BASE: a MaxText adapter merged into each leaf as read, relaid out
+    as to-orbax relays out; a PEFT adapter (HF names) merged into the HF tensors to-hf makes of
+    the base, mapped back as to-orbax maps an HF checkpoint."""
+    from gptoss_convert.converters.lora import OrbaxAsHF, merged_orbax_target, merged_relayout_target
+    _, scanned, compression = orbax_out
+    if isinstance(lora, MaxTextAdapter):
+        target = merged_relayout_target(source, lora, scanned=scanned, dt=dt, block_bytes=block_bytes,
+                                        compression=compression, allow_nonfinite=allow_nonfinite, scale=scale)
+    else:
+        target = merged_orbax_target(OrbaxAsHF(source, allow_nonfinite), lora, scanned=scanned, dt=dt,
+                                     block_bytes=block_bytes, compression=compression, strict_config=False,
+                                     scale=scale)
+    _refuse_out_in_adapter(out, lora)
+    return _run_orbax(LoraSource(source, lora), target, out, lora, dry_run, job_opts, cluster, log)
+
+
+def _open_any_adapter(adapter, shapes: dict[str, tuple[int, ...]], model, scale: float, alpha, rank, log,
+                      pick: dict) -> Adapter:
+    """A PEFT adapter directory, or a MaxText LoRA checkpoint (with --lora-alpha/--lora-rank),
+    matched to the base's HF tensors `shapes` ({name: shape}); `model()` gives the base's
+    (backend, config), which a MaxText adapter is matched against."""
     from gptoss_convert.io.orbax_source import is_orbax
     if not is_orbax(adapter):
         if alpha is not None or rank is not None:
             raise InputError(f"{adapter}: --lora-alpha/--lora-rank are for MaxText LoRA checkpoints; a PEFT "
                              "adapter's adapter_config.json records lora_alpha and r")
-        return open_adapter(adapter, {n: t.shape for n, t in ck.tensors.items()}, scale)
-    from gptoss_convert.backends import get_backend
-    cfg = check_against_backend(ck, strict_config=strict_config)
-    lora = open_maxtext_adapter(adapter, get_backend(ck.config_raw["model_type"]), cfg, set(ck.tensors),
-                                alpha=alpha, rank=rank, scale=scale)
+        return open_adapter(adapter, shapes, scale)
+    backend, cfg = model()
+    lora = open_maxtext_adapter(adapter, backend, cfg, set(shapes), alpha=alpha, rank=rank, scale=scale,
+                                **pick["adapter"])
     _announce(lora, log)
     return lora
 

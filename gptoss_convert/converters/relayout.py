@@ -186,6 +186,14 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
     item; `step`, `item` pick one; any layout open_orbax reads) as a params-only checkpoint,
     scanned or not; see `to_orbax`."""
     source = OrbaxSrc(open_source(src, step, item, log), like, strict_config=strict_config)
+    return source, relayout_target(source, scanned=scanned, dtype=dtype, allow_nonfinite=allow_nonfinite,
+                                   block_bytes=block_bytes, compression=compression)
+
+
+def relayout_target(source: OrbaxSrc, *, scanned: bool, dtype: DType, allow_nonfinite: bool = False,
+                    block_bytes: int = 64 << 20, compression: str | None = None) -> OrbaxTarget:
+    """The OrbaxTarget writing the params of the open Orbax source `source` (its `orbax` read
+    leaf by leaf) as a params-only checkpoint, scanned or not."""
     orbax, backend, cfg = source.orbax, source.backend, source.cfg
     targets = backend.flat_shapes(cfg, scanned)
     out_layout, in_layout = backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned)
@@ -217,4 +225,4 @@ def relayout_job(src, *, scanned: bool, dtype: DType, like=None, step: int | Non
     target.describe = lambda: (f"relayout {was} -> {layout}: {len(targets)} leaves, {len(moves)} blocks, "
                                f"{total / 1e9:.2f} GB to write, from step {orbax.step_dir.name} "
                                f"of {orbax.step_dir.parent}")
-    return source, target
+    return target

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -154,37 +155,55 @@ def chunk_reads(src: OrbaxSource, t: ExportTensor) -> frozenset[str] | None:
 
 
 def read_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, allow_nonfinite: bool,
-               hashes=None):
-    """HF rows `rows` of tensor `t` (None: all), in `dtype`; NaN/inf refused unless allowed."""
+               hashes=None, delta=None):
+    """HF rows `rows` of tensor `t` (None: all), in `dtype`; NaN/inf refused unless allowed.
+    `delta(t, rows)` (merge-lora's HF-side adapter), where given and not None for `t`, is an fp32
+    change in HF orientation added to the rows in fp32 before the cast."""
     parts = read_parts(src, t, rows, hashes)
     x = apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])
+    merged = delta is not None and (d := delta(t, rows)) is not None
+    if merged:
+        x = _plus(t, x, d)
     x = np.ascontiguousarray(x).astype(dtype, copy=False)
     if not all_finite(x) and (t.mxfp4 or not allow_nonfinite):
-        _refuse_nonfinite(src, t, rows)
+        _refuse_nonfinite(src, t, rows, merged)
     return x
 
 
-def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None):
+def _refuse_nonfinite(src: OrbaxSource, t: ExportTensor, rows: slice | None, merged: bool = False):
     r = "" if rows is None else f" rows {rows.start}:{rows.stop}"
     what = ("MXFP4 cannot encode them (export BF16 instead)" if t.mxfp4
             else "pass --allow-nonfinite to export them anyway")
-    raise InputError(f"{t.name}{r} (from {t.sources[0][0]} in {src.item_dir}): NaN or inf weights; {what}")
+    whose = "with the adapter's change: is the adapter broken?" if merged else f"in {src.item_dir}"
+    raise InputError(f"{t.name}{r} (from {t.sources[0][0]} {whose}): NaN or inf weights; {what}")
 
 
-def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, rule: str, hashes=None):
+def _plus(t: ExportTensor, x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """x + d in fp32 (d: fp32, the shape of x), as PEFT's merge adds its delta to W."""
+    if d.shape != x.shape:
+        raise InputError(f"{t.name}: a change of shape {list(d.shape)} does not fit its rows {list(x.shape)}")
+    return np.add(x.astype(np.float32, copy=False), d, dtype=np.float32)
+
+
+def requantize_block(src: OrbaxSource, t: ExportTensor, rows: slice | None, dtype: np.dtype, rule: str, hashes=None,
+                     delta=None):
     """HF rows `rows` of expert tensor `t` as MXFP4 (blocks [e, out, in/32, 16], scales
     [e, out, in/32], report). A gate_up_proj is not interleaved first: its parts (wi_0, wi_1)
     are quantized down their columns and the packed columns interleaved (codec.quantize_columns);
-    NaN/inf are refused (looked for only once the quantizer has refused a block: its own check)."""
+    NaN/inf are refused (looked for only once the quantizer has refused a block: its own check).
+    `delta` as for read_block: the merged fp32 rows are quantized whole."""
     parts = read_parts(src, t, rows, hashes)
-    if t.transforms and t.transforms != (Interleave(len(parts)),):
+    d = None if delta is None else delta(t, rows)
+    if d is not None or (t.transforms and t.transforms != (Interleave(len(parts)),)):
         parts = [apply(t.transforms, tuple(parts) if len(parts) > 1 else parts[0])]
+    if d is not None:
+        parts, dtype = [_plus(t, parts[0], d)], np.dtype(np.float32)    # quantized from the merged fp32
     parts = [np.ascontiguousarray(x).astype(dtype, copy=False) for x in parts]
     try:
         return quantize_columns(parts, rule)
     except ValueError:                  # the float path's refusal of inf/NaN
         if not all(map(all_finite, parts)):
-            _refuse_nonfinite(src, t, rows)
+            _refuse_nonfinite(src, t, rows, d is not None)
         raise
 
 
@@ -196,8 +215,8 @@ def _write_shard(src, path: Path, tensors: list[ExportTensor], opts, bar, worker
     def load(item):
         t, rows = item
         if t.mxfp4:
-            return requantize_block(src, t, rows, opts.np_dtype, opts.rule, opts.hasher)
-        return (read_block(src, t, rows, opts.np_dtype, opts.allow_nonfinite, opts.hasher),)
+            return requantize_block(src, t, rows, opts.np_dtype, opts.rule, opts.hasher, opts.delta)
+        return (read_block(src, t, rows, opts.np_dtype, opts.allow_nonfinite, opts.hasher, opts.delta),)
 
     try:
         pending: list[np.ndarray] = []
@@ -281,6 +300,7 @@ class ExportOptions:
     allow_nonfinite: bool
     workers: int
     hasher: ReadAheadHashes | None = None
+    delta: Callable[[ExportTensor, slice | None], np.ndarray | None] | None = None   # merge-lora's, in HF names
 
     def read_ahead(self, source: OrbaxSource, first: list[str]):
         """A job hasher: the source's files hashed just ahead of the reads, `first` before any
