@@ -144,3 +144,47 @@ def test_relayout_refuses_nan_unless_allowed(direct, tmp_path):
     assert not (tmp_path / "out").exists()
     out = to_orbax(src, tmp_path / "out", scanned=False, allow_nonfinite=True, **QUIET)
     assert np.isinf(leaves(out)["decoder/layers_2/GptOssAttention/sinks"].astype(np.float32)).sum() == 1
+
+
+@pytest.mark.parametrize("scanned", [True, False], ids=["to-scanned", "to-unscanned"])
+def test_relayout_blocks_are_whole_source_chunks_read_without_tensorstore(bf16_dir, scanned, tmp_path, monkeypatch):
+    """A source written in small chunks (row blocks of the LM head and embedding, one expert per
+    chunk): each relayout block is one whole chunk file, read with O_DIRECT, never through
+    TensorStore (which reads every chunk a block touches whole, for every block), and nothing is
+    counted for TensorStore's buffers; the output is the direct conversion's, bit for bit."""
+    from gptoss_convert.converters.relayout import relayout_job
+    from gptoss_convert.converters.sources import dtype_of
+    from gptoss_convert.io.orbax_source import OrbaxSource
+    src = to_orbax(bf16_dir, tmp_path / "src", scanned=not scanned, block_bytes=2048, **QUIET)
+    want = to_orbax(bf16_dir, tmp_path / "want", scanned=scanned, block_bytes=2048, **QUIET)
+    _, target = relayout_job(src, scanned=scanned, dtype=dtype_of("bf16"), block_bytes=4096)
+    moves = target.plan.blocks
+    assert target.plan.transient_blocks == 0 and target.memory.transient == 0
+    assert len({m.src for m in moves}) < len(moves)                  # leaves in several blocks
+    assert any(r.start > 0 for m in moves for r in m.region[1:])       # split along an axis other than the first
+    ts_reads = []
+    monkeypatch.setattr(OrbaxSource, "read_whole_chunk", _counted(OrbaxSource.read_whole_chunk, whole := []))
+    monkeypatch.setattr(OrbaxSource, "_verify_read", lambda self, path, index: ts_reads.append(path))
+    from gptoss_convert.converters import provenance
+    hashed_apart = []
+    monkeypatch.setattr(provenance, "file_digest", _counted(provenance.file_digest, hashed_apart, arg=True))
+    out = to_orbax(src, tmp_path / "out", scanned=scanned, block_bytes=4096, **QUIET)
+    assert ts_reads == [] and len(whole) == len(moves)
+    assert hashed_apart and not [f for f in hashed_apart if "/c/" in str(f)]      # metadata only: chunks read once
+    assert_same(leaves(out), leaves(want))
+    # each chunk file's recorded hash came from its one O_DIRECT read: the file's own digest
+    from gptoss_convert.io.files import file_digest
+    recorded = json.loads((out / "conversion.json").read_text())["source"]["files"]
+    step = tmp_path / "src" / "0"
+    assert sorted(recorded) == sorted(p.relative_to(step).as_posix() for p in step.rglob("*") if p.is_file())
+    assert all(h["xxh3_128"] == file_digest(step / f) for f, h in recorded.items())
+
+
+def _counted(fn, calls: list, arg: bool = False):
+    """`fn`, noting each call (its first argument with `arg`, else that it returned something)."""
+    def wrapped(*args, **kwargs):
+        got = fn(*args, **kwargs)
+        calls.append(args[0] if arg else got is not None)
+        assert got is not None
+        return got
+    return wrapped

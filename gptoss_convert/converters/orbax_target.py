@@ -68,7 +68,8 @@ class OrbaxTarget:
         self.memory = Memory(self.largest_block, MAX_IN_FLIGHT, per=2, fixed=2 * 3,
                              transient=self.plan.transient_blocks)
         self.parallel = MAX_IN_FLIGHT
-        self.units = [Unit(b.key, b.nbytes) for b in self.plan.blocks]
+        reads = getattr(self.plan, "block_reads", None) or {}      # what each block reads, where the plan knows
+        self.units = [Unit(b.key, b.nbytes, reads.get(b.key)) for b in self.plan.blocks]
         self._blocks = {b.key: b for b in self.plan.blocks}
         self.writer = None
 

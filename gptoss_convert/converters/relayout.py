@@ -73,7 +73,9 @@ def block_shape(local: tuple[int, ...], chunk: tuple[int, ...] | None, itemsize:
     """The shape of the blocks a leaf of shape `local` is copied in, given its source's chunk
     shape (`local`'s axes; None when unknown): whole source chunks where one fits in
     `block_bytes`, grouped along the first axis where a chunk spans every other axis; else
-    rows of the first axis, as many as fit.
+    rows of the first axis, as many as fit. Grouped chunks come in equal blocks where a count
+    near the most that fits divides the axis: the output's chunks are the blocks, and zarr stores
+    an edge chunk whole (Qwen3's 128 experts in blocks of 21 wrote 147 expert slots per leaf).
 
     Whole chunks, because a block that cuts across chunks makes TensorStore read every chunk it
     touches whole for each block: the 20b's logits_dense, chunked by columns, was read 18 times
@@ -85,7 +87,10 @@ def block_shape(local: tuple[int, ...], chunk: tuple[int, ...] | None, itemsize:
         return (min(local[0], max(1, block_bytes // max(1, row))), *local[1:])
     block = [min(c, n) for c, n in zip(chunk, local)]
     if block[1:] == list(local[1:]):
-        block[0] = min(local[0], block[0] * max(1, block_bytes // max(1, math.prod(block) * itemsize)))
+        per = max(1, block_bytes // max(1, math.prod(block) * itemsize))        # source chunks per block
+        n = -(-local[0] // block[0])
+        even = max(d for d in range(1, min(per, n) + 1) if n % d == 0)
+        block[0] = min(local[0], block[0] * (even if 2 * even >= per else per))
     return tuple(block)
 
 
@@ -144,6 +149,28 @@ class MoveBlocks:
     # 0 where every block is one whole chunk file (read straight into recycled memory).
     transient_blocks: int = 3
 
+    hashes: object = None       # provenance.ReadAheadHashes told each whole chunk's digest from its read
+    shared_reads: list | None = None                    # the metadata every block's read depends on
+    block_reads: dict | None = None                     # {block key: the source files it reads}
+
+    def hasher(self, files: list[str]):
+        """job.run's hasher: the metadata hashed first, each whole chunk file from the bytes its
+        block read (OrbaxSource.read_whole_chunk hashes them in hand), the rest at the end. The
+        relayout hashed every chunk file from mapped pages beside its O_DIRECT read: the source
+        read from disk twice, and the hash 36% of a relayout's CPU samples (BENCHMARKS.md)."""
+        from gptoss_convert.converters.provenance import ReadAheadHashes
+        self.hashes = ReadAheadHashes(self.source.step_dir, files, ahead=1, first=self.shared_reads or [])
+        return self.hashes
+
+    def reads(self, m: Move) -> frozenset[str] | None:
+        """The source files block `m` reads (its chunk files; the metadata is `shared_reads`),
+        None where its chunks are not files of their own."""
+        files = self.source.chunk_files(m.src, self._src_index(m))
+        return None if files is None else frozenset(files)
+
+    def _src_index(self, m: Move) -> tuple:
+        return _index(len(self.source.leaves[m.src][0]), m.src_slot, m.region, keep_slot=False)
+
     def read(self, m: Move, alloc=None) -> np.ndarray:
         """The block of `m`, in the output dtype; NaN/inf refused unless allowed (as to-orbax does).
 
@@ -153,7 +180,7 @@ class MoveBlocks:
         Qwen3-30B-A3B relayout (each block spans 21 one-expert source chunks, so TensorStore
         reads it). One copy in memory instead of the page cache's copy and its writeback."""
         src = self.source
-        x = src.read(m.src, _index(len(src.leaves[m.src][0]), m.src_slot, m.region, keep_slot=False))
+        x = src.read(m.src, self._src_index(m), None if self.hashes is None else self.hashes.have)
         if not self.allow_nonfinite and not all_finite(x):
             slot = "" if m.src_slot is None else f", slot {m.src_slot}"
             raise InputError(f"{m.src} ({m.where(src.leaves[m.src][0], m.src_slot)}{slot}) "
@@ -213,6 +240,11 @@ def relayout_target(source: OrbaxSrc, *, scanned: bool, dtype: DType, allow_nonf
                 f"{orbax.other_leaves} non-param leaves dropped.\nMaxText flags: {maxtext_flags(result, scanned, cfg)}")
 
     plan = MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets, transient_blocks=0 if whole else 3)
+    reads = [plan.reads(m) for m in moves]
+    if all(r is not None for r in reads):       # a file per chunk: a block is journaled once its files are hashed
+        chunks = frozenset().union(*reads)
+        plan.shared_reads = [f for f in orbax.files() if f not in chunks]
+        plan.block_reads = {m.key: r.union(plan.shared_reads) for m, r in zip(moves, reads)}
     target = OrbaxTarget(plan, targets, _chunks(moves, targets),
                          dtype.np,
                          {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},

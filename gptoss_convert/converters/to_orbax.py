@@ -104,8 +104,11 @@ def to_orbax(src: str | os.PathLike, out: str | os.PathLike, *, scanned: bool, d
         job.fit_memory(target, job.memory_ceiling(max_memory), check_available=False)
         log(target.describe())
         return getattr(target.plan, "plan", None) or target.plan.blocks     # the Plan; a relayout's moves
+    hasher = None
+    if getattr(target.plan, "block_reads", None) and isinstance(cluster, dist.Solo) and not source.orbax.remote:
+        hasher = target.plan.hasher         # a relayout of chunk files: each hashed from its own read
     return job.run(source, target, out, job.JobOptions(overwrite, resume, progress, check_space, max_memory),
-                   cluster, log)
+                   cluster, log, hasher=hasher)
 
 
 @dataclasses.dataclass

@@ -258,15 +258,17 @@ class OrbaxSource:
         return self._layouts[path]
 
     def whole_chunk(self, path: str, index: tuple) -> str | None:
-        """The file (relative to step_dir) of the one chunk that leaf `path`[index] is, whole and
-        not at the edge, if `read_whole_chunk` can read it: a local zarr3 shard holding one
-        uncompressed little-endian inner chunk (how this tool writes whole chunks,
-        io/orbax_writer.py) on a little-endian host; else None."""
+        """The file (relative to step_dir) of the one chunk that leaf `path`[index] is (whole, or
+        the part of an edge chunk inside the leaf), if `read_whole_chunk` can read it: a local
+        zarr3 shard holding one uncompressed little-endian inner chunk (how this tool writes
+        whole chunks, io/orbax_writer.py) on a little-endian host; else None."""
         files = self.chunk_files(path, index)
         if not files or len(files) != 1 or not self._plain.get(path) or sys.byteorder != "little":
             return None
-        spans = _spans(index, self.leaves[path][0])
-        if any(start % c or stop - start != c for (start, stop), c in zip(spans, self._layouts[path][1])):
+        shape = self.leaves[path][0]
+        spans = _spans(index, shape)
+        if any(start % c or (stop - start != c and stop != n)
+               for (start, stop), c, n in zip(spans, self._layouts[path][1], shape)):
             return None
         return files[0]
 
@@ -288,8 +290,11 @@ class OrbaxSource:
             return None
         h = new_hash()
         h.update(memoryview(buf[:size]))
-        keep = [n for d, n in enumerate(chunk) if not (d < len(index) and isinstance(index[d], (int, np.integer)))]
-        return buf[:nbytes].view(dtype).reshape(keep), h.hexdigest()
+        kept = [d for d in range(len(chunk)) if not (d < len(index) and isinstance(index[d], (int, np.integer)))]
+        whole = buf[:nbytes].view(dtype).reshape([chunk[d] for d in kept])
+        spans = _spans(index, shape)            # an edge chunk is stored whole: its part inside the leaf
+        part = np.ascontiguousarray(whole[tuple(slice(0, spans[d][1] - spans[d][0]) for d in kept)])
+        return part, h.hexdigest()
 
     def read(self, path: str, index: tuple, on_whole_file=None) -> np.ndarray:
         """leaf[index] as a numpy array (only the chunks it touches are read). One whole chunk
