@@ -68,25 +68,28 @@ def _source_of(path: str, slot: int | None, in_layout, out_layout) -> tuple[str,
     return p.path, p.slot
 
 
+GROUP_BELOW = 1 << 20      # source chunks smaller than this are grouped into blocks (bigger ones: a block each)
+
+
 def block_shape(local: tuple[int, ...], chunk: tuple[int, ...] | None, itemsize: int,
                 block_bytes: int) -> tuple[int, ...]:
     """The shape of the blocks a leaf of shape `local` is copied in, given its source's chunk
-    shape (`local`'s axes; None when unknown): whole source chunks where one fits in
-    `block_bytes`, grouped along the first axis where a chunk spans every other axis; else
-    rows of the first axis, as many as fit. Grouped chunks come in equal blocks where a count
+    shape (`local`'s axes; None when unknown): one whole source chunk where it fits in
+    `block_bytes` (chunks under GROUP_BELOW grouped along the first axis where a chunk spans
+    every other axis); else rows of the first axis, as many as fit. Grouped chunks come in equal blocks where a count
     near the most that fits divides the axis: the output's chunks are the blocks, and zarr stores
     an edge chunk whole (Qwen3's 128 experts in blocks of 21 wrote 147 expert slots per leaf).
 
     Whole chunks, because a block that cuts across chunks makes TensorStore read every chunk it
     touches whole for each block: the 20b's logits_dense, chunked by columns, was read 18 times
-    over in row blocks (a 2-layer relayout read 22 GB for 5.6), and the chunks it held beside
-    the block took the peak over --max-memory. A block that is one chunk file of this tool's
-    output is read with one O_DIRECT read into recycled memory (OrbaxSource.read_whole_chunk)."""
+    over in row blocks, and the chunks TensorStore held beside the block took the peak over
+    --max-memory. A block that is one chunk file of this tool's output is read with one O_DIRECT
+    read into recycled memory (OrbaxSource.read_whole_chunk), which also gives its digest."""
     row = math.prod(local[1:]) * itemsize
     if chunk is None or math.prod(chunk) * itemsize > block_bytes:
         return (min(local[0], max(1, block_bytes // max(1, row))), *local[1:])
     block = [min(c, n) for c, n in zip(chunk, local)]
-    if block[1:] == list(local[1:]):
+    if block[1:] == list(local[1:]) and math.prod(block) * itemsize < GROUP_BELOW:
         per = max(1, block_bytes // max(1, math.prod(block) * itemsize))        # source chunks per block
         n = -(-local[0] // block[0])
         even = max(d for d in range(1, min(per, n) + 1) if n % d == 0)
