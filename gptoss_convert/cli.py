@@ -349,7 +349,13 @@ def merge_lora_cmd(base, adapter, out, mxfp4, scale_rule, scale, lora_alpha, lor
     (to pick a base's step too, give BASE as that step's directory). --to-orbax writes the merged model as
     to-orbax writes (--scanned or --unscanned; not --mxfp4)."""
     if to_orbax:
-        layout = _layout(click.get_current_context(), scanned, unscanned)
+        ctx = click.get_current_context()
+        layout = _layout(ctx, scanned, unscanned)
+        given = [f"--{n.replace('_', '-')}" for n in ("max_shard_size", "scale_rule")
+                 if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+        if given:                   # they shape HF output only: taken and ignored they would mislead
+            raise click.UsageError(f"{' and '.join(given)}: for HF output; --to-orbax writes Orbax chunks "
+                                   "(drop them)", ctx)
     else:                           # the library refuses a layout flag without --to-orbax, naming it
         layout = True if scanned else False if unscanned else None
     from gptoss_convert.converters.merge_lora import merge_lora

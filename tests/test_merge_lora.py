@@ -569,7 +569,8 @@ def test_to_orbax_from_an_orbax_base_equals_to_orbax_of_peft_merge_and_unload(or
 
 def test_to_orbax_dry_run_and_refusals(lora, bf16_dir, tmp_path):
     """--to-orbax --dry-run prints to-orbax's plan and writes nothing; --mxfp4 with it, a layout
-    flag without it, no layout with it, and MaxText's --lora-rank with a PEFT adapter are refused
+    flag without it, no layout with it, HF output options given with it, and MaxText's --lora-rank
+    with a PEFT adapter are refused
     in one line naming the option, nothing written (here from an Orbax BASE)."""
     lines: list[str] = []
     plan = merge_lora(bf16_dir, lora[0], tmp_path / "dry", to_orbax=True, scanned=False, dry_run=True,
@@ -585,6 +586,8 @@ def test_to_orbax_dry_run_and_refusals(lora, bf16_dir, tmp_path):
                       (["--unscanned"], "error: --unscanned: an Orbax layout option; merge-lora writes HF unless"),
                       (["--zstd"], "error: --zstd: an Orbax layout option"),
                       (["--to-orbax"], "Error: choose one layout: --scanned (training) or --unscanned (decoding)"),
+                      (["--to-orbax", "--unscanned", "--max-shard-size", "1GB", "--scale-rule", "ocp"],
+                       "Error: --max-shard-size and --scale-rule: for HF output; --to-orbax writes Orbax chunks"),
                       (["--to-orbax", "--unscanned", "--lora-rank", "4"], "error: " + str(lora[0]) + ": --lora-alpha"
                        "/--lora-rank are for MaxText LoRA checkpoints")]:
         r = CliRunner().invoke(main, ["merge-lora", str(base), str(lora[0]), str(tmp_path / "bad"), *args,
