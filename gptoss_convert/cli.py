@@ -274,15 +274,24 @@ _unscanned = click.option("--unscanned", is_flag=True,
 _zstd = click.option("--zstd", is_flag=True, help="Compress chunks with zstd as Orbax does (smaller, slower).")
 
 
+def _options(*decorators):
+    """One decorator applying `decorators` in the order given (the options listed in that order)."""
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return apply
+
+
+_orbax_layout = _options(_scanned, _unscanned, _zstd)      # what an Orbax OUT is: to-orbax's and merge-lora's
+_orbax_source = _options(_like, _step, _item)               # which Orbax SRC: to-orbax's, to-hf's and merge-lora's
+
+
 @main.command("to-orbax")
 @click.argument("src")
 @click.argument("out")
-@_scanned
-@_unscanned
-@_zstd
-@_like
-@_step
-@_item
+@_orbax_layout
+@_orbax_source
 @common_options
 @distributed_options
 @allow_uncommitted_option
@@ -301,9 +310,7 @@ def to_orbax_cmd(src, out, scanned, unscanned, zstd, like, step, item, dtype, dr
 @click.argument("out")
 @click.option("--mxfp4", is_flag=True, help="Requantize the expert weights to MXFP4 in the published layout (gpt-oss).")
 @_scale_rule
-@_like
-@_step
-@_item
+@_orbax_source
 @_shard
 @common_options
 @distributed_options
@@ -329,12 +336,8 @@ def to_hf_cmd(src, out, mxfp4, scale_rule, like, step, item, max_shard_size, dty
               help="MaxText LoRA ADAPTER: the run's lora.lora_rank (checked against the adapters' shapes).")
 @click.option("--to-orbax", "to_orbax", is_flag=True,
               help="Write OUT as a MaxText Orbax checkpoint (OUT/0/items, as to-orbax; with --scanned or --unscanned).")
-@_scanned
-@_unscanned
-@_zstd
-@_like
-@_step
-@_item
+@_orbax_layout
+@_orbax_source
 @_shard
 @common_options
 @distributed_options

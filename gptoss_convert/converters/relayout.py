@@ -76,9 +76,10 @@ def block_shape(local: tuple[int, ...], chunk: tuple[int, ...] | None, itemsize:
     """The shape of the blocks a leaf of shape `local` is copied in, given its source's chunk
     shape (`local`'s axes; None when unknown): one whole source chunk where it fits in
     `block_bytes` (chunks under GROUP_BELOW grouped along the first axis where a chunk spans
-    every other axis); else rows of the first axis, as many as fit. Grouped chunks come in equal blocks where a count
-    near the most that fits divides the axis: the output's chunks are the blocks, and zarr stores
-    an edge chunk whole (Qwen3's 128 experts in blocks of 21 wrote 147 expert slots per leaf).
+    every other axis); else rows of the first axis, as many as fit. Grouped chunks come in equal
+    blocks where a count near the most that fits divides the axis: the output's chunks are the
+    blocks, and zarr stores an edge chunk whole (row blocks of 21 of Qwen3's 128 experts wrote
+    147 expert slots per leaf).
 
     Whole chunks, because a block that cuts across chunks makes TensorStore read every chunk it
     touches whole for each block: the 20b's logits_dense, chunked by columns, was read 18 times
@@ -147,14 +148,23 @@ class MoveBlocks:
     dtype: np.dtype
     allow_nonfinite: bool
     leaves: dict[str, tuple[int, ...]]
-    # TensorStore's result and its source chunks' buffers, copied into pooled memory and freed:
-    # uncounted (and kept by the heap) they took a relayout 0.45 GB over the --max-memory default.
-    # 0 where every block is one whole chunk file (read straight into recycled memory).
-    transient_blocks: int = 3
-
     hashes: object = None       # provenance.ReadAheadHashes told each whole chunk's digest from its read
-    shared_reads: list | None = None                    # the metadata every block's read depends on
-    block_reads: dict | None = None                     # {block key: the source files it reads}
+
+    def __post_init__(self):
+        """What the plan's blocks read: `transient_blocks`, TensorStore's result and its source
+        chunks' buffers (copied into pooled memory and freed; uncounted, and kept by the heap,
+        they took a relayout 0.45 GB over the --max-memory default), 0 where every block is one
+        whole chunk file read straight into recycled memory; and where every chunk is a file of
+        its own, `block_reads` {block key: the files it reads} and `shared_reads`, the metadata
+        every read depends on (a block is journaled once those are hashed)."""
+        src = self.source
+        self.transient_blocks = 0 if all(src.whole_chunk(m.src, self._src_index(m)) for m in self.blocks) else 3
+        self.shared_reads, self.block_reads = None, None
+        reads = [src.chunk_files(m.src, self._src_index(m)) for m in self.blocks]
+        if all(r is not None for r in reads):
+            chunks = frozenset().union(*reads)
+            self.shared_reads = [f for f in src.files() if f not in chunks]
+            self.block_reads = {m.key: frozenset(r).union(self.shared_reads) for m, r in zip(self.blocks, reads)}
 
     def hasher(self, files: list[str]):
         """job.run's hasher: the metadata hashed first, each whole chunk file from the bytes its
@@ -164,12 +174,6 @@ class MoveBlocks:
         from gptoss_convert.converters.provenance import ReadAheadHashes
         self.hashes = ReadAheadHashes(self.source.step_dir, files, ahead=1, first=self.shared_reads or [])
         return self.hashes
-
-    def reads(self, m: Move) -> frozenset[str] | None:
-        """The source files block `m` reads (its chunk files; the metadata is `shared_reads`),
-        None where its chunks are not files of their own."""
-        files = self.source.chunk_files(m.src, self._src_index(m))
-        return None if files is None else frozenset(files)
 
     def _src_index(self, m: Move) -> tuple:
         return _index(len(self.source.leaves[m.src][0]), m.src_slot, m.region, keep_slot=False)
@@ -228,8 +232,6 @@ def relayout_target(source: OrbaxSrc, *, scanned: bool, dtype: DType, allow_nonf
     targets = backend.flat_shapes(cfg, scanned)
     out_layout, in_layout = backend.layout_for(cfg, scanned), backend.layout_for(cfg, orbax.scanned)
     moves = plan_moves(targets, out_layout, in_layout, dtype.itemsize, block_bytes, _source_chunk(orbax))
-    whole = all(orbax.whole_chunk(m.src, _index(len(orbax.leaves[m.src][0]), m.src_slot, m.region, False))
-                for m in moves)
     total = sum(m.nbytes for m in moves)
     layout, was = out_layout.name, in_layout.name
 
@@ -242,13 +244,7 @@ def relayout_target(source: OrbaxSrc, *, scanned: bool, dtype: DType, allow_nonf
                 f"({total / 1e9:.2f} GB) at {result} in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s); "
                 f"{orbax.other_leaves} non-param leaves dropped.\nMaxText flags: {maxtext_flags(result, scanned, cfg)}")
 
-    plan = MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets, transient_blocks=0 if whole else 3)
-    reads = [plan.reads(m) for m in moves]
-    if all(r is not None for r in reads):       # a file per chunk: a block is journaled once its files are hashed
-        chunks = frozenset().union(*reads)
-        plan.shared_reads = [f for f in orbax.files() if f not in chunks]
-        plan.block_reads = {m.key: r.union(plan.shared_reads) for m, r in zip(moves, reads)}
-    target = OrbaxTarget(plan, targets, _chunks(moves, targets),
+    target = OrbaxTarget(MoveBlocks(orbax, moves, dtype.np, allow_nonfinite, targets), targets, _chunks(moves, targets),
                          dtype.np,
                          {"scan_layers": scanned, "model_type": backend.model_type, "converter": "gptoss-convert"},
                          compression, {"layout": layout, "dtype": dtype.name, "compression": compression,
